@@ -1,0 +1,6 @@
+//! handover: live update of a KVM host with guest memory preserved.
+//!
+//! The host kernel runs as a process (the *host image*); its RAM is a memfd that survives
+//! `execve`, which plays kexec. See ARCHITECTURE.md for the flow of one live update.
+
+pub mod mm;
