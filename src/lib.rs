@@ -3,4 +3,11 @@
 //! The host kernel runs as a process (the *host image*); its RAM is a memfd that survives
 //! `execve`, which plays kexec. See ARCHITECTURE.md for the flow of one live update.
 
+pub mod abi;
+pub mod bench;
+pub mod cli;
+pub mod host;
+pub mod init;
+pub mod kexec;
+pub mod kho;
 pub mod mm;

@@ -40,6 +40,10 @@ impl Bitmap {
     /// Set bits `start..end` (clamped to the length).
     pub fn set_range(&mut self, start: u64, end: u64) {
         let end = end.min(self.len);
+        if end.saturating_sub(start) == 1 {
+            self.set(start);
+            return;
+        }
         let mut i = start;
         while i < end {
             if i % 64 == 0 && end - i >= 64 {
@@ -54,7 +58,8 @@ impl Bitmap {
 
     /// True if any bit in `start..end` is set.
     pub fn any_in(&self, start: u64, end: u64) -> bool {
-        (start..end.min(self.len)).any(|i| self.get(i))
+        let end = end.min(self.len);
+        start < end && self.next_with(start, end, true) < end
     }
 
     pub fn count_ones(&self) -> u64 {

@@ -281,7 +281,11 @@ mod tests {
         a.online_normal(&r);
         assert_eq!(a.stats().used, 11);
         assert!(!a.is_free(2005) && a.is_free(2010) && !a.is_free(5000));
-        a.free(Folio { pfn: 5000, order: 0 }).unwrap();
+        a.free(Folio {
+            pfn: 5000,
+            order: 0,
+        })
+        .unwrap();
         assert_eq!(a.stats().used, 10);
     }
 
@@ -292,7 +296,12 @@ mod tests {
         a.free(f).unwrap();
         assert!(matches!(a.free(f), Err(MmError::DoubleFree { .. })));
         assert!(a.free(Folio { pfn: 3, order: 2 }).is_err());
-        assert!(a.free(Folio { pfn: 8192, order: 0 }).is_err());
+        assert!(a
+            .free(Folio {
+                pfn: 8192,
+                order: 0
+            })
+            .is_err());
         assert!(a.alloc(MAX_ORDER + 1).is_err());
         assert!(FrameAllocator::new(8192, 100..1024).is_err());
     }

@@ -56,7 +56,11 @@ pub enum MmError {
     #[error("frame block pfn {pfn:#x} order {order} is already free")]
     DoubleFree { pfn: u64, order: u32 },
     #[error("scratch range {start:#x}+{len:#x} is not usable: {why}")]
-    BadScratch { start: u64, len: u64, why: &'static str },
+    BadScratch {
+        start: u64,
+        len: u64,
+        why: &'static str,
+    },
     #[error("system call failed: {0}")]
     Sys(rustix::io::Errno),
 }
@@ -68,5 +72,84 @@ impl MmError {
             MmError::Sys(e) => e.raw_os_error(),
             _ => libc::EINVAL,
         }
+    }
+}
+
+/// RAM plus its frame allocator: what the rest of the host calls "memory".
+///
+/// Invariant: every free frame reads as zeros. Freed frames are discarded (hole-punched) before
+/// they return to the allocator, and a KHO boot discards every frame it did not keep, so
+/// allocation never needs to clear memory and a guest never sees another file's data.
+pub struct Mm {
+    pub ram: Ram,
+    frames: FrameAllocator,
+}
+
+impl Mm {
+    pub fn new(ram: Ram, frames: FrameAllocator) -> Self {
+        Self { ram, frames }
+    }
+
+    pub fn frames(&self) -> &FrameAllocator {
+        &self.frames
+    }
+
+    /// Bring the normal zone online after reserving `reserved`; every other normal frame is
+    /// discarded first so it reads as zeros.
+    pub fn online_normal(&mut self, reserved: &Bitmap) -> Result<(), MmError> {
+        let nr = self.frames.nr_frames();
+        let scratch = self.frames.scratch();
+        let keep = if reserved.len() == nr {
+            reserved.clone()
+        } else {
+            Bitmap::new(nr)
+        };
+        for (lo, hi) in [(0, scratch.start), (scratch.end, nr)] {
+            for (a, b) in keep.clear_runs(lo, hi) {
+                self.ram.discard(pfn_to_pa(a), pfn_to_pa(b - a))?;
+            }
+        }
+        self.frames.online_normal(&keep);
+        Ok(())
+    }
+
+    /// A block of 2^order zeroed frames.
+    pub fn alloc_zeroed(&mut self, order: u32) -> Result<Folio, MmError> {
+        self.frames.alloc(order)
+    }
+
+    pub fn alloc_in(&mut self, zone: Zone, order: u32) -> Result<Folio, MmError> {
+        self.frames.alloc_in(zone, order)
+    }
+
+    /// Zero and free one block.
+    pub fn free(&mut self, folio: Folio) -> Result<(), MmError> {
+        self.ram.discard(folio.pa(), folio.size())?;
+        self.frames.free(folio)
+    }
+
+    /// Zero and free many blocks, discarding physically contiguous runs with one call each.
+    pub fn free_many(&mut self, folios: &mut [Folio]) -> Result<(), MmError> {
+        folios.sort_unstable_by_key(|f| f.pfn);
+        let mut i = 0;
+        while i < folios.len() {
+            let start = folios[i].pfn;
+            let mut end = start + folios[i].nr_pages();
+            let mut j = i + 1;
+            while j < folios.len() && folios[j].pfn == end {
+                end += folios[j].nr_pages();
+                j += 1;
+            }
+            self.ram.discard(pfn_to_pa(start), pfn_to_pa(end - start))?;
+            for f in &folios[i..j] {
+                self.frames.free(*f)?;
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
+    pub fn stats(&self) -> FrameStats {
+        self.frames.stats()
     }
 }

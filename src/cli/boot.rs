@@ -1,0 +1,99 @@
+//! `handover boot`: the host image's entry point, cold or after a kexec.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::host::Host;
+use crate::init::{self, InitOutcome};
+use crate::kexec::params::{parse_range, parse_size};
+use crate::kexec::{BootParams, KexecRequest};
+use crate::kho::KhoBootArgs;
+
+#[derive(Args, Debug)]
+pub struct BootArgs {
+    /// RAM size (sparse memfd), e.g. 4G.
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    pub ram: u64,
+    /// Init program to run after boot (see `--init list`).
+    #[arg(long)]
+    pub init: Option<String>,
+    /// Argument for the init program, KEY=VALUE (repeatable).
+    #[arg(long = "init-arg")]
+    pub init_args: Vec<String>,
+    /// Append JSON-lines events of every boot to this file.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Image to kexec into (default: this binary).
+    #[arg(long)]
+    pub next_image: Option<PathBuf>,
+    /// liveupdate=on|off.
+    #[arg(long, default_value = "on")]
+    pub liveupdate: String,
+    /// Write a dump of the outgoing handover here at each kexec (for `handover inspect`).
+    #[arg(long)]
+    pub dump_handover: Option<PathBuf>,
+    // Set by the previous image on a KHO boot.
+    #[arg(long, hide = true)]
+    pub ram_fd: Option<i32>,
+    #[arg(long, hide = true, value_parser = parse_range)]
+    pub kho_fdt: Option<(u64, u64)>,
+    #[arg(long, hide = true, value_parser = parse_range)]
+    pub kho_scratch: Option<(u64, u64)>,
+    #[arg(long, hide = true)]
+    pub kexec_start_ns: Option<u64>,
+}
+
+pub fn params(a: BootArgs) -> Result<BootParams, String> {
+    let kho = match (a.kho_fdt, a.kho_scratch) {
+        (Some((fdt_pa, fdt_size)), Some((scratch_pa, scratch_size))) => Some(KhoBootArgs {
+            fdt_pa,
+            fdt_size,
+            scratch_pa,
+            scratch_size,
+        }),
+        (None, None) => None,
+        _ => return Err("--kho-fdt and --kho-scratch go together".into()),
+    };
+    let liveupdate = match a.liveupdate.as_str() {
+        "on" | "1" | "y" | "yes" | "true" => true,
+        "off" | "0" | "n" | "no" | "false" => false,
+        other => return Err(format!("liveupdate={other:?} is not a boolean")),
+    };
+    Ok(BootParams {
+        ram_size: a.ram,
+        ram_fd: a.ram_fd,
+        kho,
+        liveupdate,
+        init: a.init,
+        init_args: a.init_args,
+        report: a.report,
+        next_image: a.next_image,
+        kexec_start_ns: a.kexec_start_ns,
+        dump_handover: a.dump_handover,
+    })
+}
+
+pub fn run(a: BootArgs) -> Result<ExitCode, String> {
+    if a.init.as_deref() == Some("list") {
+        for (name, what) in init::PROGRAMS {
+            println!("{name:16} {what}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let p = params(a)?;
+    let mut host = Host::boot(p).map_err(|e| e.to_string())?;
+    match init::run(&mut host) {
+        InitOutcome::Halt(code) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+        InitOutcome::Kexec => {
+            let Err(e) = host.kexec(KexecRequest::default());
+            tracing::error!("{e}");
+            host.report(
+                "kexec-failed",
+                serde_json::json!({ "error": e.to_string() }),
+            );
+            Ok(ExitCode::from(1))
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Subcommands of the `handover` binary.
+
+pub mod bench;
+pub mod boot;
+pub mod demo;
+pub mod inspect;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "handover",
+    version,
+    about = "Live update of a KVM host with guest memory preserved"
+)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The main job: run a live update end to end and say what happened.
+    Demo(demo::DemoArgs),
+    /// Boot a host image (cold, or from a KHO handover when the previous image passes one) and
+    /// run an init program.
+    Boot(boot::BootArgs),
+    /// Decode a handover dump into readable text.
+    Inspect(inspect::InspectArgs),
+    /// Benchmarks.
+    Bench(bench::BenchArgs),
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.cmd {
+        Command::Demo(a) => demo::run(a),
+        Command::Boot(a) => boot::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

@@ -1,0 +1,72 @@
+//! The host image: everything a running "kernel" owns. All of it dies at kexec except RAM.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::kexec::{BootInfo, BootParams};
+use crate::kho::Kho;
+use crate::mm::{FrameStats, Mm};
+
+pub struct Host {
+    pub mm: Mm,
+    pub kho: Kho,
+    pub params: BootParams,
+    pub info: BootInfo,
+    /// Test hook: damage the handover this way right before the next kexec.
+    pub corrupt_handover: Option<String>,
+}
+
+/// Frame accounting as a status call reports it.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct HostStatus {
+    pub frames: FrameStats,
+    /// Pages the outgoing tracker marks preserved.
+    pub preserved: u64,
+    /// Pages handed over by the previous image and not restored yet.
+    pub incoming_outstanding: u64,
+    /// RAM used by the outgoing tracker's nodes.
+    pub tracker_bytes: u64,
+}
+
+impl Host {
+    pub fn status(&self) -> HostStatus {
+        HostStatus {
+            frames: self.mm.stats(),
+            preserved: self.kho.tracker().preserved_pages(),
+            incoming_outstanding: self.kho.incoming().map_or(0, |i| i.tracker.outstanding().1),
+            tracker_bytes: self.kho.tracker().node_bytes(),
+        }
+    }
+
+    /// Append one JSON object to the report file, if the command line named one.
+    pub fn report(&self, event: &str, mut fields: serde_json::Value) {
+        let Some(path) = &self.params.report else {
+            return;
+        };
+        if let Some(o) = fields.as_object_mut() {
+            o.insert("event".into(), event.into());
+            o.insert("kexec_count".into(), self.info.kexec_count.into());
+            o.insert("pid".into(), std::process::id().into());
+        }
+        if let Err(e) = append_line(path, &fields.to_string()) {
+            tracing::warn!("cannot write report {}: {e}", path.display());
+        }
+    }
+}
+
+fn append_line(path: &PathBuf, line: &str) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    writeln!(f, "{line}")
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("info", &self.info)
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}

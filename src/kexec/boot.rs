@@ -1,0 +1,136 @@
+//! Boot of a host image: cold (new RAM) or KHO (RAM and handover inherited from the previous
+//! image). The order matters and mirrors Linux: scratch first, then the handover is validated
+//! and every preserved frame reserved, and only then does the normal zone hand anything out.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::Instant;
+
+use crate::host::Host;
+use crate::kho::{self, Kho};
+use crate::mm::{pfn_to_pa, Bitmap, Folio, FrameAllocator, Mm, MmError, Ram, PAGE_SIZE};
+
+use super::params::default_scratch_size;
+use super::BootParams;
+
+/// What this boot found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct BootInfo {
+    /// The previous image handed over memory and it was accepted.
+    pub kho_boot: bool,
+    /// Why a handover was refused, if it was.
+    pub refused: Option<String>,
+    /// Release of the previous image.
+    pub exec_from: Option<String>,
+    /// Kexecs since the last cold boot.
+    pub kexec_count: u32,
+    /// Pages preserved by the previous image, reserved at boot.
+    pub incoming_pages: u64,
+    /// Time from process start of boot to the allocator being online, microseconds.
+    pub boot_us: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error("cannot set up RAM: {0}")]
+    Ram(#[from] MmError),
+    #[error("cannot set up KHO: {0}")]
+    Kho(#[from] kho::KhoError),
+}
+
+impl Host {
+    pub fn boot(params: BootParams) -> Result<Host, BootError> {
+        let t0 = Instant::now();
+        let ram = match params.ram_fd {
+            // SAFETY: the previous image passed this fd number for the RAM memfd and nothing
+            // else in this process owns it.
+            Some(fd) => Ram::adopt(unsafe { OwnedFd::from_raw_fd(fd) }, params.ram_size)?,
+            None => Ram::create(params.ram_size)?,
+        };
+        let nr_frames = ram.nr_frames();
+        let cold_scratch = 0..default_scratch_size(ram.size()) / PAGE_SIZE;
+        let mut info = BootInfo::default();
+
+        // Scratch: the previous image's range on a KHO boot, else a fresh one.
+        let mut frames = None;
+        if let Some(a) = params.kho {
+            match FrameAllocator::new(nr_frames, a.scratch_pfns()) {
+                Ok(f) => frames = Some(f),
+                Err(e) => info.refused = Some(e.to_string()),
+            }
+        }
+        let frames = match frames {
+            Some(f) => f,
+            None => FrameAllocator::new(nr_frames, cold_scratch)?,
+        };
+        let s = frames.scratch();
+        ram.discard(pfn_to_pa(s.start), pfn_to_pa(s.end - s.start))?;
+
+        // Validate the whole handover before reserving anything.
+        let mut incoming = None;
+        let mut reserved = Bitmap::new(0);
+        if let (Some(a), None) = (params.kho, &info.refused) {
+            match kho::boot::discover(&ram, a) {
+                Ok((inc, r)) => {
+                    incoming = Some(inc);
+                    reserved = r;
+                }
+                Err(e) => info.refused = Some(e.to_string()),
+            }
+        }
+        if let Some(why) = &info.refused {
+            tracing::error!("KHO: refusing the handover: {why}; booting clean with all RAM free");
+        }
+
+        let mut mm = Mm::new(ram, frames);
+        mm.online_normal(&reserved)?;
+        let nodes: Vec<u64> = incoming
+            .as_ref()
+            .map(|i| i.tracker.node_pages().to_vec())
+            .unwrap_or_default();
+        let mut node_folios: Vec<Folio> = nodes
+            .iter()
+            .map(|&pa| Folio {
+                pfn: pa / PAGE_SIZE,
+                order: 0,
+            })
+            .collect();
+        mm.free_many(&mut node_folios)?;
+
+        let args = incoming.as_ref().map(|i| i.args);
+        if let Some(inc) = &incoming {
+            info.kho_boot = true;
+            info.incoming_pages = inc.tracker.outstanding().1;
+            if let Some(m) = &inc.metadata {
+                info.exec_from = Some(m.previous_release.clone());
+                info.kexec_count = m.kexec_count;
+                tracing::info!(
+                    "exec from: {} (count {})",
+                    m.previous_release,
+                    m.kexec_count
+                );
+            }
+        }
+        let meta = incoming.as_ref().and_then(|i| {
+            i.tree
+                .subtrees
+                .get(crate::abi::kho::KEXEC_METADATA_NAME)
+                .copied()
+        });
+        let mut kho = Kho::new(&mut mm, s, incoming)?;
+        // The tree and the metadata blob have been read: give their memory back.
+        if let Some(a) = args {
+            kho.restore_free(&mut mm, a.fdt_pa)?;
+        }
+        if let Some(m) = meta {
+            kho.restore_free(&mut mm, m.pa)?;
+        }
+        info.boot_us = t0.elapsed().as_micros() as u64;
+        Ok(Host {
+            mm,
+            kho,
+            params,
+            info,
+            corrupt_handover: None,
+        })
+    }
+}

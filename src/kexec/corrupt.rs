@@ -1,0 +1,111 @@
+//! Test hooks that damage a handover on purpose, so tests can show that the next image refuses
+//! it cleanly. Only reachable through the `kho-test` init program's `corrupt=KIND` argument.
+
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::abi::kho::{radix_index, KHO_FDT_COMPATIBLE};
+use crate::host::Host;
+use crate::kho::test::{KhoTestSer, SUBTREE};
+use crate::kho::{KhoBootArgs, KhoError};
+use crate::mm::{PhysRead, PAGE_SIZE};
+
+/// Kinds applied to a client blob before the handover is finalized.
+pub const CLIENT_KINDS: &[&str] = &["chain-cycle", "chain-overlong", "blob-outside"];
+/// Kinds applied to the finalized handover right before `execve`.
+pub const HANDOVER_KINDS: &[&str] = &[
+    "fdt-truncate",
+    "fdt-bitflip",
+    "root-bitflip",
+    "compat",
+    "fdt-outside",
+    "tracker-outside",
+    "tracker-cycle",
+];
+
+fn test_ser(host: &Host) -> Result<(u64, KhoTestSer), KhoError> {
+    let st = host
+        .kho
+        .subtrees()
+        .get(SUBTREE)
+        .copied()
+        .ok_or_else(|| KhoError::NoSubtree(SUBTREE.into()))?;
+    let mut b = [0u8; std::mem::size_of::<KhoTestSer>()];
+    host.mm.ram.read_phys(st.pa, &mut b)?;
+    let ser = KhoTestSer::read_from_bytes(&b).map_err(|_| KhoError::Corrupt("kho-test blob"))?;
+    Ok((st.pa, ser))
+}
+
+pub fn client(host: &mut Host, kind: &str) -> Result<(), KhoError> {
+    match kind {
+        "chain-cycle" => {
+            let (_, ser) = test_ser(host)?;
+            host.mm.ram.write_u64(ser.folios.first, ser.folios.first)?;
+        }
+        "chain-overlong" => {
+            let (pa, mut ser) = test_ser(host)?;
+            ser.folios.total_pages -= 1;
+            host.mm.ram.write_phys(pa, ser.as_bytes())?;
+        }
+        "blob-outside" => {
+            let st = host
+                .kho
+                .remove_subtree(SUBTREE)
+                .ok_or(KhoError::Corrupt("no subtree"))?;
+            host.kho
+                .add_subtree(SUBTREE, host.mm.ram.size() * 2, st.size)?;
+        }
+        k if HANDOVER_KINDS.contains(&k) => host.corrupt_handover = Some(k.to_string()),
+        _ => {
+            return Err(KhoError::BadHandover(format!(
+                "unknown corruption {kind:?}"
+            )))
+        }
+    }
+    Ok(())
+}
+
+pub fn handover(host: &mut Host, args: &mut KhoBootArgs, kind: &str) -> Result<(), KhoError> {
+    let ram = &host.mm.ram;
+    let mut fdt = vec![0u8; args.fdt_size as usize];
+    ram.read_phys(args.fdt_pa, &mut fdt)?;
+    match kind {
+        "fdt-truncate" => args.fdt_size /= 2,
+        "fdt-bitflip" => ram.write_phys(args.fdt_pa, &[fdt[0] ^ 0x01])?,
+        "compat" => {
+            let at = find(&fdt, KHO_FDT_COMPATIBLE.as_bytes()).ok_or(KhoError::Corrupt("fdt"))?;
+            ram.write_phys(args.fdt_pa + at as u64 + 5, b"9")?;
+        }
+        "root-bitflip" => {
+            // The same tree with one bit of the tracker root flipped (same length).
+            let t = crate::kho::fdt::parse(&fdt)?;
+            let b = crate::kho::fdt::build(t.tracker_root ^ (1 << 13), &t.subtrees)?;
+            ram.write_phys(args.fdt_pa, &b)?;
+        }
+        "fdt-outside" => args.fdt_pa = ram.size() + PAGE_SIZE,
+        "tracker-outside" | "tracker-cycle" => {
+            let root = host.kho.tracker().root();
+            // Root-level index of the lowest keys of order 0 (where kho-test folios live).
+            let used = radix_index(1 << 52, 5) as u64;
+            let child = ram.read_u64(root + used * 8)?;
+            if kind == "tracker-outside" {
+                ram.write_u64(root + used * 8, ram.size() * 4)?;
+            } else {
+                // A free slot in the child points back at the root.
+                let free = (0..512u64)
+                    .find(|i| ram.read_u64(child + i * 8).is_ok_and(|v| v == 0))
+                    .ok_or(KhoError::Corrupt("tracker"))?;
+                ram.write_u64(child + free * 8, root)?;
+            }
+        }
+        _ => {
+            return Err(KhoError::BadHandover(format!(
+                "unknown corruption {kind:?}"
+            )))
+        }
+    }
+    Ok(())
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}

@@ -1,0 +1,114 @@
+//! The host image's boot parameters: what a bootloader or the previous image passes on the
+//! command line. KHO boots add the RAM fd and the handover location.
+
+use std::path::PathBuf;
+
+use crate::kho::KhoBootArgs;
+use crate::mm::PAGE_SIZE;
+
+/// Default RAM of a host image: sparse, so this costs nothing until used.
+pub const DEFAULT_RAM: u64 = 4 << 30;
+
+#[derive(Clone, Debug)]
+pub struct BootParams {
+    pub ram_size: u64,
+    /// Inherited RAM memfd (KHO boot only).
+    pub ram_fd: Option<i32>,
+    pub kho: Option<KhoBootArgs>,
+    /// `liveupdate=on` (default on).
+    pub liveupdate: bool,
+    /// Init program to run after boot, and its arguments.
+    pub init: Option<String>,
+    pub init_args: Vec<String>,
+    /// JSON-lines report file every image appends its events to.
+    pub report: Option<PathBuf>,
+    /// Image to kexec into (default: this binary).
+    pub next_image: Option<PathBuf>,
+    /// CLOCK_MONOTONIC ns at which the previous image started its reboot path.
+    pub kexec_start_ns: Option<u64>,
+    /// Write a dump of the outgoing handover here at each kexec.
+    pub dump_handover: Option<PathBuf>,
+}
+
+impl Default for BootParams {
+    fn default() -> Self {
+        Self {
+            ram_size: DEFAULT_RAM,
+            ram_fd: None,
+            kho: None,
+            liveupdate: true,
+            init: None,
+            init_args: Vec::new(),
+            report: None,
+            next_image: None,
+            kexec_start_ns: None,
+            dump_handover: None,
+        }
+    }
+}
+
+/// Default scratch size for a cold boot: 1/64 of RAM, between 16 MiB and 256 MiB, 4 MiB
+/// aligned.
+pub fn default_scratch_size(ram: u64) -> u64 {
+    let block = PAGE_SIZE << crate::mm::MAX_ORDER;
+    ((ram / 64).clamp(16 << 20, 256 << 20) / block) * block
+}
+
+/// Parse sizes like `4G`, `256M`, `64k`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let s = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size overflows: {s:?}"))
+}
+
+/// Parse `PA:SIZE` (hex or decimal).
+pub fn parse_range(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected ADDR:SIZE, got {s:?}"))?;
+    Ok((parse_u64(a)?, parse_u64(b)?))
+}
+
+pub fn parse_u64(s: &str) -> Result<u64, String> {
+    let r = match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("not a number: {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("5M").unwrap(), 5 << 20);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_range("0x1000:4096").unwrap(), (0x1000, 4096));
+        assert_eq!(default_scratch_size(4 << 30), 64 << 20);
+        assert_eq!(default_scratch_size(256 << 20), 16 << 20);
+    }
+}

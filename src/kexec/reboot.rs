@@ -1,0 +1,188 @@
+//! reboot(KEXEC): finalize the handover and `execve` the next image with only the RAM memfd
+//! inherited. If anything fails before the `execve` takes effect, everything is undone and the
+//! running image carries on.
+
+use std::convert::Infallible;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::host::Host;
+use crate::kho::finalize::Handover;
+use crate::kho::KhoError;
+
+#[derive(Debug, Default, Clone)]
+pub struct KexecRequest {
+    /// Image to boot; default: the image named at boot, else this binary.
+    pub next_image: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KexecError {
+    #[error("kexec refused: {0}")]
+    Kho(#[from] KhoError),
+    #[error("kexec refused: a file could not be frozen: {0}")]
+    Freeze(String),
+    #[error("kexec failed: cannot execute {path}: {err}")]
+    Exec { path: String, err: std::io::Error },
+}
+
+impl KexecError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            KexecError::Kho(e) => e.errno(),
+            KexecError::Freeze(_) => libc::EINVAL,
+            KexecError::Exec { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+pub fn monotonic_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+impl Host {
+    /// The command line of the next image: this image's parameters plus the handover.
+    fn next_cmdline(&self, h: &Handover, start_ns: u64) -> Vec<String> {
+        let p = &self.params;
+        let a = h.args;
+        let mut v = vec![
+            "boot".to_string(),
+            "--ram".into(),
+            self.mm.ram.size().to_string(),
+            "--ram-fd".into(),
+            self.mm.ram.fd().as_raw_fd().to_string(),
+            "--kho-fdt".into(),
+            format!("{:#x}:{:#x}", a.fdt_pa, a.fdt_size),
+            "--kho-scratch".into(),
+            format!("{:#x}:{:#x}", a.scratch_pa, a.scratch_size),
+            "--kexec-start-ns".into(),
+            start_ns.to_string(),
+        ];
+        if !p.liveupdate {
+            v.push("--liveupdate=off".into());
+        }
+        if let Some(i) = &p.init {
+            v.push("--init".into());
+            v.push(i.clone());
+        }
+        for a in &p.init_args {
+            v.push("--init-arg".into());
+            v.push(a.clone());
+        }
+        if let Some(r) = &p.report {
+            v.push("--report".into());
+            v.push(r.display().to_string());
+        }
+        if let Some(n) = &p.next_image {
+            v.push("--next-image".into());
+            v.push(n.display().to_string());
+        }
+        v
+    }
+
+    /// Finalize the handover and replace this process with the next image. Returns only on
+    /// failure, with the host intact.
+    pub fn kexec(&mut self, req: KexecRequest) -> Result<Infallible, KexecError> {
+        let start_ns = monotonic_ns();
+        let h = self
+            .kho
+            .finalize(&mut self.mm, &super::release(), self.info.kexec_count + 1)?;
+        let image = req
+            .next_image
+            .or_else(|| self.params.next_image.clone())
+            .or_else(|| std::env::current_exe().ok())
+            .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+        let mut h = h;
+        if let Some(kind) = self.corrupt_handover.take() {
+            super::corrupt::handover(self, &mut h.args, &kind)?;
+        }
+        if let Some(path) = self.params.dump_handover.clone() {
+            match self.kho.dump(&self.mm, h.args) {
+                Ok(d) => {
+                    if let Err(e) = d.write(&path) {
+                        tracing::warn!("cannot write handover dump {}: {e}", path.display());
+                    }
+                }
+                Err(e) => tracing::warn!("cannot dump the handover: {e}"),
+            }
+        }
+        let args = self.next_cmdline(&h, start_ns);
+        let ram_fd = self.mm.ram.fd().as_raw_fd();
+        tracing::debug!("kexec into {} {}", image.display(), args.join(" "));
+        let mut cmd = Command::new(&image);
+        cmd.args(&args);
+        // SAFETY: the closure runs right before execve in this (single-purpose) process and
+        // only makes async-signal-safe fcntl/close_range calls on fd numbers.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Every fd but stdio and RAM closes at exec, like a kexec leaves nothing open.
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                );
+                if libc::fcntl(ram_fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let err = cmd.exec();
+        // Still here: the exec failed. Put the RAM fd back to close-on-exec and undo.
+        // SAFETY: plain fcntl on an fd this process owns.
+        unsafe { libc::fcntl(ram_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        self.kho.abandon(&mut self.mm, h);
+        Err(KexecError::Exec {
+            path: image.display().to_string(),
+            err,
+        })
+    }
+}
+
+/// Outcome of a failed in-process kexec.
+#[derive(Debug)]
+pub enum InProcessKexecError {
+    /// Refused before the old image was torn down: it is handed back intact.
+    Refused(Box<Host>, KexecError),
+    /// The new image failed to boot (the old one is gone, as after a real kexec).
+    Boot(super::boot::BootError),
+}
+
+impl Host {
+    /// Kexec without leaving the process: finalize, drop every piece of this image's state
+    /// except the RAM memfd, and boot a new image from the handover. Used by tests that need
+    /// many kexecs quickly (the proptest model); the new image can only know what KHO handed
+    /// over, exactly as after `execve`.
+    pub fn kexec_in_process(mut self) -> Result<Host, InProcessKexecError> {
+        let start_ns = monotonic_ns();
+        let h = match self
+            .kho
+            .finalize(&mut self.mm, &super::release(), self.info.kexec_count + 1)
+        {
+            Ok(h) => h,
+            Err(e) => return Err(InProcessKexecError::Refused(Box::new(self), e.into())),
+        };
+        let fd = match rustix::io::fcntl_dupfd_cloexec(self.mm.ram.fd(), 3) {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.kho.abandon(&mut self.mm, h);
+                let err = KexecError::Exec {
+                    path: "(in-process)".into(),
+                    err: e.into(),
+                };
+                return Err(InProcessKexecError::Refused(Box::new(self), err));
+            }
+        };
+        let mut params = self.params.clone();
+        params.ram_size = self.mm.ram.size();
+        params.ram_fd = Some(std::os::fd::IntoRawFd::into_raw_fd(fd));
+        params.kho = Some(h.args);
+        params.kexec_start_ns = Some(start_ns);
+        drop(self);
+        Host::boot(params).map_err(InProcessKexecError::Boot)
+    }
+}

@@ -1,0 +1,512 @@
+//! KHO — Kexec HandOver: preserve memory across a kexec and describe it to the next image.
+//!
+//! * [`tracker`]: which (pfn, order) blocks are preserved, as a radix tree living in RAM.
+//! * [`fdt`]: the handover tree the next image receives (root compatible, tracker root,
+//!   one subtree per client).
+//! * [`array`]: large arrays as chains of one-page chunks of physical addresses.
+//! * [`block`]: chains of fixed-size entry blocks, for LUO's sessions and files.
+//! * [`boot`]: the next image's side: validate, reserve, restore.
+
+pub mod array;
+pub mod block;
+pub mod boot;
+pub mod dump;
+pub mod fdt;
+pub mod finalize;
+pub mod inspect;
+pub mod metadata;
+pub mod test;
+pub mod tracker;
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use crate::mm::{pa_to_pfn, Folio, Mm, MmError, MAX_ORDER, PAGE_SIZE};
+
+pub use boot::{Incoming, KhoBootArgs};
+pub use fdt::{HandoverTree, Subtree};
+pub use tracker::{IncomingTracker, Tracker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KhoError {
+    #[error(transparent)]
+    Mm(#[from] MmError),
+    #[error("range {pa:#x}+{len:#x} overlaps scratch memory and cannot be preserved")]
+    Scratch { pa: u64, len: u64 },
+    #[error("block at {pa:#x} order {order} is already preserved")]
+    AlreadyPreserved { pa: u64, order: u32 },
+    #[error("block at {pa:#x} order {order} is not preserved (unpreserve must match preserve)")]
+    NotPreserved { pa: u64, order: u32 },
+    #[error("address {pa:#x} was not preserved, is misaligned, or was already restored")]
+    NotRestorable { pa: u64 },
+    #[error("subtree {0:?} already exists")]
+    SubtreeExists(String),
+    #[error("no subtree {0:?} in the handover")]
+    NoSubtree(String),
+    #[error("size {0} is too large to preserve in one allocation")]
+    TooLarge(u64),
+    #[error("{what}: unsupported compatible string {found:?} (this image supports {supported:?})")]
+    Incompatible {
+        what: &'static str,
+        found: String,
+        supported: &'static str,
+    },
+    #[error("bad handover: {0}")]
+    BadHandover(String),
+    #[error("corrupt {0}")]
+    Corrupt(&'static str),
+}
+
+impl KhoError {
+    /// The errno upstream returns for this failure.
+    pub fn errno(&self) -> i32 {
+        match self {
+            KhoError::Mm(e) => e.errno(),
+            KhoError::AlreadyPreserved { .. } | KhoError::SubtreeExists(_) => libc::EEXIST,
+            KhoError::NoSubtree(_) => libc::ENOENT,
+            KhoError::TooLarge(_) => libc::E2BIG,
+            KhoError::NotRestorable { .. } => libc::EIO,
+            _ => libc::EINVAL,
+        }
+    }
+}
+
+/// KHO state of one running image.
+pub struct Kho {
+    tracker: Tracker,
+    subtrees: BTreeMap<String, Subtree>,
+    scratch: Range<u64>,
+    incoming: Option<Incoming>,
+    /// Preserved metadata allocations (pa -> bytes): blobs, arrays, blocks, the tree. Together
+    /// with the tracker nodes this is the handover's size, and what a dump copies.
+    meta: BTreeMap<u64, u64>,
+}
+
+/// Split `pfn..pfn+nr` into maximal naturally aligned power-of-two blocks.
+pub fn split_range(mut pfn: u64, nr: u64) -> impl Iterator<Item = (u64, u32)> {
+    let end = pfn.saturating_add(nr);
+    std::iter::from_fn(move || {
+        if pfn >= end {
+            return None;
+        }
+        let align = if pfn == 0 { 63 } else { pfn.trailing_zeros() };
+        let fit = 63 - (end - pfn).leading_zeros();
+        let order = align.min(fit).min(tracker_max_order());
+        let b = (pfn, order);
+        pfn += 1 << order;
+        Some(b)
+    })
+}
+
+const fn tracker_max_order() -> u32 {
+    crate::abi::kho::KHO_MAX_PRESERVE_ORDER
+}
+
+impl Kho {
+    pub fn new(
+        mm: &mut Mm,
+        scratch: Range<u64>,
+        incoming: Option<Incoming>,
+    ) -> Result<Self, KhoError> {
+        Ok(Self {
+            tracker: Tracker::new(mm)?,
+            subtrees: BTreeMap::new(),
+            scratch,
+            incoming,
+            meta: BTreeMap::new(),
+        })
+    }
+
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    pub fn incoming(&self) -> Option<&Incoming> {
+        self.incoming.as_ref()
+    }
+
+    pub fn scratch(&self) -> Range<u64> {
+        self.scratch.clone()
+    }
+
+    pub fn subtrees(&self) -> &BTreeMap<String, Subtree> {
+        &self.subtrees
+    }
+
+    fn check_scratch(&self, pfn: u64, nr: u64) -> Result<(), KhoError> {
+        if pfn < self.scratch.end && self.scratch.start < pfn + nr {
+            return Err(KhoError::Scratch {
+                pa: pfn * PAGE_SIZE,
+                len: nr * PAGE_SIZE,
+            });
+        }
+        Ok(())
+    }
+
+    /// Preserve a folio. Takes no reference: the caller keeps the folio allocated.
+    pub fn preserve_folio(&mut self, mm: &mut Mm, f: Folio) -> Result<(), KhoError> {
+        if f.order > tracker_max_order()
+            || f.pfn % f.nr_pages() != 0
+            || !mm.ram.contains(f.pa(), f.size())
+        {
+            return Err(KhoError::Mm(MmError::BadBlock {
+                pfn: f.pfn,
+                order: f.order,
+            }));
+        }
+        self.check_scratch(f.pfn, f.nr_pages())?;
+        if !self.tracker.set(mm, f.pfn, f.order)? {
+            return Err(KhoError::AlreadyPreserved {
+                pa: f.pa(),
+                order: f.order,
+            });
+        }
+        Ok(())
+    }
+
+    /// Undo [`Kho::preserve_folio`]; must match it exactly.
+    pub fn unpreserve_folio(&mut self, mm: &mut Mm, f: Folio) -> Result<(), KhoError> {
+        if f.order > tracker_max_order() || !self.tracker.clear(mm, f.pfn, f.order)? {
+            return Err(KhoError::NotPreserved {
+                pa: f.pa(),
+                order: f.order,
+            });
+        }
+        Ok(())
+    }
+
+    /// Preserve `nr` pages from `pfn`, as naturally aligned blocks; all or nothing.
+    pub fn preserve_pages(&mut self, mm: &mut Mm, pfn: u64, nr: u64) -> Result<(), KhoError> {
+        self.check_scratch(pfn, nr)?;
+        let mut done = Vec::new();
+        for (p, order) in split_range(pfn, nr) {
+            if let Err(e) = self.preserve_folio(mm, Folio { pfn: p, order }) {
+                for f in done.into_iter().rev() {
+                    let _ = self.unpreserve_folio(mm, f);
+                }
+                return Err(e);
+            }
+            done.push(Folio { pfn: p, order });
+        }
+        Ok(())
+    }
+
+    pub fn unpreserve_pages(&mut self, mm: &mut Mm, pfn: u64, nr: u64) -> Result<(), KhoError> {
+        let blocks: Vec<_> = split_range(pfn, nr).collect();
+        if let Some(&(p, order)) = blocks
+            .iter()
+            .find(|&&(p, o)| !self.tracker.test(mm, p, o).unwrap_or(false))
+        {
+            return Err(KhoError::NotPreserved {
+                pa: p * PAGE_SIZE,
+                order,
+            });
+        }
+        for (p, order) in blocks {
+            self.unpreserve_folio(mm, Folio { pfn: p, order })?;
+        }
+        Ok(())
+    }
+
+    /// Allocate zeroed memory of at least `size` bytes and preserve it.
+    pub fn alloc_preserve(&mut self, mm: &mut Mm, size: u64) -> Result<Folio, KhoError> {
+        if size == 0 {
+            return Err(KhoError::Mm(MmError::BadOrder(0)));
+        }
+        let pages = size.div_ceil(PAGE_SIZE);
+        let order = pages.next_power_of_two().trailing_zeros();
+        if order > MAX_ORDER {
+            return Err(KhoError::TooLarge(size));
+        }
+        let f = mm.alloc_zeroed(order)?;
+        if let Err(e) = self.preserve_folio(mm, f) {
+            let _ = mm.free(f);
+            return Err(e);
+        }
+        self.meta.insert(f.pa(), f.size());
+        Ok(f)
+    }
+
+    pub fn unpreserve_free(&mut self, mm: &mut Mm, f: Folio) -> Result<(), KhoError> {
+        self.unpreserve_folio(mm, f)?;
+        self.meta.remove(&f.pa());
+        mm.free(f)?;
+        Ok(())
+    }
+
+    /// Bytes of metadata the next image receives: tracker nodes plus every preserved metadata
+    /// allocation (tree, blobs, arrays, blocks).
+    pub fn handover_bytes(&self) -> u64 {
+        self.tracker.node_bytes() + self.meta.values().sum::<u64>()
+    }
+
+    /// Copy the outgoing handover's metadata into a dump.
+    pub fn dump(&self, mm: &Mm, args: KhoBootArgs) -> Result<dump::Dump, KhoError> {
+        let mut d = dump::Dump::new(mm.ram.size(), args);
+        d.add(&mm.ram, args.fdt_pa, args.fdt_size)?;
+        for f in self.tracker.node_folios() {
+            d.add(&mm.ram, f.pa(), f.size())?;
+        }
+        for (&pa, &len) in &self.meta {
+            d.add(&mm.ram, pa, len)?;
+        }
+        Ok(d)
+    }
+
+    /// Register a client's blob under `name` in the next handover tree. The blob's memory must
+    /// be preserved by the client.
+    pub fn add_subtree(&mut self, name: &str, pa: u64, size: u64) -> Result<(), KhoError> {
+        if self.subtrees.contains_key(name) {
+            return Err(KhoError::SubtreeExists(name.to_string()));
+        }
+        self.subtrees.insert(name.to_string(), Subtree { pa, size });
+        Ok(())
+    }
+
+    pub fn remove_subtree(&mut self, name: &str) -> Option<Subtree> {
+        self.subtrees.remove(name)
+    }
+
+    /// A subtree handed over by the previous image.
+    pub fn retrieve_subtree(&self, name: &str) -> Result<Subtree, KhoError> {
+        self.incoming
+            .as_ref()
+            .and_then(|i| i.tree.subtrees.get(name).copied())
+            .ok_or_else(|| KhoError::NoSubtree(name.to_string()))
+    }
+
+    fn incoming_tracker(&mut self) -> Option<&mut IncomingTracker> {
+        self.incoming.as_mut().map(|i| &mut i.tracker)
+    }
+
+    /// Take back a folio preserved by the previous image. Each preserved folio can be restored
+    /// once; the caller owns it afterwards (free it with [`Mm::free`] or preserve it again).
+    pub fn restore_folio(&mut self, pa: u64) -> Result<Folio, KhoError> {
+        let bad = KhoError::NotRestorable { pa };
+        if pa % PAGE_SIZE != 0 {
+            return Err(bad);
+        }
+        let pfn = pa_to_pfn(pa);
+        let t = self
+            .incoming_tracker()
+            .ok_or(KhoError::NotRestorable { pa })?;
+        let order = t.order_of(pfn).ok_or(KhoError::NotRestorable { pa })?;
+        if !t.take(pfn, order) {
+            return Err(bad);
+        }
+        Ok(Folio { pfn, order })
+    }
+
+    /// Restore `nr` pages preserved with [`Kho::preserve_pages`]: all or nothing.
+    pub fn restore_pages(&mut self, pa: u64, nr: u64) -> Result<(), KhoError> {
+        if pa % PAGE_SIZE != 0 {
+            return Err(KhoError::NotRestorable { pa });
+        }
+        let blocks: Vec<_> = split_range(pa_to_pfn(pa), nr).collect();
+        let t = self
+            .incoming_tracker()
+            .ok_or(KhoError::NotRestorable { pa })?;
+        if let Some(&(p, _)) = blocks.iter().find(|&&(p, o)| !t.contains(p, o)) {
+            return Err(KhoError::NotRestorable { pa: p * PAGE_SIZE });
+        }
+        for (p, o) in blocks {
+            t.take(p, o);
+        }
+        Ok(())
+    }
+
+    /// Restore a folio and free it at once (for metadata that has been read).
+    pub fn restore_free(&mut self, mm: &mut Mm, pa: u64) -> Result<(), KhoError> {
+        let f = self.restore_folio(pa)?;
+        mm.free(f)?;
+        Ok(())
+    }
+
+    /// True if a block starting at `pa` is preserved by the previous image and not restored.
+    pub fn is_restorable(&self, pa: u64) -> bool {
+        pa % PAGE_SIZE == 0
+            && self
+                .incoming
+                .as_ref()
+                .is_some_and(|i| i.tracker.order_of(pa_to_pfn(pa)).is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Host;
+    use crate::kexec::BootParams;
+    use crate::mm::PhysRead;
+
+    fn host() -> Host {
+        Host::boot(BootParams {
+            ram_size: 256 << 20,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn kexec(h: Host) -> Host {
+        h.kexec_in_process().unwrap()
+    }
+
+    #[test]
+    fn preserve_misuse_is_an_error() {
+        let mut h = host();
+        let s = h.kho.scratch();
+        let in_scratch = Folio {
+            pfn: s.start,
+            order: 0,
+        };
+        assert!(matches!(
+            h.kho.preserve_folio(&mut h.mm, in_scratch),
+            Err(KhoError::Scratch { .. })
+        ));
+        assert_eq!(
+            h.kho
+                .preserve_folio(&mut h.mm, in_scratch)
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL
+        );
+        let f = h.mm.alloc_zeroed(2).unwrap();
+        h.kho.preserve_folio(&mut h.mm, f).unwrap();
+        assert!(matches!(
+            h.kho.preserve_folio(&mut h.mm, f),
+            Err(KhoError::AlreadyPreserved { .. })
+        ));
+        let wrong = Folio {
+            pfn: f.pfn,
+            order: 1,
+        };
+        assert!(matches!(
+            h.kho.unpreserve_folio(&mut h.mm, wrong),
+            Err(KhoError::NotPreserved { .. })
+        ));
+        h.kho.unpreserve_folio(&mut h.mm, f).unwrap();
+        assert!(h.kho.unpreserve_folio(&mut h.mm, f).is_err());
+        let mis = Folio {
+            pfn: f.pfn + 1,
+            order: 1,
+        };
+        assert!(h.kho.preserve_folio(&mut h.mm, mis).is_err());
+        assert_eq!(h.status().preserved, 0);
+    }
+
+    #[test]
+    fn restore_misuse_is_an_error() {
+        let mut h = host();
+        let a = h.mm.alloc_zeroed(3).unwrap();
+        let b = h.mm.alloc_zeroed(0).unwrap();
+        h.mm.ram.write_u64(a.pa(), 0xfeed).unwrap();
+        h.kho.preserve_folio(&mut h.mm, a).unwrap();
+        let pages = h.mm.alloc_zeroed(4).unwrap();
+        h.kho.preserve_pages(&mut h.mm, pages.pfn + 1, 13).unwrap();
+        let mut h = kexec(h);
+        // Not preserved, misaligned (a tail page), then a double restore.
+        assert!(matches!(
+            h.kho.restore_folio(b.pa()),
+            Err(KhoError::NotRestorable { .. })
+        ));
+        assert!(h.kho.restore_folio(a.pa() + PAGE_SIZE).is_err());
+        assert!(h.kho.restore_folio(a.pa() + 1).is_err());
+        let r = h.kho.restore_folio(a.pa()).unwrap();
+        assert_eq!(r, a);
+        assert_eq!(h.mm.ram.read_u64(a.pa()).unwrap(), 0xfeed);
+        assert!(h.kho.restore_folio(a.pa()).is_err());
+        // Pages come back only as they were preserved.
+        assert!(h
+            .kho
+            .restore_pages((pages.pfn + 1) * PAGE_SIZE, 12)
+            .is_err());
+        h.kho
+            .restore_pages((pages.pfn + 1) * PAGE_SIZE, 13)
+            .unwrap();
+        assert!(h
+            .kho
+            .restore_pages((pages.pfn + 1) * PAGE_SIZE, 13)
+            .is_err());
+        // Frames never preserved were freed (and zeroed) at boot.
+        assert!(h.mm.frames().is_free(b.pfn));
+        assert_eq!(h.status().incoming_outstanding, 0);
+    }
+
+    #[test]
+    fn large_array_round_trip() {
+        let mut h = host();
+        // A million 16-byte entries: 16 MiB, a chain of 8 chunks.
+        let data: Vec<u8> = (0..1_000_000u64)
+            .flat_map(|i| [i.to_ne_bytes(), (!i).to_ne_bytes()].concat())
+            .collect();
+        let arr = h.kho.preserve_array(&mut h.mm, &data).unwrap();
+        assert_eq!(arr.ser.total_pages as usize, data.len().div_ceil(4096));
+        let ser = arr.ser;
+        let blob = h.kho.alloc_preserve(&mut h.mm, 16).unwrap();
+        h.mm.ram
+            .write_phys(blob.pa(), zerocopy::IntoBytes::as_bytes(&ser))
+            .unwrap();
+        h.kho.add_subtree("array-test", blob.pa(), 16).unwrap();
+        let used_before = h.mm.stats().used;
+        let mut h = kexec(h);
+        let st = h.kho.retrieve_subtree("array-test").unwrap();
+        let mut b = [0u8; 16];
+        h.mm.ram.read_phys(st.pa, &mut b).unwrap();
+        let ser: crate::abi::kho::KhoArraySer = zerocopy::FromBytes::read_from_bytes(&b).unwrap();
+        let back = h.kho.restore_array(&mut h.mm, &ser).unwrap();
+        assert_eq!(&back[..data.len()], &data[..]);
+        assert!(
+            h.kho.restore_array(&mut h.mm, &ser).is_err(),
+            "second restore"
+        );
+        h.kho.restore_free(&mut h.mm, st.pa).unwrap();
+        assert!(h.mm.stats().used < used_before);
+        assert_eq!(h.mm.stats().used, 1, "only the new tracker root");
+    }
+
+    #[test]
+    fn block_chain_round_trip_and_loop_refused() {
+        let mut h = host();
+        let entries: Vec<Vec<u8>> = (0..1000u32)
+            .map(|i| {
+                let mut e = vec![0u8; 80];
+                e[..4].copy_from_slice(&i.to_ne_bytes());
+                e
+            })
+            .collect();
+        let c = h.kho.preserve_blocks(&mut h.mm, 80, &entries).unwrap();
+        assert_eq!(
+            c.bytes(),
+            20 * PAGE_SIZE,
+            "51 entries of 80 bytes per block"
+        );
+        let c2 = h
+            .kho
+            .preserve_blocks(&mut h.mm, 80, &entries[..100])
+            .unwrap();
+        // Make the second chain loop back on itself.
+        let second = h.mm.ram.read_u64(c2.head).unwrap();
+        h.mm.ram.write_u64(second, c2.head).unwrap();
+        let heads = [c.head, c2.head];
+        let mut h = kexec(h);
+        assert_eq!(
+            h.kho.restore_blocks(&mut h.mm, heads[0], 80).unwrap(),
+            entries
+        );
+        let e = h.kho.restore_blocks(&mut h.mm, heads[1], 80).unwrap_err();
+        assert!(e.to_string().contains("loops"), "{e}");
+        assert!(
+            h.kho.restore_blocks(&mut h.mm, heads[0], 80).is_err(),
+            "blocks restore once"
+        );
+    }
+
+    #[test]
+    fn split_is_maximal_and_aligned() {
+        let v: Vec<_> = split_range(3, 13).collect();
+        assert_eq!(v, vec![(3, 0), (4, 2), (8, 3)]);
+        let total: u64 = split_range(1000, 123_456).map(|(_, o)| 1u64 << o).sum();
+        assert_eq!(total, 123_456);
+        assert!(split_range(1000, 123_456).all(|(p, o)| p % (1 << o) == 0));
+    }
+}
