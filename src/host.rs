@@ -3,13 +3,25 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use std::collections::BTreeMap;
+
+use crate::fs::FileTable;
 use crate::kexec::{BootInfo, BootParams};
 use crate::kho::Kho;
+use crate::luo::Luo;
 use crate::mm::{FrameStats, Mm};
+use crate::uapi::{MapId, Mapping, Pid, Process};
 
 pub struct Host {
     pub mm: Mm,
     pub kho: Kho,
+    pub luo: Luo,
+    pub files: FileTable,
+    pub procs: BTreeMap<Pid, Process>,
+    pub maps: BTreeMap<MapId, Mapping>,
+    pub(crate) next_pid: Pid,
+    pub(crate) next_map: MapId,
+    pub(crate) luo_incoming: Option<crate::luo::serialize::IncomingHeader>,
     pub params: BootParams,
     pub info: BootInfo,
     /// Test hook: damage the handover this way right before the next kexec.

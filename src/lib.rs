@@ -6,8 +6,12 @@
 pub mod abi;
 pub mod bench;
 pub mod cli;
+pub mod fs;
 pub mod host;
 pub mod init;
 pub mod kexec;
 pub mod kho;
+pub mod luo;
 pub mod mm;
+pub mod uapi;
+pub mod vmm;

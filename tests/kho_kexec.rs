@@ -3,7 +3,11 @@
 
 mod common;
 
-use common::boot;
+/// KHO alone: LUO off, so the only handed-over memory is the test client's.
+fn boot(tag: &str, ram: &str, init: &str, init_args: &[&str], extra: &[&str]) -> common::Run {
+    let extra: Vec<&str> = [&["--liveupdate", "off"], extra].concat();
+    common::boot(tag, ram, init, init_args, &extra)
+}
 
 fn check_accounting(ev: &serde_json::Value) {
     let st = &ev["status"];

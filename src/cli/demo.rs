@@ -65,6 +65,8 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
         format!("size={}", a.data),
         "--init-arg".into(),
         "kexecs=1".into(),
+        "--liveupdate".into(),
+        "off".into(),
     ];
     if let Some(d) = &a.dump {
         args.push("--dump-handover".into());

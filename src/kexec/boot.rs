@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::host::Host;
 use crate::kho::{self, Kho};
+use crate::luo::Luo;
 use crate::mm::{pfn_to_pa, Bitmap, Folio, FrameAllocator, Mm, MmError, Ram, PAGE_SIZE};
 
 use super::params::default_scratch_size;
@@ -124,13 +125,42 @@ impl Host {
         if let Some(m) = meta {
             kho.restore_free(&mut mm, m.pa)?;
         }
-        info.boot_us = t0.elapsed().as_micros() as u64;
-        Ok(Host {
+        let luo = Luo::new(params.liveupdate);
+        let mut host = Host {
             mm,
             kho,
+            luo,
+            files: Default::default(),
+            procs: Default::default(),
+            maps: Default::default(),
+            next_pid: 0,
+            next_map: 0,
+            luo_incoming: None,
             params,
             info,
             corrupt_handover: None,
-        })
+        };
+        if host.luo.enabled {
+            host.luo_early_init();
+            host.register_handlers();
+        }
+        host.info.boot_us = t0.elapsed().as_micros() as u64;
+        Ok(host)
+    }
+}
+
+impl Host {
+    /// File handlers, registered before user space can open `/dev/liveupdate` (upstream:
+    /// late_initcall and module init).
+    fn register_handlers(&mut self) {
+        let hs: Vec<std::sync::Arc<dyn crate::luo::FileHandler>> = vec![
+            std::sync::Arc::new(crate::fs::memfd_luo::MemfdHandler),
+            std::sync::Arc::new(crate::luo::test_handler::TestHandler),
+        ];
+        for h in hs {
+            if let Err(e) = self.luo.register(h) {
+                tracing::warn!("liveupdate: cannot register a file handler: {e}");
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::process::Command;
 use crate::host::Host;
 use crate::kho::finalize::Handover;
 use crate::kho::KhoError;
+use crate::luo::serialize::LuoHandover;
 
 #[derive(Debug, Default, Clone)]
 pub struct KexecRequest {
@@ -22,8 +23,8 @@ pub struct KexecRequest {
 pub enum KexecError {
     #[error("kexec refused: {0}")]
     Kho(#[from] KhoError),
-    #[error("kexec refused: a file could not be frozen: {0}")]
-    Freeze(String),
+    #[error("kexec refused: {0}")]
+    Luo(#[from] crate::luo::serialize::LuoError),
     #[error("kexec failed: cannot execute {path}: {err}")]
     Exec { path: String, err: std::io::Error },
 }
@@ -32,7 +33,8 @@ impl KexecError {
     pub fn errno(&self) -> i32 {
         match self {
             KexecError::Kho(e) => e.errno(),
-            KexecError::Freeze(_) => libc::EINVAL,
+            KexecError::Luo(crate::luo::serialize::LuoError::Freeze { errno, .. }) => errno.0,
+            KexecError::Luo(_) => libc::EINVAL,
             KexecError::Exec { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -44,6 +46,32 @@ pub fn monotonic_ns() -> u64 {
 }
 
 impl Host {
+    /// Everything before the point of no return: LUO freezes and serializes its sessions, then
+    /// KHO finalizes. On failure nothing stays frozen or written.
+    pub fn prepare_handover(&mut self) -> Result<(Option<LuoHandover>, Handover), KexecError> {
+        let luo = self.luo_serialize()?;
+        match self
+            .kho
+            .finalize(&mut self.mm, &super::release(), self.info.kexec_count + 1)
+        {
+            Ok(h) => Ok((luo, h)),
+            Err(e) => {
+                if let Some(l) = luo {
+                    self.luo_abandon(l);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The kexec did not happen: undo [`Host::prepare_handover`].
+    pub fn abandon_handover(&mut self, luo: Option<LuoHandover>, h: Handover) {
+        self.kho.abandon(&mut self.mm, h);
+        if let Some(l) = luo {
+            self.luo_abandon(l);
+        }
+    }
+
     /// The command line of the next image: this image's parameters plus the handover.
     fn next_cmdline(&self, h: &Handover, start_ns: u64) -> Vec<String> {
         let p = &self.params;
@@ -87,9 +115,7 @@ impl Host {
     /// failure, with the host intact.
     pub fn kexec(&mut self, req: KexecRequest) -> Result<Infallible, KexecError> {
         let start_ns = monotonic_ns();
-        let h = self
-            .kho
-            .finalize(&mut self.mm, &super::release(), self.info.kexec_count + 1)?;
+        let (luo, h) = self.prepare_handover()?;
         let image = req
             .next_image
             .or_else(|| self.params.next_image.clone())
@@ -135,7 +161,7 @@ impl Host {
         // Still here: the exec failed. Put the RAM fd back to close-on-exec and undo.
         // SAFETY: plain fcntl on an fd this process owns.
         unsafe { libc::fcntl(ram_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-        self.kho.abandon(&mut self.mm, h);
+        self.abandon_handover(luo, h);
         Err(KexecError::Exec {
             path: image.display().to_string(),
             err,
@@ -159,17 +185,14 @@ impl Host {
     /// over, exactly as after `execve`.
     pub fn kexec_in_process(mut self) -> Result<Host, InProcessKexecError> {
         let start_ns = monotonic_ns();
-        let h = match self
-            .kho
-            .finalize(&mut self.mm, &super::release(), self.info.kexec_count + 1)
-        {
-            Ok(h) => h,
-            Err(e) => return Err(InProcessKexecError::Refused(Box::new(self), e.into())),
+        let (luo, h) = match self.prepare_handover() {
+            Ok(v) => v,
+            Err(e) => return Err(InProcessKexecError::Refused(Box::new(self), e)),
         };
         let fd = match rustix::io::fcntl_dupfd_cloexec(self.mm.ram.fd(), 3) {
             Ok(fd) => fd,
             Err(e) => {
-                self.kho.abandon(&mut self.mm, h);
+                self.abandon_handover(luo, h);
                 let err = KexecError::Exec {
                     path: "(in-process)".into(),
                     err: e.into(),

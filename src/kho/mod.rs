@@ -340,8 +340,10 @@ mod tests {
     use crate::mm::PhysRead;
 
     fn host() -> Host {
+        // LUO off: these tests account for KHO's own memory only.
         Host::boot(BootParams {
             ram_size: 256 << 20,
+            liveupdate: false,
             ..Default::default()
         })
         .unwrap()

@@ -3,10 +3,14 @@
 
 pub mod bitmap;
 pub mod buddy;
+pub mod mapping;
+pub mod page_cache;
 pub mod ram;
 
 pub use bitmap::Bitmap;
 pub use buddy::{FrameAllocator, FrameStats, Zone};
+pub use mapping::VaWindow;
+pub use page_cache::PageCache;
 pub use ram::{PhysRead, Ram};
 
 pub const PAGE_SHIFT: u32 = 12;

@@ -1,0 +1,206 @@
+//! memfd: an anonymous shmem file with seals. Pages are order-0 folios in RAM, allocated on
+//! first write or fault; holes read as zeros.
+
+use crate::mm::{Mm, PageCache, PhysRead, PAGE_SIZE};
+use crate::uapi::{Errno, SysResult};
+
+pub const F_SEAL_SEAL: u32 = 0x0001;
+pub const F_SEAL_SHRINK: u32 = 0x0002;
+pub const F_SEAL_GROW: u32 = 0x0004;
+pub const F_SEAL_WRITE: u32 = 0x0008;
+pub const F_SEAL_FUTURE_WRITE: u32 = 0x0010;
+pub const F_SEAL_EXEC: u32 = 0x0020;
+pub const ALL_SEALS: u32 =
+    F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_FUTURE_WRITE | F_SEAL_EXEC;
+
+pub const MFD_CLOEXEC: u32 = 0x0001;
+pub const MFD_ALLOW_SEALING: u32 = 0x0002;
+pub const MFD_HUGETLB: u32 = 0x0004;
+
+/// Largest memfd we allow (the page cache is dense): 1 TiB.
+pub const MAX_SIZE: u64 = 1 << 40;
+
+/// Newly allocated page indexes, and the index range a hole punch removed.
+pub type FallocateResult = (Vec<u64>, Option<(u64, u64)>);
+
+#[derive(Debug, Default)]
+pub struct Memfd {
+    pub name: String,
+    pub size: u64,
+    pub pages: PageCache,
+    pub seals: u32,
+    pub hugetlb: bool,
+    /// Preserved by LUO: size is frozen and holes cannot be punched (upstream
+    /// `SHMEM_F_MAPPING_FROZEN`: like GROW|SHRINK seals plus no punching, but removable).
+    pub frozen: bool,
+    /// Writable shared mappings (F_SEAL_WRITE cannot be added while any exist).
+    pub writable_maps: u32,
+}
+
+fn npages(size: u64) -> u64 {
+    size.div_ceil(PAGE_SIZE)
+}
+
+impl Memfd {
+    pub fn new(name: &str, flags: u32) -> Self {
+        Self {
+            name: name.to_string(),
+            seals: if flags & MFD_ALLOW_SEALING != 0 {
+                0
+            } else {
+                F_SEAL_SEAL
+            },
+            hugetlb: flags & MFD_HUGETLB != 0,
+            ..Default::default()
+        }
+    }
+
+    /// Change the size. Returns the index range whose pages were dropped (to unmap).
+    pub fn truncate(&mut self, mm: &mut Mm, size: u64) -> SysResult<Option<(u64, u64)>> {
+        if size > MAX_SIZE {
+            return Err(Errno::EFBIG);
+        }
+        if self.frozen && size != self.size {
+            return Err(Errno::EPERM);
+        }
+        if (size < self.size && self.seals & F_SEAL_SHRINK != 0)
+            || (size > self.size && self.seals & F_SEAL_GROW != 0)
+        {
+            return Err(Errno::EPERM);
+        }
+        let old_pages = self.pages.nr_slots();
+        // Zero the tail of a partial last page so a later grow reads zeros.
+        if size < self.size && size % PAGE_SIZE != 0 {
+            if let Some(pa) = self.pages.pa(size / PAGE_SIZE) {
+                let off = size % PAGE_SIZE;
+                mm.ram.fill(pa + off, PAGE_SIZE - off, 0)?;
+            }
+        }
+        let mut dropped = self.pages.resize(npages(size));
+        mm.free_many(&mut dropped)?;
+        self.size = size;
+        let new_pages = npages(size);
+        Ok((new_pages < old_pages).then_some((new_pages, old_pages)))
+    }
+
+    pub fn read_at(&self, mm: &Mm, pos: u64, buf: &mut [u8]) -> SysResult<usize> {
+        if pos >= self.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.size - pos) as usize;
+        let mut done = 0;
+        while done < n {
+            let p = pos + done as u64;
+            let (idx, off) = (p / PAGE_SIZE, p % PAGE_SIZE);
+            let len = ((PAGE_SIZE - off) as usize).min(n - done);
+            match self.pages.pa(idx) {
+                Some(pa) => mm.ram.read_phys(pa + off, &mut buf[done..done + len])?,
+                None => buf[done..done + len].fill(0),
+            }
+            done += len;
+        }
+        Ok(n)
+    }
+
+    /// Write at `pos`, growing the file if needed. Returns the indexes of newly allocated pages
+    /// (to map into existing mappings).
+    pub fn write_at(&mut self, mm: &mut Mm, pos: u64, data: &[u8]) -> SysResult<Vec<u64>> {
+        if self.seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE) != 0 {
+            return Err(Errno::EPERM);
+        }
+        let end = pos.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
+        if end > self.size {
+            if self.frozen || self.seals & F_SEAL_GROW != 0 {
+                return Err(Errno::EPERM);
+            }
+            self.truncate(mm, end)?;
+        }
+        let mut new = Vec::new();
+        let mut done = 0usize;
+        while done < data.len() {
+            let p = pos + done as u64;
+            let (idx, off) = (p / PAGE_SIZE, p % PAGE_SIZE);
+            let len = ((PAGE_SIZE - off) as usize).min(data.len() - done);
+            if self.pages.get(idx).is_none() {
+                new.push(idx);
+            }
+            let pfn = self.pages.fault_in(mm, idx)?;
+            mm.ram
+                .write_phys(pfn * PAGE_SIZE + off, &data[done..done + len])?;
+            done += len;
+        }
+        Ok(new)
+    }
+
+    pub fn add_seals(&mut self, seals: u32) -> SysResult<()> {
+        if seals & !ALL_SEALS != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if self.seals & F_SEAL_SEAL != 0 {
+            return Err(Errno::EPERM);
+        }
+        if seals & F_SEAL_WRITE != 0 && self.writable_maps > 0 {
+            return Err(Errno::EBUSY);
+        }
+        self.seals |= seals;
+        Ok(())
+    }
+
+    /// fallocate: allocate (possibly growing) or punch a hole. Returns (newly allocated page
+    /// indexes, punched index range).
+    pub fn fallocate(
+        &mut self,
+        mm: &mut Mm,
+        mode: i32,
+        off: u64,
+        len: u64,
+    ) -> SysResult<FallocateResult> {
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if len == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let end = off.checked_add(len).ok_or(Errno::EFBIG)?;
+        if punch {
+            if !keep {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            if self.frozen || self.seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE) != 0 {
+                return Err(Errno::EPERM);
+            }
+            // Whole pages go; partial pages at the edges are zeroed.
+            let first = off.div_ceil(PAGE_SIZE);
+            let last = (end / PAGE_SIZE).min(self.pages.nr_slots());
+            for (a, b) in [
+                (off, (first * PAGE_SIZE).min(end)),
+                ((last * PAGE_SIZE).max(off), end.min(self.size)),
+            ] {
+                if a < b {
+                    if let Some(pa) = self.pages.pa(a / PAGE_SIZE) {
+                        mm.ram.fill(pa + a % PAGE_SIZE, b - a, 0)?;
+                    }
+                }
+            }
+            let mut gone = self.pages.take_range(first, last);
+            mm.free_many(&mut gone)?;
+            return Ok((vec![], (first < last).then_some((first, last))));
+        }
+        if !keep && end > self.size {
+            if self.frozen || self.seals & F_SEAL_GROW != 0 {
+                return Err(Errno::EPERM);
+            }
+            self.truncate(mm, end)?;
+        }
+        let mut new = Vec::new();
+        for idx in off / PAGE_SIZE..npages(end).min(self.pages.nr_slots()) {
+            if self.pages.get(idx).is_none() {
+                self.pages.fault_in(mm, idx)?;
+                new.push(idx);
+            }
+        }
+        Ok((new, None))
+    }
+}

@@ -1,0 +1,283 @@
+//! mmap of files into a process. A mapping is a [`VaWindow`] whose present pages map the file's
+//! RAM frames; user accesses through [`Host::user_read`]/[`Host::user_write`] fault missing pages
+//! in (or fail with EFAULT, our SIGBUS), and raw pointers into the window are valid for pages
+//! that are present (KVM memslots use them).
+
+use crate::fs::{FileId, FileKind};
+use crate::host::Host;
+use crate::mm::{VaWindow, PAGE_SIZE};
+
+use super::{Errno, Pid, SysResult};
+
+pub type MapId = u64;
+
+pub struct Mapping {
+    pub pid: Pid,
+    pub file: FileId,
+    /// File page index of the window's first page.
+    pub pgoff: u64,
+    pub writable: bool,
+    pub window: VaWindow,
+}
+
+/// What mmap returns to user space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserMapping {
+    pub id: MapId,
+    pub addr: usize,
+    pub len: u64,
+}
+
+impl UserMapping {
+    pub fn ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+}
+
+impl Host {
+    pub fn mmap(
+        &mut self,
+        pid: Pid,
+        fd: i32,
+        len: u64,
+        prot: i32,
+        flags: i32,
+        off: u64,
+    ) -> SysResult<UserMapping> {
+        let file = self.fd_file(pid, fd)?;
+        if len == 0 || off % PAGE_SIZE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let writable = prot & libc::PROT_WRITE != 0;
+        match self.files.kind_mut(file) {
+            Some(FileKind::Memfd(m)) => {
+                if flags & libc::MAP_SHARED == 0 {
+                    return Err(Errno::EINVAL);
+                }
+                if writable
+                    && m.seals
+                        & (crate::fs::memfd::F_SEAL_WRITE | crate::fs::memfd::F_SEAL_FUTURE_WRITE)
+                        != 0
+                {
+                    return Err(Errno::EPERM);
+                }
+                if writable {
+                    m.writable_maps += 1;
+                }
+            }
+            Some(_) => return Err(Errno::ENODEV),
+            None => return Err(Errno::EBADF),
+        }
+        let len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        let window = VaWindow::reserve(len).map_err(Errno::from)?;
+        self.fget(file);
+        self.next_map += 1;
+        let id = self.next_map;
+        let addr = window.base() as usize;
+        self.maps.insert(
+            id,
+            Mapping {
+                pid,
+                file,
+                pgoff: off / PAGE_SIZE,
+                writable,
+                window,
+            },
+        );
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.maps.push(id);
+        }
+        self.map_present(id);
+        Ok(UserMapping { id, addr, len })
+    }
+
+    pub fn munmap(&mut self, pid: Pid, m: UserMapping) -> SysResult<()> {
+        let p = self.procs.get_mut(&pid).ok_or(Errno::EINVAL)?;
+        let i = p
+            .maps
+            .iter()
+            .position(|&x| x == m.id)
+            .ok_or(Errno::EINVAL)?;
+        p.maps.remove(i);
+        self.unmap_id(m.id);
+        Ok(())
+    }
+
+    pub(crate) fn unmap_id(&mut self, id: MapId) {
+        let Some(m) = self.maps.remove(&id) else {
+            return;
+        };
+        if m.writable {
+            if let Some(FileKind::Memfd(f)) = self.files.kind_mut(m.file) {
+                f.writable_maps = f.writable_maps.saturating_sub(1);
+            }
+        }
+        drop(m.window);
+        self.fput(m.file);
+    }
+
+    /// Physical address of page `index` of `file`, if present.
+    pub(crate) fn file_page(&self, file: FileId, index: u64) -> Option<u64> {
+        match self.files.kind(file)? {
+            FileKind::Memfd(m) => m.pages.pa(index),
+            _ => None,
+        }
+    }
+
+    fn file_pages(&self, file: FileId) -> u64 {
+        match self.files.kind(file) {
+            Some(FileKind::Memfd(m)) => m.pages.nr_slots(),
+            _ => 0,
+        }
+    }
+
+    /// Map every present page of the file into mapping `id`, one mmap per contiguous run.
+    fn map_present(&mut self, id: MapId) {
+        let Some(m) = self.maps.get(&id) else { return };
+        let n = (m.window.len() / PAGE_SIZE).min(self.file_pages(m.file).saturating_sub(m.pgoff));
+        let mut i = 0;
+        while i < n {
+            let Some(pa) = self.file_page(m.file, m.pgoff + i) else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < n && self.file_page(m.file, m.pgoff + j) == Some(pa + (j - i) * PAGE_SIZE) {
+                j += 1;
+            }
+            if let Err(e) = m.window.map(
+                &self.mm.ram,
+                i * PAGE_SIZE,
+                pa,
+                (j - i) * PAGE_SIZE,
+                m.writable,
+            ) {
+                tracing::warn!("mmap: cannot map pages: {e}");
+            }
+            i = j;
+        }
+    }
+
+    /// New pages at `indexes` of `file` appear in every mapping of it.
+    pub(crate) fn map_file_pages(&mut self, file: FileId, indexes: &[u64]) {
+        if indexes.is_empty() {
+            return;
+        }
+        for m in self.maps.values().filter(|m| m.file == file) {
+            let n = m.window.len() / PAGE_SIZE;
+            for &idx in indexes {
+                if idx >= m.pgoff && idx - m.pgoff < n {
+                    if let Some(pa) = self.file_page(file, idx) {
+                        let _ = m.window.map(
+                            &self.mm.ram,
+                            (idx - m.pgoff) * PAGE_SIZE,
+                            pa,
+                            PAGE_SIZE,
+                            m.writable,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Pages `a..b` of `file` left it: unmap them everywhere.
+    pub(crate) fn unmap_file_pages(&mut self, file: FileId, a: u64, b: u64) {
+        for m in self.maps.values().filter(|m| m.file == file) {
+            let n = m.window.len() / PAGE_SIZE;
+            let lo = a.max(m.pgoff);
+            let hi = b.min(m.pgoff + n);
+            if lo < hi {
+                let _ = m
+                    .window
+                    .unmap((lo - m.pgoff) * PAGE_SIZE, (hi - lo) * PAGE_SIZE);
+            }
+        }
+    }
+
+    fn find_map(&self, pid: Pid, addr: usize) -> SysResult<MapId> {
+        let p = self.procs.get(&pid).ok_or(Errno::EINVAL)?;
+        p.maps
+            .iter()
+            .copied()
+            .find(|id| {
+                self.maps.get(id).is_some_and(|m| {
+                    let b = m.window.base() as usize;
+                    addr >= b && addr < b + m.window.len() as usize
+                })
+            })
+            .ok_or(Errno::EFAULT)
+    }
+
+    /// A user access to page `index` of the file behind mapping `id`: the page's physical
+    /// address, faulting it in if the file allows. EFAULT plays SIGBUS.
+    fn fault(&mut self, id: MapId, index: u64, write: bool) -> SysResult<u64> {
+        let (file, writable) = {
+            let m = self.maps.get(&id).ok_or(Errno::EFAULT)?;
+            (m.file, m.writable)
+        };
+        if write && !writable {
+            return Err(Errno::EFAULT);
+        }
+        if let Some(pa) = self.file_page(file, index) {
+            return Ok(pa);
+        }
+        let pa = match self.files.kind_mut(file) {
+            Some(FileKind::Memfd(m)) => {
+                if index >= m.size.div_ceil(PAGE_SIZE) {
+                    return Err(Errno::EFAULT);
+                }
+                m.pages
+                    .fault_in(&mut self.mm, index)
+                    .map_err(|_| Errno::EFAULT)?
+                    * PAGE_SIZE
+            }
+            _ => return Err(Errno::EFAULT),
+        };
+        self.map_file_pages(file, &[index]);
+        Ok(pa)
+    }
+
+    fn user_access(
+        &mut self,
+        pid: Pid,
+        addr: usize,
+        len: usize,
+        write: bool,
+        mut f: impl FnMut(&Host, u64, usize, usize) -> SysResult<()>,
+    ) -> SysResult<()> {
+        let mut done = 0usize;
+        while done < len {
+            let a = addr + done;
+            let id = self.find_map(pid, a)?;
+            let (base, pgoff) = {
+                let m = &self.maps[&id];
+                (m.window.base() as usize, m.pgoff)
+            };
+            let off = (a - base) as u64;
+            let pa = self.fault(id, pgoff + off / PAGE_SIZE, write)?;
+            let in_page = (off % PAGE_SIZE) as usize;
+            let n = (PAGE_SIZE as usize - in_page).min(len - done);
+            f(self, pa + in_page as u64, done, n)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Read user memory at `addr` (an address inside one of the process's mappings).
+    pub fn user_read(&mut self, pid: Pid, addr: usize, buf: &mut [u8]) -> SysResult<()> {
+        let len = buf.len();
+        self.user_access(pid, addr, len, false, |h, pa, at, n| {
+            crate::mm::PhysRead::read_phys(&h.mm.ram, pa, &mut buf[at..at + n]).map_err(Errno::from)
+        })
+    }
+
+    /// Write user memory at `addr`.
+    pub fn user_write(&mut self, pid: Pid, addr: usize, data: &[u8]) -> SysResult<()> {
+        self.user_access(pid, addr, data.len(), true, |h, pa, at, n| {
+            h.mm.ram
+                .write_phys(pa, &data[at..at + n])
+                .map_err(Errno::from)
+        })
+    }
+}

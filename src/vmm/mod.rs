@@ -1,0 +1,2 @@
+pub mod guest;
+pub mod libluo;
