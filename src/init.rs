@@ -39,6 +39,9 @@ pub fn run(host: &mut Host) -> InitOutcome {
         return InitOutcome::Halt(0);
     };
     let args = parse_args(&host.params.init_args);
+    if let Some(o) = crate::vmm::selftests::run(host, &name) {
+        return o;
+    }
     match name.as_str() {
         "kho-test" => kho_test(host, &args),
         other => {

@@ -77,8 +77,8 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
 
 pub fn run(a: BootArgs) -> Result<ExitCode, String> {
     if a.init.as_deref() == Some("list") {
-        for (name, what) in init::PROGRAMS {
-            println!("{name:16} {what}");
+        for (name, what) in init::PROGRAMS.iter().chain(crate::vmm::selftests::PROGRAMS) {
+            println!("{name:20} {what}");
         }
         return Ok(ExitCode::SUCCESS);
     }

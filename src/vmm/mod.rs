@@ -1,2 +1,3 @@
 pub mod guest;
 pub mod libluo;
+pub mod selftests;

@@ -1,0 +1,69 @@
+//! Upstream's LUO kexec selftests through a real kexec (`execve`) of the host image, plus a
+//! freeze failure that refuses the kexec. Every stage 2 checks every byte of every memfd page,
+//! finishes every session, and exits; afterwards only the new tracker root is in use.
+
+mod common;
+
+use common::boot;
+
+fn two_stages(program: &str) -> common::Run {
+    let r = boot(program, "512M", program, &[], &[]);
+    assert_eq!(r.code, 0, "{program}: stderr:\n{}", r.stderr);
+    let s1 = r.one("stage1-done");
+    assert_eq!(s1["kexec_count"], 0);
+    let s2 = r.one("stage2-ok");
+    assert_eq!(s2["kexec_count"], 1);
+    assert!(r.stderr.contains("exec from: handover"), "{}", r.stderr);
+    let done = r.one("stage2-exited");
+    assert_eq!(done["luo"], serde_json::json!([0, 0, 0]), "no session left");
+    assert_eq!(
+        done["status"]["incoming_outstanding"], 0,
+        "every handed-over page was claimed"
+    );
+    assert_eq!(
+        done["status"]["frames"]["used"], 1,
+        "no leaked frames: only the tracker root is in use"
+    );
+    r
+}
+
+#[test]
+fn luo_kexec_simple() {
+    let r = two_stages("luo-kexec-simple");
+    assert_eq!(r.one("stage2-ok")["detail"]["verified_files"], 1);
+}
+
+#[test]
+fn luo_multi_session() {
+    let r = two_stages("luo-multi-session");
+    let d = &r.one("stage2-ok")["detail"];
+    assert_eq!(d["verified_files"], 3);
+    assert_eq!(d["sessions"], 4);
+}
+
+#[test]
+fn luo_stress_sessions() {
+    let r = two_stages("luo-stress-sessions");
+    assert_eq!(r.one("stage2-ok")["detail"]["sessions"], 2000);
+}
+
+#[test]
+fn luo_stress_files() {
+    let r = two_stages("luo-stress-files");
+    assert_eq!(r.one("stage2-ok")["detail"]["verified_files"], 500);
+}
+
+#[test]
+fn failing_freeze_refuses_the_kexec_and_a_second_kexec_succeeds() {
+    let r = two_stages("luo-freeze-fail");
+    let d = &r.one("stage1-done")["detail"];
+    assert_eq!(d["errno"], libc::EAGAIN);
+    assert!(
+        d["refused"]
+            .as_str()
+            .unwrap()
+            .contains("freeze of token 0x2 in session \"bad\""),
+        "{d}"
+    );
+    assert_eq!(r.one("stage2-ok")["detail"]["verified_files"], 1);
+}
