@@ -22,6 +22,11 @@ pub struct Host {
     pub(crate) next_pid: Pid,
     pub(crate) next_map: MapId,
     pub(crate) luo_incoming: Option<crate::luo::serialize::IncomingHeader>,
+    /// The machine's /dev/kvm, opened on first use.
+    pub(crate) kvm: Option<std::sync::Arc<kvm_ioctls::Kvm>>,
+    pub(crate) next_vm_id: u64,
+    /// Sequence for the names of retrieved VMs.
+    pub(crate) restored_vms: u64,
     pub params: BootParams,
     pub info: BootInfo,
     /// Test hook: damage the handover this way right before the next kexec.

@@ -11,6 +11,7 @@ pub mod host;
 pub mod init;
 pub mod kexec;
 pub mod kho;
+pub mod kvm;
 pub mod luo;
 pub mod mm;
 pub mod uapi;

@@ -2,6 +2,7 @@
 //! strings and sizes. No logic beyond encoding helpers.
 
 pub mod kho;
+pub mod kvm;
 pub mod luo;
 
 /// Copy a NUL-padded fixed-size string field into a `String`, failing on a missing NUL or

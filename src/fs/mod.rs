@@ -19,6 +19,14 @@ pub enum FileKind {
     /// A LUO session fd.
     Session(crate::luo::SessionId),
     Memfd(Memfd),
+    /// `/dev/kvm`.
+    Kvm,
+    /// A KVM VM.
+    Vm(crate::kvm::VmFile),
+    /// A KVM vCPU.
+    Vcpu(crate::kvm::VcpuFile),
+    /// A guest_memfd.
+    GuestMemfd(crate::kvm::GuestMemfd),
     /// A file kind for tests of the LUO core (its handler can be told to fail).
     Test(TestFile),
 }
@@ -40,6 +48,10 @@ impl FileKind {
             FileKind::Liveupdate => "liveupdate",
             FileKind::Session(_) => "[luo_session]",
             FileKind::Memfd(_) => "memfd",
+            FileKind::Kvm => "kvm",
+            FileKind::Vm(_) => "kvm-vm",
+            FileKind::Vcpu(_) => "kvm-vcpu",
+            FileKind::GuestMemfd(_) => "[kvm-gmem]",
             FileKind::Test(_) => "test",
         }
     }

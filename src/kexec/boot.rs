@@ -136,6 +136,9 @@ impl Host {
             next_pid: 0,
             next_map: 0,
             luo_incoming: None,
+            kvm: None,
+            next_vm_id: 0,
+            restored_vms: 0,
             params,
             info,
             corrupt_handover: None,
@@ -156,6 +159,8 @@ impl Host {
         let hs: Vec<std::sync::Arc<dyn crate::luo::FileHandler>> = vec![
             std::sync::Arc::new(crate::fs::memfd_luo::MemfdHandler),
             std::sync::Arc::new(crate::luo::test_handler::TestHandler),
+            std::sync::Arc::new(crate::kvm::vm_luo::VmHandler),
+            std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler),
         ];
         for h in hs {
             if let Err(e) = self.luo.register(h) {

@@ -50,6 +50,14 @@ impl Host {
         }
         let writable = prot & libc::PROT_WRITE != 0;
         match self.files.kind_mut(file) {
+            Some(FileKind::GuestMemfd(g)) => {
+                if g.flags & crate::abi::kvm::GUEST_MEMFD_FLAG_MMAP == 0 {
+                    return Err(Errno::ENODEV);
+                }
+                if flags & libc::MAP_SHARED == 0 {
+                    return Err(Errno::EINVAL);
+                }
+            }
             Some(FileKind::Memfd(m)) => {
                 if flags & libc::MAP_SHARED == 0 {
                     return Err(Errno::EINVAL);
@@ -120,6 +128,7 @@ impl Host {
     pub(crate) fn file_page(&self, file: FileId, index: u64) -> Option<u64> {
         match self.files.kind(file)? {
             FileKind::Memfd(m) => m.pages.pa(index),
+            FileKind::GuestMemfd(g) => g.pages.pa(index),
             _ => None,
         }
     }
@@ -127,12 +136,13 @@ impl Host {
     fn file_pages(&self, file: FileId) -> u64 {
         match self.files.kind(file) {
             Some(FileKind::Memfd(m)) => m.pages.nr_slots(),
+            Some(FileKind::GuestMemfd(g)) => g.pages.nr_slots(),
             _ => 0,
         }
     }
 
     /// Map every present page of the file into mapping `id`, one mmap per contiguous run.
-    fn map_present(&mut self, id: MapId) {
+    pub(crate) fn map_present(&mut self, id: MapId) {
         let Some(m) = self.maps.get(&id) else { return };
         let n = (m.window.len() / PAGE_SIZE).min(self.file_pages(m.file).saturating_sub(m.pgoff));
         let mut i = 0;
@@ -223,6 +233,11 @@ impl Host {
             return Ok(pa);
         }
         let pa = match self.files.kind_mut(file) {
+            Some(FileKind::GuestMemfd(_)) => {
+                return self
+                    .gmem_fault(file, index, true)
+                    .map_err(|_| Errno::EFAULT)
+            }
             Some(FileKind::Memfd(m)) => {
                 if index >= m.size.div_ceil(PAGE_SIZE) {
                     return Err(Errno::EFAULT);

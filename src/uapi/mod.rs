@@ -94,7 +94,9 @@ impl Host {
                     tracing::warn!("memfd release: {e}");
                 }
             }
-            FileKind::Null | FileKind::Test(_) => {}
+            FileKind::Vm(v) => self.kvm_vm_release(v),
+            FileKind::GuestMemfd(g) => self.gmem_release(g),
+            FileKind::Null | FileKind::Test(_) | FileKind::Kvm | FileKind::Vcpu(_) => {}
         }
     }
 
@@ -103,6 +105,10 @@ impl Host {
         let file = match path {
             "/dev/null" => self.files.install(FileKind::Null),
             "/dev/liveupdate" => self.luo_open()?,
+            "/dev/kvm" => {
+                self.real_kvm().map_err(|_| Errno::ENOENT)?;
+                self.files.install(FileKind::Kvm)
+            }
             "/dev/liveupdate-test" if self.luo.enabled => {
                 self.files.install(FileKind::Test(Default::default()))
             }
@@ -138,6 +144,8 @@ impl Host {
                 let sid = *sid;
                 self.luo_session_ioctl(pid, sid, cmd, arg)
             }
+            Some(FileKind::Kvm) => self.kvm_dev_ioctl(pid, cmd, arg),
+            Some(FileKind::Vm(_)) => self.kvm_vm_ioctl(pid, f, cmd, arg),
             Some(_) => Err(Errno::ENOTTY),
             None => Err(Errno::EBADF),
         }
@@ -247,6 +255,7 @@ impl Host {
         let f = self.fd_file(pid, fd)?;
         let (new, punched) = match self.files.kind_mut(f) {
             Some(FileKind::Memfd(m)) => m.fallocate(&mut self.mm, mode, off, len)?,
+            Some(FileKind::GuestMemfd(_)) => return self.gmem_fallocate(f, mode, off, len),
             _ => return Err(Errno::ENODEV),
         };
         if let Some((a, b)) = punched {

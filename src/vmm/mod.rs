@@ -1,3 +1,4 @@
 pub mod guest;
+pub mod libkvm;
 pub mod libluo;
 pub mod selftests;

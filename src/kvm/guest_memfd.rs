@@ -1,0 +1,206 @@
+//! guest_memfd as the 6.18 kernel has it (shared, PAGE_SIZE folios), plus the RFC's freeze:
+//! while frozen, every fallocate fails with EPERM and any fault that would allocate fails;
+//! folios already present stay readable and writable.
+
+use std::sync::Arc;
+
+use crate::abi::kvm::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use crate::fs::{FileId, FileKind};
+use crate::host::Host;
+use crate::mm::{PageCache, VaWindow, PAGE_SIZE};
+use crate::uapi::{Errno, MapId, Mapping, SysResult};
+
+use super::vm::VmInner;
+
+/// Largest guest_memfd (the page cache is dense: 8 bytes per page).
+pub const MAX_SIZE: u64 = 1 << 40;
+
+pub struct GuestMemfd {
+    /// The VM it was created on (a reference, as guest_memfd holds `struct kvm`).
+    pub vm: Arc<VmInner>,
+    /// The VM's file, if still open (upstream's weak `kvm->vm_file`).
+    pub vm_file: FileId,
+    pub size: u64,
+    pub flags: u64,
+    pub pages: PageCache,
+    pub frozen: bool,
+    /// Our mapping of the whole file, which memslots point at.
+    pub kernel_map: Option<MapId>,
+}
+
+impl GuestMemfd {
+    pub fn init_shared(&self) -> bool {
+        self.flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0
+    }
+}
+
+impl Host {
+    pub fn gmem_supported_flags(&self) -> u64 {
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+    }
+
+    /// `KVM_CREATE_GUEST_MEMFD` on `vm`.
+    pub fn gmem_create(&mut self, vm: FileId, size: u64, flags: u64) -> SysResult<FileId> {
+        let inner = self.vm_inner(vm)?;
+        if flags & !self.gmem_supported_flags() != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if size == 0 || size % PAGE_SIZE != 0 || size > MAX_SIZE {
+            return Err(Errno::EINVAL);
+        }
+        Ok(self.files.install(FileKind::GuestMemfd(GuestMemfd {
+            vm: inner,
+            vm_file: vm,
+            size,
+            flags,
+            pages: PageCache::with_pages(size / PAGE_SIZE),
+            frozen: false,
+            kernel_map: None,
+        })))
+    }
+
+    pub(crate) fn gmem(&mut self, file: FileId) -> SysResult<&mut GuestMemfd> {
+        match self.files.kind_mut(file) {
+            Some(FileKind::GuestMemfd(g)) => Ok(g),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// The mapping of the whole guest_memfd that memslots use (created once, holds a file
+    /// reference like a memslot binding does).
+    pub(crate) fn kernel_map(&mut self, file: FileId) -> SysResult<MapId> {
+        let size = {
+            let g = self.gmem(file)?;
+            if let Some(m) = g.kernel_map {
+                return Ok(m);
+            }
+            g.size
+        };
+        let window = VaWindow::reserve(size).map_err(Errno::from)?;
+        self.fget(file);
+        self.next_map += 1;
+        let id = self.next_map;
+        self.maps.insert(
+            id,
+            Mapping {
+                pid: 0,
+                file,
+                pgoff: 0,
+                writable: true,
+                window,
+            },
+        );
+        self.gmem(file)?.kernel_map = Some(id);
+        self.map_present(id);
+        Ok(id)
+    }
+
+    /// fallocate on a guest_memfd: KEEP_SIZE allocate or PUNCH_HOLE, page aligned, in range.
+    pub(crate) fn gmem_fallocate(
+        &mut self,
+        file: FileId,
+        mode: i32,
+        off: u64,
+        len: u64,
+    ) -> SysResult<()> {
+        let (new, punched) = {
+            let Host { mm, files, .. } = self;
+            let g = match files.kind_mut(file) {
+                Some(FileKind::GuestMemfd(g)) => g,
+                _ => return Err(Errno::EINVAL),
+            };
+            if g.frozen {
+                return Err(Errno::EPERM);
+            }
+            let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+            if mode & libc::FALLOC_FL_KEEP_SIZE == 0
+                || mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) != 0
+            {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            if off % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+                return Err(Errno::EINVAL);
+            }
+            let end = off.checked_add(len).ok_or(Errno::EINVAL)?;
+            if punch {
+                let (a, b) = (off / PAGE_SIZE, (end / PAGE_SIZE).min(g.pages.nr_slots()));
+                let mut gone = if a < b {
+                    g.pages.take_range(a, b)
+                } else {
+                    Vec::new()
+                };
+                mm.free_many(&mut gone)?;
+                (Vec::new(), (a < b).then_some((a, b)))
+            } else {
+                if end > g.size {
+                    return Err(Errno::EINVAL);
+                }
+                let mut new = Vec::new();
+                for idx in off / PAGE_SIZE..end / PAGE_SIZE {
+                    if g.pages.get(idx).is_none() {
+                        g.pages.fault_in(mm, idx)?;
+                        new.push(idx);
+                    }
+                }
+                (new, None)
+            }
+        };
+        if let Some((a, b)) = punched {
+            self.unmap_file_pages(file, a, b);
+        }
+        self.map_file_pages(file, &new);
+        Ok(())
+    }
+
+    /// A fault on page `index`: its physical address, allocating it unless frozen. `host`
+    /// faults (mmap) also need INIT_SHARED; guest faults do not.
+    pub(crate) fn gmem_fault(
+        &mut self,
+        file: FileId,
+        index: u64,
+        host_access: bool,
+    ) -> SysResult<u64> {
+        let pfn = {
+            let Host { mm, files, .. } = self;
+            let g = match files.kind_mut(file) {
+                Some(FileKind::GuestMemfd(g)) => g,
+                _ => return Err(Errno::EFAULT),
+            };
+            if index >= g.size / PAGE_SIZE || (host_access && !g.init_shared()) {
+                return Err(Errno::EFAULT);
+            }
+            if let Some(p) = g.pages.get(index) {
+                return Ok(p * PAGE_SIZE);
+            }
+            if g.frozen {
+                return Err(Errno::EPERM);
+            }
+            g.pages.fault_in(mm, index).map_err(|_| Errno::ENOMEM)?
+        };
+        self.map_file_pages(file, &[index]);
+        Ok(pfn * PAGE_SIZE)
+    }
+
+    /// A guest access to `gpa` of the VM behind `vm` faulted: allocate and map the page, or
+    /// say why not (EPERM while frozen).
+    pub fn gmem_guest_fault(&mut self, vm: FileId, gpa: u64) -> SysResult<()> {
+        let slot = match self.files.kind(vm) {
+            Some(FileKind::Vm(v)) => v
+                .slots
+                .values()
+                .find(|s| gpa >= s.gpa && gpa - s.gpa < s.size)
+                .copied(),
+            _ => None,
+        }
+        .ok_or(Errno::EFAULT)?;
+        let (file, off) = slot.gmem.ok_or(Errno::EFAULT)?;
+        self.gmem_fault(file, (gpa - slot.gpa + off) / PAGE_SIZE, false)?;
+        Ok(())
+    }
+
+    pub(crate) fn gmem_release(&mut self, mut g: GuestMemfd) {
+        if let Err(e) = g.pages.release(&mut self.mm) {
+            tracing::warn!("guest_memfd release: {e}");
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! User-space helpers for the KVM ioctls the host serves (what a VMM's KVM layer does):
+//! argument structs byte for byte, errno results.
+
+use zerocopy::IntoBytes;
+
+use crate::abi::kvm::*;
+use crate::host::Host;
+use crate::uapi::{Pid, SysResult};
+
+pub fn open_kvm(h: &mut Host, pid: Pid) -> SysResult<i32> {
+    h.open(pid, "/dev/kvm", crate::uapi::O_CLOEXEC)
+}
+
+pub fn create_vm(h: &mut Host, pid: Pid, kvm: i32, vm_type: u64) -> SysResult<i32> {
+    let mut a = vm_type.to_ne_bytes();
+    Ok(h.ioctl(pid, kvm, KVM_CREATE_VM, &mut a)? as i32)
+}
+
+pub fn check_extension(h: &mut Host, pid: Pid, fd: i32, cap: u64) -> SysResult<i64> {
+    let mut a = cap.to_ne_bytes();
+    h.ioctl(pid, fd, KVM_CHECK_EXTENSION, &mut a)
+}
+
+pub fn create_guest_memfd(
+    h: &mut Host,
+    pid: Pid,
+    vm: i32,
+    size: u64,
+    flags: u64,
+) -> SysResult<i32> {
+    let mut a = CreateGuestMemfd {
+        size,
+        flags,
+        reserved: [0; 6],
+    };
+    Ok(h.ioctl(pid, vm, KVM_CREATE_GUEST_MEMFD, a.as_mut_bytes())? as i32)
+}
+
+/// A memslot: `size` bytes at `gpa`, backed by a guest_memfd range (`KVM_MEM_GUEST_MEMFD`)
+/// or by `uaddr` in the caller's mappings.
+#[derive(Debug, Clone, Copy)]
+pub struct Region {
+    pub slot: u32,
+    pub gpa: u64,
+    pub size: u64,
+    pub uaddr: u64,
+    /// (guest_memfd fd, offset in it)
+    pub gmem: Option<(i32, u64)>,
+}
+
+pub fn set_memory_region2(h: &mut Host, pid: Pid, vm: i32, r: Region) -> SysResult<()> {
+    let mut r = UserMemoryRegion2 {
+        slot: r.slot,
+        flags: if r.gmem.is_some() {
+            KVM_MEM_GUEST_MEMFD
+        } else {
+            0
+        },
+        guest_phys_addr: r.gpa,
+        memory_size: r.size,
+        userspace_addr: r.uaddr,
+        guest_memfd_offset: r.gmem.map_or(0, |g| g.1),
+        guest_memfd: r.gmem.map_or(0, |g| g.0 as u32),
+        ..Default::default()
+    };
+    h.ioctl(pid, vm, KVM_SET_USER_MEMORY_REGION2, r.as_mut_bytes())?;
+    Ok(())
+}
+
+pub fn create_vcpu(h: &mut Host, pid: Pid, vm: i32, id: u64) -> SysResult<i32> {
+    let mut a = id.to_ne_bytes();
+    Ok(h.ioctl(pid, vm, KVM_CREATE_VCPU, &mut a)? as i32)
+}
+
+/// True if this machine has a usable /dev/kvm. Where it has none, tests skip loudly, unless
+/// `HANDOVER_REQUIRE_KVM=1` (set by CI where /dev/kvm exists), which makes them fail.
+pub fn kvm_available(test: &str) -> bool {
+    match kvm_ioctls::Kvm::new() {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("HANDOVER_REQUIRE_KVM").as_deref() == Ok("1") {
+                panic!("{test}: /dev/kvm is required (HANDOVER_REQUIRE_KVM=1) but cannot be opened: {e}");
+            }
+            eprintln!(
+                "SKIP: {test}: /dev/kvm is not available here ({e}); this KVM test did not run"
+            );
+            false
+        }
+    }
+}
