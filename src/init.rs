@@ -34,15 +34,25 @@ pub const PROGRAMS: &[(&str, &str)] = &[(
     "preserve folios of mixed orders (size=64M), carry them through kexecs=N kexecs, check every byte",
 )];
 
-pub fn run(host: &mut Host) -> InitOutcome {
+/// Run the init program named on the command line. Programs that run guests share the host
+/// with their vCPU threads, so the host is passed by value and handed back.
+pub fn run(mut host: Host) -> (Host, InitOutcome) {
     let Some(name) = host.params.init.clone() else {
-        return InitOutcome::Halt(0);
+        return (host, InitOutcome::Halt(0));
     };
+    if name == crate::vmm::rfc::PROGRAM {
+        return crate::vmm::rfc::run(host);
+    }
+    let o = run_local(&mut host, &name);
+    (host, o)
+}
+
+fn run_local(host: &mut Host, name: &str) -> InitOutcome {
     let args = parse_args(&host.params.init_args);
-    if let Some(o) = crate::vmm::selftests::run(host, &name) {
+    if let Some(o) = crate::vmm::selftests::run(host, name) {
         return o;
     }
-    match name.as_str() {
+    match name {
         "kho-test" => kho_test(host, &args),
         other => {
             tracing::error!("unknown init program {other:?}");

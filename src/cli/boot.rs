@@ -43,6 +43,10 @@ pub struct BootArgs {
     pub kho_scratch: Option<(u64, u64)>,
     #[arg(long, hide = true)]
     pub kexec_start_ns: Option<u64>,
+    #[arg(long, hide = true)]
+    pub exec_ns: Option<u64>,
+    #[arg(long, hide = true)]
+    pub handover_bytes: Option<u64>,
 }
 
 pub fn params(a: BootArgs) -> Result<BootParams, String> {
@@ -71,6 +75,8 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
         report: a.report,
         next_image: a.next_image,
         kexec_start_ns: a.kexec_start_ns,
+        exec_ns: a.exec_ns,
+        prev_handover_bytes: a.handover_bytes,
         dump_handover: a.dump_handover,
     })
 }
@@ -83,8 +89,9 @@ pub fn run(a: BootArgs) -> Result<ExitCode, String> {
         return Ok(ExitCode::SUCCESS);
     }
     let p = params(a)?;
-    let mut host = Host::boot(p).map_err(|e| e.to_string())?;
-    match init::run(&mut host) {
+    let host = Host::boot(p).map_err(|e| e.to_string())?;
+    let (mut host, outcome) = init::run(host);
+    match outcome {
         InitOutcome::Halt(code) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
         InitOutcome::Kexec => {
             let Err(e) = host.kexec(KexecRequest::default());

@@ -28,6 +28,8 @@ pub struct BootInfo {
     pub incoming_pages: u64,
     /// Time from process start of boot to the allocator being online, microseconds.
     pub boot_us: u64,
+    /// CLOCK_MONOTONIC ns when this image started booting.
+    pub boot_start_ns: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,7 @@ pub enum BootError {
 impl Host {
     pub fn boot(params: BootParams) -> Result<Host, BootError> {
         let t0 = Instant::now();
+        let boot_start_ns = super::reboot::monotonic_ns();
         let ram = match params.ram_fd {
             // SAFETY: the previous image passed this fd number for the RAM memfd and nothing
             // else in this process owns it.
@@ -49,7 +52,10 @@ impl Host {
         };
         let nr_frames = ram.nr_frames();
         let cold_scratch = 0..default_scratch_size(ram.size()) / PAGE_SIZE;
-        let mut info = BootInfo::default();
+        let mut info = BootInfo {
+            boot_start_ns,
+            ..Default::default()
+        };
 
         // Scratch: the previous image's range on a KHO boot, else a fresh one.
         let mut frames = None;

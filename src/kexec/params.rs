@@ -26,6 +26,10 @@ pub struct BootParams {
     pub next_image: Option<PathBuf>,
     /// CLOCK_MONOTONIC ns at which the previous image started its reboot path.
     pub kexec_start_ns: Option<u64>,
+    /// CLOCK_MONOTONIC ns right before the previous image's `execve`.
+    pub exec_ns: Option<u64>,
+    /// Handover metadata bytes the previous image wrote.
+    pub prev_handover_bytes: Option<u64>,
     /// Write a dump of the outgoing handover here at each kexec.
     pub dump_handover: Option<PathBuf>,
 }
@@ -42,6 +46,8 @@ impl Default for BootParams {
             report: None,
             next_image: None,
             kexec_start_ns: None,
+            exec_ns: None,
+            prev_handover_bytes: None,
             dump_handover: None,
         }
     }

@@ -88,6 +88,11 @@ impl Host {
             format!("{:#x}:{:#x}", a.scratch_pa, a.scratch_size),
             "--kexec-start-ns".into(),
             start_ns.to_string(),
+            "--handover-bytes".into(),
+            self.kho.handover_bytes().to_string(),
+            // Last: the moment of the execve, as close to it as we can take it.
+            "--exec-ns".into(),
+            monotonic_ns().to_string(),
         ];
         if !p.liveupdate {
             v.push("--liveupdate=off".into());

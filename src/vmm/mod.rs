@@ -1,4 +1,5 @@
 pub mod guest;
 pub mod libkvm;
 pub mod libluo;
+pub mod rfc;
 pub mod selftests;

@@ -1,0 +1,584 @@
+//! The RFC scenario as a VMM would run it, with the VM kept running across the update: a real
+//! guest on /dev/kvm writes `byte[i] = (i ^ 0x5A)` over 5 MiB of a 16 MiB guest_memfd bound at
+//! 4 GiB; the VMM preserves the VM, the guest_memfd and its low memory while the guest runs,
+//! pauses the vCPU, saves its state in a memfd, and the host kexecs; the new image's VMM
+//! retrieves everything (in either order), builds a new VM and vCPU, restores the state and
+//! the same guest program carries on and checks all 5 MiB.
+//!
+//! The guest measures the blackout itself: it keeps reading a clock port (the VMM answers with
+//! CLOCK_MONOTONIC, which survives the kexec) and reports the largest gap between two reads.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::abi::kvm::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use crate::host::Host;
+use crate::init::{parse_args, InitOutcome};
+use crate::kexec::params::parse_size;
+use crate::kexec::reboot::monotonic_ns;
+use crate::kvm::vcpu::{VcpuKicker, VcpuState};
+use crate::kvm::{IoAction, IoEvent, RunExit};
+use crate::uapi::{Errno, Pid, UserMapping};
+
+use super::guest::{self, GuestMode, GuestParams};
+use super::libkvm::{self, Region};
+use super::libluo::*;
+
+pub const PROGRAM: &str = "gmem-rfc";
+
+pub const SESSION: &str = "gmem_vm_preservation_session";
+pub const STATE: &str = "gmem_preservation_state";
+pub const VM_TOKEN: u64 = 0x1001;
+pub const GMEM_TOKEN: u64 = 0x1002;
+pub const LOW_TOKEN: u64 = 0x1003;
+pub const VCPU_TOKEN: u64 = 0x1004;
+pub const STATE_TOKEN: u64 = 0x999;
+pub const GMEM_GPA: u64 = 4 << 30;
+
+/// Scenario options (`--init-arg key=value`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Options {
+    pub guest_mem: u64,
+    pub data: u64,
+    /// Retrieve the guest_memfd before the VM.
+    pub gmem_first: bool,
+    /// Do not preserve the VM file: the kexec must be refused and the guest keep running.
+    pub no_vm: bool,
+    /// In stage 2, retrieve only the guest_memfd and FINISH before retrieving the VM file.
+    pub finish_early: bool,
+    /// fallocate the data range before the guest runs (no demand faults).
+    pub prefault: bool,
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options, String> {
+        let a = parse_args(args);
+        let size = |k: &str, d: u64| a.get(k).map_or(Ok(d), |s| parse_size(s));
+        let flag = |k: &str| {
+            a.get(k)
+                .is_some_and(|v| v.is_empty() || v == "1" || v == "true")
+        };
+        let o = Options {
+            guest_mem: size("guest-mem", 16 << 20)?,
+            data: size("data", 5 << 20)?,
+            gmem_first: a.get("order").is_some_and(|v| v == "gmem-first"),
+            no_vm: flag("no-vm"),
+            finish_early: flag("finish-early"),
+            prefault: flag("prefault"),
+        };
+        if o.data == 0 || o.data > o.guest_mem || o.guest_mem % 4096 != 0 {
+            return Err(format!(
+                "data ({}) must be 1..=guest-mem ({}), guest-mem page aligned",
+                o.data, o.guest_mem
+            ));
+        }
+        Ok(o)
+    }
+}
+
+/// What stage 1 hands to stage 2 in the state memfd.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct StageState {
+    opts: Options,
+    pause_ns: u64,
+    paused_at_ns: u64,
+    preserve_us: f64,
+    pause_us: f64,
+    save_us: f64,
+    preserved_folios: u64,
+}
+
+fn e<T>(what: &'static str) -> impl Fn(T) -> String
+where
+    T: std::fmt::Display,
+{
+    move |err| format!("{what}: {err}")
+}
+
+fn now_us() -> u64 {
+    monotonic_ns() / 1000
+}
+
+/// Shared between the VMM thread and the vCPU thread.
+#[derive(Default)]
+struct GuestIo {
+    proceed: AtomicBool,
+    status: AtomicU64,
+}
+
+fn io_handler(io: &GuestIo, mode: GuestMode) -> impl FnMut(IoEvent<'_>) -> IoAction + '_ {
+    move |ev| match ev {
+        IoEvent::In {
+            port: guest::PORT_CLOCK,
+            data,
+        } => {
+            let v = (now_us() as u32).to_le_bytes();
+            let n = data.len().min(4);
+            data[..n].copy_from_slice(&v[..n]);
+            IoAction::Continue
+        }
+        IoEvent::In {
+            port: guest::PORT_PROCEED,
+            data,
+        } => {
+            let v = (io.proceed.load(Ordering::SeqCst) as u32).to_le_bytes();
+            let n = data.len().min(4);
+            data[..n].copy_from_slice(&v[..n]);
+            IoAction::Continue
+        }
+        IoEvent::Out {
+            port: guest::PORT_STATUS,
+            data,
+        } => {
+            let mut b = [0u8; 4];
+            let n = data.len().min(4);
+            b[..n].copy_from_slice(&data[..n]);
+            let st = u32::from_le_bytes(b) as u64;
+            io.status.store(st, Ordering::SeqCst);
+            if guest::is_final_status(mode, st) {
+                IoAction::Stop
+            } else {
+                IoAction::Continue
+            }
+        }
+        IoEvent::In { data, .. } => {
+            data.fill(0);
+            IoAction::Continue
+        }
+        IoEvent::Out { .. } => IoAction::Continue,
+    }
+}
+
+/// The VM as the VMM sets it up: low memory in a memfd at GPA 0, the guest_memfd at 4 GiB.
+struct Vm {
+    pid: Pid,
+    vm: i32,
+    gmem: i32,
+    low: i32,
+    low_map: UserMapping,
+    vcpu: i32,
+}
+
+fn bind(
+    h: &mut Host,
+    pid: Pid,
+    vm: i32,
+    gmem: i32,
+    low: i32,
+    guest_mem: u64,
+) -> Result<(UserMapping, i32), String> {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let low_map = h
+        .mmap(
+            pid,
+            low,
+            guest::LOW_MEM_SIZE as u64,
+            rw,
+            libc::MAP_SHARED,
+            0,
+        )
+        .map_err(e("mmap low memory"))?;
+    libkvm::set_memory_region2(
+        h,
+        pid,
+        vm,
+        Region {
+            slot: 0,
+            gpa: 0,
+            size: guest::LOW_MEM_SIZE as u64,
+            uaddr: low_map.addr as u64,
+            gmem: None,
+        },
+    )
+    .map_err(e("memslot 0"))?;
+    libkvm::set_memory_region2(
+        h,
+        pid,
+        vm,
+        Region {
+            slot: 1,
+            gpa: GMEM_GPA,
+            size: guest_mem,
+            uaddr: 0,
+            gmem: Some((gmem, 0)),
+        },
+    )
+    .map_err(e("memslot 1 (guest_memfd)"))?;
+    let vcpu = libkvm::create_vcpu(h, pid, vm, 0).map_err(e("create vCPU"))?;
+    Ok((low_map, vcpu))
+}
+
+fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
+    let kvm = libkvm::open_kvm(h, pid).map_err(e("open /dev/kvm"))?;
+    let vm = libkvm::create_vm(h, pid, kvm, 0).map_err(e("KVM_CREATE_VM"))?;
+    let gmem = libkvm::create_guest_memfd(
+        h,
+        pid,
+        vm,
+        o.guest_mem,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+    )
+    .map_err(e("KVM_CREATE_GUEST_MEMFD"))?;
+    if o.prefault {
+        h.fallocate(
+            pid,
+            gmem,
+            libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            o.data.div_ceil(4096) * 4096,
+        )
+        .map_err(e("fallocate"))?;
+    }
+    let low = h.memfd_create(pid, "guest-low", 0).map_err(e("memfd"))?;
+    let mut img = vec![0u8; guest::LOW_MEM_SIZE];
+    let params = GuestParams {
+        data_gpa: GMEM_GPA,
+        data_len: o.data,
+        mode: GuestMode::RunUpdate,
+    };
+    guest::build_image(&mut img, &params).map_err(e("guest image"))?;
+    h.pwrite(pid, low, &img, 0)
+        .map_err(e("write guest image"))?;
+    let (low_map, vcpu) = bind(h, pid, vm, gmem, low, o.guest_mem)?;
+    let kvm_sys = h.real_kvm().map_err(e("kvm"))?;
+    let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
+    let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
+    guest::configure_vcpu(&kvm_sys, &v).map_err(e("configure vCPU"))?;
+    Ok(Vm {
+        pid,
+        vm,
+        gmem,
+        low,
+        low_map,
+        vcpu,
+    })
+}
+
+fn lock(shared: &Mutex<Host>) -> std::sync::MutexGuard<'_, Host> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn read_mailbox(h: &mut Host, vm: &Vm) -> Result<guest::GuestReport, String> {
+    let mut mb = [0u8; guest::MAILBOX_LEN];
+    h.user_read(
+        vm.pid,
+        vm.low_map.addr + guest::MAILBOX_GPA as usize,
+        &mut mb,
+    )
+    .map_err(e("read mailbox"))?;
+    guest::read_report(&mb).map_err(e("mailbox"))
+}
+
+/// Run the guest on its own thread until `stop` says so; returns how the run ended.
+fn spawn_guest(
+    shared: &Arc<Mutex<Host>>,
+    vm: &Vm,
+    io: Arc<GuestIo>,
+    kicker: Arc<VcpuKicker>,
+) -> std::thread::JoinHandle<Result<RunExit, String>> {
+    let (shared, pid, fd) = (shared.clone(), vm.pid, vm.vcpu);
+    std::thread::spawn(move || {
+        let _target = kicker.register_current_thread().map_err(e("kicker"))?;
+        let mut handler = io_handler(&io, GuestMode::RunUpdate);
+        Host::vcpu_run(&shared, pid, fd, &mut handler).map_err(e("KVM_RUN"))
+    })
+}
+
+fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<(), String> {
+    let t = Instant::now();
+    while !cond() {
+        if t.elapsed() > timeout {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
+
+fn stage1(
+    shared: &Arc<Mutex<Host>>,
+    pid: Pid,
+    dev: i32,
+    o: &Options,
+) -> Result<(bool, Value), String> {
+    let vm = setup(&mut lock(shared), pid, o)?;
+    let kicker = {
+        let h = lock(shared);
+        let v = h.vcpu(pid, vm.vcpu).map_err(e("vcpu"))?;
+        let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
+        Arc::new(VcpuKicker::new(&v).map_err(e("kicker"))?)
+    };
+    let io = Arc::new(GuestIo::default());
+    let t_run = Instant::now();
+    let th = spawn_guest(shared, &vm, io.clone(), kicker.clone());
+    wait_for(
+        "the guest to write its data",
+        Duration::from_secs(120),
+        || io.status.load(Ordering::SeqCst) != guest::STATUS_NONE || th.is_finished(),
+    )?;
+    if io.status.load(Ordering::SeqCst) != guest::STATUS_WRITTEN {
+        let r = th.join().map_err(|_| "vCPU thread panicked".to_string())?;
+        return Err(format!(
+            "guest did not write its data: status {}, run {r:?}",
+            io.status.load(Ordering::SeqCst)
+        ));
+    }
+    let write_ms = t_run.elapsed().as_secs_f64() * 1e3;
+
+    // Preserve while the guest keeps running: the guest_memfd freezes here.
+    let t = Instant::now();
+    let (s, folios) = {
+        let mut h = lock(shared);
+        let s = create_session(&mut h, pid, dev, SESSION).map_err(e("create session"))?;
+        preserve_fd(&mut h, pid, s, vm.gmem, GMEM_TOKEN).map_err(e("preserve guest_memfd"))?;
+        if !o.no_vm {
+            preserve_fd(&mut h, pid, s, vm.vm, VM_TOKEN).map_err(e("preserve VM"))?;
+        }
+        preserve_fd(&mut h, pid, s, vm.low, LOW_TOKEN).map_err(e("preserve low memory"))?;
+        let f = h
+            .fd_file(pid, vm.gmem)
+            .ok()
+            .and_then(|f| match h.files.kind(f) {
+                Some(crate::fs::FileKind::GuestMemfd(g)) => Some(g.pages.nr_present()),
+                _ => None,
+            });
+        (s, f.unwrap_or(0))
+    };
+    let preserve_us = t.elapsed().as_secs_f64() * 1e6;
+
+    // Pause: from here to the resume in the next image is the guest's blackout.
+    let pause_ns = monotonic_ns();
+    kicker.kick().map_err(e("kick"))?;
+    let exit = th
+        .join()
+        .map_err(|_| "vCPU thread panicked".to_string())??;
+    if exit != RunExit::Interrupted {
+        return Err(format!("vCPU did not pause: {exit:?}"));
+    }
+    let paused_at_ns = monotonic_ns();
+    let t = Instant::now();
+    let mut h = lock(shared);
+    let state = {
+        let v = h.vcpu(pid, vm.vcpu).map_err(e("vcpu"))?;
+        let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
+        VcpuState::save(&v).map_err(e("save vCPU"))?.to_bytes()
+    };
+    let st = h.memfd_create(pid, "vcpu-state", 0).map_err(e("memfd"))?;
+    h.pwrite(pid, st, &state, 0)
+        .map_err(e("write vCPU state"))?;
+    preserve_fd(&mut h, pid, s, st, VCPU_TOKEN).map_err(e("preserve vCPU state"))?;
+    let save_us = t.elapsed().as_secs_f64() * 1e6;
+
+    let ss = StageState {
+        opts: o.clone(),
+        pause_ns,
+        paused_at_ns,
+        preserve_us,
+        pause_us: (paused_at_ns - pause_ns) as f64 / 1e3,
+        save_us,
+        preserved_folios: folios,
+    };
+    let state_s = create_session(&mut h, pid, dev, STATE).map_err(e("create state session"))?;
+    let m = h.memfd_create(pid, "state", 0).map_err(e("memfd"))?;
+    let text = serde_json::to_vec(&ss).map_err(e("state"))?;
+    h.pwrite(pid, m, &text, 0).map_err(e("write state"))?;
+    preserve_fd(&mut h, pid, state_s, m, STATE_TOKEN).map_err(e("preserve state"))?;
+    drop(h);
+    drop(kicker);
+
+    if o.no_vm {
+        // The kexec must be refused (the guest_memfd's VM is not in the session), and the
+        // guest must carry on.
+        let err = match lock(shared).kexec(crate::kexec::KexecRequest::default()) {
+            Err(err) => err,
+        };
+        io.proceed.store(true, Ordering::SeqCst);
+        let mut handler = io_handler(&io, GuestMode::RunUpdate);
+        let exit = Host::vcpu_run(shared, pid, vm.vcpu, &mut handler).map_err(e("KVM_RUN"))?;
+        let rep = read_mailbox(&mut lock(shared), &vm)?;
+        return Ok((
+            false,
+            json!({
+                "kexec_refused": err.to_string(), "errno": err.errno(), "resumed": format!("{exit:?}"),
+                "guest_status": guest::status_name(rep.status),
+                "verified_bytes": if rep.status == guest::STATUS_VERIFY_OK { o.data } else { 0 },
+            }),
+        ));
+    }
+    Ok((
+        true,
+        json!({ "write_ms": write_ms, "preserve_us": preserve_us, "preserved_folios": folios, "state": ss }),
+    ))
+}
+
+fn stage2(
+    shared: &Arc<Mutex<Host>>,
+    pid: Pid,
+    dev: i32,
+    state_session: i32,
+) -> Result<Value, String> {
+    let t_stage2 = monotonic_ns();
+    let mut h = lock(shared);
+    let m = retrieve_fd(&mut h, pid, state_session, STATE_TOKEN).map_err(e("retrieve state"))?;
+    let text = read_all(&mut h, pid, m, 1 << 16).map_err(e("read state"))?;
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    let ss: StageState = serde_json::from_slice(&text[..end]).map_err(e("state"))?;
+    let o = ss.opts.clone();
+    let s = retrieve_session(&mut h, pid, dev, SESSION).map_err(e("retrieve session"))?;
+    if o.finish_early {
+        // Retrieve the guest_memfd only (the VM comes along inside LUO), then FINISH.
+        let g = retrieve_fd(&mut h, pid, s, GMEM_TOKEN).map_err(e("retrieve guest_memfd"))?;
+        finish(&mut h, pid, s).map_err(e("finish"))?;
+        let vm_after = retrieve_fd(&mut h, pid, s, VM_TOKEN);
+        let map = h
+            .mmap(pid, g, o.guest_mem, libc::PROT_READ, libc::MAP_SHARED, 0)
+            .map_err(e("mmap"))?;
+        let mut buf = vec![0u8; o.data as usize];
+        h.user_read(pid, map.addr, &mut buf)
+            .map_err(e("read guest_memfd"))?;
+        let bad = guest::find_mismatch(&buf, 0);
+        return Ok(json!({
+            "finish_early": true,
+            "vm_after_finish": format!("{:?}", vm_after.err()),
+            "host_verified_bytes": if bad.is_none() { o.data } else { 0 },
+            "first_bad": bad,
+        }));
+    }
+    let (vm, gmem) = if o.gmem_first {
+        let g = retrieve_fd(&mut h, pid, s, GMEM_TOKEN).map_err(e("retrieve guest_memfd"))?;
+        (
+            retrieve_fd(&mut h, pid, s, VM_TOKEN).map_err(e("retrieve VM"))?,
+            g,
+        )
+    } else {
+        let v = retrieve_fd(&mut h, pid, s, VM_TOKEN).map_err(e("retrieve VM"))?;
+        (
+            v,
+            retrieve_fd(&mut h, pid, s, GMEM_TOKEN).map_err(e("retrieve guest_memfd"))?,
+        )
+    };
+    let low = retrieve_fd(&mut h, pid, s, LOW_TOKEN).map_err(e("retrieve low memory"))?;
+    let st = retrieve_fd(&mut h, pid, s, VCPU_TOKEN).map_err(e("retrieve vCPU state"))?;
+    let bytes = read_all(&mut h, pid, st, 1 << 20).map_err(e("read vCPU state"))?;
+    let t_retrieved = monotonic_ns();
+    let state = VcpuState::from_bytes(&bytes).map_err(e("vCPU state"))?;
+    let (low_map, vcpu) = bind(&mut h, pid, vm, gmem, low, o.guest_mem)?;
+    {
+        let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
+        let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
+        state.restore(&v).map_err(e("restore vCPU"))?;
+    }
+    let vmh = Vm {
+        pid,
+        vm,
+        gmem,
+        low,
+        low_map,
+        vcpu,
+    };
+    let vm_name = h
+        .vm_inner(h.fd_file(pid, vm).map_err(e("vm"))?)
+        .map(|i| i.name.clone())
+        .unwrap_or_default();
+    let boot = h.info.clone();
+    let params = h.params.clone();
+    let handover_bytes = params.prev_handover_bytes.unwrap_or(0);
+    drop(h);
+    let t_resume = monotonic_ns();
+    let io = GuestIo::default();
+    io.proceed.store(true, Ordering::SeqCst);
+    let mut handler = io_handler(&io, GuestMode::RunUpdate);
+    let exit = Host::vcpu_run(shared, pid, vcpu, &mut handler).map_err(e("KVM_RUN"))?;
+    let t_done = monotonic_ns();
+    let mut h = lock(shared);
+    let rep = read_mailbox(&mut h, &vmh)?;
+    finish(&mut h, pid, s).map_err(e("finish session"))?;
+    let ok = rep.status == guest::STATUS_VERIFY_OK && exit == RunExit::Stopped;
+    let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
+    let start = params.kexec_start_ns.unwrap_or(ss.paused_at_ns);
+    let exec = params.exec_ns.unwrap_or(start);
+    Ok(json!({
+        "ok": ok,
+        "guest_status": guest::status_name(rep.status),
+        "first_bad": rep.first_bad,
+        "verified_bytes": if ok { o.data } else { 0 },
+        "blackout_us": rep.max_gap_us,
+        "guest_loops": rep.loops,
+        "handover_bytes": handover_bytes,
+        "preserved_folios": ss.preserved_folios,
+        "vm_name": vm_name,
+        "order": if o.gmem_first { "gmem-first" } else { "vm-first" },
+        "phases_us": {
+            "preserve_while_running": ss.preserve_us,
+            "pause": ss.pause_us,
+            "save_state": ss.save_us,
+            "freeze_and_finalize": us(start, exec),
+            "exec": us(exec, boot.boot_start_ns),
+            "boot": boot.boot_us as f64,
+            "retrieve": us(t_stage2, t_retrieved),
+            "resume": us(t_retrieved, t_resume),
+            "host_pause_to_resume": us(ss.pause_ns, t_resume),
+            "verify_after_resume": us(t_resume, t_done),
+        },
+        "opts": o,
+    }))
+}
+
+fn scenario(shared: &Arc<Mutex<Host>>) -> Result<(bool, Value), String> {
+    let (pid, dev, state) = {
+        let mut h = lock(shared);
+        let pid = h.spawn();
+        let dev = h
+            .open(pid, "/dev/liveupdate", 0)
+            .map_err(e("open /dev/liveupdate"))?;
+        (pid, dev, retrieve_session(&mut h, pid, dev, STATE))
+    };
+    match state {
+        Err(Errno::ENOENT) => {
+            let o = Options::parse(&lock(shared).params.init_args)?;
+            stage1(shared, pid, dev, &o)
+        }
+        Ok(st) => Ok((false, stage2(shared, pid, dev, st)?)),
+        Err(err) => Err(format!("retrieve state session: {err}")),
+    }
+}
+
+/// The init program: stage 1 on a cold boot, stage 2 after the kexec.
+pub fn run(host: Host) -> (Host, InitOutcome) {
+    let kho_boot = host.info.kho_boot;
+    let shared = Arc::new(Mutex::new(host));
+    let r = scenario(&shared);
+    let host = take_back(shared);
+    let event = if kho_boot { "rfc-stage2" } else { "rfc-stage1" };
+    match r {
+        Ok((true, v)) => {
+            host.report(event, v);
+            (host, InitOutcome::Kexec)
+        }
+        Ok((false, v)) => {
+            host.report(event, v);
+            (host, InitOutcome::Halt(0))
+        }
+        Err(msg) => {
+            tracing::error!("{PROGRAM}: {msg}");
+            host.report("rfc-failed", json!({ "error": msg }));
+            (host, InitOutcome::Halt(1))
+        }
+    }
+}
+
+/// The host back from its `Arc` once every vCPU thread is gone.
+fn take_back(mut shared: Arc<Mutex<Host>>) -> Host {
+    loop {
+        match Arc::try_unwrap(shared) {
+            Ok(m) => return m.into_inner().unwrap_or_else(|p| p.into_inner()),
+            Err(s) => {
+                shared = s;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
