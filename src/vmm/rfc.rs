@@ -392,9 +392,7 @@ fn stage1(
     if o.no_vm {
         // The kexec must be refused (the guest_memfd's VM is not in the session), and the
         // guest must carry on.
-        let err = match lock(shared).kexec(crate::kexec::KexecRequest::default()) {
-            Err(err) => err,
-        };
+        let Err(err) = lock(shared).kexec(crate::kexec::KexecRequest::default());
         io.proceed.store(true, Ordering::SeqCst);
         let mut handler = io_handler(&io, GuestMode::RunUpdate);
         let exit = Host::vcpu_run(shared, pid, vm.vcpu, &mut handler).map_err(e("KVM_RUN"))?;
