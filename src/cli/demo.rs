@@ -13,12 +13,18 @@ pub struct DemoArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Size of the guest_memfd that holds the guest's memory.
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    pub guest_mem: u64,
+    /// How much of it the guest writes and verifies.
+    #[arg(long, default_value = "5M", value_parser = parse_size)]
+    pub data: u64,
     /// RAM of the host image (sparse).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     pub ram: u64,
-    /// Preserved memory carried through the kexec.
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    pub data: u64,
+    /// Retrieve the guest_memfd before the VM after the update.
+    #[arg(long)]
+    pub gmem_first: bool,
     /// Also write a dump of the handover here (decode it with `handover inspect`).
     #[arg(long)]
     pub dump: Option<std::path::PathBuf>,
@@ -60,50 +66,83 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
         "--ram".to_string(),
         a.ram.to_string(),
         "--init".into(),
-        "kho-test".into(),
+        crate::vmm::rfc::PROGRAM.into(),
         "--init-arg".into(),
-        format!("size={}", a.data),
+        format!("guest-mem={}", a.guest_mem),
         "--init-arg".into(),
-        "kexecs=1".into(),
-        "--liveupdate".into(),
-        "off".into(),
+        format!("data={}", a.data),
+        "--init-arg".into(),
+        "prefault=1".into(),
     ];
+    if a.gmem_first {
+        args.extend(["--init-arg".into(), "order=gmem-first".into()]);
+    }
     if let Some(d) = &a.dump {
         args.push("--dump-handover".into());
         args.push(d.display().to_string());
     }
     let (code, events, stderr) = run_host(&args)?;
-    let pre = find(&events, "kho-test-preserved");
-    let post = find(&events, "kho-test-restored");
-    let ok = code == 0 && post.is_some();
-    let verified = post.map_or(0, |p| p["verified_bytes"].as_u64().unwrap_or(0));
+    let s1 = find(&events, "rfc-stage1");
+    let s2 = find(&events, "rfc-stage2");
+    let failed = find(&events, "rfc-failed");
+    let ok = code == 0 && s2.is_some_and(|v| v["ok"] == true);
+    let g = |v: Option<&Value>, k: &str| v.map_or(Value::Null, |v| v[k].clone());
     let summary = json!({
         "ok": ok,
-        "verified_bytes": verified,
-        "preserved_bytes": pre.map_or(0, |p| p["bytes"].as_u64().unwrap_or(0)),
-        "handover_tracker_bytes": pre.map_or(0, |p| p["status"]["tracker_bytes"].as_u64().unwrap_or(0)),
-        "boot_us": post.map_or(0, |p| p["boot"]["boot_us"].as_u64().unwrap_or(0)),
-        "kexec_count": post.map_or(0, |p| p["kexec_count"].as_u64().unwrap_or(0)),
+        "verified_bytes": g(s2, "verified_bytes").as_u64().unwrap_or(0),
+        "blackout_us": g(s2, "blackout_us"),
+        "handover_bytes": g(s2, "handover_bytes"),
+        "guest_mem_bytes": a.guest_mem,
+        "data_bytes": a.data,
+        "preserved_folios": g(s2, "preserved_folios"),
+        "guest_write_ms": g(s1, "write_ms"),
+        "phases_us": g(s2, "phases_us"),
+        "vm_name": g(s2, "vm_name"),
+        "order": g(s2, "order"),
+        "error": failed.map(|f| f["error"].clone()),
     });
     if a.json {
         println!("{summary}");
-    } else {
+    } else if ok {
+        let p = &summary["phases_us"];
+        let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
         println!(
-            "handover demo: KHO carries {} MiB of folios through a kexec of the host image",
-            a.data >> 20
+            "handover demo: live update of the host under a running KVM guest (real /dev/kvm)"
         );
-        if ok {
-            println!("  verified     {verified} bytes, every byte as written before the kexec");
-            println!(
-                "  next image   booted in {} us (tracker walked, preserved frames reserved)",
-                summary["boot_us"]
-            );
-            println!(
-                "  tracker      {} KiB of radix-tree nodes",
-                summary["handover_tracker_bytes"].as_u64().unwrap_or(0) >> 10
-            );
-        } else {
-            println!("  FAILED (exit {code}); host image log:\n{stderr}");
+        println!(
+            "  guest      wrote {:.1} MiB at 4 GiB into a {:.0} MiB guest_memfd ({} folios), in {:.1} ms",
+            mib(a.data),
+            mib(a.guest_mem),
+            summary["preserved_folios"],
+            summary["guest_write_ms"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "  preserve   VM, guest_memfd and low memory while the guest ran: {:.0} us",
+            f("preserve_while_running")
+        );
+        println!("  kexec      execve of the host image; {} KiB of handover metadata, no guest page copied", summary["handover_bytes"].as_u64().unwrap_or(0) >> 10);
+        println!(
+            "  verified   {} bytes, checked by the same guest after the update ({})",
+            summary["verified_bytes"],
+            summary["vm_name"].as_str().unwrap_or("")
+        );
+        println!(
+            "  blackout   {:.2} ms, the largest gap the guest saw between two clock reads",
+            summary["blackout_us"].as_f64().unwrap_or(0.0) / 1e3
+        );
+        println!(
+            "  phases     pause {:.0} us, save vCPU {:.0} us, freeze+finalize {:.0} us, exec {:.0} us, boot {:.0} us, retrieve {:.0} us, resume {:.0} us",
+            f("pause"), f("save_state"), f("freeze_and_finalize"), f("exec"), f("boot"), f("retrieve"), f("resume")
+        );
+    } else {
+        let why = failed.map_or_else(
+            || format!("host image exited with {code}"),
+            |f| f["error"].as_str().unwrap_or("").to_string(),
+        );
+        println!("handover demo FAILED: {why}");
+        if !stderr.is_empty() {
+            println!("host image log:\n{stderr}");
         }
     }
     Ok(if ok {
