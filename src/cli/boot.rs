@@ -83,7 +83,8 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
 
 pub fn run(a: BootArgs) -> Result<ExitCode, String> {
     if a.init.as_deref() == Some("list") {
-        for (name, what) in init::PROGRAMS.iter().chain(crate::vmm::selftests::PROGRAMS) {
+        let rfc = [(crate::vmm::rfc::PROGRAM, "the RFC scenario with a live guest (guest-mem=16M data=5M order=vm-first|gmem-first no-vm=1 finish-early=1 prefault=1)")];
+        for (name, what) in init::PROGRAMS.iter().chain(crate::vmm::selftests::PROGRAMS).chain(rfc.iter()) {
             println!("{name:20} {what}");
         }
         return Ok(ExitCode::SUCCESS);
