@@ -8,9 +8,13 @@ use common::boot;
 use handover::vmm::libkvm::kvm_available;
 
 fn rfc(tag: &str, args: &[&str]) -> common::Run {
+    rfc_with(tag, args, &[])
+}
+
+fn rfc_with(tag: &str, args: &[&str], boot_args: &[&str]) -> common::Run {
     let mut a = vec!["guest-mem=16M", "data=5M", "prefault=1"];
     a.extend_from_slice(args);
-    boot(tag, "1G", handover::vmm::rfc::PROGRAM, &a, &[])
+    boot(tag, "1G", handover::vmm::rfc::PROGRAM, &a, boot_args)
 }
 
 fn check_stage2(r: &common::Run, order: &str) {
@@ -48,6 +52,15 @@ fn rfc_stage1_kexec_stage2_guest_memfd_first() {
 }
 
 #[test]
+fn rfc_scenario_in_the_rfc_per_folio_format_v1() {
+    if !kvm_available("rfc_scenario_in_the_rfc_per_folio_format_v1") {
+        return;
+    }
+    let r = rfc_with("rfc-v1", &["order=gmem-first"], &["--gmem-luo", "v1"]);
+    check_stage2(&r, "gmem-first");
+}
+
+#[test]
 fn vm_file_not_preserved_refuses_the_kexec_and_the_guest_runs_on() {
     if !kvm_available("vm_file_not_preserved_refuses_the_kexec_and_the_guest_runs_on") {
         return;
@@ -60,7 +73,7 @@ fn vm_file_not_preserved_refuses_the_kexec_and_the_guest_runs_on() {
         s1["kexec_refused"]
             .as_str()
             .unwrap()
-            .contains("guest_memfd_luo_v1"),
+            .contains("guest_memfd_luo"),
         "{s1}"
     );
     assert_eq!(

@@ -141,7 +141,9 @@ fn rfc_test_3_non_guest_memfd_is_refused() {
     let mfd = h.memfd_create(pid, "m", 0).unwrap();
     let file = h.fd_file(pid, mfd).unwrap();
     assert!(!handover::luo::FileHandler::can_preserve(
-        &handover::kvm::guest_memfd_luo::GuestMemfdHandler,
+        &handover::kvm::guest_memfd_luo::GuestMemfdHandler {
+            format: handover::kvm::guest_memfd_luo::Format::V2
+        },
         &h,
         file
     ));

@@ -116,6 +116,38 @@ impl GuestMemfdFolioSer {
     }
 }
 
+/// Our compact successor of "guest_memfd_luo_v1": the folio list holds runs of consecutive
+/// indexes backed by consecutive frames, so a guest_memfd allocated in one go costs a few
+/// entries whatever its size. v1 stays readable.
+pub const GUEST_MEMFD_LUO_V2_FH_COMPATIBLE: &str = "guest_memfd_luo_v2";
+
+/// `guest_memfd_luo_v2` blob (56 bytes): the v1 header (`vm_token` at the same offset) with
+/// the run list and its length.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct GuestMemfdLuoSerV2 {
+    pub size: u64,
+    pub flags: u64,
+    /// Pages present (sum of the runs).
+    pub nr_folios: u64,
+    pub vm_token: u64,
+    pub runs: KhoArraySer,
+    pub nr_runs: u64,
+}
+
+/// One run: `nr_pages` folios at `index..`, backed by frames `pfn..` (24 bytes).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct GuestMemfdRunSer {
+    pub index: u64,
+    /// pfn in bits 0..52, folio flags above (as v1).
+    pub pfn_flags: u64,
+    pub nr_pages: u64,
+}
+
+/// Offset of `vm_token` in both blob versions.
+pub const GUEST_MEMFD_LUO_VM_TOKEN_OFFSET: u64 = 24;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +159,10 @@ mod tests {
         assert_eq!(std::mem::size_of::<GuestMemfdLuoSer>(), 48);
         assert_eq!(std::mem::size_of::<GuestMemfdFolioSer>(), 16);
         assert_eq!(std::mem::size_of::<KvmLuoSer>(), 8);
+        assert_eq!(std::mem::size_of::<GuestMemfdLuoSerV2>(), 56);
+        assert_eq!(std::mem::size_of::<GuestMemfdRunSer>(), 24);
+        assert_eq!(std::mem::offset_of!(GuestMemfdLuoSer, vm_token), 24);
+        assert_eq!(std::mem::offset_of!(GuestMemfdLuoSerV2, vm_token), 24);
         assert_eq!(KVM_CREATE_GUEST_MEMFD, 0xc040_aed4);
         assert_eq!(KVM_SET_USER_MEMORY_REGION2, 0x40a0_ae49);
         assert_eq!(

@@ -31,6 +31,9 @@ pub struct BootArgs {
     /// liveupdate=on|off.
     #[arg(long, default_value = "on")]
     pub liveupdate: String,
+    /// guest_memfd preservation format: v2 (runs, default) or v1 (the RFC's per-folio list).
+    #[arg(long, default_value = "v2")]
+    pub gmem_luo: String,
     /// Write a dump of the outgoing handover here at each kexec (for `handover inspect`).
     #[arg(long)]
     pub dump_handover: Option<PathBuf>,
@@ -76,6 +79,11 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
         next_image: a.next_image,
         kexec_start_ns: a.kexec_start_ns,
         exec_ns: a.exec_ns,
+        gmem_luo_v1: match a.gmem_luo.as_str() {
+            "v1" => true,
+            "v2" => false,
+            other => return Err(format!("--gmem-luo {other:?}: expected v1 or v2")),
+        },
         prev_handover_bytes: a.handover_bytes,
         dump_handover: a.dump_handover,
     })
@@ -84,7 +92,11 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
 pub fn run(a: BootArgs) -> Result<ExitCode, String> {
     if a.init.as_deref() == Some("list") {
         let rfc = [(crate::vmm::rfc::PROGRAM, "the RFC scenario with a live guest (guest-mem=16M data=5M order=vm-first|gmem-first no-vm=1 finish-early=1 prefault=1)")];
-        for (name, what) in init::PROGRAMS.iter().chain(crate::vmm::selftests::PROGRAMS).chain(rfc.iter()) {
+        for (name, what) in init::PROGRAMS
+            .iter()
+            .chain(crate::vmm::selftests::PROGRAMS)
+            .chain(rfc.iter())
+        {
             println!("{name:20} {what}");
         }
         return Ok(ExitCode::SUCCESS);

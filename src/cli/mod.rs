@@ -29,7 +29,7 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Boot a host image (cold, or from a KHO handover when the previous image passes one) and
     /// run an init program.
-    Boot(boot::BootArgs),
+    Boot(Box<boot::BootArgs>),
     /// Decode a handover dump into readable text.
     Inspect(inspect::InspectArgs),
     /// Benchmarks.
@@ -56,7 +56,7 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.cmd {
         Command::Demo(a) => demo::run(a),
-        Command::Boot(a) => boot::run(a),
+        Command::Boot(a) => boot::run(*a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
     }

@@ -145,6 +145,7 @@ impl Host {
             kvm: None,
             next_vm_id: 0,
             restored_vms: 0,
+            guest_faults: None,
             params,
             info,
             corrupt_handover: None,
@@ -166,7 +167,13 @@ impl Host {
             std::sync::Arc::new(crate::fs::memfd_luo::MemfdHandler),
             std::sync::Arc::new(crate::luo::test_handler::TestHandler),
             std::sync::Arc::new(crate::kvm::vm_luo::VmHandler),
-            std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler),
+            // v2 first: it is the format new preservations use; v1 stays readable.
+            std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler {
+                format: crate::kvm::guest_memfd_luo::Format::V2,
+            }),
+            std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler {
+                format: crate::kvm::guest_memfd_luo::Format::V1,
+            }),
         ];
         for h in hs {
             if let Err(e) = self.luo.register(h) {

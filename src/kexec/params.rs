@@ -30,6 +30,8 @@ pub struct BootParams {
     pub exec_ns: Option<u64>,
     /// Handover metadata bytes the previous image wrote.
     pub prev_handover_bytes: Option<u64>,
+    /// Preserve guest_memfds in the RFC's per-folio "guest_memfd_luo_v1" format instead of v2.
+    pub gmem_luo_v1: bool,
     /// Write a dump of the outgoing handover here at each kexec.
     pub dump_handover: Option<PathBuf>,
 }
@@ -47,6 +49,7 @@ impl Default for BootParams {
             next_image: None,
             kexec_start_ns: None,
             exec_ns: None,
+            gmem_luo_v1: false,
             prev_handover_bytes: None,
             dump_handover: None,
         }

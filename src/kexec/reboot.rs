@@ -97,6 +97,9 @@ impl Host {
         if !p.liveupdate {
             v.push("--liveupdate=off".into());
         }
+        if p.gmem_luo_v1 {
+            v.push("--gmem-luo=v1".into());
+        }
         if let Some(i) = &p.init {
             v.push("--init".into());
             v.push(i.clone());

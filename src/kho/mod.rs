@@ -83,19 +83,8 @@ pub struct Kho {
 }
 
 /// Split `pfn..pfn+nr` into maximal naturally aligned power-of-two blocks.
-pub fn split_range(mut pfn: u64, nr: u64) -> impl Iterator<Item = (u64, u32)> {
-    let end = pfn.saturating_add(nr);
-    std::iter::from_fn(move || {
-        if pfn >= end {
-            return None;
-        }
-        let align = if pfn == 0 { 63 } else { pfn.trailing_zeros() };
-        let fit = 63 - (end - pfn).leading_zeros();
-        let order = align.min(fit).min(tracker_max_order());
-        let b = (pfn, order);
-        pfn += 1 << order;
-        Some(b)
-    })
+pub fn split_range(pfn: u64, nr: u64) -> impl Iterator<Item = (u64, u32)> {
+    crate::mm::split_blocks(pfn, nr, tracker_max_order())
 }
 
 const fn tracker_max_order() -> u32 {

@@ -67,7 +67,8 @@ impl Host {
     }
 
     /// The mapping of the whole guest_memfd that memslots use (created once, holds a file
-    /// reference like a memslot binding does).
+    /// reference like a memslot binding does). It is faultable: its holes are served by the
+    /// guest fault service (see `kvm::run`).
     pub(crate) fn kernel_map(&mut self, file: FileId) -> SysResult<MapId> {
         let size = {
             let g = self.gmem(file)?;
@@ -76,7 +77,16 @@ impl Host {
             }
             g.size
         };
-        let window = VaWindow::reserve(size).map_err(Errno::from)?;
+        // Holes are registered with the host's userfaultfd, so a guest access to one reaches
+        // the fault service (kvm::run) instead of failing with EFAULT.
+        let window = match self.gmem_uffd() {
+            Some(uffd) => VaWindow::reserve_faultable(size, uffd).or_else(|e| {
+                tracing::warn!("guest_memfd: no faultable mapping ({e}); holes are PROT_NONE");
+                VaWindow::reserve(size)
+            }),
+            None => VaWindow::reserve(size),
+        }
+        .map_err(Errno::from)?;
         self.fget(file);
         self.next_map += 1;
         let id = self.next_map;

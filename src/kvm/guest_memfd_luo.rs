@@ -1,8 +1,15 @@
-//! The RFC's guest_memfd handler, "guest_memfd_luo_v1", for fully shared, PAGE_SIZE
-//! guest_memfds: preserve freezes the file first, then records size, flags and every present
-//! folio (holes stay holes); freeze finds the owning VM's token in the same session (or refuses
-//! the kexec); retrieve finds the VM through the cross-file API, so the retrieval order is
-//! free; finish discards a never-retrieved file's folios.
+//! The RFC's guest_memfd handler, for fully shared, PAGE_SIZE guest_memfds, in two formats:
+//!
+//! * "guest_memfd_luo_v1" — the RFC's: one `{pfn, index, flags}` entry per present folio, each
+//!   folio preserved on its own;
+//! * "guest_memfd_luo_v2" — ours: one `{index, pfn, pages}` entry per run of consecutive
+//!   indexes backed by consecutive frames, each run preserved as a page range; the default,
+//!   since its cost (preserve, handover, retrieve) grows with the number of runs, not pages.
+//!
+//! Both: preserve freezes the file first, then records size, flags and what is present (holes
+//! stay holes); freeze finds the owning VM's token in the same session (or refuses the kexec);
+//! retrieve finds the VM through the cross-file API, so the retrieval order is free; finish
+//! discards a never-retrieved file's memory.
 
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -16,12 +23,28 @@ use crate::uapi::{Errno, SysResult};
 
 use super::guest_memfd::MAX_SIZE;
 
-pub struct GuestMemfdHandler;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    V1,
+    V2,
+}
 
-struct Preserved {
-    ser: Folio,
-    arr: PreservedArray,
-    folios: Vec<Folio>,
+pub struct GuestMemfdHandler {
+    pub format: Format,
+}
+
+/// What a preserved file holds on to, to undo the preservation.
+enum Preserved {
+    V1 {
+        ser: Folio,
+        arr: PreservedArray,
+        folios: Vec<Folio>,
+    },
+    V2 {
+        ser: Folio,
+        arr: PreservedArray,
+        runs: Vec<(u64, u64)>,
+    },
 }
 
 /// Internal guest_memfd flags to the ABI's (deliberately separate bit spaces upstream).
@@ -53,49 +76,229 @@ fn set_frozen(host: &mut Host, file: Option<FileId>, frozen: bool) {
     }
 }
 
-fn undo(host: &mut Host, file: Option<FileId>, folios: &[Folio]) {
-    for f in folios {
-        let _ = host.kho.unpreserve_folio(&mut host.mm, *f);
-    }
-    set_frozen(host, file, false);
+/// The common header of both blob versions, validated.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    pub size: u64,
+    pub flags: u64,
+    pub nr_folios: u64,
+    pub vm_token: u64,
+    pub list: crate::abi::kho::KhoArraySer,
+    /// v2: number of runs.
+    pub nr_runs: u64,
 }
 
-/// Read and validate a handed-over blob.
-pub fn read_ser(mem: &dyn PhysRead, pa: u64) -> SysResult<GuestMemfdLuoSer> {
-    let mut b = [0u8; 48];
-    mem.read_phys(pa, &mut b)?;
-    let s = GuestMemfdLuoSer::read_from_bytes(&b).map_err(|_| Errno::EINVAL)?;
-    if s.size == 0
-        || s.size % PAGE_SIZE != 0
-        || s.size > MAX_SIZE
-        || s.nr_folios > s.size / PAGE_SIZE
+/// Read and validate a handed-over blob of `format`.
+pub fn read_header(mem: &dyn PhysRead, pa: u64, format: Format) -> SysResult<Header> {
+    let mut b = [0u8; 56];
+    let n = if format == Format::V1 { 48 } else { 56 };
+    mem.read_phys(pa, &mut b[..n])?;
+    let h = match format {
+        Format::V1 => {
+            let s = GuestMemfdLuoSer::read_from_bytes(&b[..48]).map_err(|_| Errno::EINVAL)?;
+            Header {
+                size: s.size,
+                flags: s.flags,
+                nr_folios: s.nr_folios,
+                vm_token: s.vm_token,
+                list: s.folios,
+                nr_runs: s.nr_folios,
+            }
+        }
+        Format::V2 => {
+            let s = GuestMemfdLuoSerV2::read_from_bytes(&b).map_err(|_| Errno::EINVAL)?;
+            Header {
+                size: s.size,
+                flags: s.flags,
+                nr_folios: s.nr_folios,
+                vm_token: s.vm_token,
+                list: s.runs,
+                nr_runs: s.nr_runs,
+            }
+        }
+    };
+    if h.size == 0
+        || h.size % PAGE_SIZE != 0
+        || h.size > MAX_SIZE
+        || h.nr_folios > h.size / PAGE_SIZE
+        || h.nr_runs > h.nr_folios
     {
         return Err(Errno::EINVAL);
     }
-    if s.flags & !GUEST_MEMFD_LUO_SUPPORTED_FLAGS != 0 {
+    if h.flags & !GUEST_MEMFD_LUO_SUPPORTED_FLAGS != 0 {
         return Err(Errno::EOPNOTSUPP);
     }
-    Ok(s)
+    Ok(h)
+}
+
+/// The runs `(index, pfn, pages)` a restored list describes, whatever the format.
+fn decode_runs(list: &[u8], h: &Header, format: Format) -> SysResult<Vec<(u64, u64, u64)>> {
+    let (size, n) = match format {
+        Format::V1 => (16, h.nr_folios),
+        Format::V2 => (24, h.nr_runs),
+    };
+    let n = usize::try_from(n).map_err(|_| Errno::EINVAL)?;
+    if list.len() < n.saturating_mul(size) {
+        return Err(Errno::EINVAL);
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut total = 0u64;
+    for e in list.chunks_exact(size).take(n) {
+        let r = match format {
+            Format::V1 => {
+                let f = GuestMemfdFolioSer::read_from_bytes(e).map_err(|_| Errno::EINVAL)?;
+                (f.index, f.pfn(), 1)
+            }
+            Format::V2 => {
+                let f = GuestMemfdRunSer::read_from_bytes(e).map_err(|_| Errno::EINVAL)?;
+                (f.index, f.pfn_flags & ((1 << 52) - 1), f.nr_pages)
+            }
+        };
+        if r.2 == 0
+            || r.0
+                .checked_add(r.2)
+                .is_none_or(|end| end > h.size / PAGE_SIZE)
+        {
+            return Err(Errno::EINVAL);
+        }
+        total += r.2;
+        out.push(r);
+    }
+    if total != h.nr_folios {
+        return Err(Errno::EINVAL);
+    }
+    Ok(out)
+}
+
+impl GuestMemfdHandler {
+    fn undo(&self, host: &mut Host, file: Option<FileId>, p: Option<&Preserved>) {
+        match p {
+            Some(Preserved::V1 { folios, .. }) => {
+                for f in folios {
+                    let _ = host.kho.unpreserve_folio(&mut host.mm, *f);
+                }
+            }
+            Some(Preserved::V2 { runs, .. }) => {
+                for &(pfn, n) in runs {
+                    let _ = host.kho.unpreserve_pages(&mut host.mm, pfn, n);
+                }
+            }
+            None => {}
+        }
+        set_frozen(host, file, false);
+    }
+
+    /// Preserve the memory and build the list; on error, everything preserved here is undone.
+    fn preserve_memory(
+        &self,
+        host: &mut Host,
+        runs: &[(u64, u64, u64)],
+    ) -> SysResult<(Vec<u8>, Preserved)> {
+        let mut list = Vec::new();
+        match self.format {
+            Format::V1 => {
+                let mut folios = Vec::new();
+                for &(idx, pfn, n) in runs {
+                    for k in 0..n {
+                        let f = Folio {
+                            pfn: pfn + k,
+                            order: 0,
+                        };
+                        if let Err(e) = host.kho.preserve_folio(&mut host.mm, f) {
+                            self.undo(
+                                host,
+                                None,
+                                Some(&Preserved::V1 {
+                                    ser: f,
+                                    arr: Default::default(),
+                                    folios,
+                                }),
+                            );
+                            return Err(e.into());
+                        }
+                        folios.push(f);
+                        list.extend_from_slice(
+                            GuestMemfdFolioSer::new(
+                                pfn + k,
+                                GUEST_MEMFD_LUO_FOLIO_UPTODATE,
+                                idx + k,
+                            )
+                            .as_bytes(),
+                        );
+                    }
+                }
+                Ok((
+                    list,
+                    Preserved::V1 {
+                        ser: Folio { pfn: 0, order: 0 },
+                        arr: Default::default(),
+                        folios,
+                    },
+                ))
+            }
+            Format::V2 => {
+                let mut done = Vec::new();
+                for &(idx, pfn, n) in runs {
+                    if let Err(e) = host.kho.preserve_pages(&mut host.mm, pfn, n) {
+                        self.undo(
+                            host,
+                            None,
+                            Some(&Preserved::V2 {
+                                ser: Folio { pfn: 0, order: 0 },
+                                arr: Default::default(),
+                                runs: done,
+                            }),
+                        );
+                        return Err(e.into());
+                    }
+                    done.push((pfn, n));
+                    let r = GuestMemfdRunSer {
+                        index: idx,
+                        pfn_flags: pfn | (GUEST_MEMFD_LUO_FOLIO_UPTODATE << 52),
+                        nr_pages: n,
+                    };
+                    list.extend_from_slice(r.as_bytes());
+                }
+                Ok((
+                    list,
+                    Preserved::V2 {
+                        ser: Folio { pfn: 0, order: 0 },
+                        arr: Default::default(),
+                        runs: done,
+                    },
+                ))
+            }
+        }
+    }
 }
 
 impl FileHandler for GuestMemfdHandler {
     fn compatible(&self) -> &'static str {
-        GUEST_MEMFD_LUO_FH_COMPATIBLE
+        match self.format {
+            Format::V1 => GUEST_MEMFD_LUO_FH_COMPATIBLE,
+            Format::V2 => GUEST_MEMFD_LUO_V2_FH_COMPATIBLE,
+        }
     }
 
     /// A guest_memfd with INIT_SHARED, on a VM without private memory (the default x86 VM
-    /// type), with PAGE_SIZE folios (the only kind we have).
+    /// type), with PAGE_SIZE folios (the only kind we have). `--gmem-luo v1` on the command
+    /// line makes v1 the format new preservations use.
     fn can_preserve(&self, host: &Host, file: FileId) -> bool {
-        matches!(host.files.kind(file), Some(FileKind::GuestMemfd(g)) if g.init_shared() && g.vm.vm_type == 0)
+        let wanted = match self.format {
+            Format::V1 => true,
+            Format::V2 => !host.params.gmem_luo_v1,
+        };
+        wanted
+            && matches!(host.files.kind(file), Some(FileKind::GuestMemfd(g)) if g.init_shared() && g.vm.vm_type == 0)
     }
 
     fn preserve(&self, host: &mut Host, a: &mut FileArgs) -> SysResult<()> {
         let file = a.file;
         // Freeze first: from here on nothing can allocate or punch.
-        let (size, flags, pages) = match file.and_then(|f| host.files.kind_mut(f)) {
+        let (size, flags, runs) = match file.and_then(|f| host.files.kind_mut(f)) {
             Some(FileKind::GuestMemfd(g)) => {
                 g.frozen = true;
-                (g.size, g.flags, g.pages.iter().collect::<Vec<_>>())
+                (g.size, g.flags, g.pages.runs().collect::<Vec<_>>())
             }
             _ => return Err(Errno::EINVAL),
         };
@@ -107,48 +310,59 @@ impl FileHandler for GuestMemfdHandler {
             set_frozen(host, file, false);
             return Err(Errno::EOPNOTSUPP);
         }
-        let mut folios = Vec::with_capacity(pages.len());
-        let mut list = Vec::with_capacity(pages.len() * 16);
-        for &(idx, pfn) in &pages {
-            let f = Folio { pfn, order: 0 };
-            if let Err(e) = host.kho.preserve_folio(&mut host.mm, f) {
-                undo(host, file, &folios);
-                return Err(e.into());
+        let nr_folios: u64 = runs.iter().map(|r| r.2).sum();
+        let (list, mut p) = match self.preserve_memory(host, &runs) {
+            Ok(v) => v,
+            Err(e) => {
+                set_frozen(host, file, false);
+                return Err(e);
             }
-            folios.push(f);
-            list.extend_from_slice(
-                GuestMemfdFolioSer::new(pfn, GUEST_MEMFD_LUO_FOLIO_UPTODATE, idx).as_bytes(),
-            );
-        }
+        };
         let arr = match host.kho.preserve_array(&mut host.mm, &list) {
             Ok(x) => x,
             Err(e) => {
-                undo(host, file, &folios);
+                self.undo(host, file, Some(&p));
                 return Err(e.into());
             }
         };
-        let ser = GuestMemfdLuoSer {
-            size,
-            flags: to_abi(flags),
-            nr_folios: folios.len() as u64,
-            vm_token: 0,
-            folios: arr.ser,
+        let blob = match self.format {
+            Format::V1 => GuestMemfdLuoSer {
+                size,
+                flags: to_abi(flags),
+                nr_folios,
+                vm_token: 0,
+                folios: arr.ser,
+            }
+            .as_bytes()
+            .to_vec(),
+            Format::V2 => GuestMemfdLuoSerV2 {
+                size,
+                flags: to_abi(flags),
+                nr_folios,
+                vm_token: 0,
+                runs: arr.ser,
+                nr_runs: runs.len() as u64,
+            }
+            .as_bytes()
+            .to_vec(),
         };
-        let sf = match host.kho.alloc_preserve(&mut host.mm, 48) {
+        let sf = match host.kho.alloc_preserve(&mut host.mm, blob.len() as u64) {
             Ok(f) => f,
             Err(e) => {
                 host.kho.unpreserve_array(&mut host.mm, arr);
-                undo(host, file, &folios);
+                self.undo(host, file, Some(&p));
                 return Err(e.into());
             }
         };
-        host.mm.ram.write_phys(sf.pa(), ser.as_bytes())?;
+        host.mm.ram.write_phys(sf.pa(), &blob)?;
+        match &mut p {
+            Preserved::V1 { ser, arr: a, .. } | Preserved::V2 { ser, arr: a, .. } => {
+                *ser = sf;
+                *a = arr;
+            }
+        }
         a.serialized = sf.pa();
-        a.private = Some(Box::new(Preserved {
-            ser: sf,
-            arr,
-            folios,
-        }));
+        a.private = Some(Box::new(p));
         Ok(())
     }
 
@@ -160,9 +374,10 @@ impl FileHandler for GuestMemfdHandler {
         else {
             return;
         };
-        let _ = host.kho.unpreserve_free(&mut host.mm, p.ser);
-        host.kho.unpreserve_array(&mut host.mm, p.arr);
-        undo(host, a.file, &p.folios);
+        self.undo(host, a.file, Some(&p));
+        let (Preserved::V1 { ser, arr, .. } | Preserved::V2 { ser, arr, .. }) = *p;
+        let _ = host.kho.unpreserve_free(&mut host.mm, ser);
+        host.kho.unpreserve_array(&mut host.mm, arr);
     }
 
     /// The owning VM must be preserved in the same session: record its token.
@@ -176,7 +391,9 @@ impl FileHandler for GuestMemfdHandler {
             return Err(Errno::ENOENT);
         }
         let token = host.luo_get_token_outgoing(a.session, vm_file)?;
-        host.mm.ram.write_u64(a.serialized + 24, token)?;
+        host.mm
+            .ram
+            .write_u64(a.serialized + GUEST_MEMFD_LUO_VM_TOKEN_OFFSET, token)?;
         Ok(())
     }
 
@@ -184,13 +401,13 @@ impl FileHandler for GuestMemfdHandler {
         if !host.kho.is_restorable(a.serialized) {
             return Err(Errno::EINVAL);
         }
-        let ser = read_ser(&host.mm.ram, a.serialized)?;
+        let h = read_header(&host.mm.ram, a.serialized, self.format)?;
         let vm = host
-            .luo_get_file_incoming(a.session, ser.vm_token)
+            .luo_get_file_incoming(a.session, h.vm_token)
             .inspect_err(|_| {
                 tracing::warn!(
                     "guest_memfd: provided VM FD token {:#x} is incorrect",
-                    ser.vm_token
+                    h.vm_token
                 );
             })?;
         let r = (|| -> SysResult<FileId> {
@@ -199,24 +416,27 @@ impl FileHandler for GuestMemfdHandler {
             }
             let list = host
                 .kho
-                .restore_array(&mut host.mm, &ser.folios)
+                .restore_array(&mut host.mm, &h.list)
                 .map_err(|_| Errno::EIO)?;
-            let file = host.gmem_create(vm, ser.size, from_abi(ser.flags))?;
+            let runs = decode_runs(&list, &h, self.format)?;
+            let file = host.gmem_create(vm, h.size, from_abi(h.flags))?;
             let mut bad = None;
-            for e in list.chunks_exact(16).take(ser.nr_folios as usize) {
-                let Ok(fs) = GuestMemfdFolioSer::read_from_bytes(e) else {
-                    continue;
+            for (idx, pfn, n) in runs {
+                let restored = match self.format {
+                    Format::V1 => host
+                        .kho
+                        .restore_folio(pfn * PAGE_SIZE)
+                        .map(|f| f.order == 0),
+                    Format::V2 => host.kho.restore_pages(pfn * PAGE_SIZE, n).map(|_| true),
                 };
-                match host.kho.restore_folio(fs.pfn() * PAGE_SIZE) {
-                    Ok(f) => {
-                        let ok = f.order == 0
-                            && host
-                                .gmem(file)
-                                .is_ok_and(|g| g.pages.insert(fs.index, f.pfn));
-                        if !ok {
-                            let _ = host.mm.free(f);
-                            bad.get_or_insert(Errno::EINVAL);
-                        }
+                match restored {
+                    Ok(true)
+                        if host
+                            .gmem(file)
+                            .is_ok_and(|g| g.pages.insert_run(idx, pfn, n)) => {}
+                    Ok(_) => {
+                        let _ = host.mm.free_runs(&[(pfn, n)]);
+                        bad.get_or_insert(Errno::EINVAL);
                     }
                     Err(_) => {
                         bad.get_or_insert(Errno::EIO);
@@ -243,17 +463,23 @@ impl FileHandler for GuestMemfdHandler {
         if a.retrieve_status != 0 {
             return;
         }
-        let Ok(ser) = read_ser(&host.mm.ram, a.serialized) else {
+        let Ok(h) = read_header(&host.mm.ram, a.serialized, self.format) else {
             return;
         };
-        if let Ok(list) = host.kho.restore_array(&mut host.mm, &ser.folios) {
-            let mut folios: Vec<Folio> = list
-                .chunks_exact(16)
-                .take(ser.nr_folios as usize)
-                .filter_map(|e| GuestMemfdFolioSer::read_from_bytes(e).ok())
-                .filter_map(|fs| host.kho.restore_folio(fs.pfn() * PAGE_SIZE).ok())
-                .collect();
-            let _ = host.mm.free_many(&mut folios);
+        if let Ok(list) = host.kho.restore_array(&mut host.mm, &h.list) {
+            if let Ok(runs) = decode_runs(&list, &h, self.format) {
+                let mut back = Vec::new();
+                for (_, pfn, n) in runs {
+                    let ok = match self.format {
+                        Format::V1 => host.kho.restore_folio(pfn * PAGE_SIZE).is_ok(),
+                        Format::V2 => host.kho.restore_pages(pfn * PAGE_SIZE, n).is_ok(),
+                    };
+                    if ok {
+                        back.push((pfn, n));
+                    }
+                }
+                let _ = host.mm.free_runs(&back);
+            }
         }
         let _ = host.kho.restore_free(&mut host.mm, a.serialized);
     }

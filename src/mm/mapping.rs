@@ -2,16 +2,28 @@
 //! and to KVM memslots although its folios are scattered in RAM. A window is reserved
 //! PROT_NONE; each present page is mapped `MAP_FIXED|MAP_SHARED` from the RAM memfd at its
 //! frame's offset. Physically contiguous runs at consecutive indexes merge into one VMA.
+//!
+//! A *faultable* window ([`VaWindow::reserve_faultable`], used for the host's own mapping of a
+//! guest_memfd that KVM memslots point at) has its holes as anonymous read/write memory
+//! registered with a [`Uffd`] in MISSING mode instead of PROT_NONE: a KVM access to a hole then
+//! blocks and is reported with its address, where a PROT_NONE hole only makes `KVM_RUN` fail
+//! with EFAULT (see docs/kvm-probe.md, section b). Present pages are the same `MAP_FIXED`
+//! mappings of the RAM memfd; mapping one over a registered hole drops the registration for
+//! that page. Nothing in the host touches a faultable window's holes itself (it would block).
 
 use std::ptr::NonNull;
+use std::sync::Arc;
 
-use rustix::mm::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
+use rustix::mm::{mmap, mmap_anonymous, mprotect, munmap, MapFlags, MprotectFlags, ProtFlags};
 
+use super::uffd::Uffd;
 use super::{MmError, Ram, PAGE_SIZE};
 
 pub struct VaWindow {
     base: NonNull<u8>,
     len: u64,
+    /// Faultable window: the descriptor its holes are registered with.
+    uffd: Option<Arc<Uffd>>,
 }
 
 // SAFETY: the window is a private address range owned by this object; it is only remapped
@@ -37,7 +49,36 @@ impl VaWindow {
         }
         .map_err(MmError::Sys)?;
         let base = NonNull::new(p.cast::<u8>()).ok_or(MmError::OutOfRam { pa: 0, len })?;
-        Ok(Self { base, len })
+        Ok(Self {
+            base,
+            len,
+            uffd: None,
+        })
+    }
+
+    /// A faultable window: the whole range starts as one hole registered with `uffd`.
+    pub fn reserve_faultable(len: u64, uffd: Arc<Uffd>) -> Result<Self, MmError> {
+        let mut w = Self::reserve(len)?;
+        w.uffd = Some(uffd);
+        // On error `w` is dropped, which unmaps the reservation.
+        w.make_holes(0, len)?;
+        Ok(w)
+    }
+
+    /// Whether holes are registered with a userfaultfd (see the module docs).
+    pub fn is_faultable(&self) -> bool {
+        self.uffd.is_some()
+    }
+
+    /// The descriptor a faultable window's holes are registered with.
+    pub fn uffd(&self) -> Option<&Arc<Uffd>> {
+        self.uffd.as_ref()
+    }
+
+    /// Whether `addr` lies inside the window.
+    pub fn contains(&self, addr: u64) -> bool {
+        let b = self.base.as_ptr() as u64;
+        addr >= b && addr - b < self.len
     }
 
     pub fn base(&self) -> *mut u8 {
@@ -96,16 +137,49 @@ impl VaWindow {
         Ok(())
     }
 
-    /// Return `off..off+len` of the window to PROT_NONE (a later access faults).
+    /// Return `off..off+len` of the window to a hole: PROT_NONE (a later access faults), or in
+    /// a faultable window a registered hole (a later access is reported to the uffd).
     pub fn unmap(&self, off: u64, len: u64) -> Result<(), MmError> {
         self.check(off, len)?;
-        // SAFETY: as in `map`, the range is inside our reservation.
+        self.protect_none(off, len)?;
+        if self.uffd.is_some() {
+            self.make_holes(off, len)?;
+        }
+        Ok(())
+    }
+
+    /// Replace `off..off+len` with fresh anonymous PROT_NONE memory.
+    fn protect_none(&self, off: u64, len: u64) -> Result<(), MmError> {
+        // SAFETY: as in `map`, the range is inside our reservation (callers check).
         unsafe {
             mmap_anonymous(
                 self.base.as_ptr().add(off as usize).cast(),
                 len as usize,
                 ProtFlags::empty(),
                 MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+            )
+        }
+        .map_err(MmError::Sys)?;
+        Ok(())
+    }
+
+    /// Turn `off..off+len`, fresh PROT_NONE anonymous memory, into registered holes: register
+    /// first, then allow access, so no access can ever land in unregistered anonymous memory
+    /// (it would silently get a private zero page instead of the file's page). If either step
+    /// fails the range stays PROT_NONE, i.e. an ordinary hole.
+    fn make_holes(&self, off: u64, len: u64) -> Result<(), MmError> {
+        let Some(uffd) = &self.uffd else {
+            return Ok(());
+        };
+        let addr = self.base.as_ptr() as u64 + off;
+        uffd.register_missing(addr, len).map_err(MmError::Sys)?;
+        // SAFETY: the range is inside our reservation and holds no page (it is a registered,
+        // empty anonymous range), so no Rust object is affected.
+        unsafe {
+            mprotect(
+                self.base.as_ptr().add(off as usize).cast(),
+                len as usize,
+                MprotectFlags::READ | MprotectFlags::WRITE,
             )
         }
         .map_err(MmError::Sys)?;
@@ -122,6 +196,10 @@ impl Drop for VaWindow {
 
 impl std::fmt::Debug for VaWindow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "VaWindow({:p}+{:#x})", self.base, self.len)
+        write!(f, "VaWindow({:p}+{:#x}", self.base, self.len)?;
+        if self.uffd.is_some() {
+            write!(f, ", faultable")?;
+        }
+        write!(f, ")")
     }
 }

@@ -6,6 +6,7 @@ pub mod buddy;
 pub mod mapping;
 pub mod page_cache;
 pub mod ram;
+pub mod uffd;
 
 pub use bitmap::Bitmap;
 pub use buddy::{FrameAllocator, FrameStats, Zone};
@@ -153,7 +154,52 @@ impl Mm {
         Ok(())
     }
 
+    /// Zero and free runs of frames `(pfn, pages)` (one discard per run; the buddy gets the
+    /// run as naturally aligned blocks).
+    pub fn free_runs(&mut self, runs: &[(u64, u64)]) -> Result<(), MmError> {
+        for &(pfn, n) in runs {
+            self.ram.discard(pfn_to_pa(pfn), pfn_to_pa(n))?;
+            for (p, order) in split_blocks(pfn, n, MAX_ORDER) {
+                self.frames.free(Folio { pfn: p, order })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocate up to `max_pages` physically contiguous zeroed frames in one block (the largest
+    /// the allocator has, at most MAX_ORDER): `(pfn, pages)`.
+    pub fn alloc_run(&mut self, max_pages: u64) -> Result<(u64, u64), MmError> {
+        if max_pages == 0 {
+            return Err(MmError::BadOrder(0));
+        }
+        let top = (63 - max_pages.leading_zeros()).min(MAX_ORDER);
+        let mut last = None;
+        for order in (0..=top).rev() {
+            match self.frames.alloc(order) {
+                Ok(f) => return Ok((f.pfn, f.nr_pages())),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or(MmError::BadOrder(0)))
+    }
+
     pub fn stats(&self) -> FrameStats {
         self.frames.stats()
     }
+}
+
+/// Split `pfn..pfn+nr` into maximal naturally aligned blocks of at most `max_order`.
+pub fn split_blocks(mut pfn: u64, nr: u64, max_order: u32) -> impl Iterator<Item = (u64, u32)> {
+    let end = pfn.saturating_add(nr);
+    std::iter::from_fn(move || {
+        if pfn >= end {
+            return None;
+        }
+        let align = if pfn == 0 { 63 } else { pfn.trailing_zeros() };
+        let fit = 63 - (end - pfn).leading_zeros();
+        let order = align.min(fit).min(max_order);
+        let b = (pfn, order);
+        pfn += 1 << order;
+        Some(b)
+    })
 }

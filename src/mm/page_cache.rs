@@ -1,54 +1,91 @@
 //! The page cache of one file: which RAM frame backs each page index. Folios are order 0
-//! (PAGE_SIZE), as shmem small folios and the RFC's guest_memfd use. Dense: 8 bytes per page of
-//! file size, holes are 0.
+//! (PAGE_SIZE), as shmem small folios and the RFC's guest_memfd use, but the map is kept as
+//! extents — runs of consecutive indexes backed by consecutive frames — so a file allocated in
+//! one go costs a few entries whatever its size, and whole-file operations (map, preserve,
+//! restore, release) cost per run, not per page.
 
-use super::{pfn_to_pa, Folio, Mm, MmError};
+use std::collections::BTreeMap;
+
+use super::{Folio, Mm, MmError};
 
 #[derive(Debug, Default)]
 pub struct PageCache {
-    /// pfn + 1 per index, 0 for a hole.
-    slots: Vec<u64>,
+    nr: u64,
+    /// start index -> (first pfn, pages); disjoint, and merged whenever both sides continue.
+    ext: BTreeMap<u64, (u64, u64)>,
     present: u64,
 }
 
 impl PageCache {
     pub fn with_pages(nr: u64) -> Self {
         Self {
-            slots: vec![0; nr as usize],
-            present: 0,
+            nr,
+            ..Default::default()
         }
     }
 
     pub fn nr_slots(&self) -> u64 {
-        self.slots.len() as u64
+        self.nr
     }
 
     pub fn nr_present(&self) -> u64 {
         self.present
     }
 
+    /// Number of extents (runs).
+    pub fn nr_runs(&self) -> usize {
+        self.ext.len()
+    }
+
+    fn extent_at(&self, index: u64) -> Option<(u64, u64, u64)> {
+        let (&s, &(pfn, len)) = self.ext.range(..=index).next_back()?;
+        (index < s + len).then_some((s, pfn, len))
+    }
+
     pub fn get(&self, index: u64) -> Option<u64> {
-        match self.slots.get(index as usize) {
-            Some(&v) if v != 0 => Some(v - 1),
-            _ => None,
-        }
+        self.extent_at(index).map(|(s, pfn, _)| pfn + (index - s))
     }
 
     /// Physical address of page `index`, if present.
     pub fn pa(&self, index: u64) -> Option<u64> {
-        self.get(index).map(pfn_to_pa)
+        self.get(index).map(super::pfn_to_pa)
     }
 
     /// Put `pfn` at `index` (which must be a hole within the size).
     pub fn insert(&mut self, index: u64, pfn: u64) -> bool {
-        match self.slots.get_mut(index as usize) {
-            Some(s) if *s == 0 => {
-                *s = pfn + 1;
-                self.present += 1;
-                true
-            }
-            _ => false,
+        self.insert_run(index, pfn, 1)
+    }
+
+    /// Put `len` consecutive frames from `pfn` at `index..index+len`, all holes within the
+    /// size.
+    pub fn insert_run(&mut self, index: u64, pfn: u64, len: u64) -> bool {
+        let Some(end) = index.checked_add(len) else {
+            return false;
+        };
+        if len == 0
+            || end > self.nr
+            || self.ext.range(index..end).next().is_some()
+            || self.extent_at(index).is_some()
+        {
+            return false;
         }
+        let (mut s, mut p, mut l) = (index, pfn, len);
+        if let Some((ps, (ppfn, plen))) = self.ext.range(..index).next_back().map(|(a, b)| (*a, *b))
+        {
+            if ps + plen == index && ppfn + plen == pfn {
+                self.ext.remove(&ps);
+                (s, p, l) = (ps, ppfn, plen + l);
+            }
+        }
+        if let Some(&(npfn, nlen)) = self.ext.get(&end) {
+            if p + l == npfn {
+                self.ext.remove(&end);
+                l += nlen;
+            }
+        }
+        self.ext.insert(s, (p, l));
+        self.present += len;
+        true
     }
 
     /// Allocate a zeroed frame for hole `index`; returns its pfn.
@@ -56,7 +93,7 @@ impl PageCache {
         if let Some(p) = self.get(index) {
             return Ok(p);
         }
-        if index >= self.nr_slots() {
+        if index >= self.nr {
             return Err(MmError::OutOfRam { pa: index, len: 0 });
         }
         let f = mm.alloc_zeroed(0)?;
@@ -64,51 +101,138 @@ impl PageCache {
         Ok(f.pfn)
     }
 
-    /// Remove and return the frames in `start..end`.
-    pub fn take_range(&mut self, start: u64, end: u64) -> Vec<Folio> {
-        let end = end.min(self.nr_slots());
-        let mut out = Vec::new();
-        for s in self
-            .slots
-            .iter_mut()
-            .take(end as usize)
-            .skip(start as usize)
-        {
-            if *s != 0 {
-                out.push(Folio {
-                    pfn: *s - 1,
-                    order: 0,
-                });
-                *s = 0;
+    /// Fill every hole in `start..end` with zeroed frames, in blocks as large as the allocator
+    /// has; returns the indexes' runs that were filled.
+    pub fn fill(&mut self, mm: &mut Mm, start: u64, end: u64) -> Result<Vec<(u64, u64)>, MmError> {
+        let end = end.min(self.nr);
+        let mut filled = Vec::new();
+        let mut i = start;
+        while i < end {
+            if let Some((s, _, len)) = self.extent_at(i) {
+                i = s + len;
+                continue;
+            }
+            let hole_end = self.ext.range(i..end).next().map_or(end, |(&s, _)| s);
+            while i < hole_end {
+                let (pfn, n) = mm.alloc_run(hole_end - i)?;
+                self.insert_run(i, pfn, n);
+                filled.push((i, n));
+                i += n;
             }
         }
-        self.present -= out.len() as u64;
+        Ok(filled)
+    }
+
+    /// Remove the frames in `start..end` and return them as runs `(pfn, pages)`.
+    pub fn take_runs(&mut self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let end = end.min(self.nr);
+        if start >= end {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let first = self.extent_at(start).map_or(start, |(s, _, _)| s);
+        let keys: Vec<u64> = self.ext.range(first..end).map(|(k, _)| *k).collect();
+        for s in keys {
+            let Some((pfn, len)) = self.ext.remove(&s) else {
+                continue;
+            };
+            let (a, b) = (s.max(start), (s + len).min(end));
+            if s < a {
+                self.ext.insert(s, (pfn, a - s));
+            }
+            if b < s + len {
+                self.ext.insert(b, (pfn + (b - s), s + len - b));
+            }
+            out.push((pfn + (a - s), b - a));
+            self.present -= b - a;
+        }
         out
+    }
+
+    /// Remove and return the frames in `start..end` as order-0 folios.
+    pub fn take_range(&mut self, start: u64, end: u64) -> Vec<Folio> {
+        self.take_runs(start, end)
+            .into_iter()
+            .flat_map(|(pfn, n)| (pfn..pfn + n).map(|p| Folio { pfn: p, order: 0 }))
+            .collect()
     }
 
     /// Grow or shrink to `nr` slots, returning frames dropped off the end.
     pub fn resize(&mut self, nr: u64) -> Vec<Folio> {
-        let dropped = if nr < self.nr_slots() {
-            self.take_range(nr, self.nr_slots())
+        let dropped = if nr < self.nr {
+            self.take_range(nr, self.nr)
         } else {
             Vec::new()
         };
-        self.slots.resize(nr as usize, 0);
+        self.nr = nr;
         dropped
     }
 
     /// Present pages as (index, pfn), in index order.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
-        self.slots
+        self.ext
             .iter()
-            .enumerate()
-            .filter(|(_, &v)| v != 0)
-            .map(|(i, &v)| (i as u64, v - 1))
+            .flat_map(|(&s, &(pfn, len))| (0..len).map(move |k| (s + k, pfn + k)))
+    }
+
+    /// Extents as (first index, first pfn, pages), in index order.
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.ext.iter().map(|(&s, &(pfn, len))| (s, pfn, len))
+    }
+
+    /// Extents overlapping `start..end`, clipped to it.
+    pub fn runs_in(&self, start: u64, end: u64) -> Vec<(u64, u64, u64)> {
+        let first = self.extent_at(start).map_or(start, |(s, _, _)| s);
+        self.ext
+            .range(first..end)
+            .map(|(&s, &(pfn, len))| {
+                let (a, b) = (s.max(start), (s + len).min(end));
+                (a, pfn + (a - s), b - a)
+            })
+            .filter(|r| r.2 > 0)
+            .collect()
     }
 
     /// Free every frame.
     pub fn release(&mut self, mm: &mut Mm) -> Result<(), MmError> {
-        let mut all = self.take_range(0, self.nr_slots());
-        mm.free_many(&mut all)
+        let runs = self.take_runs(0, self.nr);
+        mm.free_runs(&runs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_merge_split_and_count() {
+        let mut c = PageCache::with_pages(100);
+        assert!(c.insert(10, 1000));
+        assert!(c.insert(11, 1001));
+        assert!(c.insert(9, 999));
+        assert_eq!(c.nr_runs(), 1, "consecutive pages merge both ways");
+        assert!(c.insert(13, 1003) && c.insert(12, 1002));
+        assert_eq!(c.nr_runs(), 1);
+        assert!(!c.insert(10, 5), "no double insert");
+        assert!(!c.insert(100, 5), "beyond size");
+        assert!(c.insert(20, 7));
+        assert_eq!(c.nr_runs(), 2);
+        assert_eq!(c.get(12), Some(1002));
+        assert_eq!(c.get(14), None);
+        assert_eq!(c.nr_present(), 6);
+        let t = c.take_runs(10, 12);
+        assert_eq!(t, vec![(1000, 2)]);
+        assert_eq!(c.get(9), Some(999));
+        assert_eq!(c.get(12), Some(1002));
+        assert_eq!(c.nr_present(), 4);
+        assert_eq!(
+            c.iter().collect::<Vec<_>>(),
+            vec![(9, 999), (12, 1002), (13, 1003), (20, 7)]
+        );
+        assert_eq!(c.runs_in(0, 13), vec![(9, 999, 1), (12, 1002, 1)]);
+        let d = c.resize(13);
+        assert_eq!(d.len(), 2);
+        assert_eq!(c.nr_present(), 2);
+        assert!(!c.insert_run(12, 50, 2), "overlaps");
     }
 }
