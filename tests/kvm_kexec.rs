@@ -12,7 +12,7 @@ fn rfc(tag: &str, args: &[&str]) -> common::Run {
 }
 
 fn rfc_with(tag: &str, args: &[&str], boot_args: &[&str]) -> common::Run {
-    let mut a = vec!["guest-mem=16M", "data=5M", "prefault=1"];
+    let mut a = vec!["guest-mem=16M", "data=5M"];
     a.extend_from_slice(args);
     boot(tag, "1G", handover::vmm::rfc::PROGRAM, &a, boot_args)
 }

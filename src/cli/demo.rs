@@ -71,8 +71,6 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
         format!("guest-mem={}", a.guest_mem),
         "--init-arg".into(),
         format!("data={}", a.data),
-        "--init-arg".into(),
-        "prefault=1".into(),
     ];
     if a.gmem_first {
         args.extend(["--init-arg".into(), "order=gmem-first".into()]);

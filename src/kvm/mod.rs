@@ -4,11 +4,15 @@
 //!
 //! Guest memory: a guest_memfd bound to a memslot is mapped into a host [`VaWindow`]
 //! (`crate::mm::VaWindow`) page by page from the RAM memfd, and the real memslot points at that
-//! window. The guest therefore reads and writes the very RAM frames KHO preserves. A guest
-//! access to a page not yet allocated makes the real KVM exit with `KVM_EXIT_MEMORY_FAULT`
-//! (the window is PROT_NONE there); [`run`] allocates the folio, maps it and re-enters the
-//! guest — or, while the file is frozen for preservation, returns the fault to the VMM with
-//! EPERM.
+//! window. The guest therefore reads and writes the very RAM frames KHO preserves.
+//!
+//! Guest faults: this machine's KVM reports no GPA for a fault on an unbacked page of an
+//! hva-backed slot (see docs/kvm-probe.md), so the window's holes are anonymous memory
+//! registered with userfaultfd (`crate::mm::uffd`). A guest access to a page not yet allocated
+//! blocks in the kernel; the host's fault service ([`run`]) allocates the folio, maps it over the
+//! hole and wakes the vCPU — or, while the file is frozen for preservation, kicks the vCPU out of
+//! `KVM_RUN` so that [`Host::vcpu_run`](crate::host::Host) returns the fault to the VMM with
+//! EPERM. About 55 µs per fault here; a VMM that wants none allocates up front (fallocate).
 
 pub mod guest_memfd;
 pub mod guest_memfd_luo;

@@ -282,12 +282,16 @@ impl Host {
         Some(svc.shared.clone())
     }
 
-    /// Start the guest fault service (see the module docs) if a guest_memfd is bound to a
-    /// memslot and it is not running yet. [`Host::vcpu_run`] does this itself; a VMM that calls
-    /// `KVM_RUN` on its own must call it after binding guest_memfd slots. Returns whether the
-    /// service runs.
+    /// Start the guest fault service (see the module docs) unless it runs already.
+    /// [`Host::vcpu_run`] does this itself once a guest_memfd is bound to a memslot; a VMM that
+    /// calls `KVM_RUN` on its own must call this (before or after binding guest_memfd slots).
+    /// Returns whether the service runs (`false`: no userfaultfd on this machine, holes stay
+    /// PROT_NONE and a guest access to one fails with EFAULT).
     pub fn start_fault_service(host: &Arc<Mutex<Host>>) -> SysResult<bool> {
         let mut h = host.lock().map_err(|_| Errno::EIO)?;
+        if h.gmem_uffd().is_none() {
+            return Ok(false);
+        }
         Ok(h.ensure_fault_service(host).is_some())
     }
 
@@ -343,7 +347,7 @@ impl Host {
         let Some(r) = tid.and_then(|t| runners.get(&t)) else {
             return;
         };
-        let Some(gpa) = self.gmem_gpa(r.vm, file, index * PAGE_SIZE) else {
+        let Some(gpa) = self.gmem_gpa(r.vm, file, index.saturating_mul(PAGE_SIZE)) else {
             return;
         };
         {
@@ -461,7 +465,6 @@ impl Host {
     }
 }
 
-thread_local! { static STATS: std::cell::RefCell<(usize, u128, u128, usize)> = const { std::cell::RefCell::new((0,0,0,0)) }; }
 /// The fault service thread: wait for faults, serve them under the host lock, wake.
 fn serve(weak: &Weak<Mutex<Host>>, uffd: &Uffd, shared: &FaultShared, ctl: &ThreadCtl) {
     let mut faults: Vec<PageFault> = Vec::new();
@@ -509,7 +512,6 @@ fn serve(weak: &Weak<Mutex<Host>>, uffd: &Uffd, shared: &FaultShared, ctl: &Thre
             wake_all(&mut faults.iter().map(|f| f.address & !(PAGE_SIZE - 1)));
             break;
         };
-        let t0 = std::time::Instant::now();
         {
             let mut h = host.lock().unwrap_or_else(|p| p.into_inner());
             for f in &faults {
@@ -522,28 +524,7 @@ fn serve(weak: &Weak<Mutex<Host>>, uffd: &Uffd, shared: &FaultShared, ctl: &Thre
             }
         }
         drop(host);
-        let t1 = std::time::Instant::now();
-        let nw = wakes.len();
         wake_all(&mut wakes.drain(..));
-        STATS.with(|c| {
-            let mut c = c.borrow_mut();
-            c.0 += faults.len();
-            c.1 += (t1 - t0).as_nanos();
-            c.2 += t1.elapsed().as_nanos();
-            c.3 += nw;
-        });
     }
-    STATS.with(|c| {
-        let c = c.borrow();
-        if c.0 > 0 {
-            eprintln!(
-                "SVC: {} faults, serve {:.1} us/fault, wake {:.1} us/wake ({} wakes)",
-                c.0,
-                c.1 as f64 / 1e3 / c.0 as f64,
-                c.2 as f64 / 1e3 / c.3.max(1) as f64,
-                c.3
-            );
-        }
-    });
     wake_all(&mut std::mem::take(&mut parked).into_iter());
 }

@@ -132,6 +132,17 @@ impl Host {
             (Ok(()), Some(file)) => {
                 args.retrieve_status = 1;
                 self.fget(file);
+                // Until its session finishes, a retrieved file is still "in" that session: it
+                // cannot be preserved anywhere else (upstream adds it to the preserved set).
+                let id = h.get_id(self, file);
+                self.luo.preserved_ids.insert(id, sid);
+                if let Some(f) = self
+                    .luo
+                    .session_mut(sid)
+                    .and_then(|s| s.files.iter_mut().find(|f| f.busy && f.token == token))
+                {
+                    f.id = Some(id);
+                }
                 Ok(file)
             }
             (Ok(()), None) => {
@@ -167,8 +178,10 @@ impl Host {
                 break;
             };
             h.finish(self, &mut args);
-            if let Some(s) = self.luo.session_mut(sid) {
-                s.files.pop();
+            if let Some(f) = self.luo.session_mut(sid).and_then(|s| s.files.pop()) {
+                if let Some(id) = f.id {
+                    self.luo.preserved_ids.remove(&id);
+                }
             }
             if let Some(file) = args.file {
                 self.fput(file);

@@ -415,6 +415,27 @@ mod tests {
         .unwrap() as usize;
         u.register_missing(base as u64, 4 * PAGE as u64).unwrap();
         let target = base + 2 * PAGE + 100;
+        // If an assertion fails while the thread is blocked, give it a page before the uffd
+        // goes (a released uffd turns the fault into SIGBUS, which would kill the test binary).
+        struct Rescue<'a>(&'a Uffd, usize, bool);
+        impl Drop for Rescue<'_> {
+            fn drop(&mut self) {
+                if self.2 {
+                    return;
+                }
+                // SAFETY: MAP_FIXED anonymous memory inside the test's own mapping.
+                let _ = unsafe {
+                    mmap_anonymous(
+                        self.1 as *mut _,
+                        PAGE,
+                        ProtFlags::READ | ProtFlags::WRITE,
+                        MapFlags::PRIVATE | MapFlags::FIXED,
+                    )
+                };
+                let _ = self.0.wake(self.1 as u64, PAGE as u64);
+            }
+        }
+        let mut rescue = Rescue(&u, base + 2 * PAGE, false);
         let tid = Arc::new(AtomicI32::new(0));
         let t = {
             let tid = tid.clone();
@@ -457,6 +478,7 @@ mod tests {
         .unwrap();
         u.wake((base + 2 * PAGE) as u64, PAGE as u64).unwrap();
         assert_eq!(t.join().unwrap(), 0x77);
+        rescue.2 = true;
         // Nothing else pending; the stop eventfd works.
         assert_eq!(u.read_faults(&mut faults).unwrap(), 0);
         stop.signal();

@@ -51,6 +51,11 @@ pub struct Options {
     pub finish_early: bool,
     /// fallocate the data range before the guest runs (no demand faults).
     pub prefault: bool,
+    /// fallocate the whole guest_memfd: a fully populated guest (the benchmark).
+    pub populate: bool,
+    /// Instead of a live update, the baseline without one: snapshot guest memory and vCPU
+    /// state to a file in this directory, tear the VM down, build a new one and load it back.
+    pub snapshot_dir: Option<String>,
 }
 
 impl Options {
@@ -68,6 +73,8 @@ impl Options {
             no_vm: flag("no-vm"),
             finish_early: flag("finish-early"),
             prefault: flag("prefault"),
+            populate: flag("populate"),
+            snapshot_dir: a.get("snapshot-dir").cloned(),
         };
         if o.data == 0 || o.data > o.guest_mem || o.guest_mem % 4096 != 0 {
             return Err(format!(
@@ -222,7 +229,10 @@ fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
         GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
     )
     .map_err(e("KVM_CREATE_GUEST_MEMFD"))?;
-    if o.prefault {
+    if o.populate {
+        h.fallocate(pid, gmem, libc::FALLOC_FL_KEEP_SIZE, 0, o.guest_mem)
+            .map_err(e("fallocate"))?;
+    } else if o.prefault {
         h.fallocate(
             pid,
             gmem,
@@ -359,6 +369,11 @@ fn stage1(
         return Err(format!("vCPU did not pause: {exit:?}"));
     }
     let paused_at_ns = monotonic_ns();
+    if let Some(dir) = &o.snapshot_dir {
+        drop(kicker);
+        return snapshot_restore(shared, vm, o, dir, pause_ns, paused_at_ns, io)
+            .map(|v| (false, v));
+    }
     let t = Instant::now();
     let mut h = lock(shared);
     let state = {
@@ -410,6 +425,134 @@ fn stage1(
         true,
         json!({ "write_ms": write_ms, "preserve_us": preserve_us, "preserved_folios": folios, "state": ss }),
     ))
+}
+
+/// The baseline: what a user does without live update. Save all guest memory and the vCPU
+/// state to a file, tear the VM down, create a new VM and guest_memfd, load everything back and
+/// resume. The guest measures the blackout the same way.
+fn snapshot_restore(
+    shared: &Arc<Mutex<Host>>,
+    vm: Vm,
+    o: &Options,
+    dir: &str,
+    pause_ns: u64,
+    paused_at_ns: u64,
+    io: Arc<GuestIo>,
+) -> Result<Value, String> {
+    use std::io::{Read, Write};
+    let pid = vm.pid;
+    let path =
+        std::path::Path::new(dir).join(format!("handover-snapshot-{}.bin", std::process::id()));
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let t_save = monotonic_ns();
+    {
+        let mut h = lock(shared);
+        let state = {
+            let v = h.vcpu(pid, vm.vcpu).map_err(e("vcpu"))?;
+            let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
+            VcpuState::save(&v).map_err(e("save vCPU"))?.to_bytes()
+        };
+        let gmap = h
+            .mmap(
+                pid,
+                vm.gmem,
+                o.guest_mem,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                0,
+            )
+            .map_err(e("mmap guest_memfd"))?;
+        let mut f = std::fs::File::create(&path).map_err(e("create snapshot file"))?;
+        f.write_all(&(state.len() as u64).to_le_bytes())
+            .map_err(e("write"))?;
+        f.write_all(&state).map_err(e("write"))?;
+        for (map, len) in [
+            (vm.low_map, guest::LOW_MEM_SIZE as u64),
+            (gmap, o.guest_mem),
+        ] {
+            // SAFETY: the mapping covers `len` bytes and every page of it is present (the low
+            // memory was written whole, the guest_memfd populated), so the window is readable.
+            let mem = unsafe { std::slice::from_raw_parts(map.ptr(), len as usize) };
+            f.write_all(mem).map_err(e("write guest memory"))?;
+        }
+        f.sync_all().map_err(e("sync snapshot"))?;
+        h.munmap(pid, gmap).map_err(e("munmap"))?;
+        // Tear the VM down: its memory goes back to the host.
+        for fd in [vm.vcpu, vm.gmem, vm.vm] {
+            h.close(pid, fd).map_err(e("close"))?;
+        }
+    }
+    let t_saved = monotonic_ns();
+    let (vcpu, low_map) = {
+        let mut h = lock(shared);
+        let kvm = libkvm::open_kvm(&mut h, pid).map_err(e("open /dev/kvm"))?;
+        let nvm = libkvm::create_vm(&mut h, pid, kvm, 0).map_err(e("KVM_CREATE_VM"))?;
+        let gmem = libkvm::create_guest_memfd(
+            &mut h,
+            pid,
+            nvm,
+            o.guest_mem,
+            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+        )
+        .map_err(e("KVM_CREATE_GUEST_MEMFD"))?;
+        h.fallocate(pid, gmem, libc::FALLOC_FL_KEEP_SIZE, 0, o.guest_mem)
+            .map_err(e("fallocate"))?;
+        let gmap = h
+            .mmap(pid, gmem, o.guest_mem, rw, libc::MAP_SHARED, 0)
+            .map_err(e("mmap guest_memfd"))?;
+        let mut f = std::fs::File::open(&path).map_err(e("open snapshot"))?;
+        let mut n = [0u8; 8];
+        f.read_exact(&mut n).map_err(e("read"))?;
+        let mut state = vec![0u8; u64::from_le_bytes(n).min(1 << 20) as usize];
+        f.read_exact(&mut state).map_err(e("read"))?;
+        for (map, len) in [
+            (vm.low_map, guest::LOW_MEM_SIZE as u64),
+            (gmap, o.guest_mem),
+        ] {
+            // SAFETY: as above; the new guest_memfd is populated and mapped writable.
+            let mem = unsafe { std::slice::from_raw_parts_mut(map.ptr(), len as usize) };
+            f.read_exact(mem).map_err(e("read guest memory"))?;
+        }
+        h.munmap(pid, gmap).map_err(e("munmap"))?;
+        let (low_map, vcpu) = bind(&mut h, pid, nvm, gmem, vm.low, o.guest_mem)?;
+        let state = VcpuState::from_bytes(&state).map_err(e("vCPU state"))?;
+        let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
+        let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
+        state.restore(&v).map_err(e("restore vCPU"))?;
+        (vcpu, low_map)
+    };
+    let _ = std::fs::remove_file(&path);
+    let t_resume = monotonic_ns();
+    io.proceed.store(true, Ordering::SeqCst);
+    let mut handler = io_handler(&io, GuestMode::RunUpdate);
+    let exit = Host::vcpu_run(shared, pid, vcpu, &mut handler).map_err(e("KVM_RUN"))?;
+    let mut h = lock(shared);
+    let vmh = Vm {
+        pid,
+        vm: -1,
+        gmem: -1,
+        low: vm.low,
+        low_map,
+        vcpu,
+    };
+    let rep = read_mailbox(&mut h, &vmh)?;
+    let ok = rep.status == guest::STATUS_VERIFY_OK && exit == RunExit::Stopped;
+    let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
+    Ok(json!({
+        "ok": ok,
+        "snapshot": true,
+        "guest_status": guest::status_name(rep.status),
+        "verified_bytes": if ok { o.data } else { 0 },
+        "blackout_us": rep.max_gap_us,
+        "snapshot_bytes": o.guest_mem + guest::LOW_MEM_SIZE as u64,
+        "phases_us": {
+            "pause": us(pause_ns, paused_at_ns),
+            "save": us(t_save, t_saved),
+            "load": us(t_saved, t_resume),
+            "host_pause_to_resume": us(pause_ns, t_resume),
+        },
+        "opts": o,
+    }))
 }
 
 fn stage2(
