@@ -1,5 +1,6 @@
 //! Benchmarks (run with `handover bench ...`; never timed tests).
 
+pub mod blackout;
 pub mod kho;
 
 /// Median, min and max of a sample.

@@ -133,38 +133,43 @@ impl Host {
         }
     }
 
-    fn file_pages(&self, file: FileId) -> u64 {
-        match self.files.kind(file) {
-            Some(FileKind::Memfd(m)) => m.pages.nr_slots(),
-            Some(FileKind::GuestMemfd(g)) => g.pages.nr_slots(),
-            _ => 0,
-        }
-    }
-
     /// Map every present page of the file into mapping `id`, one mmap per contiguous run.
     pub(crate) fn map_present(&mut self, id: MapId) {
         let Some(m) = self.maps.get(&id) else { return };
-        let n = (m.window.len() / PAGE_SIZE).min(self.file_pages(m.file).saturating_sub(m.pgoff));
-        let mut i = 0;
-        while i < n {
-            let Some(pa) = self.file_page(m.file, m.pgoff + i) else {
-                i += 1;
-                continue;
-            };
-            let mut j = i + 1;
-            while j < n && self.file_page(m.file, m.pgoff + j) == Some(pa + (j - i) * PAGE_SIZE) {
-                j += 1;
-            }
-            if let Err(e) = m.window.map(
-                &self.mm.ram,
-                i * PAGE_SIZE,
-                pa,
-                (j - i) * PAGE_SIZE,
-                m.writable,
-            ) {
+        let n = m.window.len() / PAGE_SIZE;
+        self.map_runs_into(m, m.pgoff, m.pgoff + n);
+    }
+
+    /// The page cache behind a file, for the kinds that have one.
+    pub(crate) fn file_cache(&self, file: FileId) -> Option<&crate::mm::PageCache> {
+        match self.files.kind(file)? {
+            FileKind::Memfd(m) => Some(&m.pages),
+            FileKind::GuestMemfd(g) => Some(&g.pages),
+            _ => None,
+        }
+    }
+
+    /// Map the present pages of file indexes `a..b` into mapping `m`, one mmap per run of
+    /// physically contiguous pages.
+    fn map_runs_into(&self, m: &Mapping, a: u64, b: u64) {
+        let n = m.window.len() / PAGE_SIZE;
+        let (a, b) = (a.max(m.pgoff), b.min(m.pgoff + n));
+        if a >= b {
+            return;
+        }
+        let Some(cache) = self.file_cache(m.file) else { return };
+        for (idx, pfn, len) in cache.runs_in(a, b) {
+            let off = (idx - m.pgoff) * PAGE_SIZE;
+            if let Err(e) = m.window.map(&self.mm.ram, off, pfn * PAGE_SIZE, len * PAGE_SIZE, m.writable) {
                 tracing::warn!("mmap: cannot map pages: {e}");
             }
-            i = j;
+        }
+    }
+
+    /// Pages `a..b` of `file` became present: map them into every mapping of the file.
+    pub(crate) fn map_file_range(&mut self, file: FileId, a: u64, b: u64) {
+        for m in self.maps.values().filter(|m| m.file == file) {
+            self.map_runs_into(m, a, b);
         }
     }
 

@@ -56,6 +56,15 @@ pub struct Options {
     /// Instead of a live update, the baseline without one: snapshot guest memory and vCPU
     /// state to a file in this directory, tear the VM down, build a new one and load it back.
     pub snapshot_dir: Option<String>,
+    /// Bind at most this much of the guest_memfd as the guest's memslot (huge guest_memfds
+    /// are then preserved and handed over whole while the guest sees the first part).
+    pub slot_max: u64,
+}
+
+impl Options {
+    pub fn slot_size(&self) -> u64 {
+        self.guest_mem.min(self.slot_max)
+    }
 }
 
 impl Options {
@@ -75,6 +84,7 @@ impl Options {
             prefault: flag("prefault"),
             populate: flag("populate"),
             snapshot_dir: a.get("snapshot-dir").cloned(),
+            slot_max: size("slot-max", u64::MAX)?,
         };
         if o.data == 0 || o.data > o.guest_mem || o.guest_mem % 4096 != 0 {
             return Err(format!(
@@ -252,7 +262,7 @@ fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     guest::build_image(&mut img, &params).map_err(e("guest image"))?;
     h.pwrite(pid, low, &img, 0)
         .map_err(e("write guest image"))?;
-    let (low_map, vcpu) = bind(h, pid, vm, gmem, low, o.guest_mem)?;
+    let (low_map, vcpu) = bind(h, pid, vm, gmem, low, o.slot_size())?;
     let kvm_sys = h.real_kvm().map_err(e("kvm"))?;
     let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
     let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
@@ -514,7 +524,7 @@ fn snapshot_restore(
             f.read_exact(mem).map_err(e("read guest memory"))?;
         }
         h.munmap(pid, gmap).map_err(e("munmap"))?;
-        let (low_map, vcpu) = bind(&mut h, pid, nvm, gmem, vm.low, o.guest_mem)?;
+        let (low_map, vcpu) = bind(&mut h, pid, nvm, gmem, vm.low, o.slot_size())?;
         let state = VcpuState::from_bytes(&state).map_err(e("vCPU state"))?;
         let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
         let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
@@ -606,7 +616,7 @@ fn stage2(
     let bytes = read_all(&mut h, pid, st, 1 << 20).map_err(e("read vCPU state"))?;
     let t_retrieved = monotonic_ns();
     let state = VcpuState::from_bytes(&bytes).map_err(e("vCPU state"))?;
-    let (low_map, vcpu) = bind(&mut h, pid, vm, gmem, low, o.guest_mem)?;
+    let (low_map, vcpu) = bind(&mut h, pid, vm, gmem, low, o.slot_size())?;
     {
         let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
         let v = v.lock().map_err(|_| "vcpu lock".to_string())?;

@@ -1,0 +1,275 @@
+//! The blackout benchmark: real guests through real kexecs of the host image, swept over guest
+//! memory sizes, with the snapshot/restore baseline in the same run.
+//!
+//! Each run is a fresh host image (`handover boot --init gmem-rfc`): a fully populated
+//! guest_memfd of the given size (4 KiB folios), a guest writing and later verifying 1 MiB of
+//! it while it reads its clock port; preserve while it runs, pause, kexec, retrieve, resume. The
+//! guest measures the blackout itself. The baseline runs the same guest through a snapshot to a
+//! file and a restore into a new VM, in one host image.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::Spread;
+
+/// What a point measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Kind {
+    /// Live update, guest_memfd in our run-list format.
+    LiveV2,
+    /// Live update, guest_memfd in the RFC's per-folio format.
+    LiveV1,
+    /// Snapshot to a file and restore into a new VM.
+    Snapshot,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::LiveV2 => "live-v2",
+            Kind::LiveV1 => "live-v1",
+            Kind::Snapshot => "snapshot",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    pub ok: bool,
+    pub blackout_us: f64,
+    pub preserve_us: f64,
+    pub handover_bytes: f64,
+    pub retrieve_us: f64,
+    pub phases_us: Value,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    pub kind: Kind,
+    pub guest_bytes: u64,
+    /// Guest sees only the first `slot_bytes` (metadata-only points).
+    pub slot_bytes: u64,
+    pub runs: Vec<Run>,
+    pub blackout_us: Spread,
+    pub preserve_us: Spread,
+    pub retrieve_us: Spread,
+    pub handover_bytes: Spread,
+    /// Each host-side phase inside the blackout, median over runs.
+    pub phases_median_us: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub sizes: Vec<u64>,
+    pub metadata_only: Vec<u64>,
+    pub runs: usize,
+    pub baseline_max: u64,
+    pub v1_max: u64,
+    pub snapshot_dir: String,
+    pub data: u64,
+}
+
+impl Plan {
+    pub fn full() -> Plan {
+        Plan {
+            sizes: vec![16 << 20, 256 << 20, 1 << 30, 4 << 30, 16 << 30],
+            metadata_only: vec![64 << 30, 256 << 30, 1 << 40],
+            runs: 5,
+            baseline_max: 16 << 30,
+            v1_max: 16 << 30,
+            snapshot_dir: "/var/tmp".into(),
+            data: 1 << 20,
+        }
+    }
+
+    pub fn quick() -> Plan {
+        Plan {
+            sizes: vec![16 << 20, 64 << 20],
+            metadata_only: vec![],
+            runs: 2,
+            baseline_max: 64 << 20,
+            v1_max: 16 << 20,
+            snapshot_dir: "/var/tmp".into(),
+            data: 1 << 20,
+        }
+    }
+
+    /// Every (kind, size, slot) point, in the order they run.
+    pub fn points(&self) -> Vec<(Kind, u64, u64)> {
+        let slot_cap = 16u64 << 30;
+        let mut v = Vec::new();
+        for &s in &self.sizes {
+            v.push((Kind::LiveV2, s, s));
+            if s <= self.v1_max {
+                v.push((Kind::LiveV1, s, s));
+            }
+            if s <= self.baseline_max {
+                v.push((Kind::Snapshot, s, s));
+            }
+        }
+        for &s in &self.metadata_only {
+            v.push((Kind::LiveV2, s, s.min(slot_cap)));
+        }
+        v
+    }
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+/// One run of one point, in a fresh host image.
+pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
+    let ram = size + (size / 16).max(256 << 20) + (512 << 20);
+    let mut args = vec![
+        "--ram".to_string(),
+        ram.to_string(),
+        "--init".into(),
+        crate::vmm::rfc::PROGRAM.into(),
+    ];
+    for a in [
+        format!("guest-mem={size}"),
+        format!("data={}", plan.data.min(slot)),
+        "populate=1".into(),
+        format!("slot-max={slot}"),
+    ] {
+        args.push("--init-arg".into());
+        args.push(a);
+    }
+    match kind {
+        Kind::LiveV1 => args.extend(["--gmem-luo".into(), "v1".into()]),
+        Kind::Snapshot => args.extend(["--init-arg".into(), format!("snapshot-dir={}", plan.snapshot_dir)]),
+        Kind::LiveV2 => {}
+    }
+    let failed = |e: String| Run {
+        ok: false,
+        blackout_us: 0.0,
+        preserve_us: 0.0,
+        handover_bytes: 0.0,
+        retrieve_us: 0.0,
+        phases_us: Value::Null,
+        error: Some(e),
+    };
+    let (code, events, stderr) = match crate::cli::demo::run_host(&args) {
+        Ok(x) => x,
+        Err(e) => return failed(e),
+    };
+    let find = |n: &str| events.iter().find(|e| e["event"] == n).cloned();
+    let end = match kind {
+        Kind::Snapshot => find("rfc-stage1"),
+        _ => find("rfc-stage2"),
+    };
+    let Some(end) = end.filter(|e| e["ok"] == true && code == 0) else {
+        let why = find("rfc-failed")
+            .map(|e| e["error"].as_str().unwrap_or("").to_string())
+            .unwrap_or_else(|| format!("exit {code}: {}", stderr.lines().last().unwrap_or("")));
+        return failed(why);
+    };
+    let p = &end["phases_us"];
+    Run {
+        ok: true,
+        blackout_us: f(&end["blackout_us"]),
+        preserve_us: f(&p["preserve_while_running"]),
+        handover_bytes: f(&end["handover_bytes"]),
+        retrieve_us: f(&p["retrieve"]),
+        phases_us: p.clone(),
+        error: None,
+    }
+}
+
+pub fn summarize(kind: Kind, guest_bytes: u64, slot_bytes: u64, runs: Vec<Run>) -> Point {
+    let ok: Vec<&Run> = runs.iter().filter(|r| r.ok).collect();
+    let sp = |g: fn(&Run) -> f64| Spread::of(&ok.iter().map(|r| g(r)).collect::<Vec<_>>());
+    let mut phases = serde_json::Map::new();
+    if let Some(Value::Object(first)) = ok.first().map(|r| &r.phases_us) {
+        for k in first.keys() {
+            let v: Vec<f64> = ok.iter().map(|r| f(&r.phases_us[k])).collect();
+            phases.insert(k.clone(), Spread::of(&v).median.into());
+        }
+    }
+    Point {
+        kind,
+        guest_bytes,
+        slot_bytes,
+        blackout_us: sp(|r| r.blackout_us),
+        preserve_us: sp(|r| r.preserve_us),
+        retrieve_us: sp(|r| r.retrieve_us),
+        handover_bytes: sp(|r| r.handover_bytes),
+        phases_median_us: Value::Object(phases),
+        runs,
+    }
+}
+
+pub fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 40 && b % (1 << 40) == 0 => format!("{} TiB", b >> 40),
+        b if b >= 1 << 30 => format!("{} GiB", b >> 30),
+        b => format!("{} MiB", b >> 20),
+    }
+}
+
+/// An SVG plot of median blackout against guest size (log-log), one line per kind, with
+/// min..max bars.
+pub fn svg(points: &[Point]) -> String {
+    let (w, h, l, r, t, b) = (820.0, 520.0, 80.0, 170.0, 40.0, 60.0);
+    let ok: Vec<&Point> = points.iter().filter(|p| p.blackout_us.median > 0.0).collect();
+    let xs: Vec<f64> = ok.iter().map(|p| (p.guest_bytes as f64).log2()).collect();
+    let ys: Vec<f64> = ok
+        .iter()
+        .flat_map(|p| [p.blackout_us.min.max(1.0), p.blackout_us.max.max(1.0)])
+        .map(|v| (v / 1000.0).log10())
+        .collect();
+    let (x0, x1) = (xs.iter().cloned().fold(f64::MAX, f64::min).floor(), xs.iter().cloned().fold(f64::MIN, f64::max).ceil());
+    let (y0, y1) = (ys.iter().cloned().fold(f64::MAX, f64::min).floor(), ys.iter().cloned().fold(f64::MIN, f64::max).ceil());
+    let (x1, y1) = (x1.max(x0 + 1.0), y1.max(y0 + 1.0));
+    let px = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - r);
+    let py = |y: f64| h - b - (y - y0) / (y1 - y0) * (h - t - b);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"13\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"16\">Guest-visible blackout vs guest memory (median, min..max)</text>\n",
+        (w - r + l) / 2.0
+    );
+    let mut y = y0;
+    while y <= y1 + 1e-9 {
+        let v = 10f64.powf(y);
+        s += &format!("<line x1=\"{l}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#ddd\"/><text x=\"{2}\" y=\"{3}\" text-anchor=\"end\">{4} ms</text>\n", py(y), w - r, l - 6.0, py(y) + 4.0, if v >= 1.0 { format!("{v:.0}") } else { format!("{v}") });
+        y += 1.0;
+    }
+    let mut x = x0;
+    while x <= x1 + 1e-9 {
+        if (x as i64) % 2 == 0 {
+            s += &format!("<line x1=\"{0}\" y1=\"{t}\" x2=\"{0}\" y2=\"{1}\" stroke=\"#eee\"/><text x=\"{0}\" y=\"{2}\" text-anchor=\"middle\">{3}</text>\n", px(x), h - b, h - b + 18.0, human(2f64.powf(x) as u64));
+        }
+        x += 1.0;
+    }
+    s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">guest memory (fully populated, 4 KiB folios)</text>\n", (w - r + l) / 2.0, h - 14.0);
+    for (i, (kind, color)) in [(Kind::LiveV2, "#1f77b4"), (Kind::LiveV1, "#2ca02c"), (Kind::Snapshot, "#d62728")].iter().enumerate() {
+        let mine: Vec<&&Point> = ok.iter().filter(|p| p.kind == *kind).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let pts: Vec<String> = mine
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", px((p.guest_bytes as f64).log2()), py((p.blackout_us.median / 1000.0).log10())))
+            .collect();
+        s += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n", pts.join(" "));
+        for p in &mine {
+            let xx = px((p.guest_bytes as f64).log2());
+            s += &format!(
+                "<line x1=\"{xx}\" y1=\"{}\" x2=\"{xx}\" y2=\"{}\" stroke=\"{color}\"/><circle cx=\"{xx}\" cy=\"{}\" r=\"3.5\" fill=\"{color}\"/>\n",
+                py((p.blackout_us.min.max(1.0) / 1000.0).log10()),
+                py((p.blackout_us.max.max(1.0) / 1000.0).log10()),
+                py((p.blackout_us.median / 1000.0).log10())
+            );
+        }
+        let label = match kind {
+            Kind::LiveV2 => "live update (v2 runs)",
+            Kind::LiveV1 => "live update (RFC v1)",
+            Kind::Snapshot => "snapshot/restore",
+        };
+        let ly = t + 20.0 + 22.0 * i as f64;
+        s += &format!("<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{2}\" y=\"{3}\">{label}</text>\n", w - r + 10.0, w - r + 34.0, w - r + 40.0, ly + 4.0);
+    }
+    s += "</svg>\n";
+    s
+}
