@@ -258,6 +258,7 @@ impl Guest {
                 IoAction::Continue
             }
             IoEvent::Out { .. } => IoAction::Continue,
+            IoEvent::MmioRead { .. } | IoEvent::MmioWrite { .. } => IoAction::Stop,
         };
         let exit = {
             let _target = self.watchdog.kicker.register_current_thread().unwrap();

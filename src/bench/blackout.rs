@@ -139,7 +139,10 @@ pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
     }
     match kind {
         Kind::LiveV1 => args.extend(["--gmem-luo".into(), "v1".into()]),
-        Kind::Snapshot => args.extend(["--init-arg".into(), format!("snapshot-dir={}", plan.snapshot_dir)]),
+        Kind::Snapshot => args.extend([
+            "--init-arg".into(),
+            format!("snapshot-dir={}", plan.snapshot_dir),
+        ]),
         Kind::LiveV2 => {}
     }
     let failed = |e: String| Run {
@@ -213,15 +216,24 @@ pub fn human(bytes: u64) -> String {
 /// min..max bars.
 pub fn svg(points: &[Point]) -> String {
     let (w, h, l, r, t, b) = (820.0, 520.0, 80.0, 170.0, 40.0, 60.0);
-    let ok: Vec<&Point> = points.iter().filter(|p| p.blackout_us.median > 0.0).collect();
+    let ok: Vec<&Point> = points
+        .iter()
+        .filter(|p| p.blackout_us.median > 0.0)
+        .collect();
     let xs: Vec<f64> = ok.iter().map(|p| (p.guest_bytes as f64).log2()).collect();
     let ys: Vec<f64> = ok
         .iter()
         .flat_map(|p| [p.blackout_us.min.max(1.0), p.blackout_us.max.max(1.0)])
         .map(|v| (v / 1000.0).log10())
         .collect();
-    let (x0, x1) = (xs.iter().cloned().fold(f64::MAX, f64::min).floor(), xs.iter().cloned().fold(f64::MIN, f64::max).ceil());
-    let (y0, y1) = (ys.iter().cloned().fold(f64::MAX, f64::min).floor(), ys.iter().cloned().fold(f64::MIN, f64::max).ceil());
+    let (x0, x1) = (
+        xs.iter().cloned().fold(f64::MAX, f64::min).floor(),
+        xs.iter().cloned().fold(f64::MIN, f64::max).ceil(),
+    );
+    let (y0, y1) = (
+        ys.iter().cloned().fold(f64::MAX, f64::min).floor(),
+        ys.iter().cloned().fold(f64::MIN, f64::max).ceil(),
+    );
     let (x1, y1) = (x1.max(x0 + 1.0), y1.max(y0 + 1.0));
     let px = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - r);
     let py = |y: f64| h - b - (y - y0) / (y1 - y0) * (h - t - b);
@@ -243,16 +255,32 @@ pub fn svg(points: &[Point]) -> String {
         x += 1.0;
     }
     s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">guest memory (fully populated, 4 KiB folios)</text>\n", (w - r + l) / 2.0, h - 14.0);
-    for (i, (kind, color)) in [(Kind::LiveV2, "#1f77b4"), (Kind::LiveV1, "#2ca02c"), (Kind::Snapshot, "#d62728")].iter().enumerate() {
+    for (i, (kind, color)) in [
+        (Kind::LiveV2, "#1f77b4"),
+        (Kind::LiveV1, "#2ca02c"),
+        (Kind::Snapshot, "#d62728"),
+    ]
+    .iter()
+    .enumerate()
+    {
         let mine: Vec<&&Point> = ok.iter().filter(|p| p.kind == *kind).collect();
         if mine.is_empty() {
             continue;
         }
         let pts: Vec<String> = mine
             .iter()
-            .map(|p| format!("{:.1},{:.1}", px((p.guest_bytes as f64).log2()), py((p.blackout_us.median / 1000.0).log10())))
+            .map(|p| {
+                format!(
+                    "{:.1},{:.1}",
+                    px((p.guest_bytes as f64).log2()),
+                    py((p.blackout_us.median / 1000.0).log10())
+                )
+            })
             .collect();
-        s += &format!("<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n", pts.join(" "));
+        s += &format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            pts.join(" ")
+        );
         for p in &mine {
             let xx = px((p.guest_bytes as f64).log2());
             s += &format!(

@@ -1,15 +1,54 @@
-//! `handover bench`: benchmarks.
+//! `handover bench`: the blackout sweep (default) and the KHO micro-benchmark.
 
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
+use serde_json::{json, Value};
 
+use crate::bench::blackout::{self, human, Kind, Plan, Point};
 use crate::kexec::params::parse_size;
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
     #[command(subcommand)]
-    pub what: BenchWhat,
+    pub what: Option<BenchWhat>,
+    #[command(flatten)]
+    pub blackout: BlackoutArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BlackoutArgs {
+    /// A small sweep (16 and 64 MiB, 2 runs) that finishes in well under two minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Runs per point (default 5; 2 with --quick).
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// Guest sizes, comma separated (default 16M,256M,1G,4G,16G).
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    pub sizes: Option<Vec<u64>>,
+    /// Metadata-only sizes (guest sees the first 16 GiB), default 64G,256G,1T; 0 for none.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    pub metadata_only: Option<Vec<u64>>,
+    /// Largest size for the snapshot baseline (it writes the whole guest to a file).
+    #[arg(long, value_parser = parse_size)]
+    pub baseline_max: Option<u64>,
+    /// Largest size for the RFC's per-folio v1 format.
+    #[arg(long, value_parser = parse_size)]
+    pub v1_max: Option<u64>,
+    /// Directory for the baseline's snapshot files.
+    #[arg(long, default_value = "/var/tmp")]
+    pub snapshot_dir: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Print CSV (one line per point).
+    #[arg(long)]
+    pub csv: bool,
+    /// Write blackout.svg (and blackout.png where rsvg-convert or ImageMagick exists) here.
+    #[arg(long)]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -27,30 +66,313 @@ pub enum BenchWhat {
 
 pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     match a.what {
-        BenchWhat::Kho { size, runs, json } => {
-            let r = crate::bench::kho::run(size, runs).map_err(|e| e.to_string())?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-                );
-            } else {
-                println!("KHO: {} GiB of 4 KiB folios ({} pages), {} runs, ns per page (median [min..max])", size >> 30, r.runs[0].pages, r.runs.len());
-                let line = |n: &str, s: crate::bench::Spread| {
-                    println!("  {n:10} {:7.1} [{:.1}..{:.1}]", s.median, s.min, s.max)
-                };
-                line("preserve", r.preserve_ns_per_page);
-                line("handover", r.handover_ns_per_page);
-                line("restore", r.restore_ns_per_page);
-                println!(
-                    "  tracker    {:.0} bytes per GiB",
-                    r.tracker_bytes_per_gib.median
-                );
-                for (i, x) in r.runs.iter().enumerate() {
-                    println!("  run {i}: preserve {:.1} list {:.1} handover {:.1} ({:.1} ms) restore {:.1} ns/page", x.preserve_ns_per_page, x.list_ns_per_page, x.handover_ns_per_page, x.handover_total_ms, x.restore_ns_per_page);
-                }
-            }
-            Ok(ExitCode::SUCCESS)
+        Some(BenchWhat::Kho { size, runs, json }) => kho(size, runs, json),
+        None => sweep(a.blackout),
+    }
+}
+
+fn kho(size: u64, runs: usize, json: bool) -> Result<ExitCode, String> {
+    let r = crate::bench::kho::run(size, runs).map_err(|e| e.to_string())?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "KHO: {} of 4 KiB folios ({} pages), {} runs, ns per page (median [min..max])",
+        human(size),
+        r.runs[0].pages,
+        r.runs.len()
+    );
+    let line = |n: &str, s: crate::bench::Spread| {
+        println!("  {n:10} {:7.1} [{:.1}..{:.1}]", s.median, s.min, s.max)
+    };
+    line("preserve", r.preserve_ns_per_page);
+    line("handover", r.handover_ns_per_page);
+    line("restore", r.restore_ns_per_page);
+    println!(
+        "  tracker    {:.0} bytes per GiB",
+        r.tracker_bytes_per_gib.median
+    );
+    for (i, x) in r.runs.iter().enumerate() {
+        println!(
+            "  run {i}: preserve {:.1} list {:.1} handover {:.1} ({:.1} ms) restore {:.1} ns/page",
+            x.preserve_ns_per_page,
+            x.list_ns_per_page,
+            x.handover_ns_per_page,
+            x.handover_total_ms,
+            x.restore_ns_per_page
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plan(a: &BlackoutArgs) -> Plan {
+    let mut p = if a.quick { Plan::quick() } else { Plan::full() };
+    if let Some(r) = a.runs {
+        p.runs = r.max(1);
+    }
+    if let Some(s) = &a.sizes {
+        p.sizes = s.clone();
+    }
+    if let Some(s) = &a.metadata_only {
+        p.metadata_only = s.iter().copied().filter(|&x| x > 0).collect();
+    }
+    if let Some(m) = a.baseline_max {
+        p.baseline_max = m;
+    }
+    if let Some(m) = a.v1_max {
+        p.v1_max = m;
+    }
+    p.snapshot_dir = a.snapshot_dir.clone();
+    p
+}
+
+fn baseline_for(points: &[Point], size: u64) -> Option<f64> {
+    points
+        .iter()
+        .find(|p| p.kind == Kind::Snapshot && p.guest_bytes == size && p.blackout_us.median > 0.0)
+        .map(|p| p.blackout_us.median)
+}
+
+fn targets(points: &[Point]) -> Vec<Value> {
+    let live = |s: u64| {
+        points.iter().find(|p| {
+            p.kind == Kind::LiveV2
+                && p.guest_bytes == s
+                && p.slot_bytes == s
+                && p.blackout_us.median > 0.0
+        })
+    };
+    let gib = 1u64 << 30;
+    let mut t = Vec::new();
+    if let Some(p) = live(16 * gib) {
+        t.push(json!({"target": "blackout <= 10 ms at 16 GiB", "value_ms": p.blackout_us.median / 1e3, "met": p.blackout_us.median <= 10_000.0}));
+        if let Some(q) = live(16 << 20) {
+            let r = p.blackout_us.median / q.blackout_us.median;
+            t.push(json!({"target": "blackout at 16 GiB within 2x of 16 MiB", "ratio": r, "met": r <= 2.0}));
         }
+        let gibs = (16 * gib) as f64 / (1u64 << 30) as f64 / (p.preserve_us.median / 1e6);
+        t.push(json!({"target": "preserve >= 200 GiB/s", "value_gib_per_s": gibs, "met": gibs >= 200.0}));
+        let kib = p.handover_bytes.median / 1024.0 / 16.0;
+        t.push(json!({"target": "handover metadata <= 64 KiB per GiB", "value_kib_per_gib": kib, "met": kib <= 64.0}));
+        if let Some(b) = baseline_for(points, 16 * gib) {
+            let r = b / p.blackout_us.median;
+            t.push(json!({"target": ">= 100x shorter blackout than snapshot at 16 GiB", "ratio": r, "met": r >= 100.0}));
+        }
+    }
+    t
+}
+
+fn sweep(a: BlackoutArgs) -> Result<ExitCode, String> {
+    if !crate::vmm::libkvm::kvm_available("handover bench") {
+        return Err("the blackout benchmark needs /dev/kvm".into());
+    }
+    let plan = plan(&a);
+    let pts = plan.points();
+    let bar = indicatif::ProgressBar::new((pts.len() * plan.runs) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut points = Vec::new();
+    for (kind, size, slot) in pts {
+        let mut runs = Vec::new();
+        for i in 0..plan.runs {
+            bar.set_message(format!("{} {} run {}", kind.name(), human(size), i + 1));
+            let r = blackout::run_one(kind, size, slot, &plan);
+            if let Some(e) = &r.error {
+                bar.println(format!(
+                    "{} {}: run {} failed: {e}",
+                    kind.name(),
+                    human(size),
+                    i + 1
+                ));
+            }
+            runs.push(r);
+            bar.inc(1);
+        }
+        points.push(blackout::summarize(kind, size, slot, runs));
+    }
+    bar.finish_and_clear();
+
+    let sizes: Vec<Value> = points
+        .iter()
+        .filter(|p| p.kind == Kind::LiveV2)
+        .map(|p| {
+            let base = baseline_for(&points, p.guest_bytes);
+            json!({
+                "guest_bytes": p.guest_bytes,
+                "metadata_only": p.slot_bytes < p.guest_bytes,
+                "blackout_us": p.blackout_us.median,
+                "baseline_blackout_us": base,
+                "ratio": base.map(|b| b / p.blackout_us.median),
+                "handover_bytes": p.handover_bytes.median,
+                "preserve_us": p.preserve_us.median,
+                "retrieve_us": p.retrieve_us.median,
+            })
+        })
+        .collect();
+    let out = json!({
+        "machine": { "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "kernel": kernel_release() },
+        "runs_per_point": plan.runs,
+        "sizes": sizes,
+        "targets": targets(&points),
+        "points": points,
+    });
+    if let Some(dir) = &a.plot {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let svg = dir.join("blackout.svg");
+        std::fs::write(&svg, blackout::svg(&points))
+            .map_err(|e| format!("cannot write {}: {e}", svg.display()))?;
+        let png = dir.join("blackout.png");
+        let made = std::process::Command::new("rsvg-convert")
+            .arg("-o")
+            .arg(&png)
+            .arg(&svg)
+            .status()
+            .is_ok_and(|s| s.success())
+            || std::process::Command::new("convert")
+                .arg(&svg)
+                .arg(&png)
+                .status()
+                .is_ok_and(|s| s.success());
+        eprintln!(
+            "plot: {}{}",
+            svg.display(),
+            if made {
+                format!(" and {}", png.display())
+            } else {
+                " (no rsvg-convert/convert for PNG)".into()
+            }
+        );
+    }
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
+        );
+    } else if a.csv {
+        println!("kind,guest_bytes,slot_bytes,runs_ok,blackout_median_us,blackout_min_us,blackout_max_us,preserve_median_us,retrieve_median_us,handover_bytes,baseline_blackout_us,ratio");
+        for p in &points {
+            let base = baseline_for(&points, p.guest_bytes).filter(|_| p.kind != Kind::Snapshot);
+            println!(
+                "{},{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.0},{},{}",
+                p.kind.name(),
+                p.guest_bytes,
+                p.slot_bytes,
+                p.runs.iter().filter(|r| r.ok).count(),
+                p.blackout_us.median,
+                p.blackout_us.min,
+                p.blackout_us.max,
+                p.preserve_us.median,
+                p.retrieve_us.median,
+                p.handover_bytes.median,
+                base.map_or(String::new(), |b| format!("{b:.0}")),
+                base.map_or(String::new(), |b| format!(
+                    "{:.1}",
+                    b / p.blackout_us.median
+                ))
+            );
+        }
+    } else {
+        print_table(&points, &targets(&points), plan.runs);
+    }
+    let all_ok = points.iter().all(|p| p.runs.iter().all(|r| r.ok));
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn print_table(points: &[Point], targets: &[Value], runs: usize) {
+    println!("blackout sweep, {runs} runs per point; times are median [min..max]");
+    println!(
+        "{:9} {:>8} {:>24} {:>16} {:>12} {:>11} {:>10}  phases inside the blackout (median us)",
+        "kind", "guest", "blackout ms", "preserve ms", "handover", "retrieve ms", "vs snap"
+    );
+    for p in points {
+        let base = baseline_for(points, p.guest_bytes).filter(|_| p.kind != Kind::Snapshot);
+        let ok = p.runs.iter().filter(|r| r.ok).count();
+        let size = if p.slot_bytes < p.guest_bytes {
+            format!("{}*", human(p.guest_bytes))
+        } else {
+            human(p.guest_bytes)
+        };
+        let phases = match &p.phases_median_us {
+            Value::Object(m) => [
+                "pause",
+                "save_state",
+                "freeze_and_finalize",
+                "exec",
+                "boot",
+                "retrieve",
+                "resume",
+                "save",
+                "load",
+            ]
+            .iter()
+            .filter_map(|k| {
+                m.get(*k)
+                    .map(|v| format!("{k} {:.0}", v.as_f64().unwrap_or(0.0)))
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+            _ => String::new(),
+        };
+        println!(
+            "{:9} {:>8} {:>24} {:>16} {:>12} {:>11} {:>10}  {}{}",
+            p.kind.name(),
+            size,
+            format!(
+                "{:.2} [{:.2}..{:.2}]",
+                p.blackout_us.median / 1e3,
+                p.blackout_us.min / 1e3,
+                p.blackout_us.max / 1e3
+            ),
+            if p.kind == Kind::Snapshot {
+                "-".into()
+            } else {
+                format!("{:.2}", p.preserve_us.median / 1e3)
+            },
+            if p.kind == Kind::Snapshot {
+                "-".into()
+            } else {
+                format!("{:.0} KiB", p.handover_bytes.median / 1024.0)
+            },
+            if p.kind == Kind::Snapshot {
+                "-".into()
+            } else {
+                format!("{:.2}", p.retrieve_us.median / 1e3)
+            },
+            base.map_or("-".into(), |b| format!("{:.0}x", b / p.blackout_us.median)),
+            phases,
+            if ok < p.runs.len() {
+                format!("  ({} of {} runs failed)", p.runs.len() - ok, p.runs.len())
+            } else {
+                String::new()
+            }
+        );
+    }
+    if points.iter().any(|p| p.slot_bytes < p.guest_bytes) {
+        println!("* metadata-only: the whole guest_memfd is populated, preserved and handed over; the guest's memslot covers the first 16 GiB");
+    }
+    for t in targets {
+        println!(
+            "target: {} -> {}",
+            t["target"].as_str().unwrap_or(""),
+            if t["met"] == true { "met" } else { "NOT met" }
+        );
     }
 }

@@ -88,6 +88,12 @@ impl Host {
             tracing::error!("KHO: refusing the handover: {why}; booting clean with all RAM free");
         }
 
+        if params.kho.is_some() {
+            // The previous image's reaper (see kexec::reboot) is our child: let the kernel reap
+            // it. A host image starts no other children.
+            // SAFETY: setting a signal disposition has no memory-safety preconditions.
+            unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
+        }
         let mut mm = Mm::new(ram, frames);
         mm.online_normal(&reserved)?;
         let nodes: Vec<u64> = incoming

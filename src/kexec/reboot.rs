@@ -45,6 +45,30 @@ pub fn monotonic_ns() -> u64 {
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
+/// A real kexec abandons the old kernel's objects; our `execve` would instead tear them down
+/// (VMs with their memslot metadata above all) synchronously, inside the guests' blackout. A
+/// forked reaper keeps them referenced and lets them go a second later, after the new image has
+/// resumed its guests. If the fork fails, the teardown simply happens in the exec.
+fn spawn_reaper() {
+    // SAFETY: fork in a possibly multi-threaded process: the child calls only async-signal-safe
+    // functions (nanosleep, _exit) and touches no Rust state.
+    unsafe {
+        if libc::fork() == 0 {
+            // Let go of stdio at once: whoever waits for the host image's output must not wait
+            // for the reaper.
+            for fd in 0..3 {
+                libc::close(fd);
+            }
+            let ts = libc::timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            libc::nanosleep(&ts, std::ptr::null_mut());
+            libc::_exit(0);
+        }
+    }
+}
+
 impl Host {
     /// Everything before the point of no return: LUO freezes and serializes its sessions, then
     /// KHO finalizes. On failure nothing stays frozen or written.
@@ -164,6 +188,9 @@ impl Host {
                 }
                 Ok(())
             });
+        }
+        if std::env::var_os("HANDOVER_NO_REAPER").is_none() {
+            spawn_reaper();
         }
         let err = cmd.exec();
         // Still here: the exec failed. Put the RAM fd back to close-on-exec and undo.

@@ -53,8 +53,23 @@ use crate::uapi::{Errno, Pid, SysResult};
 /// A port access by the guest.
 #[derive(Debug)]
 pub enum IoEvent<'a> {
-    In { port: u16, data: &'a mut [u8] },
-    Out { port: u16, data: &'a [u8] },
+    In {
+        port: u16,
+        data: &'a mut [u8],
+    },
+    Out {
+        port: u16,
+        data: &'a [u8],
+    },
+    /// An access to a guest physical address with no memslot: the VMM supplies the data.
+    MmioRead {
+        addr: u64,
+        data: &'a mut [u8],
+    },
+    MmioWrite {
+        addr: u64,
+        data: &'a [u8],
+    },
 }
 
 /// What the VMM wants after handling an I/O exit.
@@ -439,6 +454,18 @@ impl Host {
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
                     if io(IoEvent::Out { port, data }) == IoAction::Stop {
+                        return Ok(RunExit::Stopped);
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if io(IoEvent::MmioRead { addr, data }) == IoAction::Stop {
+                        return Ok(RunExit::Stopped);
+                    }
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if io(IoEvent::MmioWrite { addr, data }) == IoAction::Stop {
                         return Ok(RunExit::Stopped);
                     }
                     continue;

@@ -157,10 +157,18 @@ impl Host {
         if a >= b {
             return;
         }
-        let Some(cache) = self.file_cache(m.file) else { return };
+        let Some(cache) = self.file_cache(m.file) else {
+            return;
+        };
         for (idx, pfn, len) in cache.runs_in(a, b) {
             let off = (idx - m.pgoff) * PAGE_SIZE;
-            if let Err(e) = m.window.map(&self.mm.ram, off, pfn * PAGE_SIZE, len * PAGE_SIZE, m.writable) {
+            if let Err(e) = m.window.map(
+                &self.mm.ram,
+                off,
+                pfn * PAGE_SIZE,
+                len * PAGE_SIZE,
+                m.writable,
+            ) {
                 tracing::warn!("mmap: cannot map pages: {e}");
             }
         }

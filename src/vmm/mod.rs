@@ -3,3 +3,4 @@ pub mod libkvm;
 pub mod libluo;
 pub mod rfc;
 pub mod selftests;
+pub mod slots;

@@ -26,6 +26,7 @@ use crate::uapi::{Errno, Pid, UserMapping};
 use super::guest::{self, GuestMode, GuestParams};
 use super::libkvm::{self, Region};
 use super::libluo::*;
+use super::slots::GuestMemSlots;
 
 pub const PROGRAM: &str = "gmem-rfc";
 
@@ -59,6 +60,12 @@ pub struct Options {
     /// Bind at most this much of the guest_memfd as the guest's memslot (huge guest_memfds
     /// are then preserved and handed over whole while the guest sees the first part).
     pub slot_max: u64,
+    /// The guest_memfd is bound as memslots of this size (see `vmm::slots`).
+    pub slot_chunk: u64,
+    /// After the update, bind only the first chunk before resuming (the rest lazily).
+    pub lazy_slots: bool,
+    /// ... and the rest from a background thread (else only on the guest's first access).
+    pub background_slots: bool,
 }
 
 impl Options {
@@ -85,6 +92,9 @@ impl Options {
             populate: flag("populate"),
             snapshot_dir: a.get("snapshot-dir").cloned(),
             slot_max: size("slot-max", u64::MAX)?,
+            slot_chunk: size("slot-chunk", 1 << 30)?,
+            lazy_slots: a.get("lazy-slots").is_none_or(|v| v != "0"),
+            background_slots: a.get("background-slots").is_none_or(|v| v != "0"),
         };
         if o.data == 0 || o.data > o.guest_mem || o.guest_mem % 4096 != 0 {
             return Err(format!(
@@ -126,8 +136,20 @@ struct GuestIo {
     status: AtomicU64,
 }
 
-fn io_handler(io: &GuestIo, mode: GuestMode) -> impl FnMut(IoEvent<'_>) -> IoAction + '_ {
+type SlotsRef<'a> = Option<(&'a Mutex<Host>, &'a GuestMemSlots)>;
+
+fn io_handler<'a>(
+    io: &'a GuestIo,
+    mode: GuestMode,
+    slots: SlotsRef<'a>,
+) -> impl FnMut(IoEvent<'_>) -> IoAction + 'a {
     move |ev| match ev {
+        IoEvent::MmioRead { addr, data } => slots
+            .and_then(|(h, s)| s.mmio(h, addr, Some(data), None))
+            .unwrap_or(IoAction::Stop),
+        IoEvent::MmioWrite { addr, data } => slots
+            .and_then(|(h, s)| s.mmio(h, addr, None, Some(data)))
+            .unwrap_or(IoAction::Stop),
         IoEvent::In {
             port: guest::PORT_CLOCK,
             data,
@@ -179,14 +201,17 @@ struct Vm {
     vcpu: i32,
 }
 
+/// Bind low memory (slot 0) and the guest_memfd (chunked slots, all of them if `eager`, else
+/// only the first), and create the vCPU.
 fn bind(
     h: &mut Host,
     pid: Pid,
     vm: i32,
     gmem: i32,
     low: i32,
-    guest_mem: u64,
-) -> Result<(UserMapping, i32), String> {
+    o: &Options,
+    eager: bool,
+) -> Result<(UserMapping, i32, Arc<GuestMemSlots>), String> {
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     let low_map = h
         .mmap(
@@ -198,34 +223,22 @@ fn bind(
             0,
         )
         .map_err(e("mmap low memory"))?;
-    libkvm::set_memory_region2(
-        h,
-        pid,
-        vm,
-        Region {
-            slot: 0,
-            gpa: 0,
-            size: guest::LOW_MEM_SIZE as u64,
-            uaddr: low_map.addr as u64,
-            gmem: None,
-        },
-    )
-    .map_err(e("memslot 0"))?;
-    libkvm::set_memory_region2(
-        h,
-        pid,
-        vm,
-        Region {
-            slot: 1,
-            gpa: GMEM_GPA,
-            size: guest_mem,
-            uaddr: 0,
-            gmem: Some((gmem, 0)),
-        },
-    )
-    .map_err(e("memslot 1 (guest_memfd)"))?;
+    let r = Region {
+        slot: 0,
+        gpa: 0,
+        size: guest::LOW_MEM_SIZE as u64,
+        uaddr: low_map.addr as u64,
+        gmem: None,
+    };
+    libkvm::set_memory_region2(h, pid, vm, r).map_err(e("memslot 0"))?;
+    let slots = GuestMemSlots::new(pid, vm, gmem, GMEM_GPA, o.slot_size(), o.slot_chunk);
+    if eager {
+        slots.bind_all(h)?;
+    } else {
+        slots.bind(h, 0)?;
+    }
     let vcpu = libkvm::create_vcpu(h, pid, vm, 0).map_err(e("create vCPU"))?;
-    Ok((low_map, vcpu))
+    Ok((low_map, vcpu, slots))
 }
 
 fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
@@ -262,7 +275,7 @@ fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     guest::build_image(&mut img, &params).map_err(e("guest image"))?;
     h.pwrite(pid, low, &img, 0)
         .map_err(e("write guest image"))?;
-    let (low_map, vcpu) = bind(h, pid, vm, gmem, low, o.slot_size())?;
+    let (low_map, vcpu, _slots) = bind(h, pid, vm, gmem, low, o, true)?;
     let kvm_sys = h.real_kvm().map_err(e("kvm"))?;
     let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
     let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
@@ -302,7 +315,7 @@ fn spawn_guest(
     let (shared, pid, fd) = (shared.clone(), vm.pid, vm.vcpu);
     std::thread::spawn(move || {
         let _target = kicker.register_current_thread().map_err(e("kicker"))?;
-        let mut handler = io_handler(&io, GuestMode::RunUpdate);
+        let mut handler = io_handler(&io, GuestMode::RunUpdate, None);
         Host::vcpu_run(&shared, pid, fd, &mut handler).map_err(e("KVM_RUN"))
     })
 }
@@ -419,7 +432,7 @@ fn stage1(
         // guest must carry on.
         let Err(err) = lock(shared).kexec(crate::kexec::KexecRequest::default());
         io.proceed.store(true, Ordering::SeqCst);
-        let mut handler = io_handler(&io, GuestMode::RunUpdate);
+        let mut handler = io_handler(&io, GuestMode::RunUpdate, None);
         let exit = Host::vcpu_run(shared, pid, vm.vcpu, &mut handler).map_err(e("KVM_RUN"))?;
         let rep = read_mailbox(&mut lock(shared), &vm)?;
         return Ok((
@@ -524,7 +537,7 @@ fn snapshot_restore(
             f.read_exact(mem).map_err(e("read guest memory"))?;
         }
         h.munmap(pid, gmap).map_err(e("munmap"))?;
-        let (low_map, vcpu) = bind(&mut h, pid, nvm, gmem, vm.low, o.slot_size())?;
+        let (low_map, vcpu, _slots) = bind(&mut h, pid, nvm, gmem, vm.low, o, true)?;
         let state = VcpuState::from_bytes(&state).map_err(e("vCPU state"))?;
         let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
         let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
@@ -534,7 +547,7 @@ fn snapshot_restore(
     let _ = std::fs::remove_file(&path);
     let t_resume = monotonic_ns();
     io.proceed.store(true, Ordering::SeqCst);
-    let mut handler = io_handler(&io, GuestMode::RunUpdate);
+    let mut handler = io_handler(&io, GuestMode::RunUpdate, None);
     let exit = Host::vcpu_run(shared, pid, vcpu, &mut handler).map_err(e("KVM_RUN"))?;
     let mut h = lock(shared);
     let vmh = Vm {
@@ -616,7 +629,8 @@ fn stage2(
     let bytes = read_all(&mut h, pid, st, 1 << 20).map_err(e("read vCPU state"))?;
     let t_retrieved = monotonic_ns();
     let state = VcpuState::from_bytes(&bytes).map_err(e("vCPU state"))?;
-    let (low_map, vcpu) = bind(&mut h, pid, vm, gmem, low, o.slot_size())?;
+    let (low_map, vcpu, slots) = bind(&mut h, pid, vm, gmem, low, &o, !o.lazy_slots)?;
+    let t_bound = monotonic_ns();
     {
         let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
         let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
@@ -639,11 +653,24 @@ fn stage2(
     let handover_bytes = params.prev_handover_bytes.unwrap_or(0);
     drop(h);
     let t_resume = monotonic_ns();
+    // Resumed: bind the other chunks of guest memory off the blackout.
+    let bg =
+        (o.lazy_slots && o.background_slots).then(|| slots.bind_rest_in_background(shared.clone()));
     let io = GuestIo::default();
     io.proceed.store(true, Ordering::SeqCst);
-    let mut handler = io_handler(&io, GuestMode::RunUpdate);
+    let mut handler = io_handler(
+        &io,
+        GuestMode::RunUpdate,
+        Some((shared.as_ref(), slots.as_ref())),
+    );
     let exit = Host::vcpu_run(shared, pid, vcpu, &mut handler).map_err(e("KVM_RUN"))?;
     let t_done = monotonic_ns();
+    let bg_us = match bg.map(|t| t.join()) {
+        Some(Ok(r)) => Some(r?),
+        Some(Err(_)) => return Err("slot binding thread panicked".into()),
+        None => None,
+    };
+    let slots_bound = slots.nr_bound();
     let mut h = lock(shared);
     let rep = read_mailbox(&mut h, &vmh)?;
     finish(&mut h, pid, s).map_err(e("finish session"))?;
@@ -661,6 +688,7 @@ fn stage2(
         "handover_bytes": handover_bytes,
         "preserved_folios": ss.preserved_folios,
         "vm_name": vm_name,
+        "memslots": { "chunks": slots.nr(), "bound_at_end": slots_bound, "background_bind_us": bg_us },
         "order": if o.gmem_first { "gmem-first" } else { "vm-first" },
         "phases_us": {
             "preserve_while_running": ss.preserve_us,
@@ -671,6 +699,8 @@ fn stage2(
             "boot": boot.boot_us as f64,
             "retrieve": us(t_stage2, t_retrieved),
             "resume": us(t_retrieved, t_resume),
+            "resume_bind_memslots": us(t_retrieved, t_bound),
+            "resume_vcpu_state": us(t_bound, t_resume),
             "host_pause_to_resume": us(ss.pause_ns, t_resume),
             "verify_after_resume": us(t_resume, t_done),
         },
