@@ -50,6 +50,7 @@ pub fn run_once(size: u64) -> Result<KhoBenchRun, BenchError> {
     let pages = size / PAGE_SIZE;
     let mut h = Host::boot(BootParams {
         ram_size: size + size / 8 + (512 << 20),
+        liveupdate: false,
         ..Default::default()
     })
     .map_err(err)?;

@@ -50,6 +50,8 @@ pub struct BootArgs {
     pub exec_ns: Option<u64>,
     #[arg(long, hide = true)]
     pub handover_bytes: Option<u64>,
+    #[arg(long, hide = true)]
+    pub reaper_pid: Option<i32>,
 }
 
 pub fn params(a: BootArgs) -> Result<BootParams, String> {
@@ -85,6 +87,7 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
             other => return Err(format!("--gmem-luo {other:?}: expected v1 or v2")),
         },
         prev_handover_bytes: a.handover_bytes,
+        reaper_pid: a.reaper_pid,
         dump_handover: a.dump_handover,
     })
 }
@@ -105,7 +108,10 @@ pub fn run(a: BootArgs) -> Result<ExitCode, String> {
     let host = Host::boot(p).map_err(|e| e.to_string())?;
     let (mut host, outcome) = init::run(host);
     match outcome {
-        InitOutcome::Halt(code) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+        InitOutcome::Halt(code) => {
+            host.release_previous_image(true);
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
         InitOutcome::Kexec => {
             let Err(e) = host.kexec(KexecRequest::default());
             tracing::error!("{e}");

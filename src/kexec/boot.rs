@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::host::Host;
 use crate::kho::{self, Kho};
 use crate::luo::Luo;
-use crate::mm::{pfn_to_pa, Bitmap, Folio, FrameAllocator, Mm, MmError, Ram, PAGE_SIZE};
+use crate::mm::{pfn_to_pa, Folio, FrameAllocator, Mm, MmError, Ram, Ranges, PAGE_SIZE};
 
 use super::params::default_scratch_size;
 use super::BootParams;
@@ -74,7 +74,7 @@ impl Host {
 
         // Validate the whole handover before reserving anything.
         let mut incoming = None;
-        let mut reserved = Bitmap::new(0);
+        let mut reserved = Ranges::new();
         if let (Some(a), None) = (params.kho, &info.refused) {
             match kho::boot::discover(&ram, a) {
                 Ok((inc, r)) => {
@@ -151,6 +151,7 @@ impl Host {
             kvm: None,
             next_vm_id: 0,
             restored_vms: 0,
+            reaped: None,
             guest_faults: None,
             params,
             info,

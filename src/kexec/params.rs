@@ -30,6 +30,8 @@ pub struct BootParams {
     pub exec_ns: Option<u64>,
     /// Handover metadata bytes the previous image wrote.
     pub prev_handover_bytes: Option<u64>,
+    /// The previous image's reaper process (see `kexec::reboot`).
+    pub reaper_pid: Option<i32>,
     /// Preserve guest_memfds in the RFC's per-folio "guest_memfd_luo_v1" format instead of v2.
     pub gmem_luo_v1: bool,
     /// Write a dump of the outgoing handover here at each kexec.
@@ -50,6 +52,7 @@ impl Default for BootParams {
             kexec_start_ns: None,
             exec_ns: None,
             gmem_luo_v1: false,
+            reaper_pid: None,
             prev_handover_bytes: None,
             dump_handover: None,
         }

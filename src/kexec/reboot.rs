@@ -47,29 +47,50 @@ pub fn monotonic_ns() -> u64 {
 
 /// A real kexec abandons the old kernel's objects; our `execve` would instead tear them down
 /// (VMs with their memslot metadata above all) synchronously, inside the guests' blackout. A
-/// forked reaper keeps them referenced and lets them go a second later, after the new image has
-/// resumed its guests. If the fork fails, the teardown simply happens in the exec.
-fn spawn_reaper() {
+/// forked reaper keeps them referenced until the new image, once its guests run again, releases
+/// it ([`Host::release_previous_image`]); it gives up by itself after 10 s. If the fork fails, the
+/// teardown simply happens in the exec.
+fn spawn_reaper() -> Option<i32> {
     // SAFETY: fork in a possibly multi-threaded process: the child calls only async-signal-safe
-    // functions (nanosleep, _exit) and touches no Rust state.
+    // functions (close, nanosleep, _exit) and touches no Rust state.
     unsafe {
-        if libc::fork() == 0 {
+        let pid = libc::fork();
+        if pid == 0 {
             // Let go of stdio at once: whoever waits for the host image's output must not wait
             // for the reaper.
             for fd in 0..3 {
                 libc::close(fd);
             }
             let ts = libc::timespec {
-                tv_sec: 1,
+                tv_sec: 10,
                 tv_nsec: 0,
             };
             libc::nanosleep(&ts, std::ptr::null_mut());
             libc::_exit(0);
         }
+        (pid > 0).then_some(pid)
     }
 }
 
 impl Host {
+    /// Let the previous image's objects go (see [`spawn_reaper`]): call once the guests run
+    /// again. With `wait`, return only when they are gone.
+    pub fn release_previous_image(&mut self, wait: bool) {
+        if let Some(pid) = self.params.reaper_pid.take() {
+            // SAFETY: signalling and waiting for our own child process.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                if wait {
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+            }
+            self.reaped = Some(pid);
+        } else if let (true, Some(pid)) = (wait, self.reaped.take()) {
+            // SAFETY: waiting for our own child process.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        }
+    }
+
     /// Everything before the point of no return: LUO freezes and serializes its sessions, then
     /// KHO finalizes. On failure nothing stays frozen or written.
     pub fn prepare_handover(&mut self) -> Result<(Option<LuoHandover>, Handover), KexecError> {
@@ -189,8 +210,11 @@ impl Host {
                 Ok(())
             });
         }
+        // `HANDOVER_NO_REAPER=1` leaves the teardown in the exec (to measure the difference).
         if std::env::var_os("HANDOVER_NO_REAPER").is_none() {
-            spawn_reaper();
+            if let Some(pid) = spawn_reaper() {
+                cmd.arg("--reaper-pid").arg(pid.to_string());
+            }
         }
         let err = cmd.exec();
         // Still here: the exec failed. Put the RAM fd back to close-on-exec and undo.

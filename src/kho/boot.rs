@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use crate::abi::kho::{KEXEC_METADATA_NAME, MAX_FDT_SIZE};
-use crate::mm::{pa_to_pfn, Bitmap, PhysRead, PAGE_SIZE};
+use crate::mm::{pa_to_pfn, PhysRead, Ranges, PAGE_SIZE};
 
 use super::fdt::{self, HandoverTree};
 use super::metadata::{self, KexecInfo};
@@ -39,7 +39,7 @@ pub struct Incoming {
 }
 
 /// Validate the handover described by `args` and compute the frames to reserve.
-pub fn discover(mem: &dyn PhysRead, args: KhoBootArgs) -> Result<(Incoming, Bitmap), KhoError> {
+pub fn discover(mem: &dyn PhysRead, args: KhoBootArgs) -> Result<(Incoming, Ranges), KhoError> {
     let nr_frames = mem.phys_size() / PAGE_SIZE;
     let scratch = args.scratch_pfns();
     let in_ram = |pa: u64, len: u64| pa.checked_add(len).is_some_and(|e| e <= mem.phys_size());
@@ -57,12 +57,11 @@ pub fn discover(mem: &dyn PhysRead, args: KhoBootArgs) -> Result<(Incoming, Bitm
         nr_frames,
         scratch: scratch.clone(),
     };
-    let mut reserved = Bitmap::new(nr_frames);
-    let tracker = IncomingTracker::walk(mem, tree.tracker_root, &limits, &mut reserved)?;
+    let (tracker, reserved) = IncomingTracker::walk(mem, tree.tracker_root, &limits)?;
 
     let covered = |pa: u64, len: u64| -> bool {
         let (s, e) = (pa_to_pfn(pa), pa_to_pfn(pa + len + PAGE_SIZE - 1));
-        (s..e).all(|p| reserved.get(p) && !scratch.contains(&p))
+        reserved.covers(s, e) && (e <= scratch.start || s >= scratch.end)
     };
     if tracker.order_of(pa_to_pfn(args.fdt_pa)).is_none() || !covered(args.fdt_pa, args.fdt_size) {
         return Err(KhoError::BadHandover(format!(

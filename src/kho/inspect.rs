@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::abi::kho::KEXEC_METADATA_NAME;
-use crate::mm::{Bitmap, PhysRead, PAGE_SIZE};
+use crate::mm::{PhysRead, PAGE_SIZE};
 
 use super::fdt;
 use super::metadata;
@@ -65,8 +65,7 @@ pub fn inspect(
         nr_frames,
         scratch: args.scratch_pfns(),
     };
-    let mut reserved = Bitmap::new(nr_frames);
-    let t = IncomingTracker::walk(mem, tree.tracker_root, &limits, &mut reserved)?;
+    let (t, _) = IncomingTracker::walk(mem, tree.tracker_root, &limits)?;
     let mut orders: BTreeMap<u32, OrderSummary> = BTreeMap::new();
     for (pfn, order) in t.blocks() {
         let o = orders.entry(order).or_insert(OrderSummary {

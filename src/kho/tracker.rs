@@ -6,14 +6,14 @@
 //! Cost: one bit per preserved 4 KiB page, i.e. a 4 KiB leaf covers 128 MiB and the tracker
 //! needs 32 KiB per GiB of order-0 pages plus a few interior nodes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
 
 use crate::abi::kho::{
     radix_index, radix_key, radix_key_decode, KHO_BITMAP_SIZE_LOG2, KHO_MAX_PRESERVE_ORDER,
     KHO_TABLE_LEVELS,
 };
-use crate::mm::{Bitmap, Folio, Mm, PhysRead, PAGE_SHIFT, PAGE_SIZE};
+use crate::mm::{Folio, Mm, PhysRead, Ranges, PAGE_SHIFT, PAGE_SIZE};
 
 use super::KhoError;
 
@@ -146,6 +146,12 @@ pub struct WalkLimits {
     pub scratch: Range<u64>,
 }
 
+/// State of one walk: the frames to reserve and the node pages seen.
+struct Walk {
+    reserved: Ranges,
+    seen: HashSet<u64>,
+}
+
 /// The tracker handed over by the previous image, copied out of RAM at boot. Restores consume
 /// its bits, so a block can be restored at most once.
 /// Leaf keys are small dense integers: a multiply-shift hash is enough and far cheaper than
@@ -178,26 +184,33 @@ pub struct IncomingTracker {
 }
 
 impl IncomingTracker {
-    /// Walk and validate the tree at `root`, marking every node page and every preserved frame
-    /// in `reserved`. Nothing outside `reserved` is touched, so a failure leaves the caller free
-    /// to discard the handover and boot clean.
+    /// Walk and validate the tree at `root` and return it with the frames to reserve: every
+    /// node page and every preserved block, sorted and checked for overlaps. Nothing is written,
+    /// so a failure leaves the caller free to discard the handover and boot clean.
     pub fn walk(
         mem: &dyn PhysRead,
         root: u64,
         limits: &WalkLimits,
-        reserved: &mut Bitmap,
-    ) -> Result<Self, KhoError> {
+    ) -> Result<(Self, Ranges), KhoError> {
         let mut t = IncomingTracker::default();
-        t.walk_table(mem, root, KHO_TABLE_LEVELS, 0, limits, reserved)?;
-        Ok(t)
+        let mut w = Walk {
+            reserved: Ranges::new(),
+            seen: HashSet::new(),
+        };
+        t.walk_table(mem, root, KHO_TABLE_LEVELS, 0, limits, &mut w)?;
+        let reserved = w.reserved.finish().map_err(|o| {
+            KhoError::BadHandover(format!(
+                "preserved memory overlaps: frames {:#x}..{:#x} and {:#x}..{:#x}",
+                (o.0).0,
+                (o.0).1,
+                (o.1).0,
+                (o.1).1
+            ))
+        })?;
+        Ok((t, reserved))
     }
 
-    fn claim_node(
-        &mut self,
-        pa: u64,
-        limits: &WalkLimits,
-        reserved: &mut Bitmap,
-    ) -> Result<(), KhoError> {
+    fn claim_node(&mut self, pa: u64, limits: &WalkLimits, w: &mut Walk) -> Result<(), KhoError> {
         let pfn = pa >> PAGE_SHIFT;
         if pa % PAGE_SIZE != 0 || pfn >= limits.nr_frames {
             return Err(KhoError::BadHandover(format!(
@@ -209,11 +222,12 @@ impl IncomingTracker {
                 "tracker node {pa:#x} lies in scratch"
             )));
         }
-        if reserved.set(pfn) {
+        if !w.seen.insert(pfn) {
             return Err(KhoError::BadHandover(format!(
-                "tracker node {pa:#x} is referenced twice or overlaps preserved memory"
+                "tracker node {pa:#x} is referenced twice"
             )));
         }
+        w.reserved.push(pfn, pfn + 1);
         self.node_pages.push(pa);
         Ok(())
     }
@@ -225,9 +239,9 @@ impl IncomingTracker {
         level: u32,
         prefix: u64,
         limits: &WalkLimits,
-        reserved: &mut Bitmap,
+        w: &mut Walk,
     ) -> Result<(), KhoError> {
-        self.claim_node(pa, limits, reserved)?;
+        self.claim_node(pa, limits, w)?;
         let mut page = [0u8; PAGE_SIZE as usize];
         mem.read_phys(pa, &mut page)?;
         let words: Vec<u64> = page
@@ -235,12 +249,12 @@ impl IncomingTracker {
             .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default()))
             .collect();
         if level == 0 {
-            return self.take_leaf(prefix, &words, limits, reserved);
+            return self.take_leaf(prefix, &words, limits, w);
         }
         for (idx, &child) in words.iter().enumerate() {
             if child != 0 {
                 let p = (prefix << 9) | idx as u64;
-                self.walk_table(mem, child, level - 1, p, limits, reserved)?;
+                self.walk_table(mem, child, level - 1, p, limits, w)?;
             }
         }
         Ok(())
@@ -251,12 +265,12 @@ impl IncomingTracker {
         prefix: u64,
         words: &[u64],
         limits: &WalkLimits,
-        reserved: &mut Bitmap,
+        w: &mut Walk,
     ) -> Result<(), KhoError> {
         let mut leaf = Box::new([0u64; 512]);
-        for (wi, &w) in words.iter().enumerate() {
-            leaf[wi] = w;
-            let mut bits = w;
+        for (wi, &word) in words.iter().enumerate() {
+            leaf[wi] = word;
+            let mut bits = word;
             while bits != 0 {
                 let b = bits.trailing_zeros() as u64;
                 bits &= bits - 1;
@@ -282,12 +296,7 @@ impl IncomingTracker {
                         "preserved block pfn {pfn:#x} order {order} overlaps scratch"
                     )));
                 }
-                if reserved.any_in(pfn, end) {
-                    return Err(KhoError::BadHandover(format!(
-                        "preserved block pfn {pfn:#x} order {order} overlaps other preserved memory"
-                    )));
-                }
-                reserved.set_range(pfn, end);
+                w.reserved.push(pfn, end);
                 self.blocks += 1;
                 self.pages += 1 << order;
             }

@@ -13,7 +13,7 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 
-use super::{Bitmap, Folio, MmError, MAX_ORDER};
+use super::{Folio, MmError, MAX_ORDER};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Zone {
@@ -152,25 +152,19 @@ impl FrameAllocator {
         }
     }
 
-    /// Bring the normal zone online: every normal frame not set in `reserved` becomes free; the
-    /// reserved ones stay allocated (their owner restores them). Called once per boot.
-    pub fn online_normal(&mut self, reserved: &Bitmap) {
+    /// Bring the normal zone online with exactly the `free` runs of frames free (outside
+    /// scratch); every other normal frame stays allocated (its owner restores it). Once per boot.
+    pub fn online_normal(&mut self, free: &[(u64, u64)]) {
         if self.normal_online {
             return;
         }
         let (s, e) = (self.scratch.range.start, self.scratch.range.end);
-        let empty = Bitmap::new(0);
-        let reserved = if reserved.len() == self.nr_frames {
-            reserved
-        } else {
-            &empty
-        };
-        for (lo, hi) in [(0, s), (e, self.nr_frames)] {
-            if reserved.is_empty() {
-                self.normal.add_run(lo, hi);
-            } else {
-                for (a, b) in reserved.clear_runs(lo, hi) {
-                    self.normal.add_run(a, b);
+        for &(a, b) in free {
+            let b = b.min(self.nr_frames);
+            // Never let a run cross into scratch.
+            for (lo, hi) in [(a, b.min(s)), (a.max(e), b)] {
+                if lo < hi {
+                    self.normal.add_run(lo, hi);
                 }
             }
         }
@@ -246,7 +240,7 @@ mod tests {
 
     fn alloc_with_scratch() -> FrameAllocator {
         let mut a = FrameAllocator::new(8192, 0..1024).unwrap();
-        a.online_normal(&Bitmap::new(8192));
+        a.online_normal(&[(1024, 8192)]);
         a
     }
 
@@ -275,10 +269,7 @@ mod tests {
     #[test]
     fn reserved_frames_stay_used() {
         let mut a = FrameAllocator::new(8192, 0..1024).unwrap();
-        let mut r = Bitmap::new(8192);
-        r.set_range(2000, 2010);
-        r.set(5000);
-        a.online_normal(&r);
+        a.online_normal(&[(1024, 2000), (2010, 5000), (5001, 8192)]);
         assert_eq!(a.stats().used, 11);
         assert!(!a.is_free(2005) && a.is_free(2010) && !a.is_free(5000));
         a.free(Folio {

@@ -1,18 +1,18 @@
 //! Memory management of the host image: RAM (the direct map), the buddy frame allocator and the
 //! scratch zone used during early boot after a KHO kexec.
 
-pub mod bitmap;
 pub mod buddy;
 pub mod mapping;
 pub mod page_cache;
 pub mod ram;
+pub mod ranges;
 pub mod uffd;
 
-pub use bitmap::Bitmap;
 pub use buddy::{FrameAllocator, FrameStats, Zone};
 pub use mapping::VaWindow;
 pub use page_cache::PageCache;
 pub use ram::{PhysRead, Ram};
+pub use ranges::Ranges;
 
 pub const PAGE_SHIFT: u32 = 12;
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
@@ -101,20 +101,15 @@ impl Mm {
 
     /// Bring the normal zone online after reserving `reserved`; every other normal frame is
     /// discarded first so it reads as zeros.
-    pub fn online_normal(&mut self, reserved: &Bitmap) -> Result<(), MmError> {
+    pub fn online_normal(&mut self, reserved: &Ranges) -> Result<(), MmError> {
         let nr = self.frames.nr_frames();
         let scratch = self.frames.scratch();
-        let keep = if reserved.len() == nr {
-            reserved.clone()
-        } else {
-            Bitmap::new(nr)
-        };
-        for (lo, hi) in [(0, scratch.start), (scratch.end, nr)] {
-            for (a, b) in keep.clear_runs(lo, hi) {
-                self.ram.discard(pfn_to_pa(a), pfn_to_pa(b - a))?;
-            }
+        let mut free = reserved.gaps(0, scratch.start);
+        free.extend(reserved.gaps(scratch.end, nr));
+        for &(a, b) in &free {
+            self.ram.discard(pfn_to_pa(a), pfn_to_pa(b - a))?;
         }
-        self.frames.online_normal(&keep);
+        self.frames.online_normal(&free);
         Ok(())
     }
 

@@ -665,6 +665,8 @@ fn stage2(
     );
     let exit = Host::vcpu_run(shared, pid, vcpu, &mut handler).map_err(e("KVM_RUN"))?;
     let t_done = monotonic_ns();
+    // The guest runs again: the previous image's VMs can go now.
+    lock(shared).release_previous_image(false);
     let bg_us = match bg.map(|t| t.join()) {
         Some(Ok(r)) => Some(r?),
         Some(Err(_)) => return Err("slot binding thread panicked".into()),
