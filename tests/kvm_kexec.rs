@@ -67,7 +67,7 @@ fn vm_file_not_preserved_refuses_the_kexec_and_the_guest_runs_on() {
     }
     let r = rfc("rfc-no-vm", &["no-vm=1"]);
     assert_eq!(r.code, 0, "stderr:\n{}", r.stderr);
-    let s1 = r.one("rfc-stage1");
+    let s1 = r.one("rfc-aborted");
     assert_eq!(s1["errno"], libc::ENOENT, "{s1}");
     assert!(
         s1["kexec_refused"]

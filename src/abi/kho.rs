@@ -82,8 +82,12 @@ pub const KHO_BLOCK_HEADER_SIZE: usize = 16;
 /// Longest block chain accepted (upstream KHO_MAX_BLOCKS).
 pub const KHO_MAX_BLOCKS: usize = 10_000;
 
-/// `kexec-metadata` blob (upstream `struct kho_kexec_metadata`, packed, 73 bytes).
-pub const KEXEC_METADATA_VERSION: u32 = 1;
+/// `kexec-metadata` blob (upstream `struct kho_kexec_metadata`, packed, 73 bytes). Version 2 is
+/// our extension: the same 73 bytes followed by the path of the image that wrote it (where a
+/// failed update rolls back to), NUL-padded to [`IMAGE_PATH_LEN`] bytes.
+pub const KEXEC_METADATA_VERSION: u32 = 2;
+pub const KEXEC_METADATA_V1: u32 = 1;
+pub const IMAGE_PATH_LEN: usize = 256;
 pub const RELEASE_LEN: usize = 65;
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C, packed)]

@@ -160,7 +160,7 @@ pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
     };
     let find = |n: &str| events.iter().find(|e| e["event"] == n).cloned();
     let end = match kind {
-        Kind::Snapshot => find("rfc-stage1"),
+        Kind::Snapshot => find("rfc-snapshot"),
         _ => find("rfc-stage2"),
     };
     let Some(end) = end.filter(|e| e["ok"] == true && code == 0) else {

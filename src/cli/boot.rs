@@ -52,6 +52,10 @@ pub struct BootArgs {
     pub handover_bytes: Option<u64>,
     #[arg(long, hide = true)]
     pub reaper_pid: Option<i32>,
+    #[arg(long, hide = true)]
+    pub prev_image: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    pub rollback: Option<String>,
 }
 
 pub fn params(a: BootArgs) -> Result<BootParams, String> {
@@ -88,6 +92,8 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
         },
         prev_handover_bytes: a.handover_bytes,
         reaper_pid: a.reaper_pid,
+        prev_image: a.prev_image,
+        rollback: a.rollback,
         dump_handover: a.dump_handover,
     })
 }

@@ -26,6 +26,8 @@ pub struct BootInfo {
     pub kexec_count: u32,
     /// Pages preserved by the previous image, reserved at boot.
     pub incoming_pages: u64,
+    /// This boot is a rollback: why the next image refused the handover.
+    pub rollback: Option<String>,
     /// Time from process start of boot to the allocator being online, microseconds.
     pub boot_us: u64,
     /// CLOCK_MONOTONIC ns when this image started booting.
@@ -72,19 +74,55 @@ impl Host {
         let s = frames.scratch();
         ram.discard(pfn_to_pa(s.start), pfn_to_pa(s.end - s.start))?;
 
-        // Validate the whole handover before reserving anything.
+        // Validate the whole handover before reserving anything: KHO's part, then LUO's
+        // (sessions, files, and a handler for every file).
         let mut incoming = None;
         let mut reserved = Ranges::new();
+        let mut rollback_to = params.prev_image.clone();
         if let (Some(a), None) = (params.kho, &info.refused) {
             match kho::boot::discover(&ram, a) {
                 Ok((inc, r)) => {
-                    incoming = Some(inc);
-                    reserved = r;
+                    let count = inc.metadata.as_ref().map_or(0, |m| m.kexec_count);
+                    crate::fault::init(count, params.rollback.is_some());
+                    if let Some(p) = inc.metadata.as_ref().and_then(|m| m.previous_image.clone()) {
+                        rollback_to = Some(p.into());
+                    }
+                    let check = if crate::fault::hit("boot.refuse") {
+                        Err(
+                            "injected fault at boot.refuse: this image does not take the handover"
+                                .to_string(),
+                        )
+                    } else if params.liveupdate {
+                        crate::luo::serialize::validate(&ram, &inc, &supported_compatibles())
+                            .map_err(|e| e.to_string())
+                    } else {
+                        Ok(())
+                    };
+                    match check {
+                        Ok(()) => {
+                            incoming = Some(inc);
+                            reserved = r;
+                        }
+                        Err(why) => info.refused = Some(why),
+                    }
                 }
                 Err(e) => info.refused = Some(e.to_string()),
             }
+        } else {
+            crate::fault::init(0, params.rollback.is_some());
         }
-        if let Some(why) = &info.refused {
+        if let Some(why) = &params.rollback {
+            tracing::warn!(
+                "rollback: booted again after the next image refused the handover: {why}"
+            );
+            info.rollback = Some(why.clone());
+        }
+        if let (Some(why), Some(a)) = (info.refused.clone(), params.kho) {
+            // Nothing is touched yet: hand the same handover back to the image that made it.
+            if let (None, Some(image)) = (&params.rollback, &rollback_to) {
+                let err = rollback_exec(&params, a, image, &why);
+                tracing::error!("rollback to {} failed: {err}", image.display());
+            }
             tracing::error!("KHO: refusing the handover: {why}; booting clean with all RAM free");
         }
 
@@ -100,14 +138,6 @@ impl Host {
             .as_ref()
             .map(|i| i.tracker.node_pages().to_vec())
             .unwrap_or_default();
-        let mut node_folios: Vec<Folio> = nodes
-            .iter()
-            .map(|&pa| Folio {
-                pfn: pa / PAGE_SIZE,
-                order: 0,
-            })
-            .collect();
-        mm.free_many(&mut node_folios)?;
 
         let args = incoming.as_ref().map(|i| i.args);
         if let Some(inc) = &incoming {
@@ -130,7 +160,16 @@ impl Host {
                 .copied()
         });
         let mut kho = Kho::new(&mut mm, s, incoming)?;
-        // The tree and the metadata blob have been read: give their memory back.
+        // The tracker, the tree and the metadata blob have been read: give their memory back
+        // (once the update commits: until then a rollback needs them).
+        let mut node_folios: Vec<Folio> = nodes
+            .iter()
+            .map(|&pa| Folio {
+                pfn: pa / PAGE_SIZE,
+                order: 0,
+            })
+            .collect();
+        kho.release_many(&mut mm, &mut node_folios)?;
         if let Some(a) = args {
             kho.restore_free(&mut mm, a.fdt_pa)?;
         }
@@ -160,6 +199,9 @@ impl Host {
         if host.luo.enabled {
             host.luo_early_init();
             host.register_handlers();
+        } else {
+            // Without LUO nothing can ask for a rollback later.
+            host.kho.commit(&mut host.mm)?;
         }
         host.info.boot_us = t0.elapsed().as_micros() as u64;
         Ok(host)
@@ -170,22 +212,100 @@ impl Host {
     /// File handlers, registered before user space can open `/dev/liveupdate` (upstream:
     /// late_initcall and module init).
     fn register_handlers(&mut self) {
-        let hs: Vec<std::sync::Arc<dyn crate::luo::FileHandler>> = vec![
-            std::sync::Arc::new(crate::fs::memfd_luo::MemfdHandler),
-            std::sync::Arc::new(crate::luo::test_handler::TestHandler),
-            std::sync::Arc::new(crate::kvm::vm_luo::VmHandler),
-            // v2 first: it is the format new preservations use; v1 stays readable.
-            std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler {
-                format: crate::kvm::guest_memfd_luo::Format::V2,
-            }),
-            std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler {
-                format: crate::kvm::guest_memfd_luo::Format::V1,
-            }),
-        ];
-        for h in hs {
+        for h in handlers() {
             if let Err(e) = self.luo.register(h) {
                 tracing::warn!("liveupdate: cannot register a file handler: {e}");
             }
         }
     }
+}
+
+/// The file handlers this image has, in registration order.
+pub fn handlers() -> Vec<std::sync::Arc<dyn crate::luo::FileHandler>> {
+    let hs: Vec<std::sync::Arc<dyn crate::luo::FileHandler>> = vec![
+        std::sync::Arc::new(crate::fs::memfd_luo::MemfdHandler),
+        std::sync::Arc::new(crate::luo::test_handler::TestHandler),
+        std::sync::Arc::new(crate::kvm::vm_luo::VmHandler),
+        // v2 first: it is the format new preservations use; v1 stays readable.
+        std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler {
+            format: crate::kvm::guest_memfd_luo::Format::V2,
+        }),
+        std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler {
+            format: crate::kvm::guest_memfd_luo::Format::V1,
+        }),
+    ];
+    hs
+}
+
+/// The compatible strings of [`handlers`].
+pub fn supported_compatibles() -> Vec<&'static str> {
+    handlers().iter().map(|h| h.compatible()).collect()
+}
+
+/// Kexec back into `image` with the same handover, which this image did not touch.
+pub(crate) fn rollback_exec(
+    params: &BootParams,
+    a: crate::kho::KhoBootArgs,
+    image: &std::path::Path,
+    why: &str,
+) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    tracing::error!(
+        "rollback: this image cannot take the handover ({why}); kexec back into {}",
+        image.display()
+    );
+    let mut cmd = std::process::Command::new(image);
+    cmd.arg("boot")
+        .arg("--ram")
+        .arg(params.ram_size.to_string());
+    if let Some(fd) = params.ram_fd {
+        cmd.arg("--ram-fd").arg(fd.to_string());
+    }
+    cmd.arg("--kho-fdt")
+        .arg(format!("{:#x}:{:#x}", a.fdt_pa, a.fdt_size));
+    cmd.arg("--kho-scratch")
+        .arg(format!("{:#x}:{:#x}", a.scratch_pa, a.scratch_size));
+    cmd.arg("--rollback").arg(why);
+    for (flag, v) in [
+        (
+            "--kexec-start-ns",
+            params.kexec_start_ns.map(|v| v.to_string()),
+        ),
+        ("--exec-ns", params.exec_ns.map(|v| v.to_string())),
+        (
+            "--handover-bytes",
+            params.prev_handover_bytes.map(|v| v.to_string()),
+        ),
+        ("--reaper-pid", params.reaper_pid.map(|v| v.to_string())),
+        ("--init", params.init.clone()),
+        (
+            "--report",
+            params.report.as_ref().map(|p| p.display().to_string()),
+        ),
+        (
+            "--next-image",
+            params.next_image.as_ref().map(|p| p.display().to_string()),
+        ),
+        (
+            "--dump-handover",
+            params
+                .dump_handover
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        ),
+    ] {
+        if let Some(v) = v {
+            cmd.arg(flag).arg(v);
+        }
+    }
+    for a in &params.init_args {
+        cmd.arg("--init-arg").arg(a);
+    }
+    if !params.liveupdate {
+        cmd.arg("--liveupdate=off");
+    }
+    if params.gmem_luo_v1 {
+        cmd.arg("--gmem-luo=v1");
+    }
+    cmd.exec()
 }

@@ -30,6 +30,10 @@ pub struct BootParams {
     pub exec_ns: Option<u64>,
     /// Handover metadata bytes the previous image wrote.
     pub prev_handover_bytes: Option<u64>,
+    /// The image that booted us (where to roll back to).
+    pub prev_image: Option<PathBuf>,
+    /// This boot is a rollback: the next image could not take the handover, for this reason.
+    pub rollback: Option<String>,
     /// The previous image's reaper process (see `kexec::reboot`).
     pub reaper_pid: Option<i32>,
     /// Preserve guest_memfds in the RFC's per-folio "guest_memfd_luo_v1" format instead of v2.
@@ -53,6 +57,8 @@ impl Default for BootParams {
             exec_ns: None,
             gmem_luo_v1: false,
             reaper_pid: None,
+            prev_image: None,
+            rollback: None,
             prev_handover_bytes: None,
             dump_handover: None,
         }

@@ -91,9 +91,41 @@ impl Host {
         }
     }
 
+    /// Give up on the incoming update before committing it: kexec back into the image that
+    /// made the handover, which is still intact in RAM. Returns only if that fails.
+    pub fn rollback(&mut self, why: &str) -> KexecError {
+        let fail = |m: &str| KexecError::Exec {
+            path: "(rollback)".into(),
+            err: std::io::Error::other(m.to_string()),
+        };
+        if self.kho.committed() {
+            return fail("the update was committed; there is nothing to roll back to");
+        }
+        let Some(inc) = self.kho.incoming() else {
+            return fail("not a KHO boot");
+        };
+        let image = inc
+            .metadata
+            .as_ref()
+            .and_then(|m| m.previous_image.clone())
+            .map(PathBuf::from)
+            .or_else(|| self.params.prev_image.clone());
+        let Some(image) = image else {
+            return fail("the previous image is not known");
+        };
+        let args = inc.args;
+        let err = super::boot::rollback_exec(&self.params, args, &image, why);
+        KexecError::Exec {
+            path: image.display().to_string(),
+            err,
+        }
+    }
+
     /// Everything before the point of no return: LUO freezes and serializes its sessions, then
     /// KHO finalizes. On failure nothing stays frozen or written.
     pub fn prepare_handover(&mut self) -> Result<(Option<LuoHandover>, Handover), KexecError> {
+        // A new update commits whatever was left of the previous one.
+        self.kho.commit(&mut self.mm)?;
         let luo = self.luo_serialize()?;
         match self
             .kho
@@ -169,11 +201,14 @@ impl Host {
     pub fn kexec(&mut self, req: KexecRequest) -> Result<Infallible, KexecError> {
         let start_ns = monotonic_ns();
         let (luo, h) = self.prepare_handover()?;
-        let image = req
+        let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+        let mut image = req
             .next_image
             .or_else(|| self.params.next_image.clone())
-            .or_else(|| std::env::current_exe().ok())
-            .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
+            .unwrap_or_else(|| me.clone());
+        if crate::fault::hit("kexec.exec") {
+            image = PathBuf::from("/nonexistent/handover-injected-fault");
+        }
         let mut h = h;
         if let Some(kind) = self.corrupt_handover.take() {
             super::corrupt::handover(self, &mut h.args, &kind)?;
@@ -188,7 +223,9 @@ impl Host {
                 Err(e) => tracing::warn!("cannot dump the handover: {e}"),
             }
         }
-        let args = self.next_cmdline(&h, start_ns);
+        let mut args = self.next_cmdline(&h, start_ns);
+        args.push("--prev-image".into());
+        args.push(me.display().to_string());
         let ram_fd = self.mm.ram.fd().as_raw_fd();
         tracing::debug!("kexec into {} {}", image.display(), args.join(" "));
         let mut cmd = Command::new(&image);

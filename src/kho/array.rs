@@ -117,7 +117,7 @@ impl Kho {
         for pa in chunks.iter().chain(&data_pas) {
             folios.push(self.restore_folio(*pa)?);
         }
-        mm.free_many(&mut folios)?;
+        self.release_many(mm, &mut folios)?;
         Ok(out)
     }
 

@@ -85,45 +85,7 @@ impl Kho {
         head: u64,
         entry_size: usize,
     ) -> Result<(Vec<u64>, Vec<Vec<u8>>), KhoError> {
-        let per = per_block(entry_size) as u64;
-        let mut seen = HashSet::new();
-        let (mut blocks, mut entries) = (Vec::new(), Vec::new());
-        let mut next = head;
-        while next != 0 {
-            if blocks.len() >= KHO_MAX_BLOCKS {
-                return Err(KhoError::BadHandover(format!(
-                    "block chain is longer than {KHO_MAX_BLOCKS} blocks"
-                )));
-            }
-            if !seen.insert(next) {
-                return Err(KhoError::BadHandover(format!(
-                    "block chain loops at {next:#x}"
-                )));
-            }
-            if !self.is_restorable(next) {
-                return Err(KhoError::BadHandover(format!(
-                    "block {next:#x} is not preserved"
-                )));
-            }
-            let mut page = vec![0u8; PAGE_SIZE as usize];
-            mem.read_phys(next, &mut page)?;
-            let hdr: KhoBlockHeader = zerocopy::FromBytes::read_from_prefix(&page)
-                .map_err(|_| KhoError::Corrupt("block header"))?
-                .0;
-            if hdr.count == 0 || hdr.count > per {
-                return Err(KhoError::BadHandover(format!(
-                    "block {next:#x} holds {} entries (1..={per} allowed)",
-                    hdr.count
-                )));
-            }
-            for i in 0..hdr.count as usize {
-                let off = KHO_BLOCK_HEADER_SIZE + i * entry_size;
-                entries.push(page[off..off + entry_size].to_vec());
-            }
-            blocks.push(next);
-            next = hdr.next;
-        }
-        Ok((blocks, entries))
+        walk_chain(mem, head, entry_size, &|pa| self.is_restorable(pa))
     }
 
     /// Read a chain in the next image and free its blocks.
@@ -139,4 +101,53 @@ impl Kho {
         }
         Ok(entries)
     }
+}
+
+/// Walk a block chain: its block addresses and entries. `restorable` says whether a block
+/// address is preserved memory handed over by the previous image.
+pub fn walk_chain(
+    mem: &dyn PhysRead,
+    head: u64,
+    entry_size: usize,
+    restorable: &dyn Fn(u64) -> bool,
+) -> Result<(Vec<u64>, Vec<Vec<u8>>), KhoError> {
+    let per = per_block(entry_size) as u64;
+    let mut seen = HashSet::new();
+    let (mut blocks, mut entries) = (Vec::new(), Vec::new());
+    let mut next = head;
+    while next != 0 {
+        if blocks.len() >= KHO_MAX_BLOCKS {
+            return Err(KhoError::BadHandover(format!(
+                "block chain is longer than {KHO_MAX_BLOCKS} blocks"
+            )));
+        }
+        if !seen.insert(next) {
+            return Err(KhoError::BadHandover(format!(
+                "block chain loops at {next:#x}"
+            )));
+        }
+        if !restorable(next) {
+            return Err(KhoError::BadHandover(format!(
+                "block {next:#x} is not preserved"
+            )));
+        }
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        mem.read_phys(next, &mut page)?;
+        let hdr: KhoBlockHeader = zerocopy::FromBytes::read_from_prefix(&page)
+            .map_err(|_| KhoError::Corrupt("block header"))?
+            .0;
+        if hdr.count == 0 || hdr.count > per {
+            return Err(KhoError::BadHandover(format!(
+                "block {next:#x} holds {} entries (1..={per} allowed)",
+                hdr.count
+            )));
+        }
+        for i in 0..hdr.count as usize {
+            let off = KHO_BLOCK_HEADER_SIZE + i * entry_size;
+            entries.push(page[off..off + entry_size].to_vec());
+        }
+        blocks.push(next);
+        next = hdr.next;
+    }
+    Ok((blocks, entries))
 }

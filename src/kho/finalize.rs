@@ -23,7 +23,15 @@ impl Kho {
         release: &str,
         kexec_count: u32,
     ) -> Result<Handover, KhoError> {
-        let blob = metadata::encode(release, kexec_count);
+        if crate::fault::hit("kho.finalize") {
+            return Err(KhoError::BadHandover(
+                "injected fault at kho.finalize".into(),
+            ));
+        }
+        let image = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let blob = metadata::encode(release, kexec_count, &image);
         let meta = self.alloc_preserve(mm, blob.len() as u64)?;
         mm.ram.write_phys(meta.pa(), &blob)?;
         self.remove_subtree(KEXEC_METADATA_NAME);

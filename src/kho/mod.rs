@@ -80,6 +80,10 @@ pub struct Kho {
     /// Preserved metadata allocations (pa -> bytes): blobs, arrays, blocks, the tree. Together
     /// with the tracker nodes this is the handover's size, and what a dump copies.
     meta: BTreeMap<u64, u64>,
+    /// The incoming handover has been accepted for good. Until then, memory of it that has
+    /// been read is not freed (`deferred`), so a rollback finds the handover intact in RAM.
+    committed: bool,
+    deferred: Vec<Folio>,
 }
 
 /// Split `pfn..pfn+nr` into maximal naturally aligned power-of-two blocks.
@@ -101,8 +105,10 @@ impl Kho {
             tracker: Tracker::new(mm)?,
             subtrees: BTreeMap::new(),
             scratch,
+            committed: incoming.is_none(),
             incoming,
             meta: BTreeMap::new(),
+            deferred: Vec::new(),
         })
     }
 
@@ -134,6 +140,12 @@ impl Kho {
 
     /// Preserve a folio. Takes no reference: the caller keeps the folio allocated.
     pub fn preserve_folio(&mut self, mm: &mut Mm, f: Folio) -> Result<(), KhoError> {
+        if crate::fault::hit("kho.preserve") {
+            return Err(KhoError::Mm(MmError::NoMemory {
+                order: f.order,
+                zone: crate::mm::Zone::Normal,
+            }));
+        }
         if f.order > tracker_max_order()
             || f.pfn % f.nr_pages() != 0
             || !mm.ram.contains(f.pa(), f.size())
@@ -199,6 +211,12 @@ impl Kho {
 
     /// Allocate zeroed memory of at least `size` bytes and preserve it.
     pub fn alloc_preserve(&mut self, mm: &mut Mm, size: u64) -> Result<Folio, KhoError> {
+        if crate::fault::hit("kho.alloc") {
+            return Err(KhoError::Mm(MmError::NoMemory {
+                order: 0,
+                zone: crate::mm::Zone::Normal,
+            }));
+        }
         if size == 0 {
             return Err(KhoError::Mm(MmError::BadOrder(0)));
         }
@@ -272,6 +290,9 @@ impl Kho {
     /// once; the caller owns it afterwards (free it with [`Mm::free`] or preserve it again).
     pub fn restore_folio(&mut self, pa: u64) -> Result<Folio, KhoError> {
         let bad = KhoError::NotRestorable { pa };
+        if crate::fault::hit("kho.restore") {
+            return Err(bad);
+        }
         if pa % PAGE_SIZE != 0 {
             return Err(bad);
         }
@@ -288,7 +309,7 @@ impl Kho {
 
     /// Restore `nr` pages preserved with [`Kho::preserve_pages`]: all or nothing.
     pub fn restore_pages(&mut self, pa: u64, nr: u64) -> Result<(), KhoError> {
-        if pa % PAGE_SIZE != 0 {
+        if pa % PAGE_SIZE != 0 || crate::fault::hit("kho.restore") {
             return Err(KhoError::NotRestorable { pa });
         }
         let blocks: Vec<_> = split_range(pa_to_pfn(pa), nr).collect();
@@ -304,11 +325,40 @@ impl Kho {
         Ok(())
     }
 
-    /// Restore a folio and free it at once (for metadata that has been read).
+    /// Restore a folio and free it (for metadata that has been read; deferred until commit).
     pub fn restore_free(&mut self, mm: &mut Mm, pa: u64) -> Result<(), KhoError> {
         let f = self.restore_folio(pa)?;
-        mm.free(f)?;
+        self.release_many(mm, &mut vec![f])
+    }
+
+    /// Free handed-over memory that has been consumed — now if the update is committed, at
+    /// commit otherwise.
+    pub fn release_many(&mut self, mm: &mut Mm, folios: &mut Vec<Folio>) -> Result<(), KhoError> {
+        if self.committed {
+            mm.free_many(folios)?;
+        } else {
+            self.deferred.append(folios);
+        }
         Ok(())
+    }
+
+    /// Accept the incoming handover for good: free what was read of it. No rollback after
+    /// this.
+    pub fn commit(&mut self, mm: &mut Mm) -> Result<(), KhoError> {
+        self.committed = true;
+        let mut d = std::mem::take(&mut self.deferred);
+        mm.free_many(&mut d)?;
+        Ok(())
+    }
+
+    /// Accept the incoming handover now (no rollback from here on) but free what was read of
+    /// it later, with [`Kho::commit`] — for the moment guests resume, where time counts.
+    pub fn mark_committed(&mut self) {
+        self.committed = true;
+    }
+
+    pub fn committed(&self) -> bool {
+        self.committed
     }
 
     /// True if a block starting at `pa` is preserved by the previous image and not restored.
@@ -418,8 +468,9 @@ mod tests {
             .kho
             .restore_pages((pages.pfn + 1) * PAGE_SIZE, 13)
             .is_err());
-        // Frames never preserved were freed (and zeroed) at boot.
-        assert!(h.mm.frames().is_free(b.pfn));
+        // Frames never preserved were freed (and zeroed) at boot (the new tracker root may
+        // have been allocated there since).
+        assert!(h.mm.frames().is_free(b.pfn) || h.kho.tracker().root() == b.pa());
         assert_eq!(h.status().incoming_outstanding, 0);
     }
 

@@ -69,7 +69,12 @@ impl Host {
             file: Some(file),
             ..Default::default()
         };
-        if let Err(e) = handler.preserve(self, &mut args) {
+        let r = if crate::fault::hit(&format!("luo.preserve:{}", handler.compatible())) {
+            Err(Errno::ENOMEM)
+        } else {
+            handler.preserve(self, &mut args)
+        };
+        if let Err(e) = r {
             self.fput(file);
             return Err(e);
         }
@@ -127,7 +132,11 @@ impl Host {
             _ => {}
         }
         let (h, mut args) = self.luo_take_args(sid, idx).ok_or(Errno::ENOENT)?;
-        let r = h.retrieve(self, &mut args);
+        let r = if crate::fault::hit(&format!("luo.retrieve:{}", h.compatible())) {
+            Err(Errno::EIO)
+        } else {
+            h.retrieve(self, &mut args)
+        };
         let out = match (r, args.file) {
             (Ok(()), Some(file)) => {
                 args.retrieve_status = 1;
@@ -162,12 +171,17 @@ impl Host {
     /// the files leave the session.
     pub(crate) fn luo_finish_session(&mut self, sid: SessionId) -> SysResult<()> {
         let s = self.luo.session(sid).ok_or(Errno::EINVAL)?;
-        if s.files
-            .iter()
-            .any(|f| f.busy || !f.handler.can_finish(self, &f.args))
-        {
+        if s.files.iter().any(|f| {
+            f.busy
+                || !f.handler.can_finish(self, &f.args)
+                || crate::fault::hit(&format!("luo.can_finish:{}", f.handler.compatible()))
+        }) {
             return Err(Errno::EBUSY);
         }
+        // FINISH accepts the update: nothing rolls back after it.
+        self.kho
+            .commit(&mut self.mm)
+            .map_err(crate::uapi::Errno::from)?;
         while let Some(n) = self
             .luo
             .session(sid)

@@ -71,7 +71,11 @@ impl Host {
         f.busy = true;
         let (h, mut args) = (f.handler.clone(), std::mem::take(&mut f.args));
         let r = if freeze {
-            h.freeze(self, &mut args)
+            if crate::fault::hit(&format!("luo.freeze:{}", h.compatible())) {
+                Err(crate::uapi::Errno::EIO)
+            } else {
+                h.freeze(self, &mut args)
+            }
         } else {
             h.unfreeze(self, &mut args);
             Ok(())
@@ -140,6 +144,9 @@ impl Host {
     }
 
     fn luo_write_inner(&mut self, chains: &mut Vec<BlockChain>) -> Result<Folio, LuoError> {
+        if crate::fault::hit("luo.serialize") {
+            return Err(LuoError::Bad("injected fault at luo.serialize".into()));
+        }
         let mut sessions = Vec::new();
         for &sid in &self.luo.outgoing.clone() {
             let s = self
@@ -195,6 +202,16 @@ impl Host {
             return Err(e.into());
         }
         Ok(blob)
+    }
+
+    /// Once no incoming session is left, the update is accepted: free what was read of it.
+    pub(crate) fn luo_maybe_commit(&mut self) {
+        let incoming = self.luo.sessions.len() - self.luo.outgoing.len();
+        if incoming == 0 && self.luo_incoming.is_none() {
+            if let Err(e) = self.kho.commit(&mut self.mm) {
+                tracing::warn!("KHO commit: {e}");
+            }
+        }
     }
 
     /// The kexec did not happen: drop what was written and unfreeze.
@@ -253,6 +270,9 @@ impl Host {
 
     /// First open: rebuild the incoming sessions. Any failure is sticky (EIO).
     pub(crate) fn luo_deserialize(&mut self) -> Result<(), LuoError> {
+        if crate::fault::hit("luo.deserialize") {
+            return Err(LuoError::Bad("injected fault at luo.deserialize".into()));
+        }
         let Some(h) = self.luo_incoming.take() else {
             return Ok(());
         };
@@ -313,6 +333,7 @@ impl Host {
             });
         }
         self.kho.restore_free(&mut self.mm, h.blob_pa)?;
+        let none = built.is_empty();
         for mut s in built {
             self.luo.next_session += 1;
             let sid = self.luo.next_session;
@@ -321,6 +342,75 @@ impl Host {
             }
             self.luo.sessions.insert(sid, s);
         }
+        if none {
+            self.luo_maybe_commit();
+        }
         Ok(())
     }
+}
+
+/// Boot-time check of the incoming LUO state, before anything of the handover is touched:
+/// header and compatible string, every session and file block, and a handler in this image for
+/// every file. A failure here makes the image roll back instead of booting without the sessions.
+pub fn validate(
+    mem: &dyn PhysRead,
+    inc: &crate::kho::Incoming,
+    supported: &[&str],
+) -> Result<(), LuoError> {
+    let Some(st) = inc.tree.subtrees.get(LUO_KHO_ENTRY_NAME) else {
+        return Ok(());
+    };
+    if st.size < 32 {
+        return Err(LuoError::Bad(format!(
+            "LUO blob is {} bytes, need 32",
+            st.size
+        )));
+    }
+    let mut b = [0u8; 32];
+    mem.read_phys(st.pa, &mut b).map_err(KhoError::from)?;
+    let ser = LuoSer::read_from_bytes(&b).map_err(|_| LuoError::Bad("LUO blob".into()))?;
+    let c = cstr_field(&ser.compatible)
+        .unwrap_or_else(|| String::from_utf8_lossy(&ser.compatible).into_owned());
+    if c != LUO_ABI_COMPATIBLE {
+        return Err(LuoError::Bad(format!(
+            "LUO: unsupported compatible string {c:?} (this image supports {LUO_ABI_COMPATIBLE:?})"
+        )));
+    }
+    let restorable = |pa: u64| {
+        pa % crate::mm::PAGE_SIZE == 0 && inc.tracker.order_of(pa / crate::mm::PAGE_SIZE).is_some()
+    };
+    let (_, sessions) = crate::kho::block::walk_chain(mem, ser.sessions_pa, 80, &restorable)?;
+    for e in sessions {
+        let s = LuoSessionSer::read_from_bytes(&e)
+            .map_err(|_| LuoError::Bad("session entry".into()))?;
+        let name = super::core::session_name(&s.name)
+            .map_err(|_| LuoError::Bad("session name is not valid".into()))?;
+        let (_, files) = crate::kho::block::walk_chain(mem, s.files, 64, &restorable)?;
+        if files.len() as u64 != s.count {
+            return Err(LuoError::Bad(format!(
+                "session {name:?}: {} files, header says {}",
+                files.len(),
+                s.count
+            )));
+        }
+        for fe in files {
+            let f =
+                LuoFileSer::read_from_bytes(&fe).map_err(|_| LuoError::Bad("file entry".into()))?;
+            let compat = cstr_field(&f.compatible)
+                .ok_or_else(|| LuoError::Bad("file compatible string".into()))?;
+            if !supported.contains(&compat.as_str()) {
+                return Err(LuoError::Bad(format!(
+                    "no handler for {compat:?} in this image (session {name:?}, token {:#x})",
+                    f.token
+                )));
+            }
+            if !restorable(f.data) {
+                return Err(LuoError::Bad(format!(
+                    "session {name:?}, token {:#x}: its data is not preserved memory",
+                    f.token
+                )));
+            }
+        }
+    }
+    Ok(())
 }

@@ -91,6 +91,7 @@ impl Host {
             SessionKind::Incoming { .. } => match self.luo_finish_session(sid) {
                 Ok(()) => {
                     self.luo.sessions.remove(&sid);
+                    self.luo_maybe_commit();
                 }
                 Err(e) => {
                     tracing::warn!("liveupdate: implicit finish of a closed session failed: {e}");

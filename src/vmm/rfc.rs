@@ -331,12 +331,7 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Re
     Ok(())
 }
 
-fn stage1(
-    shared: &Arc<Mutex<Host>>,
-    pid: Pid,
-    dev: i32,
-    o: &Options,
-) -> Result<(bool, Value), String> {
+fn stage1(shared: &Arc<Mutex<Host>>, pid: Pid, dev: i32, o: &Options) -> Result<Value, String> {
     let vm = setup(&mut lock(shared), pid, o)?;
     let kicker = {
         let h = lock(shared);
@@ -361,16 +356,91 @@ fn stage1(
     }
     let write_ms = t_run.elapsed().as_secs_f64() * 1e3;
 
+    // The baseline preserves nothing: pause, snapshot, restore.
+    if let Some(dir) = &o.snapshot_dir {
+        let pause_ns = monotonic_ns();
+        kicker.kick().map_err(e("kick"))?;
+        let exit = th
+            .join()
+            .map_err(|_| "vCPU thread panicked".to_string())??;
+        if exit != RunExit::Interrupted {
+            return Err(format!("vCPU did not pause: {exit:?}"));
+        }
+        let paused_at_ns = monotonic_ns();
+        drop(kicker);
+        return snapshot_restore(shared, vm, o, dir, pause_ns, paused_at_ns, io);
+    }
+
+    // From here on, any failure aborts the update: the sessions are closed (which unpreserves
+    // and unfreezes everything) and the guest carries on where it is.
+    let mut th = Some(th);
+    let mut sessions: Vec<i32> = Vec::new();
+    let r = update(
+        shared,
+        pid,
+        dev,
+        o,
+        &vm,
+        &kicker,
+        &mut th,
+        &mut sessions,
+        write_ms,
+    );
+    let err = match r {
+        Ok(never) => match never {},
+        Err(err) => err,
+    };
+    // Still here: the update did not happen.
+    drop(kicker);
+    {
+        let mut h = lock(shared);
+        for s in sessions.into_iter().rev() {
+            let _ = h.close(pid, s);
+        }
+    }
+    io.proceed.store(true, Ordering::SeqCst);
+    let exit = match th.take() {
+        Some(t) => t.join().map_err(|_| "vCPU thread panicked".to_string())??,
+        None => {
+            let mut handler = io_handler(&io, GuestMode::RunUpdate, None);
+            Host::vcpu_run(shared, pid, vm.vcpu, &mut handler).map_err(e("KVM_RUN"))?
+        }
+    };
+    let rep = read_mailbox(&mut lock(shared), &vm)?;
+    let status = lock(shared).status();
+    Ok(json!({
+            "update_aborted": err.0, "errno": err.1, "kexec_refused": err.0, "resumed": format!("{exit:?}"),
+            "guest_status": guest::status_name(rep.status), "write_ms": write_ms,
+            "verified_bytes": if rep.status == guest::STATUS_VERIFY_OK { o.data } else { 0 },
+            "status_after": status,
+    }))
+}
+
+/// Preserve, pause, save and kexec. Returns only on failure: `(what failed, errno)`.
+#[allow(clippy::too_many_arguments)]
+fn update(
+    shared: &Arc<Mutex<Host>>,
+    pid: Pid,
+    dev: i32,
+    o: &Options,
+    vm: &Vm,
+    kicker: &VcpuKicker,
+    th: &mut Option<std::thread::JoinHandle<Result<RunExit, String>>>,
+    sessions: &mut Vec<i32>,
+    write_ms: f64,
+) -> Result<std::convert::Infallible, (String, i32)> {
+    let fail = |what: &'static str| move |err: Errno| (format!("{what}: {err}"), err.0);
     // Preserve while the guest keeps running: the guest_memfd freezes here.
     let t = Instant::now();
     let (s, folios) = {
         let mut h = lock(shared);
-        let s = create_session(&mut h, pid, dev, SESSION).map_err(e("create session"))?;
-        preserve_fd(&mut h, pid, s, vm.gmem, GMEM_TOKEN).map_err(e("preserve guest_memfd"))?;
+        let s = create_session(&mut h, pid, dev, SESSION).map_err(fail("create session"))?;
+        sessions.push(s);
+        preserve_fd(&mut h, pid, s, vm.gmem, GMEM_TOKEN).map_err(fail("preserve guest_memfd"))?;
         if !o.no_vm {
-            preserve_fd(&mut h, pid, s, vm.vm, VM_TOKEN).map_err(e("preserve VM"))?;
+            preserve_fd(&mut h, pid, s, vm.vm, VM_TOKEN).map_err(fail("preserve VM"))?;
         }
-        preserve_fd(&mut h, pid, s, vm.low, LOW_TOKEN).map_err(e("preserve low memory"))?;
+        preserve_fd(&mut h, pid, s, vm.low, LOW_TOKEN).map_err(fail("preserve low memory"))?;
         let f = h
             .fd_file(pid, vm.gmem)
             .ok()
@@ -384,30 +454,35 @@ fn stage1(
 
     // Pause: from here to the resume in the next image is the guest's blackout.
     let pause_ns = monotonic_ns();
-    kicker.kick().map_err(e("kick"))?;
-    let exit = th
-        .join()
-        .map_err(|_| "vCPU thread panicked".to_string())??;
-    if exit != RunExit::Interrupted {
-        return Err(format!("vCPU did not pause: {exit:?}"));
+    kicker
+        .kick()
+        .map_err(|err| (format!("kick: {err}"), libc::EIO))?;
+    let exit = match th.take() {
+        Some(t) => t
+            .join()
+            .map_err(|_| ("vCPU thread panicked".to_string(), libc::EIO))?,
+        None => Err("no vCPU thread".into()),
+    };
+    match exit {
+        Ok(RunExit::Interrupted) => {}
+        other => return Err((format!("vCPU did not pause: {other:?}"), libc::EIO)),
     }
     let paused_at_ns = monotonic_ns();
-    if let Some(dir) = &o.snapshot_dir {
-        drop(kicker);
-        return snapshot_restore(shared, vm, o, dir, pause_ns, paused_at_ns, io)
-            .map(|v| (false, v));
-    }
     let t = Instant::now();
     let mut h = lock(shared);
     let state = {
-        let v = h.vcpu(pid, vm.vcpu).map_err(e("vcpu"))?;
-        let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
-        VcpuState::save(&v).map_err(e("save vCPU"))?.to_bytes()
+        let v = h.vcpu(pid, vm.vcpu).map_err(fail("vcpu"))?;
+        let v = v.lock().map_err(|_| ("vcpu lock".to_string(), libc::EIO))?;
+        VcpuState::save(&v)
+            .map_err(|err| (format!("save vCPU: {err}"), libc::EIO))?
+            .to_bytes()
     };
-    let st = h.memfd_create(pid, "vcpu-state", 0).map_err(e("memfd"))?;
+    let st = h
+        .memfd_create(pid, "vcpu-state", 0)
+        .map_err(fail("memfd"))?;
     h.pwrite(pid, st, &state, 0)
-        .map_err(e("write vCPU state"))?;
-    preserve_fd(&mut h, pid, s, st, VCPU_TOKEN).map_err(e("preserve vCPU state"))?;
+        .map_err(fail("write vCPU state"))?;
+    preserve_fd(&mut h, pid, s, st, VCPU_TOKEN).map_err(fail("preserve vCPU state"))?;
     let save_us = t.elapsed().as_secs_f64() * 1e6;
 
     let ss = StageState {
@@ -419,35 +494,16 @@ fn stage1(
         save_us,
         preserved_folios: folios,
     };
-    let state_s = create_session(&mut h, pid, dev, STATE).map_err(e("create state session"))?;
-    let m = h.memfd_create(pid, "state", 0).map_err(e("memfd"))?;
-    let text = serde_json::to_vec(&ss).map_err(e("state"))?;
-    h.pwrite(pid, m, &text, 0).map_err(e("write state"))?;
-    preserve_fd(&mut h, pid, state_s, m, STATE_TOKEN).map_err(e("preserve state"))?;
-    drop(h);
-    drop(kicker);
-
-    if o.no_vm {
-        // The kexec must be refused (the guest_memfd's VM is not in the session), and the
-        // guest must carry on.
-        let Err(err) = lock(shared).kexec(crate::kexec::KexecRequest::default());
-        io.proceed.store(true, Ordering::SeqCst);
-        let mut handler = io_handler(&io, GuestMode::RunUpdate, None);
-        let exit = Host::vcpu_run(shared, pid, vm.vcpu, &mut handler).map_err(e("KVM_RUN"))?;
-        let rep = read_mailbox(&mut lock(shared), &vm)?;
-        return Ok((
-            false,
-            json!({
-                "kexec_refused": err.to_string(), "errno": err.errno(), "resumed": format!("{exit:?}"),
-                "guest_status": guest::status_name(rep.status),
-                "verified_bytes": if rep.status == guest::STATUS_VERIFY_OK { o.data } else { 0 },
-            }),
-        ));
-    }
-    Ok((
-        true,
-        json!({ "write_ms": write_ms, "preserve_us": preserve_us, "preserved_folios": folios, "state": ss }),
-    ))
+    let state_s = create_session(&mut h, pid, dev, STATE).map_err(fail("create state session"))?;
+    sessions.push(state_s);
+    let m = h.memfd_create(pid, "state", 0).map_err(fail("memfd"))?;
+    let text = serde_json::to_vec(&ss).map_err(|err| (format!("state: {err}"), libc::EINVAL))?;
+    h.pwrite(pid, m, &text, 0).map_err(fail("write state"))?;
+    preserve_fd(&mut h, pid, state_s, m, STATE_TOKEN).map_err(fail("preserve state"))?;
+    h.report("rfc-stage1", json!({ "write_ms": write_ms, "preserve_us": preserve_us, "preserved_folios": folios, "state": ss }));
+    // The kexec: returns only if it was refused.
+    let Err(err) = h.kexec(crate::kexec::KexecRequest::default());
+    Err((err.to_string(), err.errno()))
 }
 
 /// The baseline: what a user does without live update. Save all guest memory and the vCPU
@@ -466,6 +522,14 @@ fn snapshot_restore(
     let pid = vm.pid;
     let path =
         std::path::Path::new(dir).join(format!("handover-snapshot-{}.bin", std::process::id()));
+    /// Removes the snapshot file however this function ends.
+    struct Cleanup<'a>(&'a std::path::Path);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _cleanup = Cleanup(&path);
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     let t_save = monotonic_ns();
     {
@@ -544,7 +608,6 @@ fn snapshot_restore(
         state.restore(&v).map_err(e("restore vCPU"))?;
         (vcpu, low_map)
     };
-    let _ = std::fs::remove_file(&path);
     let t_resume = monotonic_ns();
     io.proceed.store(true, Ordering::SeqCst);
     let mut handler = io_handler(&io, GuestMode::RunUpdate, None);
@@ -652,6 +715,8 @@ fn stage2(
     let params = h.params.clone();
     let handover_bytes = params.prev_handover_bytes.unwrap_or(0);
     drop(h);
+    // Resuming the guest accepts the update: from here on there is no rollback.
+    lock(shared).kho.mark_committed();
     let t_resume = monotonic_ns();
     // Resumed: bind the other chunks of guest memory off the blackout.
     let bg =
@@ -665,8 +730,14 @@ fn stage2(
     );
     let exit = Host::vcpu_run(shared, pid, vcpu, &mut handler).map_err(e("KVM_RUN"))?;
     let t_done = monotonic_ns();
-    // The guest runs again: the previous image's VMs can go now.
-    lock(shared).release_previous_image(false);
+    // The guest runs again: the previous image's VMs can go now, and what was read of the
+    // handover.
+    {
+        let mut h = lock(shared);
+        h.release_previous_image(false);
+        let Host { kho, mm, .. } = &mut *h;
+        kho.commit(mm).map_err(e("commit"))?;
+    }
     let bg_us = match bg.map(|t| t.join()) {
         Some(Ok(r)) => Some(r?),
         Some(Err(_)) => return Err("slot binding thread panicked".into()),
@@ -710,7 +781,21 @@ fn stage2(
     }))
 }
 
-fn scenario(shared: &Arc<Mutex<Host>>) -> Result<(bool, Value), String> {
+fn scenario(shared: &Arc<Mutex<Host>>) -> Result<Value, String> {
+    let r = scenario_inner(shared);
+    // A failure before the guests resumed in this image: go back to the previous image, which
+    // still has everything.
+    if let Err(why) = &r {
+        let mut h = lock(shared);
+        if h.info.kho_boot && !h.kho.committed() {
+            let err = h.rollback(why);
+            return Err(format!("{why}; rollback failed: {err}"));
+        }
+    }
+    r
+}
+
+fn scenario_inner(shared: &Arc<Mutex<Host>>) -> Result<Value, String> {
     let (pid, dev, state) = {
         let mut h = lock(shared);
         let pid = h.spawn();
@@ -724,7 +809,7 @@ fn scenario(shared: &Arc<Mutex<Host>>) -> Result<(bool, Value), String> {
             let o = Options::parse(&lock(shared).params.init_args)?;
             stage1(shared, pid, dev, &o)
         }
-        Ok(st) => Ok((false, stage2(shared, pid, dev, st)?)),
+        Ok(st) => stage2(shared, pid, dev, st),
         Err(err) => Err(format!("retrieve state session: {err}")),
     }
 }
@@ -735,13 +820,15 @@ pub fn run(host: Host) -> (Host, InitOutcome) {
     let shared = Arc::new(Mutex::new(host));
     let r = scenario(&shared);
     let host = take_back(shared);
-    let event = if kho_boot { "rfc-stage2" } else { "rfc-stage1" };
     match r {
-        Ok((true, v)) => {
-            host.report(event, v);
-            (host, InitOutcome::Kexec)
-        }
-        Ok((false, v)) => {
+        Ok(v) => {
+            let event = if kho_boot {
+                "rfc-stage2"
+            } else if v.get("snapshot").is_some() {
+                "rfc-snapshot"
+            } else {
+                "rfc-aborted"
+            };
             host.report(event, v);
             (host, InitOutcome::Halt(0))
         }
