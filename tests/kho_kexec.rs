@@ -106,12 +106,12 @@ fn refused(kind: &str, expect: &str) {
 
 #[test]
 fn refuses_truncated_tree() {
-    refused("fdt-truncate", "not a valid FDT");
+    refused("fdt-truncate", "checksum mismatch");
 }
 
 #[test]
 fn refuses_bit_flipped_tree() {
-    refused("fdt-bitflip", "not a valid FDT");
+    refused("fdt-bitflip", "checksum mismatch");
 }
 
 #[test]

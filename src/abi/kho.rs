@@ -14,6 +14,35 @@ pub const PROP_PRESERVED_MEMORY_MAP: &str = "preserved-memory-map";
 pub const PROP_PRESERVED_DATA: &str = "preserved-data";
 /// Subtree property: size of the client's blob in bytes.
 pub const PROP_BLOB_SIZE: &str = "blob-size";
+/// Root property (our extension): CRC-32 over the tracker's node pages in address order.
+pub const PROP_TRACKER_CRC: &str = "tracker-crc32";
+/// Subtree property (our extension): CRC-32 of the blob, u32 native endian.
+pub const PROP_BLOB_CRC: &str = "blob-crc32";
+/// The subtree listing a CRC-32 for every page of handover metadata (our extension).
+pub const INTEGRITY_NAME: &str = "kho-integrity";
+pub const INTEGRITY_COMPATIBLE: &str = "kho-integrity-v1";
+
+/// Header of the integrity table; the entries are a preserved array.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct IntegrityHeader {
+    pub compatible: [u8; 24],
+    pub nr_entries: u64,
+    pub entries: KhoArraySer,
+    /// CRC-32 of the entries' bytes.
+    pub entries_crc: u32,
+    pub _pad: u32,
+}
+
+/// One checksummed range of metadata.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct IntegrityEntry {
+    pub pa: u64,
+    pub len: u64,
+    pub crc: u32,
+    pub _pad: u32,
+}
 /// The subtree KHO itself writes.
 pub const KEXEC_METADATA_NAME: &str = "kexec-metadata";
 /// Largest handover FDT we accept.

@@ -45,6 +45,8 @@ pub struct BootArgs {
     #[arg(long, hide = true, value_parser = parse_range)]
     pub kho_scratch: Option<(u64, u64)>,
     #[arg(long, hide = true)]
+    pub kho_fdt_crc: Option<u32>,
+    #[arg(long, hide = true)]
     pub kexec_start_ns: Option<u64>,
     #[arg(long, hide = true)]
     pub exec_ns: Option<u64>,
@@ -65,6 +67,7 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
             fdt_size,
             scratch_pa,
             scratch_size,
+            fdt_crc: a.kho_fdt_crc,
         }),
         (None, None) => None,
         _ => return Err("--kho-fdt and --kho-scratch go together".into()),

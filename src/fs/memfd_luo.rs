@@ -170,6 +170,10 @@ impl FileHandler for MemfdHandler {
             }
         };
         host.mm.ram.write_phys(sf.pa(), ser.as_bytes())?;
+        host.kho.label(sf.pa(), "memfd");
+        for pa in arr.page_addrs() {
+            host.kho.label(pa, "memfd-folios");
+        }
         a.serialized = sf.pa();
         a.private = Some(Box::new(Preserved {
             ser: sf,

@@ -159,6 +159,12 @@ impl Host {
                 .get(crate::abi::kho::KEXEC_METADATA_NAME)
                 .copied()
         });
+        let integrity = incoming.as_ref().and_then(|i| {
+            i.tree
+                .subtrees
+                .get(crate::abi::kho::INTEGRITY_NAME)
+                .copied()
+        });
         let mut kho = Kho::new(&mut mm, s, incoming)?;
         // The tracker, the tree and the metadata blob have been read: give their memory back
         // (once the update commits: until then a rollback needs them).
@@ -175,6 +181,17 @@ impl Host {
         }
         if let Some(m) = meta {
             kho.restore_free(&mut mm, m.pa)?;
+        }
+        if let Some(st) = integrity {
+            // Checked in discover; its table and header are KHO's own and go back now.
+            let mut b = [0u8; std::mem::size_of::<crate::abi::kho::IntegrityHeader>()];
+            crate::mm::PhysRead::read_phys(&mm.ram, st.pa, &mut b)?;
+            if let Ok(h) =
+                <crate::abi::kho::IntegrityHeader as zerocopy::FromBytes>::read_from_bytes(&b)
+            {
+                kho.restore_array(&mut mm, &h.entries)?;
+            }
+            kho.restore_free(&mut mm, st.pa)?;
         }
         let luo = Luo::new(params.liveupdate);
         let mut host = Host {
@@ -265,6 +282,9 @@ pub(crate) fn rollback_exec(
         .arg(format!("{:#x}:{:#x}", a.fdt_pa, a.fdt_size));
     cmd.arg("--kho-scratch")
         .arg(format!("{:#x}:{:#x}", a.scratch_pa, a.scratch_size));
+    if let Some(c) = a.fdt_crc {
+        cmd.arg("--kho-fdt-crc").arg(c.to_string());
+    }
     cmd.arg("--rollback").arg(why);
     for (flag, v) in [
         (

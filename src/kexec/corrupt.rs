@@ -10,7 +10,7 @@ use crate::kho::{KhoBootArgs, KhoError};
 use crate::mm::{PhysRead, PAGE_SIZE};
 
 /// Kinds applied to a client blob before the handover is finalized.
-pub const CLIENT_KINDS: &[&str] = &["chain-cycle", "chain-overlong", "blob-outside"];
+pub const CLIENT_KINDS: &[&str] = &["chain-cycle", "chain-overlong"];
 /// Kinds applied to the finalized handover right before `execve`.
 pub const HANDOVER_KINDS: &[&str] = &[
     "fdt-truncate",
@@ -20,6 +20,7 @@ pub const HANDOVER_KINDS: &[&str] = &[
     "fdt-outside",
     "tracker-outside",
     "tracker-cycle",
+    "blob-outside",
 ];
 
 fn test_ser(host: &Host) -> Result<(u64, KhoTestSer), KhoError> {
@@ -46,15 +47,9 @@ pub fn client(host: &mut Host, kind: &str) -> Result<(), KhoError> {
             ser.folios.total_pages -= 1;
             host.mm.ram.write_phys(pa, ser.as_bytes())?;
         }
-        "blob-outside" => {
-            let st = host
-                .kho
-                .remove_subtree(SUBTREE)
-                .ok_or(KhoError::Corrupt("no subtree"))?;
-            host.kho
-                .add_subtree(SUBTREE, host.mm.ram.size() * 2, st.size)?;
+        k if HANDOVER_KINDS.contains(&k) || k.starts_with("flip:") => {
+            host.corrupt_handover = Some(k.to_string())
         }
-        k if HANDOVER_KINDS.contains(&k) => host.corrupt_handover = Some(k.to_string()),
         _ => {
             return Err(KhoError::BadHandover(format!(
                 "unknown corruption {kind:?}"
@@ -74,14 +69,35 @@ pub fn handover(host: &mut Host, args: &mut KhoBootArgs, kind: &str) -> Result<(
         "compat" => {
             let at = find(&fdt, KHO_FDT_COMPATIBLE.as_bytes()).ok_or(KhoError::Corrupt("fdt"))?;
             ram.write_phys(args.fdt_pa + at as u64 + 5, b"9")?;
+            // As an image of another version would write it: checksum and all.
+            let mut now = fdt.clone();
+            now[at + 5] = b'9';
+            args.fdt_crc = Some(crc32fast::hash(&now));
         }
         "root-bitflip" => {
             // The same tree with one bit of the tracker root flipped (same length).
             let t = crate::kho::fdt::parse(&fdt)?;
-            let b = crate::kho::fdt::build(t.tracker_root ^ (1 << 13), &t.subtrees)?;
+            let b = crate::kho::fdt::build(
+                t.tracker_root ^ (1 << 13),
+                t.tracker_crc.unwrap_or(0),
+                &t.subtrees,
+            )?;
             ram.write_phys(args.fdt_pa, &b)?;
+            // A well-formed tree that points at the wrong place: its checksum matches.
+            args.fdt_crc = Some(crc32fast::hash(&b));
         }
         "fdt-outside" => args.fdt_pa = ram.size() + PAGE_SIZE,
+        "blob-outside" => {
+            // A well-formed tree (checksum and all) whose kho-test blob points outside RAM.
+            let mut t = crate::kho::fdt::parse(&fdt)?;
+            if let Some(s) = t.subtrees.get_mut(SUBTREE) {
+                s.pa = ram.size() * 2;
+            }
+            let b =
+                crate::kho::fdt::build(t.tracker_root, t.tracker_crc.unwrap_or(0), &t.subtrees)?;
+            ram.write_phys(args.fdt_pa, &b)?;
+            args.fdt_crc = Some(crc32fast::hash(&b));
+        }
         "tracker-outside" | "tracker-cycle" => {
             let root = host.kho.tracker().root();
             // Root-level index of the lowest keys of order 0 (where kho-test folios live).

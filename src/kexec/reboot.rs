@@ -177,6 +177,9 @@ impl Host {
         if p.gmem_luo_v1 {
             v.push("--gmem-luo=v1".into());
         }
+        if let Some(c) = a.fdt_crc {
+            v.push(format!("--kho-fdt-crc={c}"));
+        }
         if let Some(i) = &p.init {
             v.push("--init".into());
             v.push(i.clone());
@@ -200,6 +203,16 @@ impl Host {
     /// failure, with the host intact.
     pub fn kexec(&mut self, req: KexecRequest) -> Result<Infallible, KexecError> {
         let start_ns = monotonic_ns();
+        // Test hook: damage the handover (`HANDOVER_CORRUPT=flip:<kind>` and the kinds of
+        // `kexec::corrupt`), only from a first image that was not itself rolled back to.
+        if let Ok(kind) = std::env::var("HANDOVER_CORRUPT") {
+            if self.info.kexec_count == 0
+                && self.params.rollback.is_none()
+                && self.info.refused.is_none()
+            {
+                self.corrupt_handover = Some(kind);
+            }
+        }
         let (luo, h) = self.prepare_handover()?;
         let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
         let mut image = req

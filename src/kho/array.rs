@@ -17,6 +17,11 @@ pub struct PreservedArray {
 }
 
 impl PreservedArray {
+    /// Physical addresses of its pages (data and chunks).
+    pub fn page_addrs(&self) -> Vec<u64> {
+        self.pages.iter().map(|f| f.pa()).collect()
+    }
+
     /// RAM the array occupies (data and chunk pages).
     pub fn bytes(&self) -> u64 {
         self.pages.len() as u64 * PAGE_SIZE
@@ -182,4 +187,60 @@ impl Kho {
         }
         Ok((chunks, data))
     }
+}
+
+/// Read a preserved array's contents straight from memory, without consulting the tracker (for
+/// the integrity table, which is checked before the tracker is trusted): bounded, loop-free,
+/// `total_pages * PAGE_SIZE` bytes.
+pub fn read_chain(mem: &dyn PhysRead, ser: &KhoArraySer) -> Result<Vec<u8>, KhoError> {
+    let bad = |why: String| KhoError::BadHandover(format!("preserved array: {why}"));
+    let total = ser.total_pages as u64;
+    if ser.first == 0 {
+        return if total == 0 {
+            Ok(Vec::new())
+        } else {
+            Err(bad("no chunk for a non-empty array".into()))
+        };
+    }
+    if total > mem.phys_size() / PAGE_SIZE || ser.order != 0 {
+        return Err(bad(format!(
+            "{total} pages of order {} do not fit",
+            ser.order
+        )));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity((total * PAGE_SIZE) as usize);
+    let mut next = ser.first;
+    let mut pages = 0u64;
+    while next != 0 {
+        if next % PAGE_SIZE != 0 || !seen.insert(next) {
+            return Err(bad(format!(
+                "chunk {next:#x} is misaligned, or the chain loops"
+            )));
+        }
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        mem.read_phys(next, &mut page)?;
+        let words: Vec<u64> = page
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        for &pa in words[1..].iter().take_while(|&&pa| pa != 0) {
+            pages += 1;
+            if pages > total || pa % PAGE_SIZE != 0 || !seen.insert(pa) {
+                return Err(bad(format!(
+                    "data page {pa:#x} is misaligned, repeated, or beyond {total} pages"
+                )));
+            }
+            let mut d = vec![0u8; PAGE_SIZE as usize];
+            mem.read_phys(pa, &mut d)?;
+            out.extend_from_slice(&d);
+        }
+        next = words[0];
+    }
+    if pages != total {
+        return Err(bad(format!(
+            "chain lists {pages} pages, descriptor says {total}"
+        )));
+    }
+    Ok(out)
 }

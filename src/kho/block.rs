@@ -23,6 +23,11 @@ pub struct BlockChain {
 }
 
 impl BlockChain {
+    /// Physical addresses of its blocks.
+    pub fn page_addrs(&self) -> Vec<u64> {
+        self.pages.iter().map(|f| f.pa()).collect()
+    }
+
     pub fn bytes(&self) -> u64 {
         self.pages.len() as u64 * PAGE_SIZE
     }

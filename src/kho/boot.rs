@@ -20,6 +20,8 @@ pub struct KhoBootArgs {
     pub fdt_size: u64,
     pub scratch_pa: u64,
     pub scratch_size: u64,
+    /// CRC-32 of the handover tree, checked before it is parsed.
+    pub fdt_crc: Option<u32>,
 }
 
 impl KhoBootArgs {
@@ -51,13 +53,40 @@ pub fn discover(mem: &dyn PhysRead, args: KhoBootArgs) -> Result<(Incoming, Rang
     }
     let mut fdt_bytes = vec![0u8; args.fdt_size as usize];
     mem.read_phys(args.fdt_pa, &mut fdt_bytes)?;
+    if let Some(want) = args.fdt_crc {
+        let got = crc32fast::hash(&fdt_bytes);
+        if got != want {
+            return Err(KhoError::BadHandover(format!(
+                "handover tree checksum mismatch (crc32 {got:#010x}, expected {want:#010x})"
+            )));
+        }
+    }
     let tree = fdt::parse(&fdt_bytes)?;
+    verify_integrity(mem, &tree)?;
 
     let limits = WalkLimits {
         nr_frames,
         scratch: scratch.clone(),
+        listed: None,
     };
     let (tracker, reserved) = IncomingTracker::walk(mem, tree.tracker_root, &limits)?;
+    // The walk is defensive on its own; now check that the nodes it read are the ones written.
+    let want = tree
+        .tracker_crc
+        .ok_or_else(|| KhoError::BadHandover("the handover tree has no tracker checksum".into()))?;
+    let mut nodes = tracker.node_pages().to_vec();
+    nodes.sort_unstable();
+    let mut h = crc32fast::Hasher::new();
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for pa in nodes {
+        mem.read_phys(pa, &mut page)?;
+        h.update(&page);
+    }
+    if h.finalize() != want {
+        return Err(KhoError::BadHandover(
+            "tracker checksum mismatch: a tracker node was modified".into(),
+        ));
+    }
 
     let covered = |pa: u64, len: u64| -> bool {
         let (s, e) = (pa_to_pfn(pa), pa_to_pfn(pa + len + PAGE_SIZE - 1));
@@ -95,4 +124,93 @@ pub fn discover(mem: &dyn PhysRead, args: KhoBootArgs) -> Result<(Incoming, Rang
         },
         reserved,
     ))
+}
+
+/// Check every checksum of a handover before anything in it is trusted: each subtree blob
+/// against its `blob-crc32`, the integrity table against its own CRC, and every metadata range
+/// the table lists. Returns the page addresses the table covers (tracker nodes must be among
+/// them).
+pub fn verify_integrity(
+    mem: &dyn PhysRead,
+    tree: &HandoverTree,
+) -> Result<std::collections::HashSet<u64>, KhoError> {
+    use crate::abi::kho::{IntegrityEntry, IntegrityHeader, INTEGRITY_COMPATIBLE, INTEGRITY_NAME};
+    use zerocopy::FromBytes;
+    let in_ram = |pa: u64, len: u64| pa.checked_add(len).is_some_and(|e| e <= mem.phys_size());
+    for (name, s) in &tree.subtrees {
+        let Some(want) = s.crc else {
+            return Err(KhoError::BadHandover(format!(
+                "subtree {name:?} has no checksum"
+            )));
+        };
+        if s.size > MAX_FDT_SIZE * 64 || !in_ram(s.pa, s.size) {
+            return Err(KhoError::BadHandover(format!(
+                "subtree {name:?} blob {:#x}+{:#x} is outside RAM",
+                s.pa, s.size
+            )));
+        }
+        let got = crate::mm::ram::crc32_of(mem, s.pa, s.size)?;
+        if got != want {
+            return Err(KhoError::BadHandover(format!(
+                "subtree {name:?} checksum mismatch: its blob was modified"
+            )));
+        }
+    }
+    let st = tree
+        .subtrees
+        .get(INTEGRITY_NAME)
+        .ok_or_else(|| KhoError::BadHandover("the handover has no integrity table".into()))?;
+    let mut b = vec![0u8; std::mem::size_of::<IntegrityHeader>()];
+    if st.size < b.len() as u64 {
+        return Err(KhoError::BadHandover(
+            "integrity table header is too short".into(),
+        ));
+    }
+    mem.read_phys(st.pa, &mut b)?;
+    let hdr =
+        IntegrityHeader::read_from_bytes(&b).map_err(|_| KhoError::Corrupt("integrity header"))?;
+    let compat = crate::abi::cstr_field(&hdr.compatible).unwrap_or_default();
+    if compat != INTEGRITY_COMPATIBLE {
+        return Err(KhoError::Incompatible {
+            what: "integrity table",
+            found: compat,
+            supported: INTEGRITY_COMPATIBLE,
+        });
+    }
+    let entries = super::array::read_chain(mem, &hdr.entries)?;
+    let n = usize::try_from(hdr.nr_entries).map_err(|_| KhoError::Corrupt("integrity count"))?;
+    let bytes = entries
+        .get(
+            ..n.checked_mul(24)
+                .ok_or(KhoError::Corrupt("integrity count"))?,
+        )
+        .ok_or_else(|| KhoError::BadHandover("integrity table is shorter than its count".into()))?;
+    if crc32fast::hash(bytes) != hdr.entries_crc {
+        return Err(KhoError::BadHandover(
+            "integrity table checksum mismatch".into(),
+        ));
+    }
+    let mut listed = std::collections::HashSet::new();
+    for e in bytes.chunks_exact(24) {
+        let e =
+            IntegrityEntry::read_from_bytes(e).map_err(|_| KhoError::Corrupt("integrity entry"))?;
+        if !in_ram(e.pa, e.len) {
+            return Err(KhoError::BadHandover(format!(
+                "integrity entry {:#x}+{:#x} lies outside RAM",
+                e.pa, e.len
+            )));
+        }
+        if crate::mm::ram::crc32_of(mem, e.pa, e.len)? != e.crc {
+            return Err(KhoError::BadHandover(format!(
+                "metadata checksum mismatch at {:#x}+{:#x}: the handover was modified",
+                e.pa, e.len
+            )));
+        }
+        let mut p = e.pa / PAGE_SIZE * PAGE_SIZE;
+        while p < e.pa + e.len {
+            listed.insert(p);
+            p += PAGE_SIZE;
+        }
+    }
+    Ok(listed)
 }

@@ -65,6 +65,7 @@ impl Dump {
             fdt_size: 0,
             scratch_pa: 0,
             scratch_size: 0,
+            fdt_crc: None,
         });
         for v in [a.fdt_pa, a.fdt_size, a.scratch_pa, a.scratch_size] {
             out.extend_from_slice(&v.to_ne_bytes());
@@ -119,6 +120,7 @@ impl Dump {
                 fdt_size: v[1],
                 scratch_pa: v[2],
                 scratch_size: v[3],
+                fdt_crc: None,
             }),
             segs,
         })

@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use crate::abi::kho::{
-    KHO_FDT_COMPATIBLE, PROP_BLOB_SIZE, PROP_PRESERVED_DATA, PROP_PRESERVED_MEMORY_MAP,
+    KHO_FDT_COMPATIBLE, PROP_BLOB_CRC, PROP_BLOB_SIZE, PROP_PRESERVED_DATA,
+    PROP_PRESERVED_MEMORY_MAP, PROP_TRACKER_CRC,
 };
 
 use super::KhoError;
@@ -15,6 +16,8 @@ use super::KhoError;
 pub struct Subtree {
     pub pa: u64,
     pub size: u64,
+    /// CRC-32 of the blob, written at finalize (`blob-crc32`).
+    pub crc: Option<u32>,
 }
 
 /// The decoded handover tree.
@@ -22,6 +25,8 @@ pub struct Subtree {
 pub struct HandoverTree {
     pub compatible: String,
     pub tracker_root: u64,
+    /// CRC-32 over the tracker's node pages in address order (our extension).
+    pub tracker_crc: Option<u32>,
     pub subtrees: BTreeMap<String, Subtree>,
 }
 
@@ -29,12 +34,18 @@ fn fdt_err(e: vm_fdt::Error) -> KhoError {
     KhoError::BadHandover(format!("cannot build the handover tree: {e}"))
 }
 
-pub fn build(tracker_root: u64, subtrees: &BTreeMap<String, Subtree>) -> Result<Vec<u8>, KhoError> {
+pub fn build(
+    tracker_root: u64,
+    tracker_crc: u32,
+    subtrees: &BTreeMap<String, Subtree>,
+) -> Result<Vec<u8>, KhoError> {
     let mut w = vm_fdt::FdtWriter::new().map_err(fdt_err)?;
     let root = w.begin_node("").map_err(fdt_err)?;
     w.property_string("compatible", KHO_FDT_COMPATIBLE)
         .map_err(fdt_err)?;
     w.property(PROP_PRESERVED_MEMORY_MAP, &tracker_root.to_ne_bytes())
+        .map_err(fdt_err)?;
+    w.property(PROP_TRACKER_CRC, &tracker_crc.to_ne_bytes())
         .map_err(fdt_err)?;
     for (name, s) in subtrees {
         let n = w.begin_node(name).map_err(fdt_err)?;
@@ -42,6 +53,10 @@ pub fn build(tracker_root: u64, subtrees: &BTreeMap<String, Subtree>) -> Result<
             .map_err(fdt_err)?;
         w.property(PROP_BLOB_SIZE, &s.size.to_ne_bytes())
             .map_err(fdt_err)?;
+        if let Some(c) = s.crc {
+            w.property(PROP_BLOB_CRC, &c.to_ne_bytes())
+                .map_err(fdt_err)?;
+        }
         w.end_node(n).map_err(fdt_err)?;
     }
     w.end_node(root).map_err(fdt_err)?;
@@ -89,9 +104,19 @@ pub fn parse(bytes: &[u8]) -> Result<HandoverTree, KhoError> {
             })?;
             u64_prop(v.value, p)
         };
+        let crc = match child.property(PROP_BLOB_CRC) {
+            Some(p) => Some(u32::from_ne_bytes(p.value.try_into().map_err(|_| {
+                KhoError::BadHandover(format!(
+                    "subtree {:?}: {PROP_BLOB_CRC} is not 4 bytes",
+                    child.name
+                ))
+            })?)),
+            None => None,
+        };
         let s = Subtree {
             pa: get(PROP_PRESERVED_DATA)?,
             size: get(PROP_BLOB_SIZE)?,
+            crc,
         };
         if subtrees.insert(child.name.to_string(), s).is_some() {
             return Err(KhoError::BadHandover(format!(
@@ -100,9 +125,16 @@ pub fn parse(bytes: &[u8]) -> Result<HandoverTree, KhoError> {
             )));
         }
     }
+    let tracker_crc = match root.property(PROP_TRACKER_CRC) {
+        Some(p) => Some(u32::from_ne_bytes(p.value.try_into().map_err(|_| {
+            KhoError::BadHandover(format!("{PROP_TRACKER_CRC} is not 4 bytes"))
+        })?)),
+        None => None,
+    };
     Ok(HandoverTree {
         compatible: compat.to_string(),
         tracker_root,
+        tracker_crc,
         subtrees,
     })
 }
@@ -119,6 +151,7 @@ mod tests {
             Subtree {
                 pa: 0x1000,
                 size: 32,
+                crc: Some(7),
             },
         );
         s.insert(
@@ -126,9 +159,10 @@ mod tests {
             Subtree {
                 pa: 0x2000,
                 size: 73,
+                crc: None,
             },
         );
-        let b = build(0x3000, &s).unwrap();
+        let b = build(0x3000, 0, &s).unwrap();
         let t = parse(&b).unwrap();
         assert_eq!(t.tracker_root, 0x3000);
         assert_eq!(t.subtrees, s);
@@ -136,7 +170,7 @@ mod tests {
 
     #[test]
     fn refuses_garbage_without_panicking() {
-        let b = build(0x3000, &BTreeMap::new()).unwrap();
+        let b = build(0x3000, 0, &BTreeMap::new()).unwrap();
         assert!(parse(&b[..b.len() / 2]).is_err());
         assert!(parse(&[]).is_err());
         for i in 0..b.len() {

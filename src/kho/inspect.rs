@@ -41,6 +41,8 @@ pub struct Report {
     pub preserved_bytes: u64,
     pub orders: Vec<OrderSummary>,
     pub subtrees: Vec<SubtreeReport>,
+    /// Result of checking every checksum of the handover.
+    pub integrity: String,
 }
 
 /// Decoders for known subtrees, by name: `(name, fn(blob bytes) -> text)`.
@@ -61,9 +63,14 @@ pub fn inspect(
     mem.read_phys(args.fdt_pa, &mut b)?;
     let tree = fdt::parse(&b)?;
     let nr_frames = mem.phys_size() / PAGE_SIZE;
+    let integrity = match super::boot::verify_integrity(mem, &tree) {
+        Ok(l) => format!("ok: {} pages of metadata checked", l.len()),
+        Err(e) => format!("FAILED: {e}"),
+    };
     let limits = WalkLimits {
         nr_frames,
         scratch: args.scratch_pfns(),
+        listed: None,
     };
     let (t, _) = IncomingTracker::walk(mem, tree.tracker_root, &limits)?;
     let mut orders: BTreeMap<u32, OrderSummary> = BTreeMap::new();
@@ -115,6 +122,7 @@ pub fn inspect(
         preserved_bytes: pages * PAGE_SIZE,
         orders: orders.into_values().collect(),
         subtrees,
+        integrity,
     })
 }
 
@@ -160,6 +168,7 @@ impl std::fmt::Display for Report {
                 ranges.join(" ")
             )?;
         }
+        writeln!(f, "integrity       {}", self.integrity)?;
         writeln!(f, "subtrees        {}", self.subtrees.len())?;
         for s in &self.subtrees {
             writeln!(

@@ -80,6 +80,8 @@ pub struct Kho {
     /// Preserved metadata allocations (pa -> bytes): blobs, arrays, blocks, the tree. Together
     /// with the tracker nodes this is the handover's size, and what a dump copies.
     meta: BTreeMap<u64, u64>,
+    /// What each metadata allocation is (for tests that damage one kind, and for `inspect`).
+    labels: BTreeMap<u64, &'static str>,
     /// The incoming handover has been accepted for good. Until then, memory of it that has
     /// been read is not freed (`deferred`), so a rollback finds the handover intact in RAM.
     committed: bool,
@@ -108,6 +110,7 @@ impl Kho {
             committed: incoming.is_none(),
             incoming,
             meta: BTreeMap::new(),
+            labels: BTreeMap::new(),
             deferred: Vec::new(),
         })
     }
@@ -266,7 +269,14 @@ impl Kho {
         if self.subtrees.contains_key(name) {
             return Err(KhoError::SubtreeExists(name.to_string()));
         }
-        self.subtrees.insert(name.to_string(), Subtree { pa, size });
+        self.subtrees.insert(
+            name.to_string(),
+            Subtree {
+                pa,
+                size,
+                crc: None,
+            },
+        );
         Ok(())
     }
 
@@ -359,6 +369,22 @@ impl Kho {
 
     pub fn committed(&self) -> bool {
         self.committed
+    }
+
+    /// Name the kind of a metadata allocation (or of each page of an array or block chain).
+    pub fn label(&mut self, pa: u64, kind: &'static str) {
+        if self.meta.contains_key(&pa) {
+            self.labels.insert(pa, kind);
+        }
+    }
+
+    /// Metadata allocations of `kind`, as (pa, size), in address order.
+    pub fn labelled(&self, kind: &str) -> Vec<(u64, u64)> {
+        self.labels
+            .iter()
+            .filter(|(pa, k)| **k == kind && self.meta.contains_key(pa))
+            .map(|(pa, _)| (*pa, self.meta[pa]))
+            .collect()
     }
 
     /// True if a block starting at `pa` is preserved by the previous image and not restored.

@@ -114,6 +114,7 @@ impl KhoTest {
         };
         let blob = host.kho.alloc_preserve(&mut host.mm, PAGE_SIZE)?;
         host.mm.ram.write_phys(blob.pa(), ser.as_bytes())?;
+        host.kho.label(blob.pa(), "kho-test");
         host.kho
             .add_subtree(SUBTREE, blob.pa(), std::mem::size_of::<KhoTestSer>() as u64)?;
         Ok(ser)

@@ -144,6 +144,8 @@ impl Tracker {
 pub struct WalkLimits {
     pub nr_frames: u64,
     pub scratch: Range<u64>,
+    /// If given, every tracker node must be one of these pages (the integrity table's).
+    pub listed: Option<HashSet<u64>>,
 }
 
 /// State of one walk: the frames to reserve and the node pages seen.
@@ -220,6 +222,11 @@ impl IncomingTracker {
         if limits.scratch.contains(&pfn) {
             return Err(KhoError::BadHandover(format!(
                 "tracker node {pa:#x} lies in scratch"
+            )));
+        }
+        if limits.listed.as_ref().is_some_and(|l| !l.contains(&pa)) {
+            return Err(KhoError::BadHandover(format!(
+                "tracker node {pa:#x} is not covered by the integrity table"
             )));
         }
         if !w.seen.insert(pfn) {

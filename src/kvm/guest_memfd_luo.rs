@@ -355,6 +355,10 @@ impl FileHandler for GuestMemfdHandler {
             }
         };
         host.mm.ram.write_phys(sf.pa(), &blob)?;
+        host.kho.label(sf.pa(), "gmem");
+        for pa in arr.page_addrs() {
+            host.kho.label(pa, "gmem-folios");
+        }
         match &mut p {
             Preserved::V1 { ser, arr: a, .. } | Preserved::V2 { ser, arr: a, .. } => {
                 *ser = sf;

@@ -30,6 +30,7 @@ impl FileHandler for VmHandler {
         host.mm
             .ram
             .write_phys(f.pa(), KvmLuoSer { vm_type }.as_bytes())?;
+        host.kho.label(f.pa(), "kvm-vm");
         a.serialized = f.pa();
         a.private = Some(Box::new(f));
         Ok(())

@@ -170,6 +170,9 @@ impl Host {
                 .collect();
             let count = files.len() as u64;
             let c = self.kho.preserve_blocks(&mut self.mm, 64, &files)?;
+            for pa in c.page_addrs() {
+                self.kho.label(pa, "luo-files");
+            }
             let head = c.head;
             chains.push(c);
             sessions.push(
@@ -183,6 +186,9 @@ impl Host {
             );
         }
         let c = self.kho.preserve_blocks(&mut self.mm, 80, &sessions)?;
+        for pa in c.page_addrs() {
+            self.kho.label(pa, "luo-sessions");
+        }
         let sessions_pa = c.head;
         chains.push(c);
         let ser = LuoSer {
@@ -192,6 +198,7 @@ impl Host {
             flbs_pa: 0,
         };
         let blob = self.kho.alloc_preserve(&mut self.mm, 32)?;
+        self.kho.label(blob.pa(), "luo");
         self.mm
             .ram
             .write_phys(blob.pa(), ser.as_bytes())

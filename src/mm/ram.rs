@@ -127,6 +127,15 @@ impl Ram {
         Ok(())
     }
 
+    /// CRC-32 of `len` bytes at `pa` (read through a bounce buffer: other mappings may write
+    /// RAM concurrently).
+    pub fn crc32(&self, pa: u64, len: u64) -> Result<u32, MmError> {
+        if !self.contains(pa, len) {
+            return Err(MmError::OutOfRam { pa, len });
+        }
+        crc32_of(self, pa, len)
+    }
+
     /// Zero a page-aligned range and give its backing store back to the machine (the memfd
     /// stays sparse): `fallocate(PUNCH_HOLE)` reads back as zeros.
     pub fn discard(&self, pa: u64, len: u64) -> Result<(), MmError> {
@@ -141,6 +150,20 @@ impl Ram {
         )
         .map_err(MmError::Sys)
     }
+}
+
+/// CRC-32 of `len` bytes at `pa` of any physical memory source.
+pub fn crc32_of(mem: &dyn PhysRead, pa: u64, len: u64) -> Result<u32, MmError> {
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; (len.min(1 << 16)) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        mem.read_phys(pa + done, &mut buf[..n])?;
+        h.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(h.finalize())
 }
 
 impl PhysRead for Ram {

@@ -798,6 +798,11 @@ fn scenario(shared: &Arc<Mutex<Host>>) -> Result<Value, String> {
 fn scenario_inner(shared: &Arc<Mutex<Host>>) -> Result<Value, String> {
     let (pid, dev, state) = {
         let mut h = lock(shared);
+        if let Some(why) = h.info.refused.clone() {
+            // Booted clean after refusing a handover (and, if it could, after a rollback that
+            // refused it too): the VM is lost; say so rather than start over.
+            return Err(format!("the handover was refused: {why}"));
+        }
         let pid = h.spawn();
         let dev = h
             .open(pid, "/dev/liveupdate", 0)
