@@ -134,6 +134,8 @@ fn now_us() -> u64 {
 struct GuestIo {
     proceed: AtomicBool,
     status: AtomicU64,
+    /// Clock reads answered: a pause only shows in the guest's gap once it has read the clock.
+    clock_reads: AtomicU64,
 }
 
 type SlotsRef<'a> = Option<(&'a Mutex<Host>, &'a GuestMemSlots)>;
@@ -157,6 +159,7 @@ fn io_handler<'a>(
             let v = (now_us() as u32).to_le_bytes();
             let n = data.len().min(4);
             data[..n].copy_from_slice(&v[..n]);
+            io.clock_reads.fetch_add(1, Ordering::SeqCst);
             IoAction::Continue
         }
         IoEvent::In {
@@ -355,6 +358,10 @@ fn stage1(shared: &Arc<Mutex<Host>>, pid: Pid, dev: i32, o: &Options) -> Result<
         ));
     }
     let write_ms = t_run.elapsed().as_secs_f64() * 1e3;
+    // The guest measures the blackout between two clock reads: let it take a few first.
+    wait_for("the guest to read its clock", Duration::from_secs(10), || {
+        io.clock_reads.load(Ordering::SeqCst) >= 3 || th.is_finished()
+    })?;
 
     // The baseline preserves nothing: pause, snapshot, restore.
     if let Some(dir) = &o.snapshot_dir {
