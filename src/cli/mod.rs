@@ -4,6 +4,7 @@ pub mod bench;
 pub mod boot;
 pub mod demo;
 pub mod inspect;
+pub mod soak;
 
 use std::process::ExitCode;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Benchmarks.
     Bench(bench::BenchArgs),
+    /// One guest through many live updates in a row: failures, leaked frames, memory use.
+    Soak(soak::SoakArgs),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -59,5 +62,6 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Boot(a) => boot::run(*a),
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Soak(a) => soak::run(a),
     }
 }

@@ -66,6 +66,9 @@ pub struct Options {
     pub lazy_slots: bool,
     /// ... and the rest from a background thread (else only on the guest's first access).
     pub background_slots: bool,
+    /// Live updates in a row (the soak test): after each one the same guest writes its data
+    /// again and the host updates again.
+    pub cycles: u32,
 }
 
 impl Options {
@@ -95,6 +98,7 @@ impl Options {
             slot_chunk: size("slot-chunk", 1 << 30)?,
             lazy_slots: a.get("lazy-slots").is_none_or(|v| v != "0"),
             background_slots: a.get("background-slots").is_none_or(|v| v != "0"),
+            cycles: a.get("cycles").and_then(|v| v.parse().ok()).unwrap_or(1),
         };
         if o.data == 0 || o.data > o.guest_mem || o.guest_mem % 4096 != 0 {
             return Err(format!(
@@ -336,6 +340,19 @@ fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Re
 
 fn stage1(shared: &Arc<Mutex<Host>>, pid: Pid, dev: i32, o: &Options) -> Result<Value, String> {
     let vm = setup(&mut lock(shared), pid, o)?;
+    run_and_update(shared, pid, dev, o, vm)
+}
+
+/// Run the guest until it has written its data, then live-update the host under it. Returns
+/// only if the update did not happen (the guest then carries on and verifies its data), or for
+/// the snapshot baseline.
+fn run_and_update(
+    shared: &Arc<Mutex<Host>>,
+    pid: Pid,
+    dev: i32,
+    o: &Options,
+    vm: Vm,
+) -> Result<Value, String> {
     let kicker = {
         let h = lock(shared);
         let v = h.vcpu(pid, vm.vcpu).map_err(e("vcpu"))?;
@@ -359,9 +376,11 @@ fn stage1(shared: &Arc<Mutex<Host>>, pid: Pid, dev: i32, o: &Options) -> Result<
     }
     let write_ms = t_run.elapsed().as_secs_f64() * 1e3;
     // The guest measures the blackout between two clock reads: let it take a few first.
-    wait_for("the guest to read its clock", Duration::from_secs(10), || {
-        io.clock_reads.load(Ordering::SeqCst) >= 3 || th.is_finished()
-    })?;
+    wait_for(
+        "the guest to read its clock",
+        Duration::from_secs(10),
+        || io.clock_reads.load(Ordering::SeqCst) >= 3 || th.is_finished(),
+    )?;
 
     // The baseline preserves nothing: pause, snapshot, restore.
     if let Some(dir) = &o.snapshot_dir {
@@ -758,7 +777,7 @@ fn stage2(
     let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
     let start = params.kexec_start_ns.unwrap_or(ss.paused_at_ns);
     let exec = params.exec_ns.unwrap_or(start);
-    Ok(json!({
+    let result = json!({
         "ok": ok,
         "guest_status": guest::status_name(rep.status),
         "first_bad": rep.first_bad,
@@ -785,7 +804,63 @@ fn stage2(
             "verify_after_resume": us(t_resume, t_done),
         },
         "opts": o,
-    }))
+    });
+    // Close what this cycle read (they would otherwise pile up over a soak).
+    for fd in [m, st] {
+        let _ = h.close(pid, fd);
+    }
+    let cycle = h.info.kexec_count;
+    if ok && cycle < o.cycles {
+        let frames_used = h.mm.stats().used;
+        h.report(
+            "rfc-cycle",
+            json!({ "cycle": cycle, "ok": ok, "blackout_us": rep.max_gap_us, "frames_used": frames_used, "rss_kib": rss_kib(), "result": result }),
+        );
+        drop(h);
+        return run_and_update(shared, pid, dev, &o, restart_guest(shared, vmh, &o)?);
+    }
+    drop(h);
+    let mut result = result;
+    if let Some(obj) = result.as_object_mut() {
+        obj.insert("cycle".into(), cycle.into());
+        obj.insert("rollback".into(), lock(shared).info.rollback.clone().into());
+    }
+    Ok(result)
+}
+
+/// Resident memory of this host image, KiB (VmRSS).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Point the guest back at the start of its program (write, then wait for the next update).
+fn restart_guest(shared: &Arc<Mutex<Host>>, vm: Vm, o: &Options) -> Result<Vm, String> {
+    let mut h = lock(shared);
+    let mut mb = [0u8; guest::MAILBOX_LEN];
+    let params = GuestParams {
+        data_gpa: GMEM_GPA,
+        data_len: o.data,
+        mode: GuestMode::RunUpdate,
+    };
+    guest::write_params(&mut mb, &params).map_err(e("guest params"))?;
+    h.user_write(vm.pid, vm.low_map.addr + guest::MAILBOX_GPA as usize, &mb)
+        .map_err(e("mailbox"))?;
+    // Registers back to the start (CPUID stays: KVM refuses to change it once a vCPU ran).
+    let v = h.vcpu(vm.pid, vm.vcpu).map_err(e("vcpu"))?;
+    let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
+    let base = v.get_sregs().map_err(e("get sregs"))?;
+    v.set_sregs(&guest::initial_sregs(base))
+        .map_err(e("set sregs"))?;
+    v.set_regs(&guest::initial_regs()).map_err(e("set regs"))?;
+    drop(v);
+    Ok(vm)
 }
 
 fn scenario(shared: &Arc<Mutex<Host>>) -> Result<Value, String> {
