@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cli;
 pub mod fault;
 pub mod fs;
+pub mod fuzzing;
 pub mod host;
 pub mod init;
 pub mod kexec;

@@ -220,6 +220,7 @@ impl Host {
             // Without LUO nothing can ask for a rollback later.
             host.kho.commit(&mut host.mm)?;
         }
+        host.kho.booted = true;
         host.info.boot_us = t0.elapsed().as_micros() as u64;
         Ok(host)
     }

@@ -113,6 +113,31 @@ pub fn handover(host: &mut Host, args: &mut KhoBootArgs, kind: &str) -> Result<(
                 ram.write_u64(child + free * 8, root)?;
             }
         }
+        k if k.starts_with("flip:") => {
+            let what = &k[5..];
+            let target = if what == "tracker" {
+                let mut n: Vec<u64> = host
+                    .kho
+                    .tracker()
+                    .node_folios()
+                    .iter()
+                    .map(|f| f.pa())
+                    .collect();
+                n.sort_unstable();
+                n.last().map(|&pa| (pa, PAGE_SIZE))
+            } else {
+                host.kho.labelled(what).first().copied()
+            };
+            let (pa, len) = target.ok_or_else(|| {
+                KhoError::BadHandover(format!("no handover blob of kind {what:?}"))
+            })?;
+            // One bit in the middle of the blob's first 64 bytes.
+            let at = pa + (len.min(64) / 2);
+            let mut b = [0u8; 1];
+            ram.read_phys(at, &mut b)?;
+            ram.write_phys(at, &[b[0] ^ 0x04])?;
+            tracing::warn!("test hook: flipped a bit of the {what} blob at {at:#x}");
+        }
         _ => {
             return Err(KhoError::BadHandover(format!(
                 "unknown corruption {kind:?}"

@@ -261,12 +261,21 @@ impl Host {
             });
         }
         // `HANDOVER_NO_REAPER=1` leaves the teardown in the exec (to measure the difference).
+        let mut reaper = None;
         if std::env::var_os("HANDOVER_NO_REAPER").is_none() {
-            if let Some(pid) = spawn_reaper() {
+            reaper = spawn_reaper();
+            if let Some(pid) = reaper {
                 cmd.arg("--reaper-pid").arg(pid.to_string());
             }
         }
         let err = cmd.exec();
+        if let Some(pid) = reaper {
+            // SAFETY: signalling and reaping our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
         // Still here: the exec failed. Put the RAM fd back to close-on-exec and undo.
         // SAFETY: plain fcntl on an fd this process owns.
         unsafe { libc::fcntl(ram_fd, libc::F_SETFD, libc::FD_CLOEXEC) };

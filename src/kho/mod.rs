@@ -86,6 +86,8 @@ pub struct Kho {
     /// been read is not freed (`deferred`), so a rollback finds the handover intact in RAM.
     committed: bool,
     deferred: Vec<Folio>,
+    /// Boot is over: restores now come from clients (the `kho.restore` fault point).
+    pub booted: bool,
 }
 
 /// Split `pfn..pfn+nr` into maximal naturally aligned power-of-two blocks.
@@ -112,6 +114,7 @@ impl Kho {
             meta: BTreeMap::new(),
             labels: BTreeMap::new(),
             deferred: Vec::new(),
+            booted: false,
         })
     }
 
@@ -300,7 +303,7 @@ impl Kho {
     /// once; the caller owns it afterwards (free it with [`Mm::free`] or preserve it again).
     pub fn restore_folio(&mut self, pa: u64) -> Result<Folio, KhoError> {
         let bad = KhoError::NotRestorable { pa };
-        if crate::fault::hit("kho.restore") {
+        if self.booted && crate::fault::hit("kho.restore") {
             return Err(bad);
         }
         if pa % PAGE_SIZE != 0 {
@@ -319,7 +322,7 @@ impl Kho {
 
     /// Restore `nr` pages preserved with [`Kho::preserve_pages`]: all or nothing.
     pub fn restore_pages(&mut self, pa: u64, nr: u64) -> Result<(), KhoError> {
-        if pa % PAGE_SIZE != 0 || crate::fault::hit("kho.restore") {
+        if pa % PAGE_SIZE != 0 || (self.booted && crate::fault::hit("kho.restore")) {
             return Err(KhoError::NotRestorable { pa });
         }
         let blocks: Vec<_> = split_range(pa_to_pfn(pa), nr).collect();
