@@ -628,7 +628,7 @@ fn walk_array(d: &Dump, tracker: IncomingTracker, ser: &KhoArraySer) {
 
 /// A real handover, made once per process: a 64 MiB host with a `kho-test` client and two LUO
 /// sessions (memfds and a test-handler file) finalizes (the reboot path up to `execve`) and dumps what it would hand over.
-pub fn handover_template() -> Vec<u8> {
+pub fn handover_template() -> HandoverTemplate {
     let path = std::env::temp_dir().join(format!("handover-fuzz-{}.dump", std::process::id()));
     let mut h = Host::boot(crate::kexec::BootParams {
         ram_size: 64 << 20,
@@ -659,10 +659,27 @@ pub fn handover_template() -> Vec<u8> {
         .dump(&h.mm, ho.args)
         .expect("dump the template handover");
     d.write(&path).expect("write the template dump");
+    let ho_crc = ho.args.fdt_crc;
     h.abandon_handover(luo, ho);
     let b = std::fs::read(&path).expect("read the template dump");
     let _ = std::fs::remove_file(&path);
-    b
+    let (img, mut args) = Image::from_dump_bytes(&b).expect("parse the template dump");
+    // Dumps do not carry the tree CRC; the boot path gets it from the command line.
+    args.fdt_crc = ho_crc;
+    HandoverTemplate { img, args }
+}
+
+/// A real handover as pages of RAM plus its boot arguments (see [`handover_template`]).
+pub struct HandoverTemplate {
+    img: Image,
+    args: KhoBootArgs,
+}
+
+impl HandoverTemplate {
+    /// The template as a dump file (e.g. to seed the `dump` target).
+    pub fn dump_bytes(&self) -> Vec<u8> {
+        self.img.dump_bytes(&self.args)
+    }
 }
 
 /// Patch a real handover (the template's dump bytes) as the input says, optionally repair
@@ -672,16 +689,9 @@ pub fn handover_template() -> Vec<u8> {
 /// Input: `flags`, then records: `[op, page, ...]` — write bytes at an offset, set a word to
 /// the address of another page of the image (plus a delta), set a raw word, flip a bit.
 /// `flags`: bit 0 set = leave checksums as patched; bit 1 = drop the tree CRC from the
-/// arguments; bit 2 = fuzz the arguments too.
-pub fn handover(template: &[u8], data: &[u8]) {
-    let Some((mut img, mut args)) = Image::from_dump_bytes(template) else {
-        return;
-    };
-    // Dumps do not carry the tree CRC; the boot path gets it from the command line.
-    let mut fdt = vec![0u8; args.fdt_size.min(MAX_FDT_SIZE) as usize];
-    if img.read_phys(args.fdt_pa, &mut fdt).is_ok() {
-        args.fdt_crc = Some(crc32fast::hash(&fdt));
-    }
+/// arguments; bit 2 = fuzz the arguments too; bit 3 = fuzz the RAM size.
+pub fn handover(template: &HandoverTemplate, data: &[u8]) {
+    let (mut img, mut args) = (template.img.clone(), template.args);
     let mut c = Cursor::new(data);
     let flags = c.u8();
     if flags & 4 != 0 {
@@ -691,6 +701,14 @@ pub fn handover(template: &[u8], data: &[u8]) {
             2 => args.scratch_pa = c.u64(),
             _ => args.scratch_size = c.u64(),
         }
+    }
+    if flags & 8 != 0 {
+        // The size of RAM the decoders are told (a dump says it; a boot knows it).
+        img.ram_size = match c.u8() % 3 {
+            0 => c.u64(),
+            1 => 1u64 << (c.u8() % 64),
+            _ => img.ram_size.wrapping_add(c.u16() as u64 * PAGE_SIZE),
+        };
     }
     let addrs: Vec<u64> = img.pages.keys().copied().collect();
     let mut n = 0;
@@ -1322,5 +1340,81 @@ fn one_op(h: &mut Host, pid: Pid, fds: &mut Vec<i32>, c: &mut Cursor) {
                 fds.push(nfd);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accepted(img: &Image, args: KhoBootArgs) -> Result<(), String> {
+        let d = img.to_dump(&args);
+        let (inc, _) = crate::kho::boot::discover(&d, args).map_err(|e| e.to_string())?;
+        crate::luo::serialize::validate(&d, &inc, &crate::kexec::boot::supported_compatibles())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn template_is_accepted_and_checksum_repair_is_exact() {
+        let t = handover_template();
+        accepted(&t.img, t.args).expect("the template handover");
+        let (mut img, mut args) = (t.img.clone(), t.args);
+        fix_checksums(&mut img, &mut args);
+        assert_eq!(
+            args.fdt_crc, t.args.fdt_crc,
+            "repair changed an intact tree"
+        );
+        assert!(img.pages == t.img.pages, "repair changed an intact image");
+        // Damage the LUO blob: refused as is, accepted once the checksums are repaired.
+        let d = t.img.to_dump(&t.args);
+        let (inc, _) = crate::kho::boot::discover(&d, t.args).expect("discover");
+        let luo = inc.tree.subtrees[LUO_KHO_ENTRY_NAME];
+        img.write_u64(luo.pa + 8, 41);
+        assert!(
+            accepted(&img, args).is_err(),
+            "a modified blob was accepted"
+        );
+        fix_checksums(&mut img, &mut args);
+        accepted(&img, args).expect("repaired handover");
+        // The harness's own entry point on the untouched template and a few patches.
+        handover(&t, &[]);
+        handover(&t, &[1, 0, 3, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        handover(&t, &[4, 1, 0x10, 0]);
+    }
+
+    #[test]
+    fn entry_points_take_garbage() {
+        let inputs: [&[u8]; 4] = [&[], &[0xff; 300], &[0; 5000], b"HOVRDUMP\x01\0\0\0"];
+        for i in inputs {
+            fdt(i);
+            dump(i);
+            tracker(i);
+            chain(i);
+            blobs(i);
+            ucmd(i);
+        }
+        dump(&handover_template().dump_bytes());
+    }
+
+    #[test]
+    fn harness_tracker_marks_the_preserved_slots() {
+        let mut img = Image::new(SYN_RAM);
+        let pfns = [slot_pa(0) / PAGE_SIZE, slot_pa(5) / PAGE_SIZE];
+        let root = build_tracker(&mut img, &pfns);
+        let d = img.to_dump(&syn_args());
+        let (t, _) = IncomingTracker::walk(&d, root, &syn_limits()).expect("walk");
+        assert_eq!(t.blocks(), vec![(pfns[0], 0), (pfns[1], 0)]);
+    }
+
+    #[test]
+    fn ioctl_fuzzer_runs_sequences() {
+        let mut f = IoctlFuzzer::new();
+        f.run(&[]);
+        // RETRIEVE_SESSION "in-0", then RETRIEVE_FD token 1 on it, FINISH, CREATE_SESSION.
+        f.run(&[1, 0, 0, 0, 1, 1, 0, 1, 0, 0, 4, 0, 1, 0, 0, 0, 0]);
+        for i in 0..200u8 {
+            f.run(&[i, i.wrapping_mul(7), 3, i, 0, 1]);
+        }
+        assert!(f.kexecs() >= 1);
     }
 }

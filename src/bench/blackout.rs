@@ -97,6 +97,8 @@ impl Plan {
 
     /// Every (kind, size, slot) point, in the order they run.
     pub fn points(&self) -> Vec<(Kind, u64, u64)> {
+        // Live updates first: the baseline writes whole guests to disk, and the writeback that
+        // follows would disturb millisecond measurements.
         let slot_cap = 16u64 << 30;
         let mut v = Vec::new();
         for &s in &self.sizes {
@@ -104,12 +106,14 @@ impl Plan {
             if s <= self.v1_max {
                 v.push((Kind::LiveV1, s, s));
             }
-            if s <= self.baseline_max {
-                v.push((Kind::Snapshot, s, s));
-            }
         }
         for &s in &self.metadata_only {
             v.push((Kind::LiveV2, s, s.min(slot_cap)));
+        }
+        for &s in &self.sizes {
+            if s <= self.baseline_max {
+                v.push((Kind::Snapshot, s, s));
+            }
         }
         v
     }
