@@ -7,13 +7,13 @@
 //! guest measures the blackout itself. The baseline runs the same guest through a snapshot to a
 //! file and a restore into a new VM, in one host image.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::Spread;
 
 /// What a point measures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Kind {
     /// Live update, guest_memfd in our run-list format.
     LiveV2,
@@ -33,7 +33,7 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
     pub ok: bool,
     pub blackout_us: f64,
@@ -44,7 +44,7 @@ pub struct Run {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Point {
     pub kind: Kind,
     pub guest_bytes: u64,
@@ -219,7 +219,7 @@ pub fn human(bytes: u64) -> String {
 /// An SVG plot of median blackout against guest size (log-log), one line per kind, with
 /// min..max bars.
 pub fn svg(points: &[Point]) -> String {
-    let (w, h, l, r, t, b) = (820.0, 520.0, 80.0, 170.0, 40.0, 60.0);
+    let (w, h, l, r, t, b) = (900.0, 520.0, 100.0, 200.0, 40.0, 60.0);
     let ok: Vec<&Point> = points
         .iter()
         .filter(|p| p.blackout_us.median > 0.0)

@@ -4,7 +4,7 @@ pub mod blackout;
 pub mod kho;
 
 /// Median, min and max of a sample.
-#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Spread {
     pub median: f64,
     pub min: f64,
