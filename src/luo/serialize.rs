@@ -238,31 +238,10 @@ impl Host {
             Ok(s) => s,
             Err(_) => return,
         };
-        let r = (|| -> Result<IncomingHeader, LuoError> {
-            if st.size < 32 {
-                return Err(LuoError::Bad(format!(
-                    "LUO blob is {} bytes, need 32",
-                    st.size
-                )));
-            }
-            let mut b = [0u8; 32];
-            self.mm
-                .ram
-                .read_phys(st.pa, &mut b)
-                .map_err(KhoError::from)?;
-            let ser = LuoSer::read_from_bytes(&b).map_err(|_| LuoError::Bad("LUO blob".into()))?;
-            let c = cstr_field(&ser.compatible)
-                .unwrap_or_else(|| String::from_utf8_lossy(&ser.compatible).into_owned());
-            if c != LUO_ABI_COMPATIBLE {
-                return Err(LuoError::Bad(format!(
-                    "LUO: unsupported compatible string {c:?} (this image supports {LUO_ABI_COMPATIBLE:?})"
-                )));
-            }
-            Ok(IncomingHeader {
-                blob_pa: st.pa,
-                ser,
-            })
-        })();
+        let r = read_luo_header(&self.mm.ram, st.pa, st.size).map(|ser| IncomingHeader {
+            blob_pa: st.pa,
+            ser,
+        });
         match r {
             Ok(h) => {
                 self.luo.liveupdate_num = h.ser.liveupdate_num + 1;
@@ -367,22 +346,7 @@ pub fn validate(
     let Some(st) = inc.tree.subtrees.get(LUO_KHO_ENTRY_NAME) else {
         return Ok(());
     };
-    if st.size < 32 {
-        return Err(LuoError::Bad(format!(
-            "LUO blob is {} bytes, need 32",
-            st.size
-        )));
-    }
-    let mut b = [0u8; 32];
-    mem.read_phys(st.pa, &mut b).map_err(KhoError::from)?;
-    let ser = LuoSer::read_from_bytes(&b).map_err(|_| LuoError::Bad("LUO blob".into()))?;
-    let c = cstr_field(&ser.compatible)
-        .unwrap_or_else(|| String::from_utf8_lossy(&ser.compatible).into_owned());
-    if c != LUO_ABI_COMPATIBLE {
-        return Err(LuoError::Bad(format!(
-            "LUO: unsupported compatible string {c:?} (this image supports {LUO_ABI_COMPATIBLE:?})"
-        )));
-    }
+    let ser = read_luo_header(mem, st.pa, st.size)?;
     let restorable = |pa: u64| {
         pa % crate::mm::PAGE_SIZE == 0 && inc.tracker.order_of(pa / crate::mm::PAGE_SIZE).is_some()
     };
@@ -420,4 +384,22 @@ pub fn validate(
         }
     }
     Ok(())
+}
+
+/// Read and check the root LUO blob: size, layout and compatible string.
+pub fn read_luo_header(mem: &dyn PhysRead, pa: u64, size: u64) -> Result<LuoSer, LuoError> {
+    if size < 32 {
+        return Err(LuoError::Bad(format!("LUO blob is {size} bytes, need 32")));
+    }
+    let mut b = [0u8; 32];
+    mem.read_phys(pa, &mut b).map_err(KhoError::from)?;
+    let ser = LuoSer::read_from_bytes(&b).map_err(|_| LuoError::Bad("LUO blob".into()))?;
+    let c = cstr_field(&ser.compatible)
+        .unwrap_or_else(|| String::from_utf8_lossy(&ser.compatible).into_owned());
+    if c != LUO_ABI_COMPATIBLE {
+        return Err(LuoError::Bad(format!(
+            "LUO: unsupported compatible string {c:?} (this image supports {LUO_ABI_COMPATIBLE:?})"
+        )));
+    }
+    Ok(ser)
 }
