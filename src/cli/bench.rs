@@ -172,19 +172,39 @@ fn targets(points: &[Point]) -> Vec<Value> {
 fn write_plot(dir: &std::path::Path, points: &[Point]) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let svg = dir.join("blackout.svg");
-    std::fs::write(&svg, blackout::svg(points)).map_err(|e| format!("cannot write {}: {e}", svg.display()))?;
+    std::fs::write(&svg, blackout::svg(points))
+        .map_err(|e| format!("cannot write {}: {e}", svg.display()))?;
     let png = dir.join("blackout.png");
-    let made = std::process::Command::new("rsvg-convert").arg("-o").arg(&png).arg(&svg).status().is_ok_and(|s| s.success())
-        || std::process::Command::new("convert").arg(&svg).arg(&png).status().is_ok_and(|s| s.success());
-    eprintln!("plot: {}{}", svg.display(), if made { format!(" and {}", png.display()) } else { " (no rsvg-convert/convert for PNG)".into() });
+    let made = std::process::Command::new("rsvg-convert")
+        .arg("-o")
+        .arg(&png)
+        .arg(&svg)
+        .status()
+        .is_ok_and(|s| s.success())
+        || std::process::Command::new("convert")
+            .arg(&svg)
+            .arg(&png)
+            .status()
+            .is_ok_and(|s| s.success());
+    eprintln!(
+        "plot: {}{}",
+        svg.display(),
+        if made {
+            format!(" and {}", png.display())
+        } else {
+            " (no rsvg-convert/convert for PNG)".into()
+        }
+    );
     Ok(())
 }
 
 fn sweep(a: BlackoutArgs) -> Result<ExitCode, String> {
     if let Some(j) = &a.replot {
-        let text = std::fs::read_to_string(j).map_err(|e| format!("cannot read {}: {e}", j.display()))?;
+        let text =
+            std::fs::read_to_string(j).map_err(|e| format!("cannot read {}: {e}", j.display()))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", j.display()))?;
-        let points: Vec<Point> = serde_json::from_value(v["points"].clone()).map_err(|e| format!("{}: points: {e}", j.display()))?;
+        let points: Vec<Point> = serde_json::from_value(v["points"].clone())
+            .map_err(|e| format!("{}: points: {e}", j.display()))?;
         let dir = a.plot.clone().ok_or("--replot needs --plot DIR")?;
         write_plot(&dir, &points)?;
         return Ok(ExitCode::SUCCESS);

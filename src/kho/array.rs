@@ -209,7 +209,8 @@ pub fn read_chain(mem: &dyn PhysRead, ser: &KhoArraySer) -> Result<Vec<u8>, KhoE
         )));
     }
     let mut seen = HashSet::new();
-    let mut out = Vec::with_capacity((total * PAGE_SIZE) as usize);
+    // Grow as pages are read: `total_pages` is not trusted yet.
+    let mut out = Vec::with_capacity((total.min(256) * PAGE_SIZE) as usize);
     let mut next = ser.first;
     let mut pages = 0u64;
     while next != 0 {
