@@ -629,7 +629,10 @@ fn walk_array(d: &Dump, tracker: IncomingTracker, ser: &KhoArraySer) {
 /// A real handover, made once per process: a 64 MiB host with a `kho-test` client and two LUO
 /// sessions (memfds and a test-handler file) finalizes (the reboot path up to `execve`) and dumps what it would hand over.
 pub fn handover_template() -> HandoverTemplate {
-    let path = std::env::temp_dir().join(format!("handover-fuzz-{}.dump", std::process::id()));
+    // Unique per call: tests build templates on several threads at once.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("handover-fuzz-{}-{n}.dump", std::process::id()));
     let mut h = Host::boot(crate::kexec::BootParams {
         ram_size: 64 << 20,
         ..Default::default()
