@@ -37,6 +37,8 @@ pub const GMEM_TOKEN: u64 = 0x1002;
 pub const LOW_TOKEN: u64 = 0x1003;
 pub const VCPU_TOKEN: u64 = 0x1004;
 pub const STATE_TOKEN: u64 = 0x999;
+/// Size of the memfds holding the vCPU state (length-prefixed) and the VMM's state (JSON).
+const STATE_BYTES: u64 = 64 << 10;
 pub const GMEM_GPA: u64 = 4 << 30;
 
 /// Scenario options (`--init-arg key=value`).
@@ -458,7 +460,7 @@ fn update(
     let fail = |what: &'static str| move |err: Errno| (format!("{what}: {err}"), err.0);
     // Preserve while the guest keeps running: the guest_memfd freezes here.
     let t = Instant::now();
-    let (s, folios) = {
+    let (st, m, folios) = {
         let mut h = lock(shared);
         let s = create_session(&mut h, pid, dev, SESSION).map_err(fail("create session"))?;
         sessions.push(s);
@@ -467,6 +469,22 @@ fn update(
             preserve_fd(&mut h, pid, s, vm.vm, VM_TOKEN).map_err(fail("preserve VM"))?;
         }
         preserve_fd(&mut h, pid, s, vm.low, LOW_TOKEN).map_err(fail("preserve low memory"))?;
+        // The memfds the vCPU state and the VMM's own state go into are sized and preserved
+        // now, so that after the pause only their bytes are written (a preserved memfd keeps
+        // its size but stays writable).
+        let st = h
+            .memfd_create(pid, "vcpu-state", 0)
+            .map_err(fail("memfd"))?;
+        h.ftruncate(pid, st, STATE_BYTES)
+            .map_err(fail("size vCPU state"))?;
+        preserve_fd(&mut h, pid, s, st, VCPU_TOKEN).map_err(fail("preserve vCPU state"))?;
+        let state_s =
+            create_session(&mut h, pid, dev, STATE).map_err(fail("create state session"))?;
+        sessions.push(state_s);
+        let m = h.memfd_create(pid, "state", 0).map_err(fail("memfd"))?;
+        h.ftruncate(pid, m, STATE_BYTES)
+            .map_err(fail("size state"))?;
+        preserve_fd(&mut h, pid, state_s, m, STATE_TOKEN).map_err(fail("preserve state"))?;
         let f = h
             .fd_file(pid, vm.gmem)
             .ok()
@@ -474,7 +492,7 @@ fn update(
                 Some(crate::fs::FileKind::GuestMemfd(g)) => Some(g.pages.nr_present()),
                 _ => None,
             });
-        (s, f.unwrap_or(0))
+        (st, m, f.unwrap_or(0))
     };
     let preserve_us = t.elapsed().as_secs_f64() * 1e6;
 
@@ -503,12 +521,10 @@ fn update(
             .map_err(|err| (format!("save vCPU: {err}"), libc::EIO))?
             .to_bytes()
     };
-    let st = h
-        .memfd_create(pid, "vcpu-state", 0)
-        .map_err(fail("memfd"))?;
-    h.pwrite(pid, st, &state, 0)
+    let mut framed = (state.len() as u64).to_le_bytes().to_vec();
+    framed.extend_from_slice(&state);
+    h.pwrite(pid, st, &framed, 0)
         .map_err(fail("write vCPU state"))?;
-    preserve_fd(&mut h, pid, s, st, VCPU_TOKEN).map_err(fail("preserve vCPU state"))?;
     let save_us = t.elapsed().as_secs_f64() * 1e6;
 
     let ss = StageState {
@@ -520,12 +536,8 @@ fn update(
         save_us,
         preserved_folios: folios,
     };
-    let state_s = create_session(&mut h, pid, dev, STATE).map_err(fail("create state session"))?;
-    sessions.push(state_s);
-    let m = h.memfd_create(pid, "state", 0).map_err(fail("memfd"))?;
     let text = serde_json::to_vec(&ss).map_err(|err| (format!("state: {err}"), libc::EINVAL))?;
     h.pwrite(pid, m, &text, 0).map_err(fail("write state"))?;
-    preserve_fd(&mut h, pid, state_s, m, STATE_TOKEN).map_err(fail("preserve state"))?;
     h.report("rfc-stage1", json!({ "write_ms": write_ms, "preserve_us": preserve_us, "preserved_folios": folios, "state": ss }));
     // The kexec: returns only if it was refused.
     let Err(err) = h.kexec(crate::kexec::KexecRequest::default());
@@ -715,9 +727,15 @@ fn stage2(
     };
     let low = retrieve_fd(&mut h, pid, s, LOW_TOKEN).map_err(e("retrieve low memory"))?;
     let st = retrieve_fd(&mut h, pid, s, VCPU_TOKEN).map_err(e("retrieve vCPU state"))?;
-    let bytes = read_all(&mut h, pid, st, 1 << 20).map_err(e("read vCPU state"))?;
+    let bytes = read_all(&mut h, pid, st, STATE_BYTES as usize).map_err(e("read vCPU state"))?;
+    let len = bytes
+        .get(..8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default())) as usize;
+    let bytes = bytes
+        .get(8..8usize.saturating_add(len))
+        .ok_or("vCPU state: bad length")?;
     let t_retrieved = monotonic_ns();
-    let state = VcpuState::from_bytes(&bytes).map_err(e("vCPU state"))?;
+    let state = VcpuState::from_bytes(bytes).map_err(e("vCPU state"))?;
     let (low_map, vcpu, slots) = bind(&mut h, pid, vm, gmem, low, &o, !o.lazy_slots)?;
     let t_bound = monotonic_ns();
     {
