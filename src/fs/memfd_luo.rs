@@ -30,28 +30,9 @@ pub struct MemfdLuoSer {
     pub folios: KhoArraySer,
 }
 
-/// `struct memfd_luo_folio_ser`: pfn in bits 0..52, flags in 52..64; then the index.
-#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
-#[repr(C)]
-pub struct FolioSer {
-    pub pfn_flags: u64,
-    pub index: u64,
-}
-
-impl FolioSer {
-    pub fn new(pfn: u64, flags: u64, index: u64) -> Self {
-        Self {
-            pfn_flags: (pfn & ((1 << 52) - 1)) | (flags << 52),
-            index,
-        }
-    }
-    pub fn pfn(&self) -> u64 {
-        self.pfn_flags & ((1 << 52) - 1)
-    }
-    pub fn flags(&self) -> u64 {
-        self.pfn_flags >> 52
-    }
-}
+/// `struct memfd_luo_folio_ser`: the same layout as guest_memfd's folio entry (pfn in bits
+/// 0..52, flags above, then the index), so one type serves both.
+pub use crate::abi::kvm::GuestMemfdFolioSer as FolioSer;
 
 struct Preserved {
     ser: Folio,
