@@ -8,8 +8,8 @@
 //! `HANDOVER_REQUIRE_KVM=1`, in which case it fails. The tests of this file run one at a time
 //! (they count the service threads and measure fault costs).
 
+use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use handover::uapi::{Errno, Pid};
 use handover::vmm::guest::*;
 use handover::vmm::libkvm::*;
 use handover::vmm::libluo::*;
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 const MIB: u64 = 1 << 20;
 const DATA_GPA: u64 = 4 << 30;
@@ -45,58 +46,50 @@ fn note(msg: &str) {
 
 /// The guest's low memory: a memfd of the test process, mapped here and bound as a plain
 /// memslot at GPA 0 (the VMM's own memory, not a guest_memfd).
+///
+/// The guest writes this memory too, so the test touches it only through volatile copies
+/// (`vm_memory`); no Rust reference into the mapping is ever formed.
 struct LowMem {
-    _fd: OwnedFd,
-    base: *mut u8,
+    map: MmapRegion,
 }
 
 impl LowMem {
     fn new() -> LowMem {
-        // SAFETY: memfd_create with a valid C string; the result is checked.
-        let raw = unsafe { libc::memfd_create(c"kvm-faults-low".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(
-            raw >= 0,
-            "memfd_create: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: `raw` is a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate on our own fd.
-        assert_eq!(
-            unsafe { libc::ftruncate(fd.as_raw_fd(), LOW_MEM_SIZE as i64) },
-            0
-        );
-        // SAFETY: a fresh shared mapping of the whole memfd, placed by the kernel.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                LOW_MEM_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
-        LowMem {
-            _fd: fd,
-            base: base.cast(),
-        }
+        let fd = rustix::fs::memfd_create(c"kvm-faults-low", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd_create");
+        let file = File::from(fd);
+        file.set_len(LOW_MEM_SIZE as u64).expect("ftruncate");
+        let map = MmapRegion::from_file(FileOffset::new(file, 0), LOW_MEM_SIZE).expect("mmap");
+        LowMem { map }
     }
 
-    /// The whole low memory. Only while no vCPU runs.
-    #[allow(clippy::mut_from_ref)]
-    fn bytes(&self) -> &mut [u8] {
-        // SAFETY: the mapping is LOW_MEM_SIZE bytes and lives as long as `self`; callers use
-        // the slice only while the guest is stopped and never hold two at once.
-        unsafe { std::slice::from_raw_parts_mut(self.base, LOW_MEM_SIZE) }
+    /// The host address of the mapping, for KVM.
+    fn addr(&self) -> u64 {
+        self.map.as_ptr() as u64
     }
-}
 
-impl Drop for LowMem {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping; no slice into it outlives `self`.
-        unsafe { libc::munmap(self.base.cast(), LOW_MEM_SIZE) };
+    fn slice(&self, off: usize, len: usize) -> VolatileSlice<'_> {
+        let s = self
+            .map
+            .get_slice(off, len)
+            .unwrap_or_else(|e| panic!("low memory {off:#x}+{len:#x}: {e}"));
+        assert_eq!(s.len(), len);
+        s
+    }
+
+    /// A copy of the bytes at `off..off + len`.
+    fn read(&self, off: usize, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        assert_eq!(self.slice(off, len).copy_to(&mut buf[..]), len);
+        buf
+    }
+
+    /// Copy `off..off + len` out, let `f` edit the copy, and store it back.
+    fn update<R>(&self, off: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let mut buf = self.read(off, len);
+        let r = f(&mut buf);
+        self.slice(off, len).copy_from(&buf[..]);
+        r
     }
 }
 
@@ -190,7 +183,8 @@ impl Guest {
                 .unwrap();
         }
         let low = LowMem::new();
-        build_image(low.bytes(), &params(mode)).unwrap();
+        low.update(0, LOW_MEM_SIZE, |b| build_image(b, &params(mode)))
+            .unwrap();
         set_memory_region2(
             &mut h,
             pid,
@@ -199,7 +193,7 @@ impl Guest {
                 slot: 0,
                 gpa: 0,
                 size: LOW_MEM_SIZE as u64,
-                uaddr: low.base as u64,
+                uaddr: low.addr(),
                 gmem: None,
             },
         )
@@ -275,11 +269,11 @@ impl Guest {
 
     /// Point the guest at a new task (mailbox + registers back to the start).
     fn restart(&self, mode: GuestMode) {
-        write_params(
-            &mut self.low.bytes()[MAILBOX_GPA as usize..][..PAGE as usize],
-            &params(mode),
-        )
-        .unwrap();
+        self.low
+            .update(MAILBOX_GPA as usize, PAGE as usize, |mb| {
+                write_params(mb, &params(mode))
+            })
+            .unwrap();
         let h = self.host();
         h.vcpu(self.pid, self.vcpu)
             .unwrap()
@@ -319,7 +313,7 @@ impl Guest {
     }
 
     fn first_bad(&self) -> Option<u64> {
-        read_report(&self.low.bytes()[MAILBOX_GPA as usize..][..MAILBOX_LEN])
+        read_report(&self.low.read(MAILBOX_GPA as usize, MAILBOX_LEN))
             .unwrap()
             .first_bad
     }

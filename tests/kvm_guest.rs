@@ -3,8 +3,9 @@
 //! Every test skips with a loud `SKIP:` line when `/dev/kvm` cannot be opened, unless
 //! `HANDOVER_REQUIRE_KVM=1`, in which case it fails.
 
+use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use handover::kvm::vcpu::{complete_pending_io, describe_exit, VcpuKicker, VcpuSt
 use handover::vmm::guest::*;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 const DATA_GPA: u64 = 4 << 30;
 const DATA_LEN: u64 = 5 << 20;
@@ -44,72 +46,67 @@ fn now_us() -> u64 {
 }
 
 /// A memfd ("RAM") with one linear shared mapping, like the host image's direct map.
+///
+/// The guest writes this memory too, so the test touches it only through volatile copies
+/// (`vm_memory`); no Rust reference into the mapping is ever formed.
 struct Ram {
-    fd: OwnedFd,
-    base: *mut u8,
-    size: usize,
+    map: MmapRegion,
 }
 
 impl Ram {
     fn new(size: usize) -> Ram {
-        // SAFETY: memfd_create with a valid C string; the result is checked.
-        let raw = unsafe { libc::memfd_create(c"kvm-guest-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(
-            raw >= 0,
-            "memfd_create: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: `raw` is a new fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: ftruncate on our own fd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) }, 0);
-        // SAFETY: a fresh shared mapping of the whole memfd, placed by the kernel.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
-        Ram {
-            fd,
-            base: base.cast(),
-            size,
-        }
+        let fd = rustix::fs::memfd_create(c"kvm-guest-test", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd_create");
+        let file = File::from(fd);
+        file.set_len(size as u64).expect("ftruncate");
+        let map = MmapRegion::from_file(FileOffset::new(file, 0), size).expect("mmap");
+        Ram { map }
     }
 
+    /// The memfd itself (for mapping single pages of it elsewhere).
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.map
+            .file_offset()
+            .expect("a file mapping")
+            .file()
+            .as_fd()
+    }
+
+    /// The host address of byte `off` of the mapping, for KVM.
     fn ptr(&self, off: usize) -> *mut u8 {
-        assert!(off <= self.size);
-        // SAFETY: in bounds of the mapping (checked above).
-        unsafe { self.base.add(off) }
+        assert!(off <= self.map.size());
+        self.map.as_ptr().wrapping_add(off)
     }
 
-    /// The bytes at `off..off + len`. Only call while no vCPU runs (the guest writes this
-    /// memory too).
-    #[allow(clippy::mut_from_ref)]
-    fn bytes(&self, off: usize, len: usize) -> &mut [u8] {
-        assert!(off + len <= self.size);
-        // SAFETY: in bounds of the mapping, which lives as long as `self`; callers only use the
-        // slice while the guest is stopped, and never hold two overlapping slices.
-        unsafe { std::slice::from_raw_parts_mut(self.base.add(off), len) }
+    fn slice(&self, off: usize, len: usize) -> VolatileSlice<'_> {
+        let s = self
+            .map
+            .get_slice(off, len)
+            .unwrap_or_else(|e| panic!("RAM {off:#x}+{len:#x}: {e}"));
+        assert_eq!(s.len(), len);
+        s
+    }
+
+    /// A copy of the bytes at `off..off + len`.
+    fn read(&self, off: usize, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        assert_eq!(self.slice(off, len).copy_to(&mut buf[..]), len);
+        buf
+    }
+
+    /// Store `data` at `off`.
+    fn write(&self, off: usize, data: &[u8]) {
+        self.slice(off, data.len()).copy_from(data);
+    }
+
+    /// Copy `off..off + len` out, let `f` edit the copy, and store it back.
+    fn update<R>(&self, off: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let mut buf = self.read(off, len);
+        let r = f(&mut buf);
+        self.write(off, &buf);
+        r
     }
 }
-
-impl Drop for Ram {
-    fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping; no slice into it outlives `self`.
-        unsafe { libc::munmap(self.base.cast(), self.size) };
-    }
-}
-
-// SAFETY: the mapping is plain shared memory; the tests only touch it while the guest is stopped.
-unsafe impl Send for Ram {}
-// SAFETY: see `Send`.
-unsafe impl Sync for Ram {}
 
 fn set_slot(vm: &VmFd, slot: u32, gpa: u64, hva: *mut u8, size: usize) {
     let region = kvm_userspace_memory_region {
@@ -147,12 +144,13 @@ fn params(mode: GuestMode) -> GuestParams {
 
 /// Point the guest at a new task: new parameters in the mailbox, registers back to the start.
 fn restart(ram: &Ram, vcpu: &VcpuFd, p: &GuestParams) {
-    write_params(ram.bytes(MAILBOX_GPA as usize, PAGE), p).unwrap();
+    ram.update(MAILBOX_GPA as usize, PAGE, |mb| write_params(mb, p))
+        .unwrap();
     vcpu.set_regs(&initial_regs()).unwrap();
 }
 
 fn report(ram: &Ram) -> GuestReport {
-    read_report(ram.bytes(MAILBOX_GPA as usize, MAILBOX_LEN)).unwrap()
+    read_report(&ram.read(MAILBOX_GPA as usize, MAILBOX_LEN)).unwrap()
 }
 
 /// Run until the guest OUTs a status; answer clock and proceed reads.
@@ -179,7 +177,10 @@ fn guest_writes_pattern_at_4gib() {
     };
     let ram = Ram::new(LOW_MEM_SIZE + SLOT_SIZE);
     let vm = linear_vm(&kvm, &ram);
-    build_image(ram.bytes(0, LOW_MEM_SIZE), &params(GuestMode::Write)).unwrap();
+    ram.update(0, LOW_MEM_SIZE, |low| {
+        build_image(low, &params(GuestMode::Write))
+    })
+    .unwrap();
     let mut vcpu = new_vcpu(&kvm, &vm);
 
     assert_eq!(run_to_status(&mut vcpu, 0), STATUS_WRITTEN);
@@ -191,7 +192,7 @@ fn guest_writes_pattern_at_4gib() {
         (USER_CS, 3, 1)
     );
     // Every byte, read through the memfd.
-    let data = ram.bytes(LOW_MEM_SIZE, SLOT_SIZE);
+    let data = ram.read(LOW_MEM_SIZE, SLOT_SIZE);
     assert_eq!(find_mismatch(&data[..DATA_LEN as usize], 0), None);
     assert!(
         data[DATA_LEN as usize..].iter().all(|&b| b == 0),
@@ -208,16 +209,19 @@ fn guest_verify_reports_first_bad_offset() {
     };
     let ram = Ram::new(LOW_MEM_SIZE + SLOT_SIZE);
     let vm = linear_vm(&kvm, &ram);
-    build_image(ram.bytes(0, LOW_MEM_SIZE), &params(GuestMode::Verify)).unwrap();
+    ram.update(0, LOW_MEM_SIZE, |low| {
+        build_image(low, &params(GuestMode::Verify))
+    })
+    .unwrap();
     let mut vcpu = new_vcpu(&kvm, &vm);
-    fill_pattern(ram.bytes(LOW_MEM_SIZE, DATA_LEN as usize), 0);
+    ram.update(LOW_MEM_SIZE, DATA_LEN as usize, |d| fill_pattern(d, 0));
 
     assert_eq!(run_to_status(&mut vcpu, 0), STATUS_VERIFY_OK);
     assert_eq!(report(&ram).first_bad, None);
 
     // One flipped bit in the middle of an 8-byte word, then one in the first byte.
     for off in [3_000_001usize, 0] {
-        ram.bytes(LOW_MEM_SIZE, DATA_LEN as usize)[off] ^= 0x40;
+        ram.update(LOW_MEM_SIZE, DATA_LEN as usize, |d| d[off] ^= 0x40);
         restart(&ram, &vcpu, &params(GuestMode::Verify));
         assert_eq!(run_to_status(&mut vcpu, 0), STATUS_VERIFY_FAILED);
         let r = report(&ram);
@@ -229,24 +233,26 @@ fn guest_verify_reports_first_bad_offset() {
 
     // A length that is not a multiple of 8: the tail is checked byte by byte, and only the
     // data is checked (the byte after it may be anything).
-    fill_pattern(ram.bytes(LOW_MEM_SIZE, DATA_LEN as usize), 0);
+    ram.update(LOW_MEM_SIZE, DATA_LEN as usize, |d| fill_pattern(d, 0));
     let len = DATA_LEN - 3;
     let odd = GuestParams {
         data_len: len,
         ..params(GuestMode::Verify)
     };
-    ram.bytes(LOW_MEM_SIZE, DATA_LEN as usize)[len as usize] ^= 1;
+    ram.update(LOW_MEM_SIZE, DATA_LEN as usize, |d| d[len as usize] ^= 1);
     restart(&ram, &vcpu, &odd);
     assert_eq!(run_to_status(&mut vcpu, 0), STATUS_VERIFY_OK);
-    ram.bytes(LOW_MEM_SIZE, DATA_LEN as usize)[len as usize - 1] ^= 1;
+    ram.update(LOW_MEM_SIZE, DATA_LEN as usize, |d| {
+        d[len as usize - 1] ^= 1
+    });
     restart(&ram, &vcpu, &odd);
     assert_eq!(run_to_status(&mut vcpu, 0), STATUS_VERIFY_FAILED);
     assert_eq!(report(&ram).first_bad, Some(len - 1));
 
     // A mode the guest does not know.
-    write_params(ram.bytes(MAILBOX_GPA as usize, PAGE), &odd).unwrap();
-    ram.bytes(MAILBOX_GPA as usize + MB_MODE, 8)
-        .copy_from_slice(&77u64.to_le_bytes());
+    ram.update(MAILBOX_GPA as usize, PAGE, |mb| write_params(mb, &odd))
+        .unwrap();
+    ram.write(MAILBOX_GPA as usize + MB_MODE, &77u64.to_le_bytes());
     vcpu.set_regs(&initial_regs()).unwrap();
     assert_eq!(run_to_status(&mut vcpu, 0), STATUS_BAD_MODE);
 }
@@ -258,7 +264,10 @@ fn complete_pending_io_finishes_an_in() {
     };
     let ram = Ram::new(LOW_MEM_SIZE + SLOT_SIZE);
     let vm = linear_vm(&kvm, &ram);
-    build_image(ram.bytes(0, LOW_MEM_SIZE), &params(GuestMode::RunUpdate)).unwrap();
+    ram.update(0, LOW_MEM_SIZE, |low| {
+        build_image(low, &params(GuestMode::RunUpdate))
+    })
+    .unwrap();
     let mut vcpu = new_vcpu(&kvm, &vm);
     assert_eq!(run_to_status(&mut vcpu, 0), STATUS_WRITTEN);
     match vcpu.run() {
@@ -283,7 +292,10 @@ fn run_update_pause_save_new_vm_restore() {
     };
     let ram = Arc::new(Ram::new(LOW_MEM_SIZE + SLOT_SIZE));
     let vm = linear_vm(&kvm, &ram);
-    build_image(ram.bytes(0, LOW_MEM_SIZE), &params(GuestMode::RunUpdate)).unwrap();
+    ram.update(0, LOW_MEM_SIZE, |low| {
+        build_image(low, &params(GuestMode::RunUpdate))
+    })
+    .unwrap();
     let mut vcpu = new_vcpu(&kvm, &vm);
     assert_eq!(run_to_status(&mut vcpu, 0), STATUS_WRITTEN);
 
@@ -336,8 +348,8 @@ fn run_update_pause_save_new_vm_restore() {
     assert_eq!(state.sregs.cs.dpl, 3);
     let bytes = state.to_bytes();
     let stored = Ram::new(bytes.len().div_ceil(PAGE) * PAGE);
-    stored.bytes(0, bytes.len()).copy_from_slice(&bytes);
-    let state = VcpuState::from_bytes(stored.bytes(0, bytes.len())).unwrap();
+    stored.write(0, &bytes);
+    let state = VcpuState::from_bytes(&stored.read(0, bytes.len())).unwrap();
     drop(kicker);
     drop(vcpu);
     drop(vm);
@@ -425,7 +437,7 @@ fn scattered_per_page_mapping_with_a_hole() {
                 PAGE,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_FIXED,
-                ram.fd.as_raw_fd(),
+                ram.fd().as_raw_fd(),
                 offset(i) as i64,
             )
         };
@@ -439,7 +451,10 @@ fn scattered_per_page_mapping_with_a_hole() {
     let vm = kvm.create_vm().unwrap();
     set_slot(&vm, 0, 0, ram.ptr(0), LOW_MEM_SIZE);
     set_slot(&vm, 1, DATA_GPA, va, SLOT_SIZE);
-    build_image(ram.bytes(0, LOW_MEM_SIZE), &params(GuestMode::Write)).unwrap();
+    ram.update(0, LOW_MEM_SIZE, |low| {
+        build_image(low, &params(GuestMode::Write))
+    })
+    .unwrap();
     let mut vcpu = new_vcpu(&kvm, &vm);
 
     // The guest reaches the hole: KVM_RUN fails with EFAULT (no KVM_EXIT_MEMORY_FAULT on this
@@ -475,9 +490,9 @@ fn scattered_per_page_mapping_with_a_hole() {
 
     // Every byte landed at its scattered memfd offset.
     for i in 0..DATA_LEN as usize / PAGE {
-        let page = ram.bytes(offset(i), PAGE);
+        let page = ram.read(offset(i), PAGE);
         assert_eq!(
-            find_mismatch(page, (i * PAGE) as u64),
+            find_mismatch(&page, (i * PAGE) as u64),
             None,
             "slot page {i}"
         );
@@ -488,9 +503,9 @@ fn scattered_per_page_mapping_with_a_hole() {
     // Remapping a page elsewhere while the VM lives is seen by the guest (MMU notifier).
     let moved = 7usize;
     let dst = LOW_MEM_SIZE + SLOT_SIZE; // the spare page
-    let copy = ram.bytes(offset(moved), PAGE).to_vec();
-    ram.bytes(dst, PAGE).copy_from_slice(&copy);
-    ram.bytes(dst, PAGE)[99] ^= 0xff;
+    let copy = ram.read(offset(moved), PAGE);
+    ram.write(dst, &copy);
+    ram.update(dst, PAGE, |p| p[99] ^= 0xff);
     // SAFETY: as in `map_page`, for page `moved` of the reservation.
     let p = unsafe {
         libc::mmap(
@@ -498,7 +513,7 @@ fn scattered_per_page_mapping_with_a_hole() {
             PAGE,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED | libc::MAP_FIXED,
-            ram.fd.as_raw_fd(),
+            ram.fd().as_raw_fd(),
             dst as i64,
         )
     };
