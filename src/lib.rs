@@ -9,6 +9,7 @@ pub mod cli;
 pub mod fault;
 pub mod fs;
 pub mod fuzzing;
+pub mod fuzzing_kvm;
 pub mod host;
 pub mod init;
 pub mod kexec;

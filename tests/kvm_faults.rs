@@ -8,7 +8,6 @@
 //! `HANDOVER_REQUIRE_KVM=1`, in which case it fails. The tests of this file run one at a time
 //! (they count the service threads and measure fault costs).
 
-use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,7 +23,6 @@ use handover::uapi::{Errno, Pid};
 use handover::vmm::guest::*;
 use handover::vmm::libkvm::*;
 use handover::vmm::libluo::*;
-use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 const MIB: u64 = 1 << 20;
 const DATA_GPA: u64 = 4 << 30;
@@ -44,51 +42,61 @@ fn note(msg: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{msg}");
 }
 
-/// The guest's low memory: a memfd of the test process, mapped here and bound as a plain
-/// memslot at GPA 0 (the VMM's own memory, not a guest_memfd).
-///
-/// The guest writes this memory too, so the test touches it only through volatile copies
-/// (`vm_memory`); no Rust reference into the mapping is ever formed.
+/// The guest's low memory: a memfd of the host, mapped by the VMM process and bound as a
+/// plain memslot at GPA 0 (the VMM's own memory, not a guest_memfd). The host accepts plain
+/// slots only inside a mapping of the caller, and the VMM touches the memory through the host
+/// (volatile copies), never through a Rust reference.
 struct LowMem {
-    map: MmapRegion,
+    addr: usize,
 }
 
 impl LowMem {
-    fn new() -> LowMem {
-        let fd = rustix::fs::memfd_create(c"kvm-faults-low", rustix::fs::MemfdFlags::CLOEXEC)
+    fn new(h: &mut Host, pid: Pid) -> LowMem {
+        let fd = h
+            .memfd_create(pid, "kvm-faults-low", 0)
             .expect("memfd_create");
-        let file = File::from(fd);
-        file.set_len(LOW_MEM_SIZE as u64).expect("ftruncate");
-        let map = MmapRegion::from_file(FileOffset::new(file, 0), LOW_MEM_SIZE).expect("mmap");
-        LowMem { map }
+        h.ftruncate(pid, fd, LOW_MEM_SIZE as u64)
+            .expect("ftruncate");
+        let m = h
+            .mmap(
+                pid,
+                fd,
+                LOW_MEM_SIZE as u64,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                0,
+            )
+            .expect("mmap");
+        h.close(pid, fd).expect("close");
+        LowMem { addr: m.addr }
     }
 
-    /// The host address of the mapping, for KVM.
+    /// The VMM's address of the mapping, for KVM.
     fn addr(&self) -> u64 {
-        self.map.as_ptr() as u64
-    }
-
-    fn slice(&self, off: usize, len: usize) -> VolatileSlice<'_> {
-        let s = self
-            .map
-            .get_slice(off, len)
-            .unwrap_or_else(|e| panic!("low memory {off:#x}+{len:#x}: {e}"));
-        assert_eq!(s.len(), len);
-        s
+        self.addr as u64
     }
 
     /// A copy of the bytes at `off..off + len`.
-    fn read(&self, off: usize, len: usize) -> Vec<u8> {
+    fn read(&self, h: &mut Host, pid: Pid, off: usize, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
-        assert_eq!(self.slice(off, len).copy_to(&mut buf[..]), len);
+        h.user_read(pid, self.addr + off, &mut buf)
+            .expect("read low memory");
         buf
     }
 
     /// Copy `off..off + len` out, let `f` edit the copy, and store it back.
-    fn update<R>(&self, off: usize, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        let mut buf = self.read(off, len);
+    fn update<R>(
+        &self,
+        h: &mut Host,
+        pid: Pid,
+        off: usize,
+        len: usize,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> R {
+        let mut buf = self.read(h, pid, off, len);
         let r = f(&mut buf);
-        self.slice(off, len).copy_from(&buf[..]);
+        h.user_write(pid, self.addr + off, &buf)
+            .expect("write low memory");
         r
     }
 }
@@ -182,9 +190,11 @@ impl Guest {
             h.fallocate(pid, gmem, libc::FALLOC_FL_KEEP_SIZE, 0, prefault)
                 .unwrap();
         }
-        let low = LowMem::new();
-        low.update(0, LOW_MEM_SIZE, |b| build_image(b, &params(mode)))
-            .unwrap();
+        let low = LowMem::new(&mut h, pid);
+        low.update(&mut h, pid, 0, LOW_MEM_SIZE, |b| {
+            build_image(b, &params(mode))
+        })
+        .unwrap();
         set_memory_region2(
             &mut h,
             pid,
@@ -269,12 +279,16 @@ impl Guest {
 
     /// Point the guest at a new task (mailbox + registers back to the start).
     fn restart(&self, mode: GuestMode) {
+        let mut h = self.host();
         self.low
-            .update(MAILBOX_GPA as usize, PAGE as usize, |mb| {
-                write_params(mb, &params(mode))
-            })
+            .update(
+                &mut h,
+                self.pid,
+                MAILBOX_GPA as usize,
+                PAGE as usize,
+                |mb| write_params(mb, &params(mode)),
+            )
             .unwrap();
-        let h = self.host();
         h.vcpu(self.pid, self.vcpu)
             .unwrap()
             .lock()
@@ -313,9 +327,14 @@ impl Guest {
     }
 
     fn first_bad(&self) -> Option<u64> {
-        read_report(&self.low.read(MAILBOX_GPA as usize, MAILBOX_LEN))
-            .unwrap()
-            .first_bad
+        let mut h = self.host();
+        read_report(
+            &self
+                .low
+                .read(&mut h, self.pid, MAILBOX_GPA as usize, MAILBOX_LEN),
+        )
+        .unwrap()
+        .first_bad
     }
 }
 

@@ -1,7 +1,7 @@
 //! memfd: an anonymous shmem file with seals. Pages are order-0 folios in RAM, allocated on
 //! first write or fault; holes read as zeros.
 
-use crate::mm::{Mm, PageCache, PhysRead, PAGE_SIZE};
+use crate::mm::{Folio, Mm, PageCache, PhysRead, PAGE_SIZE};
 use crate::uapi::{Errno, SysResult};
 
 pub const F_SEAL_SEAL: u32 = 0x0001;
@@ -21,7 +21,26 @@ pub const MFD_HUGETLB: u32 = 0x0004;
 pub const MAX_SIZE: u64 = 1 << 40;
 
 /// Newly allocated page indexes, and the index range a hole punch removed.
-pub type FallocateResult = (Vec<u64>, Option<(u64, u64)>);
+/// What fallocate changed: newly allocated page indexes, and the pages a punch took out.
+pub type FallocateResult = (Vec<u64>, Option<Dropped>);
+
+/// Pages taken out of a file (truncate, punch hole) and not freed yet: the caller unmaps the
+/// index range from every window first, then frees the folios ([`Dropped::free`]), as Linux's
+/// `truncate_pagecache_range` unmaps before it frees.
+#[derive(Debug)]
+#[must_use = "dropped pages must be unmapped, then freed"]
+pub struct Dropped {
+    /// File page indexes `start..end` that left the file.
+    pub range: (u64, u64),
+    pub folios: Vec<Folio>,
+}
+
+impl Dropped {
+    pub fn free(mut self, mm: &mut Mm) -> SysResult<()> {
+        mm.free_many(&mut self.folios)?;
+        Ok(())
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Memfd {
@@ -55,8 +74,8 @@ impl Memfd {
         }
     }
 
-    /// Change the size. Returns the index range whose pages were dropped (to unmap).
-    pub fn truncate(&mut self, mm: &mut Mm, size: u64) -> SysResult<Option<(u64, u64)>> {
+    /// Change the size. Returns the pages dropped by a shrink, still to unmap and free.
+    pub fn truncate(&mut self, mm: &mut Mm, size: u64) -> SysResult<Option<Dropped>> {
         if size > MAX_SIZE {
             return Err(Errno::EFBIG);
         }
@@ -76,11 +95,13 @@ impl Memfd {
                 mm.ram.fill(pa + off, PAGE_SIZE - off, 0)?;
             }
         }
-        let mut dropped = self.pages.resize(npages(size));
-        mm.free_many(&mut dropped)?;
+        let folios = self.pages.resize(npages(size));
         self.size = size;
         let new_pages = npages(size);
-        Ok((new_pages < old_pages).then_some((new_pages, old_pages)))
+        Ok((new_pages < old_pages).then_some(Dropped {
+            range: (new_pages, old_pages),
+            folios,
+        }))
     }
 
     pub fn read_at(&self, mm: &Mm, pos: u64, buf: &mut [u8]) -> SysResult<usize> {
@@ -184,9 +205,14 @@ impl Memfd {
                     }
                 }
             }
-            let mut gone = self.pages.take_range(first, last);
-            mm.free_many(&mut gone)?;
-            return Ok((vec![], (first < last).then_some((first, last))));
+            let folios = self.pages.take_range(first, last);
+            return Ok((
+                vec![],
+                (first < last).then_some(Dropped {
+                    range: (first, last),
+                    folios,
+                }),
+            ));
         }
         if !keep && end > self.size {
             if self.frozen || self.seals & F_SEAL_GROW != 0 {

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
+use std::sync::atomic::Ordering;
 
 use crate::abi::kho::{
     radix_index, radix_key, radix_key_decode, KHO_BITMAP_SIZE_LOG2, KHO_MAX_PRESERVE_ORDER,
@@ -96,11 +97,14 @@ impl Tracker {
             .leaf(mm, key, true)?
             .ok_or(KhoError::Corrupt("tracker leaf"))?;
         let (off, mask) = Self::word(key);
-        let w = mm.ram.read_u64(leaf + off)?;
-        if w & mask != 0 {
+        // One atomic read-modify-write: the bitmap word lives in RAM, which is shared memory.
+        let old = mm
+            .ram
+            .atomic_u64(leaf + off)?
+            .fetch_or(mask, Ordering::Relaxed);
+        if old & mask != 0 {
             return Ok(false);
         }
-        mm.ram.write_u64(leaf + off, w | mask)?;
         self.preserved_pages += 1 << order;
         self.preserved_blocks += 1;
         Ok(true)
@@ -114,11 +118,13 @@ impl Tracker {
             return Ok(false);
         };
         let (off, mask) = Self::word(key);
-        let w = mm.ram.read_u64(leaf + off)?;
-        if w & mask == 0 {
+        let old = mm
+            .ram
+            .atomic_u64(leaf + off)?
+            .fetch_and(!mask, Ordering::Relaxed);
+        if old & mask == 0 {
             return Ok(false);
         }
-        mm.ram.write_u64(leaf + off, w & !mask)?;
         self.preserved_pages -= 1 << order;
         self.preserved_blocks -= 1;
         Ok(true)
@@ -130,7 +136,7 @@ impl Tracker {
             return Ok(false);
         };
         let (off, mask) = Self::word(key);
-        Ok(mm.ram.read_u64(leaf + off)? & mask != 0)
+        Ok(mm.ram.atomic_u64(leaf + off)?.load(Ordering::Relaxed) & mask != 0)
     }
 
     /// Give the tracker's nodes back to the allocator (used when a kexec is abandoned is not

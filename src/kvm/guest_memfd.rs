@@ -8,7 +8,7 @@ use crate::abi::kvm::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use crate::fs::{FileId, FileKind};
 use crate::host::Host;
 use crate::mm::{PageCache, VaWindow, PAGE_SIZE};
-use crate::uapi::{Errno, MapId, Mapping, SysResult};
+use crate::uapi::{Errno, MapId, Mapping, SysResult, KERNEL_PID};
 
 use super::vm::VmInner;
 
@@ -93,11 +93,11 @@ impl Host {
         self.maps.insert(
             id,
             Mapping {
-                pid: 0,
+                pid: KERNEL_PID,
                 file,
                 pgoff: 0,
                 writable: true,
-                window,
+                window: Arc::new(window),
             },
         );
         self.gmem(file)?.kernel_map = Some(id);
@@ -113,12 +113,8 @@ impl Host {
         off: u64,
         len: u64,
     ) -> SysResult<()> {
-        let (new, punched) = {
-            let Host { mm, files, .. } = self;
-            let g = match files.kind_mut(file) {
-                Some(FileKind::GuestMemfd(g)) => g,
-                _ => return Err(Errno::EINVAL),
-            };
+        let (punch, end, nr_slots) = {
+            let g = self.gmem(file)?;
             if g.frozen {
                 return Err(Errno::EPERM);
             }
@@ -132,27 +128,36 @@ impl Host {
                 return Err(Errno::EINVAL);
             }
             let end = off.checked_add(len).ok_or(Errno::EINVAL)?;
-            if punch {
-                let (a, b) = (off / PAGE_SIZE, (end / PAGE_SIZE).min(g.pages.nr_slots()));
-                let mut gone = if a < b {
-                    g.pages.take_range(a, b)
-                } else {
-                    Vec::new()
-                };
-                mm.free_many(&mut gone)?;
-                (Vec::new(), (a < b).then_some((a, b)))
-            } else {
-                if end > g.size {
-                    return Err(Errno::EINVAL);
-                }
-                // Whole runs at a time: a guest_memfd allocated in one go is a few extents.
-                let filled = g.pages.fill(mm, off / PAGE_SIZE, end / PAGE_SIZE)?;
-                (filled, None)
+            if !punch && end > g.size {
+                return Err(Errno::EINVAL);
             }
+            (punch, end, g.pages.nr_slots())
         };
-        if let Some((a, b)) = punched {
+        if punch {
+            let (a, b) = (off / PAGE_SIZE, (end / PAGE_SIZE).min(nr_slots));
+            if a >= b {
+                return Ok(());
+            }
+            // Unmap, then free (as truncate_pagecache_range): once the pages are out of every
+            // window, no guest or user access can reach a frame that is back on the free list.
+            // The host lock is held throughout, so the fault service cannot map them again.
             self.unmap_file_pages(file, a, b);
+            let Host { mm, files, .. } = self;
+            let Some(FileKind::GuestMemfd(g)) = files.kind_mut(file) else {
+                return Err(Errno::EINVAL);
+            };
+            let mut gone = g.pages.take_range(a, b);
+            mm.free_many(&mut gone)?;
+            return Ok(());
         }
+        let new = {
+            let Host { mm, files, .. } = self;
+            let Some(FileKind::GuestMemfd(g)) = files.kind_mut(file) else {
+                return Err(Errno::EINVAL);
+            };
+            // Whole runs at a time: a guest_memfd allocated in one go is a few extents.
+            g.pages.fill(mm, off / PAGE_SIZE, end / PAGE_SIZE)?
+        };
         for (idx, n) in new {
             self.map_file_range(file, idx, idx + n);
         }

@@ -9,7 +9,8 @@ use zerocopy::FromBytes;
 use crate::abi::kvm::*;
 use crate::fs::{FileId, FileKind};
 use crate::host::Host;
-use crate::uapi::{Errno, MapId, Pid, SysResult};
+use crate::mm::{VaWindow, PAGE_SIZE};
+use crate::uapi::{Errno, MapId, Pid, SysResult, KERNEL_PID};
 
 use super::GuestMemfd;
 
@@ -21,6 +22,87 @@ pub struct VmInner {
     /// ARCHITECTURE.md).
     pub id: u64,
     pub name: String,
+    /// The host windows the real KVM memslots point into, by slot. A window is referenced
+    /// here from the moment KVM accepted the slot until KVM has deleted it, so its address
+    /// range is never unmapped (and never reused) while a guest can reach it.
+    windows: Mutex<BTreeMap<u32, Arc<VaWindow>>>,
+}
+
+impl VmInner {
+    fn new(fd: VmFd, vm_type: u64, id: u64, name: String) -> Self {
+        Self {
+            fd,
+            vm_type,
+            id,
+            name,
+            windows: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// `(slot, window base, window length)` of every slot KVM has, for checks.
+    pub fn slot_windows(&self) -> Vec<(u32, u64, u64)> {
+        self.windows()
+            .iter()
+            .map(|(s, w)| (*s, w.base() as u64, w.len()))
+            .collect()
+    }
+
+    fn windows(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Arc<VaWindow>>> {
+        self.windows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Set or delete a real memslot, and only once KVM has done so, swap the window it
+    /// holds: the old window (if any) is released after KVM stopped using it. On error
+    /// nothing changed, in KVM or here.
+    fn set_slot(
+        &self,
+        slot: u32,
+        gpa: u64,
+        window: Option<(Arc<VaWindow>, u64)>,
+        size: u64,
+    ) -> SysResult<()> {
+        let uaddr = window.as_ref().map_or(0, |(w, off)| w.base() as u64 + off);
+        let region = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: uaddr,
+        };
+        // SAFETY: `uaddr..uaddr+size` lies inside `window` (the caller checked it), a host
+        // window that this table keeps reserved until KVM has deleted the slot again; size 0
+        // deletes the slot and maps nothing.
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(kvm_err)?;
+        let old = match window {
+            Some((w, _)) => self.windows().insert(slot, w),
+            None => self.windows().remove(&slot),
+        };
+        drop(old);
+        Ok(())
+    }
+}
+
+impl Drop for VmInner {
+    /// The last user of the VM is gone. vCPU fds may still keep the kernel's VM alive, so
+    /// delete every memslot before the windows go; a window whose slot KVM refuses to delete
+    /// stays reserved for good.
+    fn drop(&mut self) {
+        let windows = std::mem::take(self.windows.get_mut().unwrap_or_else(|p| p.into_inner()));
+        for (slot, w) in windows {
+            let region = kvm_bindings::kvm_userspace_memory_region {
+                slot,
+                ..Default::default()
+            };
+            // SAFETY: deleting a slot (size 0) maps nothing.
+            if let Err(e) = unsafe { self.fd.set_user_memory_region(region) } {
+                tracing::error!(
+                    "VM {}: cannot delete memslot {slot}: {e}; its window stays",
+                    self.name
+                );
+                std::mem::forget(w);
+            }
+        }
+    }
 }
 
 /// A memslot as we track it.
@@ -30,8 +112,9 @@ pub struct Slot {
     pub size: u64,
     /// guest_memfd file and offset, for guest_memfd slots.
     pub gmem: Option<(FileId, u64)>,
-    /// Our kernel mapping of the guest_memfd the slot points at.
-    pub map: Option<MapId>,
+    /// The mapping the slot points into: the guest_memfd's kernel mapping, or the caller's
+    /// mapping for a plain slot.
+    pub map: MapId,
 }
 
 pub struct VmFile {
@@ -76,12 +159,12 @@ impl Host {
         let fd = kvm.create_vm_with_type(vm_type).map_err(kvm_err)?;
         self.next_vm_id += 1;
         let id = self.next_vm_id;
-        let inner = Arc::new(VmInner {
+        let inner = Arc::new(VmInner::new(
             fd,
             vm_type,
             id,
-            name: name.unwrap_or_else(|| format!("vm-{id}")),
-        });
+            name.unwrap_or_else(|| format!("vm-{id}")),
+        ));
         Ok(self.files.install(FileKind::Vm(VmFile {
             inner,
             slots: BTreeMap::new(),
@@ -162,8 +245,10 @@ impl Host {
         }
     }
 
-    /// `KVM_SET_USER_MEMORY_REGION2`. A guest_memfd slot is backed by our mapping of the
-    /// file; a plain slot takes the caller's address (a mapping of this process) as is.
+    /// `KVM_SET_USER_MEMORY_REGION2`. A guest_memfd slot points at the host's mapping of the
+    /// file; a plain slot at the caller's own mapping, which must hold the whole range. Every
+    /// check happens before KVM is asked; KVM's own answer (overlap EEXIST, slot limits, ...)
+    /// is passed through, and on any error nothing changed.
     fn kvm_set_memory_region(
         &mut self,
         pid: Pid,
@@ -174,30 +259,39 @@ impl Host {
         if r.flags & !KVM_MEM_GUEST_MEMFD != 0 || r.pad1 != 0 || r.pad2.iter().any(|&p| p != 0) {
             return Err(Errno::EINVAL);
         }
-        let old = match self.files.kind_mut(vm) {
-            Some(FileKind::Vm(v)) => v.slots.remove(&r.slot),
+        // As Linux: size, guest address and user address page aligned, no wrap-around.
+        if r.memory_size % PAGE_SIZE != 0
+            || r.guest_phys_addr % PAGE_SIZE != 0
+            || r.userspace_addr % PAGE_SIZE != 0
+            || r.guest_phys_addr.checked_add(r.memory_size).is_none()
+        {
+            return Err(Errno::EINVAL);
+        }
+        let old = match self.files.kind(vm) {
+            Some(FileKind::Vm(v)) => v.slots.get(&r.slot).copied(),
             _ => return Err(Errno::EBADF),
         };
-        if let Some(Slot { map: Some(m), .. }) = old {
-            self.unmap_id(m);
+        // As Linux: a guest_memfd slot is immutable (it can only be deleted), and a slot
+        // cannot become one.
+        if r.memory_size != 0
+            && old.is_some()
+            && (r.flags & KVM_MEM_GUEST_MEMFD != 0 || old.is_some_and(|o| o.gmem.is_some()))
+        {
+            return Err(Errno::EINVAL);
         }
         if r.memory_size == 0 {
-            let region = kvm_bindings::kvm_userspace_memory_region {
-                slot: r.slot,
-                ..Default::default()
-            };
-            // SAFETY: deleting a slot (size 0) maps nothing.
-            unsafe { inner.fd.set_user_memory_region(region) }.map_err(kvm_err)?;
+            inner.set_slot(r.slot, 0, None, 0)?;
+            self.forget_slot(vm, r.slot, old);
             return Ok(());
         }
-        let (uaddr, gmem, map) = if r.flags & KVM_MEM_GUEST_MEMFD != 0 {
+        let (map, window, off, gmem) = if r.flags & KVM_MEM_GUEST_MEMFD != 0 {
             let gfile = self.fd_file(pid, r.guest_memfd as i32)?;
             let g: &GuestMemfd = match self.files.kind(gfile) {
                 Some(FileKind::GuestMemfd(g)) => g,
                 _ => return Err(Errno::EINVAL),
             };
             if !Arc::ptr_eq(&g.vm, &inner)
-                || r.guest_memfd_offset % crate::mm::PAGE_SIZE != 0
+                || r.guest_memfd_offset % PAGE_SIZE != 0
                 || r.guest_memfd_offset
                     .checked_add(r.memory_size)
                     .is_none_or(|e| e > g.size)
@@ -205,34 +299,33 @@ impl Host {
                 return Err(Errno::EINVAL);
             }
             let m = self.kernel_map(gfile)?;
-            let base = self
+            let w = self
                 .maps
                 .get(&m)
-                .map(|x| x.window.base() as u64)
+                .map(|x| x.window.clone())
                 .ok_or(Errno::EFAULT)?;
             (
-                base + r.guest_memfd_offset,
+                m,
+                w,
+                r.guest_memfd_offset,
                 Some((gfile, r.guest_memfd_offset)),
-                Some(m),
             )
         } else {
-            (r.userspace_addr, None, None)
+            let (m, w) = self.user_window(pid, r.userspace_addr, r.memory_size)?;
+            let off = r.userspace_addr - w.base() as u64;
+            (m, w, off, None)
         };
-        let region = kvm_bindings::kvm_userspace_memory_region {
-            slot: r.slot,
-            flags: 0,
-            guest_phys_addr: r.guest_phys_addr,
-            memory_size: r.memory_size,
-            userspace_addr: uaddr,
-        };
-        // SAFETY: `uaddr` is either our own window onto the guest_memfd (alive as long as the
-        // slot: the slot holds the mapping) or an address the caller mapped in this process.
-        if let Err(e) = unsafe { inner.fd.set_user_memory_region(region) } {
-            if let Some(m) = map {
-                self.unmap_id(m);
-            }
-            return Err(kvm_err(e));
+        if let Err(e) = inner.set_slot(
+            r.slot,
+            r.guest_phys_addr,
+            Some((window, off)),
+            r.memory_size,
+        ) {
+            // A kernel mapping made for this call and used by no slot goes again.
+            self.drop_kernel_map_if_unused(vm, map);
+            return Err(e);
         }
+        self.forget_slot(vm, r.slot, old);
         if let Some(FileKind::Vm(v)) = self.files.kind_mut(vm) {
             v.slots.insert(
                 r.slot,
@@ -247,11 +340,36 @@ impl Host {
         Ok(())
     }
 
-    /// Release of a VM file: drop its slots' mappings (the real VM goes when its last user
-    /// does).
+    /// KVM no longer has `old` at `slot`: drop it from the VM's table, and the guest_memfd
+    /// kernel mapping it used if no other slot uses it.
+    fn forget_slot(&mut self, vm: FileId, slot: u32, old: Option<Slot>) {
+        if let Some(FileKind::Vm(v)) = self.files.kind_mut(vm) {
+            v.slots.remove(&slot);
+        }
+        if let Some(o) = old {
+            self.drop_kernel_map_if_unused(vm, o.map);
+        }
+    }
+
+    /// Remove mapping `map` if it is a guest_memfd kernel mapping that no slot of `vm` uses.
+    fn drop_kernel_map_if_unused(&mut self, vm: FileId, map: MapId) {
+        let kernel = self.maps.get(&map).is_some_and(|m| m.pid == KERNEL_PID);
+        let used = match self.files.kind(vm) {
+            Some(FileKind::Vm(v)) => v.slots.values().any(|s| s.map == map),
+            _ => false,
+        };
+        if kernel && !used {
+            self.unmap_id(map);
+        }
+    }
+
+    /// Release of a VM file. The real VM lives on while a guest_memfd or vCPU of it does, and
+    /// keeps its memslots (their windows stay reserved, see [`VmInner`]); the guest_memfd
+    /// kernel mappings go now, emptied, so the files can be released and their frames freed.
     pub(crate) fn kvm_vm_release(&mut self, v: VmFile) {
-        for s in v.slots.values() {
-            if let Some(m) = s.map {
+        let maps: std::collections::BTreeSet<MapId> = v.slots.values().map(|s| s.map).collect();
+        for m in maps {
+            if self.maps.get(&m).is_some_and(|x| x.pid == KERNEL_PID) {
                 self.unmap_id(m);
             }
         }

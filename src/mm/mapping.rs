@@ -148,6 +148,16 @@ impl VaWindow {
         Ok(())
     }
 
+    /// Take every page out of the window for good: the whole range becomes PROT_NONE, holes
+    /// included (no userfaultfd registration is left). Used when the window leaves the host's
+    /// mapping table while KVM memslots still point at it: from then on no file page is
+    /// reachable through it (a guest access fails with EFAULT, as after `munmap` on Linux), but
+    /// the address range stays reserved until the last memslot is gone, so nothing else can be
+    /// mapped there.
+    pub fn retire(&self) -> Result<(), MmError> {
+        self.protect_none(0, self.len)
+    }
+
     /// Replace `off..off+len` with fresh anonymous PROT_NONE memory.
     fn protect_none(&self, off: u64, len: u64) -> Result<(), MmError> {
         // SAFETY: as in `map`, the range is inside our reservation (callers check).
@@ -189,7 +199,10 @@ impl VaWindow {
 
 impl Drop for VaWindow {
     fn drop(&mut self) {
-        // SAFETY: we own the whole reservation and nothing refers to it after drop.
+        // SAFETY: we own the whole reservation. Windows that KVM memslots use are shared
+        // (`Arc`) with the VM's slot table, which drops its reference only after KVM has deleted
+        // the slot (`kvm::vm`), so no memslot points here any more; the host never forms Rust
+        // references into a window.
         let _ = unsafe { munmap(self.base.as_ptr().cast(), self.len as usize) };
     }
 }

@@ -11,7 +11,7 @@ pub mod uffd;
 pub use buddy::{FrameAllocator, FrameStats, Zone};
 pub use mapping::VaWindow;
 pub use page_cache::PageCache;
-pub use ram::{PhysRead, Ram};
+pub use ram::{page_round_up, PhysRead, Ram};
 pub use ranges::Ranges;
 
 pub const PAGE_SHIFT: u32 = 12;

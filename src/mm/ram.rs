@@ -2,14 +2,22 @@
 //!
 //! A physical address (`pa`) is a byte offset into the memfd; a PFN is `pa >> PAGE_SHIFT`. The memfd
 //! is the only thing that survives a kexec (`execve`), exactly like DRAM across a real kexec.
-//! All accesses go through raw-pointer copies: guests and other mappings may write the same
-//! frames concurrently, so no Rust reference into RAM is ever handed out.
+//!
+//! RAM is memory that others change behind the compiler's back: guests write it through KVM,
+//! user windows map the same frames, and `fallocate(PUNCH_HOLE)` zeroes it (rustix issues that
+//! syscall, like `ftruncate` and `pwrite`, as read-only inline asm, so the compiler believes
+//! nothing changed). So the direct map is a rust-vmm `vm-memory` [`MmapRegion`] and every access
+//! goes through its [`VolatileSlice`]s (volatile copies) or through atomics: no Rust reference
+//! into RAM is ever formed, and no load or store to it can be cached, merged or dropped.
 
+use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rustix::fs::{fallocate, fstat, ftruncate, FallocateFlags};
-use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, VolatileMemory, VolatileSlice};
 
 use super::{MmError, PAGE_SIZE};
 
@@ -30,25 +38,20 @@ pub trait PhysRead {
 
 /// The host image's RAM.
 pub struct Ram {
-    fd: OwnedFd,
+    /// The memfd (also held by the region's `FileOffset`).
+    file: Arc<File>,
+    /// The whole memfd, MAP_SHARED.
+    region: MmapRegion<()>,
     size: u64,
-    base: NonNull<u8>,
 }
-
-// SAFETY: `base` points to a MAP_SHARED mapping that lives as long as `Ram`; all accesses are
-// bounds-checked raw copies, which are sound from any thread (concurrent writers only race on
-// the bytes themselves, as DRAM does).
-unsafe impl Send for Ram {}
-// SAFETY: see `Send`; `Ram` has no interior state besides the mapping.
-unsafe impl Sync for Ram {}
 
 impl Ram {
     /// Cold boot: a new sparse memfd of `size` bytes (rounded up to a page).
     pub fn create(size: u64) -> Result<Self, MmError> {
+        let size = page_round_up(size).ok_or(MmError::BadRamSize(size))?;
         if size == 0 {
             return Err(MmError::BadRamSize(size));
         }
-        let size = size.div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let fd = rustix::fs::memfd_create("handover-ram", rustix::fs::MemfdFlags::CLOEXEC)
             .map_err(MmError::Sys)?;
         ftruncate(&fd, size).map_err(MmError::Sys)?;
@@ -66,25 +69,14 @@ impl Ram {
 
     fn map(fd: OwnedFd, size: u64) -> Result<Self, MmError> {
         let len = usize::try_from(size).map_err(|_| MmError::BadRamSize(size))?;
-        // SAFETY: a fresh MAP_SHARED mapping of the whole memfd at an address the kernel picks;
-        // it does not alias any Rust object.
-        let p = unsafe {
-            mmap(
-                std::ptr::null_mut(),
-                len,
-                ProtFlags::READ | ProtFlags::WRITE,
-                MapFlags::SHARED | MapFlags::NORESERVE,
-                &fd,
-                0,
-            )
-        }
-        .map_err(MmError::Sys)?;
-        let base = NonNull::new(p.cast::<u8>()).ok_or(MmError::BadRamSize(size))?;
-        Ok(Self { fd, size, base })
+        let file = Arc::new(File::from(fd));
+        let region = MmapRegion::from_file(FileOffset::from_arc(file.clone(), 0), len)
+            .map_err(|e| MmError::Sys(rustix::io::Errno::from_raw_os_error(map_errno(&e))))?;
+        Ok(Self { file, region, size })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+        self.file.as_fd()
     }
 
     pub fn size(&self) -> u64 {
@@ -99,31 +91,51 @@ impl Ram {
         pa.checked_add(len).is_some_and(|end| end <= self.size)
     }
 
-    /// Raw pointer to `len` bytes at `pa` in the direct map, after a bounds check.
-    pub fn ptr(&self, pa: u64, len: u64) -> Result<*mut u8, MmError> {
+    /// The bytes `pa..pa+len` of the direct map as a volatile slice, after a bounds check.
+    pub fn slice(&self, pa: u64, len: u64) -> Result<VolatileSlice<'_>, MmError> {
         if !self.contains(pa, len) {
             return Err(MmError::OutOfRam { pa, len });
         }
-        // SAFETY: pa + len <= size, so the offset stays inside the mapping.
-        Ok(unsafe { self.base.as_ptr().add(pa as usize) })
+        self.region
+            .get_slice(pa as usize, len as usize)
+            .map_err(|_| MmError::OutOfRam { pa, len })
+    }
+
+    /// The aligned 64-bit word at `pa`, for read-modify-write (KHO tracker bitmaps and node
+    /// pointers): other images and tools may read the same word.
+    pub fn atomic_u64(&self, pa: u64) -> Result<&AtomicU64, MmError> {
+        if pa % 8 != 0 || !self.contains(pa, 8) {
+            return Err(MmError::OutOfRam { pa, len: 8 });
+        }
+        self.region
+            .get_atomic_ref::<AtomicU64>(pa as usize)
+            .map_err(|_| MmError::OutOfRam { pa, len: 8 })
     }
 
     pub fn write_phys(&self, pa: u64, data: &[u8]) -> Result<(), MmError> {
-        let p = self.ptr(pa, data.len() as u64)?;
-        // SAFETY: `p` is valid for data.len() bytes (checked by `ptr`); `data` is a Rust slice
-        // outside the RAM mapping or, if inside, copy semantics are still byte-wise defined.
-        unsafe { std::ptr::copy(data.as_ptr(), p, data.len()) };
+        self.slice(pa, data.len() as u64)?.copy_from(data);
         Ok(())
     }
 
     pub fn write_u64(&self, pa: u64, v: u64) -> Result<(), MmError> {
+        if pa % 8 == 0 {
+            self.atomic_u64(pa)?.store(v, Ordering::Relaxed);
+            return Ok(());
+        }
         self.write_phys(pa, &v.to_ne_bytes())
     }
 
     pub fn fill(&self, pa: u64, len: u64, byte: u8) -> Result<(), MmError> {
-        let p = self.ptr(pa, len)?;
-        // SAFETY: `p` is valid for `len` bytes (checked by `ptr`).
-        unsafe { std::ptr::write_bytes(p, byte, len as usize) };
+        let s = self.slice(pa, len)?;
+        let chunk = [byte; 4096];
+        let mut off = 0usize;
+        while off < s.len() {
+            let n = (s.len() - off).min(chunk.len());
+            s.subslice(off, n)
+                .map_err(|_| MmError::OutOfRam { pa, len })?
+                .copy_from(&chunk[..n]);
+            off += n;
+        }
         Ok(())
     }
 
@@ -137,18 +149,32 @@ impl Ram {
     }
 
     /// Zero a page-aligned range and give its backing store back to the machine (the memfd
-    /// stays sparse): `fallocate(PUNCH_HOLE)` reads back as zeros.
+    /// stays sparse): `fallocate(PUNCH_HOLE)` reads back as zeros. Every later access goes
+    /// through a volatile slice, so it sees the zeros whatever the compiler assumes about the
+    /// syscall.
     pub fn discard(&self, pa: u64, len: u64) -> Result<(), MmError> {
         if pa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || !self.contains(pa, len) {
             return Err(MmError::OutOfRam { pa, len });
         }
         fallocate(
-            &self.fd,
+            self.fd(),
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
             pa,
             len,
         )
         .map_err(MmError::Sys)
+    }
+}
+
+/// `n` rounded up to a whole number of pages, or `None` if that overflows.
+pub fn page_round_up(n: u64) -> Option<u64> {
+    n.checked_add(PAGE_SIZE - 1).map(|x| x & !(PAGE_SIZE - 1))
+}
+
+fn map_errno(e: &vm_memory::mmap::MmapRegionError) -> i32 {
+    match e {
+        vm_memory::mmap::MmapRegionError::Mmap(io) => io.raw_os_error().unwrap_or(libc::EINVAL),
+        _ => libc::EINVAL,
     }
 }
 
@@ -172,19 +198,17 @@ impl PhysRead for Ram {
     }
 
     fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MmError> {
-        let p = self.ptr(pa, buf.len() as u64)?;
-        // SAFETY: `p` is valid for buf.len() bytes (checked by `ptr`) and `buf` is a distinct
-        // Rust buffer.
-        unsafe { std::ptr::copy(p, buf.as_mut_ptr(), buf.len()) };
+        self.slice(pa, buf.len() as u64)?.copy_to(buf);
         Ok(())
     }
-}
 
-impl Drop for Ram {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created in `map` with exactly this base and length and no
-        // pointer into it outlives `Ram` by the contract of `ptr`'s callers.
-        let _ = unsafe { munmap(self.base.as_ptr().cast(), self.size as usize) };
+    fn read_u64(&self, pa: u64) -> Result<u64, MmError> {
+        if pa % 8 == 0 {
+            return Ok(self.atomic_u64(pa)?.load(Ordering::Relaxed));
+        }
+        let mut b = [0u8; 8];
+        self.read_phys(pa, &mut b)?;
+        Ok(u64::from_ne_bytes(b))
     }
 }
 
@@ -198,6 +222,8 @@ impl std::fmt::Debug for Ram {
 mod tests {
     use super::*;
 
+    /// The defect this module exists for: a store, a hole punch (a syscall the compiler thinks
+    /// writes no memory), a load. Must read zero in release builds too.
     #[test]
     fn read_write_and_bounds() {
         let ram = Ram::create(1 << 20).unwrap();
@@ -207,5 +233,53 @@ mod tests {
         assert!(ram.write_u64(u64::MAX - 3, 1).is_err());
         ram.discard(4096, 4096).unwrap();
         assert_eq!(ram.read_u64(4096).unwrap(), 0);
+    }
+
+    #[test]
+    fn discard_is_seen_by_byte_copies_and_unaligned_words() {
+        let ram = Ram::create(1 << 20).unwrap();
+        for round in 0..64u8 {
+            let pat = [round | 1; 100];
+            ram.write_phys(8192 + 3, &pat).unwrap();
+            ram.write_u64(8192 + 200 + 1, u64::MAX).unwrap();
+            let mut b = [0u8; 100];
+            ram.read_phys(8192 + 3, &mut b).unwrap();
+            assert_eq!(b, pat);
+            ram.discard(8192, 4096).unwrap();
+            ram.read_phys(8192 + 3, &mut b).unwrap();
+            assert_eq!(b, [0u8; 100], "round {round}");
+            assert_eq!(ram.read_u64(8192 + 200 + 1).unwrap(), 0);
+        }
+    }
+
+    #[test]
+    fn fill_crosses_chunks_and_stays_in_bounds() {
+        let ram = Ram::create(1 << 20).unwrap();
+        ram.fill(4096 + 5, 3 * 4096, 0xab).unwrap();
+        let mut b = [0u8; 1];
+        ram.read_phys(4096 + 4, &mut b).unwrap();
+        assert_eq!(b[0], 0);
+        ram.read_phys(4096 + 5 + 3 * 4096 - 1, &mut b).unwrap();
+        assert_eq!(b[0], 0xab);
+        ram.read_phys(4096 + 5 + 3 * 4096, &mut b).unwrap();
+        assert_eq!(b[0], 0);
+        assert!(ram.fill((1 << 20) - 4096, 4097, 0).is_err());
+    }
+
+    #[test]
+    fn sizes_that_overflow_are_refused() {
+        assert!(Ram::create(u64::MAX).is_err());
+        assert!(Ram::create(0).is_err());
+        assert_eq!(page_round_up(u64::MAX - 10), None);
+        assert_eq!(page_round_up(1), Some(PAGE_SIZE));
+    }
+
+    #[test]
+    fn atomics_need_alignment() {
+        let ram = Ram::create(1 << 20).unwrap();
+        assert!(ram.atomic_u64(12).is_err());
+        let w = ram.atomic_u64(16).unwrap();
+        w.fetch_or(0b101, Ordering::Relaxed);
+        assert_eq!(ram.read_u64(16).unwrap(), 0b101);
     }
 }

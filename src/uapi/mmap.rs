@@ -3,6 +3,8 @@
 //! in (or fail with EFAULT, our SIGBUS), and raw pointers into the window are valid for pages
 //! that are present (KVM memslots use them).
 
+use std::sync::Arc;
+
 use crate::fs::{FileId, FileKind};
 use crate::host::Host;
 use crate::mm::{VaWindow, PAGE_SIZE};
@@ -17,7 +19,8 @@ pub struct Mapping {
     /// File page index of the window's first page.
     pub pgoff: u64,
     pub writable: bool,
-    pub window: VaWindow,
+    /// Shared with the memslots that point into it (see [`Host::unmap_id`]).
+    pub window: Arc<VaWindow>,
 }
 
 /// What mmap returns to user space.
@@ -69,15 +72,19 @@ impl Host {
                 {
                     return Err(Errno::EPERM);
                 }
-                if writable {
-                    m.writable_maps += 1;
-                }
             }
             Some(_) => return Err(Errno::ENODEV),
             None => return Err(Errno::EBADF),
         }
-        let len = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        let window = VaWindow::reserve(len).map_err(Errno::from)?;
+        // Linux: a length that cannot be rounded up to pages is ENOMEM.
+        let len = crate::mm::page_round_up(len).ok_or(Errno::ENOMEM)?;
+        let window = Arc::new(VaWindow::reserve(len).map_err(Errno::from)?);
+        // Counted only once the mapping exists, so a failed mmap leaves no writer behind.
+        if writable {
+            if let Some(FileKind::Memfd(m)) = self.files.kind_mut(file) {
+                m.writable_maps += 1;
+            }
+        }
         self.fget(file);
         self.next_map += 1;
         let id = self.next_map;
@@ -111,17 +118,52 @@ impl Host {
         Ok(())
     }
 
+    /// Remove mapping `id`. A window that memslots still point at (its `Arc` is shared with a
+    /// VM's slot table) is emptied first: it stays reserved until KVM has forgotten the slots,
+    /// but shows no file page any more, so the file's frames can be freed behind it.
     pub(crate) fn unmap_id(&mut self, id: MapId) {
         let Some(m) = self.maps.remove(&id) else {
             return;
         };
-        if m.writable {
-            if let Some(FileKind::Memfd(f)) = self.files.kind_mut(m.file) {
+        if Arc::strong_count(&m.window) > 1 {
+            if let Err(e) = m.window.retire() {
+                // The window would still show file pages that can be freed: keep the file (and
+                // so its frames) alive for good rather than risk a guest seeing reused frames.
+                tracing::error!("munmap: cannot empty a window under a memslot: {e}");
+                std::mem::forget(m.window);
+                return;
+            }
+        }
+        match self.files.kind_mut(m.file) {
+            Some(FileKind::Memfd(f)) if m.writable => {
                 f.writable_maps = f.writable_maps.saturating_sub(1);
             }
+            Some(FileKind::GuestMemfd(g)) if g.kernel_map == Some(id) => g.kernel_map = None,
+            _ => {}
         }
         drop(m.window);
         self.fput(m.file);
+    }
+
+    /// The window of the caller's mapping that holds all of `addr..addr+len`, for a memslot.
+    /// EFAULT if the range is not inside one mapping of `pid`.
+    pub(crate) fn user_window(
+        &self,
+        pid: Pid,
+        addr: u64,
+        len: u64,
+    ) -> SysResult<(MapId, Arc<VaWindow>)> {
+        let end = addr.checked_add(len).ok_or(Errno::EFAULT)?;
+        let p = self.procs.get(&pid).ok_or(Errno::EINVAL)?;
+        p.maps
+            .iter()
+            .filter_map(|id| self.maps.get(id).map(|m| (*id, m)))
+            .find(|(_, m)| {
+                let b = m.window.base() as u64;
+                addr >= b && end <= b + m.window.len()
+            })
+            .map(|(id, m)| (id, m.window.clone()))
+            .ok_or(Errno::EFAULT)
     }
 
     /// Physical address of page `index` of `file`, if present.

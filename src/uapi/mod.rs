@@ -10,7 +10,7 @@ pub mod process;
 
 pub use errno::{Errno, SysResult};
 pub use mmap::{MapId, Mapping, UserMapping};
-pub use process::{FdEntry, Pid, Process};
+pub use process::{FdEntry, Pid, Process, KERNEL_PID};
 
 use crate::fs::{FileId, FileKind, Memfd};
 use crate::host::Host;
@@ -175,8 +175,9 @@ impl Host {
             Some(FileKind::Memfd(m)) => m.truncate(&mut self.mm, size)?,
             _ => return Err(Errno::EINVAL),
         };
-        if let Some((a, b)) = dropped {
-            self.unmap_file_pages(f, a, b);
+        if let Some(d) = dropped {
+            self.unmap_file_pages(f, d.range.0, d.range.1);
+            d.free(&mut self.mm)?;
         }
         Ok(())
     }
@@ -258,8 +259,9 @@ impl Host {
             Some(FileKind::GuestMemfd(_)) => return self.gmem_fallocate(f, mode, off, len),
             _ => return Err(Errno::ENODEV),
         };
-        if let Some((a, b)) = punched {
-            self.unmap_file_pages(f, a, b);
+        if let Some(d) = punched {
+            self.unmap_file_pages(f, d.range.0, d.range.1);
+            d.free(&mut self.mm)?;
         }
         self.map_file_pages(f, &new);
         Ok(())

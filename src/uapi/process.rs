@@ -6,6 +6,10 @@ use crate::fs::FileId;
 
 pub type Pid = u32;
 
+/// The owner of the host's own mappings (guest_memfd windows for memslots); user processes
+/// get pids from 1.
+pub const KERNEL_PID: Pid = 0;
+
 /// Highest fd number + 1 (RLIMIT_NOFILE).
 pub const NOFILE: i32 = 1 << 20;
 

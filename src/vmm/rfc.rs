@@ -544,6 +544,9 @@ fn update(
     Err((err.to_string(), err.errno()))
 }
 
+/// Bytes moved per read/write of the snapshot baseline.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
 /// The baseline: what a user does without live update. Save all guest memory and the vCPU
 /// state to a file, tear the VM down, create a new VM and guest_memfd, load everything back and
 /// resume. The guest measures the blackout the same way.
@@ -591,14 +594,21 @@ fn snapshot_restore(
         f.write_all(&(state.len() as u64).to_le_bytes())
             .map_err(e("write"))?;
         f.write_all(&state).map_err(e("write"))?;
+        // Guest memory is read through the process's mappings like any VMM reads it (a hole
+        // reads as zeros), through a bounce buffer: no Rust reference into guest memory.
+        let mut buf = vec![0u8; SNAPSHOT_CHUNK];
         for (map, len) in [
             (vm.low_map, guest::LOW_MEM_SIZE as u64),
             (gmap, o.guest_mem),
         ] {
-            // SAFETY: the mapping covers `len` bytes and every page of it is present (the low
-            // memory was written whole, the guest_memfd populated), so the window is readable.
-            let mem = unsafe { std::slice::from_raw_parts(map.ptr(), len as usize) };
-            f.write_all(mem).map_err(e("write guest memory"))?;
+            let mut off = 0u64;
+            while off < len {
+                let n = (len - off).min(SNAPSHOT_CHUNK as u64) as usize;
+                h.user_read(pid, map.addr + off as usize, &mut buf[..n])
+                    .map_err(e("read guest memory"))?;
+                f.write_all(&buf[..n]).map_err(e("write guest memory"))?;
+                off += n as u64;
+            }
         }
         f.sync_all().map_err(e("sync snapshot"))?;
         h.munmap(pid, gmap).map_err(e("munmap"))?;
@@ -630,13 +640,20 @@ fn snapshot_restore(
         f.read_exact(&mut n).map_err(e("read"))?;
         let mut state = vec![0u8; u64::from_le_bytes(n).min(1 << 20) as usize];
         f.read_exact(&mut state).map_err(e("read"))?;
+        let mut buf = vec![0u8; SNAPSHOT_CHUNK];
         for (map, len) in [
             (vm.low_map, guest::LOW_MEM_SIZE as u64),
             (gmap, o.guest_mem),
         ] {
-            // SAFETY: as above; the new guest_memfd is populated and mapped writable.
-            let mem = unsafe { std::slice::from_raw_parts_mut(map.ptr(), len as usize) };
-            f.read_exact(mem).map_err(e("read guest memory"))?;
+            let mut off = 0u64;
+            while off < len {
+                let n = (len - off).min(SNAPSHOT_CHUNK as u64) as usize;
+                f.read_exact(&mut buf[..n])
+                    .map_err(e("read guest memory"))?;
+                h.user_write(pid, map.addr + off as usize, &buf[..n])
+                    .map_err(e("write guest memory"))?;
+                off += n as u64;
+            }
         }
         h.munmap(pid, gmap).map_err(e("munmap"))?;
         let (low_map, vcpu, _slots) = bind(&mut h, pid, nvm, gmem, vm.low, o, true)?;
