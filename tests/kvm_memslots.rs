@@ -434,7 +434,6 @@ fn chunk_slots_share_one_window_and_a_failure_leaves_the_others() {
 /// Each frame that leaves the file must read zero when it is handed out next, to the guest
 /// itself or to another file: a guest write can never land in a free frame.
 #[test]
-#[ignore = "needs the run loop's EFAULT retry and the fault service's kick (next commit)"]
 fn punch_while_the_guest_hammers_the_page() {
     if !kvm_available("punch_while_the_guest_hammers_the_page") {
         return;
@@ -528,7 +527,7 @@ fn punch_while_the_guest_hammers_the_page() {
 /// Slots deleted and replaced under a running vCPU: the guest gets exits, the host stays
 /// sound, and its data is where it was.
 #[test]
-#[ignore = "needs the run loop's EFAULT retry and the fault service's kick (next commit)"]
+#[ignore = "needs the fault service's nudge of vCPUs blocked in a fault while a memslot ioctl holds the host lock (next commit)"]
 fn slot_changes_while_the_vcpu_runs() {
     if !kvm_available("slot_changes_while_the_vcpu_runs") {
         return;

@@ -14,7 +14,9 @@
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use rustix::mm::{mmap, mmap_anonymous, mprotect, munmap, MapFlags, MprotectFlags, ProtFlags};
+use rustix::mm::{
+    madvise, mmap, mmap_anonymous, mprotect, munmap, Advice, MapFlags, MprotectFlags, ProtFlags,
+};
 
 use super::uffd::Uffd;
 use super::{MmError, Ram, PAGE_SIZE};
@@ -139,12 +141,36 @@ impl VaWindow {
 
     /// Return `off..off+len` of the window to a hole: PROT_NONE (a later access faults), or in
     /// a faultable window a registered hole (a later access is reported to the uffd).
+    ///
+    /// In a faultable window the page never becomes inaccessible on the way, so a guest
+    /// running concurrently (KVM memslots point here) never sees EFAULT: the range is replaced
+    /// by fresh read/write anonymous memory, registered, and then emptied once more with
+    /// `MADV_DONTNEED`, which drops whatever a racing access put there before the registration
+    /// (such an access raced with the hole punch; like on Linux it may see zeros or be lost).
+    /// If the registration fails the range ends PROT_NONE, an ordinary hole.
     pub fn unmap(&self, off: u64, len: u64) -> Result<(), MmError> {
         self.check(off, len)?;
-        self.protect_none(off, len)?;
-        if self.uffd.is_some() {
-            self.make_holes(off, len)?;
+        let Some(uffd) = &self.uffd else {
+            return self.protect_none(off, len);
+        };
+        // SAFETY: the range is inside our reservation (checked); it becomes private anonymous
+        // memory that no Rust object refers to.
+        let p = unsafe {
+            let at = self.base.as_ptr().add(off as usize).cast();
+            mmap_anonymous(
+                at,
+                len as usize,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::FIXED | MapFlags::NORESERVE,
+            )
         }
+        .map_err(MmError::Sys)?;
+        if let Err(e) = uffd.register_missing(p as u64, len) {
+            self.protect_none(off, len)?;
+            return Err(MmError::Sys(e));
+        }
+        // SAFETY: as above; dropping pages of our own anonymous range.
+        unsafe { madvise(p, len as usize, Advice::LinuxDontNeed) }.map_err(MmError::Sys)?;
         Ok(())
     }
 
