@@ -44,7 +44,11 @@ pub fn client(host: &mut Host, kind: &str) -> Result<(), KhoError> {
         }
         "chain-overlong" => {
             let (pa, mut ser) = test_ser(host)?;
-            ser.folios.total_pages -= 1;
+            ser.folios.total_pages = ser
+                .folios
+                .total_pages
+                .checked_sub(1)
+                .ok_or(KhoError::Corrupt("kho-test blob: no pages to drop"))?;
             host.mm.ram.write_phys(pa, ser.as_bytes())?;
         }
         k if HANDOVER_KINDS.contains(&k) || k.starts_with("flip:") => {
