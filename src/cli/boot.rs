@@ -52,8 +52,13 @@ pub struct BootArgs {
     pub exec_ns: Option<u64>,
     #[arg(long, hide = true)]
     pub handover_bytes: Option<u64>,
+    /// pidfd of the previous image's reaper (checked before use).
     #[arg(long, hide = true)]
-    pub reaper_pid: Option<i32>,
+    pub reaper_fd: Option<i32>,
+    /// Passed by images older than `--reaper-fd`: accepted so that they can still kexec into
+    /// this one, and never used (a pid can be reused; nothing is ever signalled by pid).
+    #[arg(long, hide = true)]
+    pub reaper_pid: Option<String>,
     #[arg(long, hide = true)]
     pub prev_image: Option<PathBuf>,
     #[arg(long, hide = true)]
@@ -94,7 +99,7 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
             other => return Err(format!("--gmem-luo {other:?}: expected v1 or v2")),
         },
         prev_handover_bytes: a.handover_bytes,
-        reaper_pid: a.reaper_pid,
+        reaper_fd: a.reaper_fd,
         prev_image: a.prev_image,
         rollback: a.rollback,
         dump_handover: a.dump_handover,
