@@ -8,6 +8,7 @@ pub mod bench;
 pub mod cli;
 pub mod fault;
 pub mod fs;
+#[cfg(feature = "test-hooks")]
 pub mod fuzzing;
 pub mod host;
 pub mod init;

@@ -265,3 +265,18 @@ fn boot_ignores_a_foreign_reaper() {
     rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL).expect("kill");
     c.wait().expect("wait");
 }
+
+/// The binary the tests run is built with the test hooks (the self dev-dependency in
+/// Cargo.toml): tests that inject faults or corrupt handovers really reach them. A production
+/// build says `off` and lists no hook programs (checked by `.ci/run` on the release binary).
+#[test]
+fn test_binary_has_the_test_hooks() {
+    let out = Command::new(env!("CARGO_BIN_EXE_handover"))
+        .args(["boot", "--init", "list"])
+        .output()
+        .expect("run handover");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("# test-hooks: on\n"), "{text}");
+    assert!(text.contains("\nkho-test "), "{text}");
+    assert!(text.contains("\nluo-freeze-fail "), "{text}");
+}

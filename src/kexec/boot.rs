@@ -297,9 +297,9 @@ impl Host {
 
 /// The file handlers this image has, in registration order.
 pub fn handlers() -> Vec<std::sync::Arc<dyn crate::luo::FileHandler>> {
-    let hs: Vec<std::sync::Arc<dyn crate::luo::FileHandler>> = vec![
+    #[allow(unused_mut)]
+    let mut hs: Vec<std::sync::Arc<dyn crate::luo::FileHandler>> = vec![
         std::sync::Arc::new(crate::fs::memfd_luo::MemfdHandler),
-        std::sync::Arc::new(crate::luo::test_handler::TestHandler),
         std::sync::Arc::new(crate::kvm::vm_luo::VmHandler),
         // v2 first: it is the format new preservations use; v1 stays readable.
         std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler {
@@ -309,6 +309,12 @@ pub fn handlers() -> Vec<std::sync::Arc<dyn crate::luo::FileHandler>> {
             format: crate::kvm::guest_memfd_luo::Format::V1,
         }),
     ];
+    // Test hook: the handler of `/dev/liveupdate-test` files (LUO core tests).
+    #[cfg(feature = "test-hooks")]
+    hs.insert(
+        1,
+        std::sync::Arc::new(crate::luo::test_handler::TestHandler),
+    );
     hs
 }
 

@@ -1,5 +1,7 @@
 //! Test hooks that damage a handover on purpose, so tests can show that the next image refuses
-//! it cleanly. Only reachable through the `kho-test` init program's `corrupt=KIND` argument.
+//! it cleanly: the `kho-test` init program's `corrupt=KIND` argument, and `HANDOVER_CORRUPT`
+//! (the kinds below and `flip:<blob kind>`) for any kexec of a first image. Only in builds with
+//! the `test-hooks` feature.
 
 use zerocopy::{FromBytes, IntoBytes};
 

@@ -312,6 +312,7 @@ impl Host {
         let start_ns = monotonic_ns();
         // Test hook: damage the handover (`HANDOVER_CORRUPT=flip:<kind>` and the kinds of
         // `kexec::corrupt`), only from a first image that was not itself rolled back to.
+        #[cfg(feature = "test-hooks")]
         if let Ok(kind) = std::env::var("HANDOVER_CORRUPT") {
             if self.info.kexec_count == 0
                 && self.params.rollback.is_none()
@@ -329,7 +330,9 @@ impl Host {
         if crate::fault::hit("kexec.exec") {
             image = PathBuf::from("/nonexistent/handover-injected-fault");
         }
+        #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
         let mut h = h;
+        #[cfg(feature = "test-hooks")]
         if let Some(kind) = self.corrupt_handover.take() {
             super::corrupt::handover(self, &mut h.args, &kind)?;
         }
