@@ -494,3 +494,29 @@ impl Host {
         Host::boot(params).map_err(InProcessKexecError::Boot)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn getfd(fd: RawFd) -> i32 {
+        // SAFETY: F_GETFD only reads the fd table.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) }
+    }
+
+    /// Review 2.3: a failed exec leaves every fd's close-on-exec flag as it was: the kept fd
+    /// (cleared for the exec) is close-on-exec again, an inheritable fd is inheritable again,
+    /// and a close-on-exec fd stays so.
+    #[test]
+    fn failed_exec_restores_close_on_exec_flags() {
+        let kept = rustix::fs::memfd_create("kept", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let other = rustix::fs::memfd_create("other", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let inheritable = rustix::fs::memfd_create("inh", rustix::fs::MemfdFlags::empty()).unwrap();
+        let mut cmd = Command::new("/nonexistent/handover-test-exec");
+        let err = exec_keeping(&mut cmd, &[kept.as_raw_fd()]);
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+        assert_eq!(getfd(kept.as_raw_fd()), libc::FD_CLOEXEC);
+        assert_eq!(getfd(other.as_raw_fd()), libc::FD_CLOEXEC);
+        assert_eq!(getfd(inheritable.as_raw_fd()), 0);
+    }
+}
