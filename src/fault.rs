@@ -13,16 +13,36 @@
 //! | `boot.refuse` | the new image refuses the whole handover (as an incompatible image would) |
 //!
 //! An image booted by rollback injects nothing: it is the fallback.
+//!
+//! A test hook: only builds with the `test-hooks` feature read `HANDOVER_FAIL`. Without it,
+//! [`init`] does nothing and [`hit`] is a constant `false`, so every fault point compiles to
+//! "no fault".
 
+#[cfg(feature = "test-hooks")]
 use std::collections::HashMap;
+#[cfg(feature = "test-hooks")]
 use std::sync::Mutex;
 
+/// Without `test-hooks`: nothing to arm.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn init(_image: u32, _rollback: bool) {}
+
+/// Without `test-hooks`: no fault, ever.
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn hit(_point: &str) -> bool {
+    false
+}
+
+#[cfg(feature = "test-hooks")]
 struct Spec {
     point: String,
     nth: u32,
     image: Option<u32>,
 }
 
+#[cfg(feature = "test-hooks")]
 struct State {
     specs: Vec<Spec>,
     calls: HashMap<String, u32>,
@@ -30,8 +50,10 @@ struct State {
     enabled: bool,
 }
 
+#[cfg(feature = "test-hooks")]
 static STATE: Mutex<Option<State>> = Mutex::new(None);
 
+#[cfg(feature = "test-hooks")]
 fn parse(s: &str) -> Vec<Spec> {
     s.split(',')
         .filter(|p| !p.trim().is_empty())
@@ -54,6 +76,7 @@ fn parse(s: &str) -> Vec<Spec> {
 }
 
 /// Arm fault injection for this image from `HANDOVER_FAIL`.
+#[cfg(feature = "test-hooks")]
 pub fn init(image: u32, rollback: bool) {
     let specs = std::env::var("HANDOVER_FAIL")
         .map(|s| parse(&s))
@@ -74,6 +97,7 @@ pub fn init(image: u32, rollback: bool) {
 
 /// Should this call of `point` (e.g. `luo.freeze:memfd-v2`) fail? A spec without a `:` suffix
 /// matches every suffix.
+#[cfg(feature = "test-hooks")]
 pub fn hit(point: &str) -> bool {
     let mut g = STATE.lock().unwrap_or_else(|p| p.into_inner());
     let Some(st) = g.as_mut() else { return false };
@@ -107,7 +131,7 @@ pub fn hit(point: &str) -> bool {
     fire
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "test-hooks"))]
 mod tests {
     #[test]
     fn parse_specs() {

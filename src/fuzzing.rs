@@ -1433,6 +1433,68 @@ mod tests {
         assert!(f.kexecs() >= 1);
     }
 
+    /// The first data page of the template's integrity entries, and how many there are.
+    fn integrity_entries(t: &HandoverTemplate) -> (u64, u64) {
+        let d = t.img.to_dump(&t.args);
+        let (inc, _) = crate::kho::boot::discover(&d, t.args).expect("discover");
+        let st = inc.tree.subtrees[INTEGRITY_NAME];
+        let mut b = vec![0u8; std::mem::size_of::<IntegrityHeader>()];
+        t.img.read_phys(st.pa, &mut b).expect("header");
+        let hdr = IntegrityHeader::read_from_bytes(&b).expect("header");
+        let data = t.img.read_u64(hdr.entries.first + 8).expect("chunk");
+        (data, hdr.nr_entries)
+    }
+
+    /// Review 2.7: one integrity entry may not cover more than one metadata allocation (else
+    /// each entry could cost a checksum over all of RAM).
+    #[test]
+    fn integrity_entry_larger_than_one_allocation_is_refused() {
+        let t = handover_template();
+        let (page, n) = integrity_entries(&t);
+        assert!(n >= 2);
+        let (mut img, mut args) = (t.img.clone(), t.args);
+        img.write_u64(page, 0);
+        img.write_u64(page + 8, 2 * crate::kho::boot::MAX_ENTRY_BYTES);
+        fix_checksums(&mut img, &mut args);
+        let e = accepted(&img, args).unwrap_err();
+        assert!(e.contains("not one metadata allocation"), "{e}");
+    }
+
+    /// Review 2.7: entries may not overlap (each page is checked at most once).
+    #[test]
+    fn overlapping_integrity_entries_are_refused() {
+        let t = handover_template();
+        let (page, n) = integrity_entries(&t);
+        assert!(n >= 2);
+        let (mut img, mut args) = (t.img.clone(), t.args);
+        let mut e0 = [0u8; 24];
+        img.read_phys(page, &mut e0).expect("entry");
+        img.write(page + 24, &e0);
+        fix_checksums(&mut img, &mut args);
+        let e = accepted(&img, args).unwrap_err();
+        assert!(e.contains("overlap"), "{e}");
+        // The template itself is accepted.
+        accepted(&t.img, t.args).expect("template");
+    }
+
+    /// Review 2.7: a damaged tracker node is refused by its checksum before the walk copies
+    /// the tree (the error names the checksum, not a walk check).
+    #[test]
+    fn damaged_tracker_leaf_is_refused_by_checksum_first() {
+        let t = handover_template();
+        let d = t.img.to_dump(&t.args);
+        let (inc, _) = crate::kho::boot::discover(&d, t.args).expect("discover");
+        // The walk visits nodes depth first: the last one is a leaf.
+        let leaf = *inc.tracker.node_pages().last().expect("a leaf");
+        let (mut img, args) = (t.img.clone(), t.args);
+        // A set bit far outside RAM in the leaf's last word: the walk would refuse it as a bad
+        // block; the checksum comes first.
+        let w = leaf + PAGE_SIZE - 8;
+        img.write_u64(w, img.read_u64(w).expect("leaf") | 1 << 63);
+        let e = accepted(&img, args).unwrap_err();
+        assert!(e.contains("tracker checksum"), "{e}");
+    }
+
     /// Regression (found by the `handover` target): with a large RAM, the integrity table's
     /// `total_pages` made `read_chain` reserve `total_pages * 4 KiB` up front and abort the
     /// process (boot and `handover inspect`). With `HANDOVER_REPRO_DUMP=path` this also writes

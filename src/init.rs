@@ -4,10 +4,13 @@
 
 use std::collections::BTreeMap;
 
+#[cfg(feature = "test-hooks")]
 use serde_json::json;
 
 use crate::host::Host;
+#[cfg(feature = "test-hooks")]
 use crate::kexec::params::parse_size;
+#[cfg(feature = "test-hooks")]
 use crate::kho::test::{release_unclaimed, KhoTest};
 
 /// What to do once an init program returns.
@@ -29,10 +32,18 @@ pub fn parse_args(args: &[String]) -> BTreeMap<String, String> {
         .collect()
 }
 
-pub const PROGRAMS: &[(&str, &str)] = &[(
+/// Init programs of every build.
+pub const PROGRAMS: &[(&str, &str)] = &[];
+
+/// Init programs that need the `test-hooks` feature (listed only in such builds).
+#[cfg(feature = "test-hooks")]
+pub const TEST_PROGRAMS: &[(&str, &str)] = &[(
     "kho-test",
-    "preserve folios of mixed orders (size=64M), carry them through kexecs=N kexecs, check every byte",
+    "preserve folios of mixed orders (size=64M), carry them through kexecs=N kexecs, check every byte, corrupt=KIND damages the handover (test-hooks builds only)",
 )];
+/// Init programs that need the `test-hooks` feature: none in this build.
+#[cfg(not(feature = "test-hooks"))]
+pub const TEST_PROGRAMS: &[(&str, &str)] = &[];
 
 /// Run the init program named on the command line. Programs that run guests share the host
 /// with their vCPU threads, so the host is passed by value and handed back.
@@ -48,12 +59,12 @@ pub fn run(mut host: Host) -> (Host, InitOutcome) {
 }
 
 fn run_local(host: &mut Host, name: &str) -> InitOutcome {
-    let args = parse_args(&host.params.init_args);
     if let Some(o) = crate::vmm::selftests::run(host, name) {
         return o;
     }
     match name {
-        "kho-test" => kho_test(host, &args),
+        #[cfg(feature = "test-hooks")]
+        "kho-test" => kho_test(host, &parse_args(&host.params.init_args)),
         other => {
             tracing::error!("unknown init program {other:?}");
             InitOutcome::Halt(2)
@@ -61,6 +72,7 @@ fn run_local(host: &mut Host, name: &str) -> InitOutcome {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 fn kho_test(host: &mut Host, args: &BTreeMap<String, String>) -> InitOutcome {
     let size = args.get("size").map_or(Ok(64 << 20), |s| parse_size(s));
     let kexecs: u32 = args.get("kexecs").and_then(|s| s.parse().ok()).unwrap_or(1);

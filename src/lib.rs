@@ -8,7 +8,9 @@ pub mod bench;
 pub mod cli;
 pub mod fault;
 pub mod fs;
+#[cfg(feature = "test-hooks")]
 pub mod fuzzing;
+#[cfg(feature = "test-hooks")]
 pub mod fuzzing_kvm;
 pub mod host;
 pub mod init;

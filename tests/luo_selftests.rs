@@ -591,3 +591,30 @@ fn mmap_of_a_memfd_sees_the_same_pages() {
     );
     h.munmap(pid, map).unwrap();
 }
+
+/// Review #9: a handover whose update counter cannot be incremented (`liveupdate_num` =
+/// u64::MAX) is refused at boot, not wrapped (release) or a panic (debug).
+#[test]
+fn liveupdate_num_at_max_is_refused() {
+    let (mut h, pid) = host();
+    let d = dev(&mut h, pid);
+    let s = create_session(&mut h, pid, d, "counter").unwrap();
+    let m = memfd_with(&mut h, pid, b"counted").unwrap();
+    preserve_fd(&mut h, pid, s, m, 1).unwrap();
+    h.luo.liveupdate_num = u64::MAX - 1;
+    let (mut h, pid) = kexec(h);
+    assert_eq!(h.luo.liveupdate_num, u64::MAX, "{:?}", h.info.refused);
+    let d = dev(&mut h, pid);
+    let s = retrieve_session(&mut h, pid, d, "counter").unwrap();
+    let m = retrieve_fd(&mut h, pid, s, 1).unwrap();
+    finish(&mut h, pid, s).unwrap();
+    let s = create_session(&mut h, pid, d, "counter-2").unwrap();
+    preserve_fd(&mut h, pid, s, m, 2).unwrap();
+    // In process, a refused handover must not roll back (that would execve the test binary):
+    // mark the next boot as a rollback already, which never rolls back again.
+    h.params.rollback = Some("test: no rollback".into());
+    let (h, _) = kexec(h);
+    let why = h.info.refused.clone().unwrap_or_default();
+    assert!(why.contains("liveupdate_num"), "refused: {why:?}");
+    assert!(!h.info.kho_boot);
+}

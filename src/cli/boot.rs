@@ -16,7 +16,8 @@ pub struct BootArgs {
     /// RAM size (sparse memfd), e.g. 4G.
     #[arg(long, default_value = "4G", value_parser = parse_size)]
     pub ram: u64,
-    /// Init program to run after boot (see `--init list`).
+    /// Init program to run after boot (see `--init list`; `kho-test` and `luo-freeze-fail` need
+    /// a build with the `test-hooks` feature).
     #[arg(long)]
     pub init: Option<String>,
     /// Argument for the init program, KEY=VALUE (repeatable).
@@ -52,8 +53,13 @@ pub struct BootArgs {
     pub exec_ns: Option<u64>,
     #[arg(long, hide = true)]
     pub handover_bytes: Option<u64>,
+    /// pidfd of the previous image's reaper (checked before use).
     #[arg(long, hide = true)]
-    pub reaper_pid: Option<i32>,
+    pub reaper_fd: Option<i32>,
+    /// Passed by images older than `--reaper-fd`: accepted so that they can still kexec into
+    /// this one, and never used (a pid can be reused; nothing is ever signalled by pid).
+    #[arg(long, hide = true)]
+    pub reaper_pid: Option<String>,
     #[arg(long, hide = true)]
     pub prev_image: Option<PathBuf>,
     #[arg(long, hide = true)]
@@ -94,7 +100,7 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
             other => return Err(format!("--gmem-luo {other:?}: expected v1 or v2")),
         },
         prev_handover_bytes: a.handover_bytes,
-        reaper_pid: a.reaper_pid,
+        reaper_fd: a.reaper_fd,
         prev_image: a.prev_image,
         rollback: a.rollback,
         dump_handover: a.dump_handover,
@@ -103,11 +109,21 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
 
 pub fn run(a: BootArgs) -> Result<ExitCode, String> {
     if a.init.as_deref() == Some("list") {
+        // First line: whether this build has the test hooks (HANDOVER_FAIL, HANDOVER_CORRUPT,
+        // /dev/liveupdate-test and the programs that need them). Production builds do not.
+        let hooks = if cfg!(feature = "test-hooks") {
+            "on"
+        } else {
+            "off"
+        };
+        println!("# test-hooks: {hooks}");
         let rfc = [(crate::vmm::rfc::PROGRAM, "the RFC scenario with a live guest (guest-mem=16M data=5M order=vm-first|gmem-first no-vm=1 finish-early=1 prefault=1)")];
         for (name, what) in init::PROGRAMS
             .iter()
             .chain(crate::vmm::selftests::PROGRAMS)
             .chain(rfc.iter())
+            .chain(init::TEST_PROGRAMS)
+            .chain(crate::vmm::selftests::TEST_PROGRAMS)
         {
             println!("{name:20} {what}");
         }

@@ -2,7 +2,7 @@
 //! image). The order matters and mirrors Linux: scratch first, then the handover is validated
 //! and every preserved frame reserved, and only then does the normal zone hand anything out.
 
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Instant;
 
 use crate::host::Host;
@@ -32,6 +32,8 @@ pub struct BootInfo {
     pub boot_us: u64,
     /// CLOCK_MONOTONIC ns when this image started booting.
     pub boot_start_ns: u64,
+    /// The previous image's reaper was passed by a valid pidfd and adopted.
+    pub reaper: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -40,22 +42,82 @@ pub enum BootError {
     Ram(#[from] MmError),
     #[error("cannot set up KHO: {0}")]
     Kho(#[from] kho::KhoError),
+    #[error("--ram-fd {fd} refused: {why}")]
+    RamFd { fd: i32, why: String },
+}
+
+/// Take the RAM memfd the previous image passed by number (`--ram-fd`). The number comes from
+/// the command line, so it is checked through a borrow before this process owns it: open, not
+/// stdio, a memfd (it has seals and `/proc/self/fd` names it `/memfd:...`), of the size `--ram`
+/// says. A refused number is not closed. The adopted fd is close-on-exec again (the previous
+/// image cleared that for the exec): children of this image do not inherit RAM.
+pub fn adopt_ram_fd(fd: i32, size: u64) -> Result<OwnedFd, BootError> {
+    let bad = |why: String| BootError::RamFd { fd, why };
+    if fd < 3 {
+        return Err(bad("stdio or negative: not the RAM memfd".into()));
+    }
+    // SAFETY: F_GETFD only reads this process's fd table; no memory is involved.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(bad(format!(
+            "not open: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: `fd` is open (F_GETFD succeeded) and nothing closes it while `b` is used: the
+    // borrow ends in this function, in early boot.
+    let b = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::fs::fcntl_get_seals(b).map_err(|e| bad(format!("not a memfd (F_GET_SEALS: {e})")))?;
+    // Seals alone also admit tmpfs files; the link names a memfd. Without /proc (not mounted)
+    // the seals are all there is to go by.
+    if let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+        if !link.to_string_lossy().starts_with("/memfd:") {
+            return Err(bad(format!("{} is not a memfd", link.display())));
+        }
+    }
+    let st = rustix::fs::fstat(b).map_err(|e| bad(format!("fstat: {e}")))?;
+    if st.st_size as u64 != size {
+        return Err(bad(format!(
+            "its size {} is not the RAM size {size}",
+            st.st_size
+        )));
+    }
+    // SAFETY: checked above: an open memfd of the RAM's size, which the previous image (this
+    // same process before the exec) passed to us; nothing else in this process owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)
+        .map_err(|e| BootError::Ram(MmError::Sys(e)))?;
+    Ok(owned)
 }
 
 impl Host {
-    pub fn boot(params: BootParams) -> Result<Host, BootError> {
+    pub fn boot(mut params: BootParams) -> Result<Host, BootError> {
         let t0 = Instant::now();
         let boot_start_ns = super::reboot::monotonic_ns();
         let ram = match params.ram_fd {
-            // SAFETY: the previous image passed this fd number for the RAM memfd and nothing
-            // else in this process owns it.
-            Some(fd) => Ram::adopt(unsafe { OwnedFd::from_raw_fd(fd) }, params.ram_size)?,
+            Some(fd) => Ram::adopt(adopt_ram_fd(fd, params.ram_size)?, params.ram_size)?,
             None => Ram::create(params.ram_size)?,
         };
+        // The previous image's reaper: only a pidfd of our own child is taken (and ever
+        // signalled); anything else is left alone.
+        let reaper =
+            params
+                .reaper_fd
+                .take()
+                .and_then(|fd| match super::reboot::Reaper::adopt(fd) {
+                    Ok(r) => {
+                        tracing::info!("previous image's reaper adopted (pidfd {fd})");
+                        Some(r)
+                    }
+                    Err(why) => {
+                        tracing::warn!("ignoring --reaper-fd {fd}: {why}");
+                        None
+                    }
+                });
         let nr_frames = ram.nr_frames();
         let cold_scratch = 0..default_scratch_size(ram.size()) / PAGE_SIZE;
         let mut info = BootInfo {
             boot_start_ns,
+            reaper: reaper.is_some(),
             ..Default::default()
         };
 
@@ -120,18 +182,13 @@ impl Host {
         if let (Some(why), Some(a)) = (info.refused.clone(), params.kho) {
             // Nothing is touched yet: hand the same handover back to the image that made it.
             if let (None, Some(image)) = (&params.rollback, &rollback_to) {
-                let err = rollback_exec(&params, a, image, &why);
+                let reaper = reaper.as_ref().map(|r| r.fd());
+                let err = rollback_exec(&params, ram.fd(), reaper, a, image, &why);
                 tracing::error!("rollback to {} failed: {err}", image.display());
             }
             tracing::error!("KHO: refusing the handover: {why}; booting clean with all RAM free");
         }
 
-        if params.kho.is_some() {
-            // The previous image's reaper (see kexec::reboot) is our child: let the kernel reap
-            // it. A host image starts no other children.
-            // SAFETY: setting a signal disposition has no memory-safety preconditions.
-            unsafe { libc::signal(libc::SIGCHLD, libc::SIG_IGN) };
-        }
         let mut mm = Mm::new(ram, frames);
         mm.online_normal(&reserved)?;
         let nodes: Vec<u64> = incoming
@@ -207,7 +264,7 @@ impl Host {
             kvm: None,
             next_vm_id: 0,
             restored_vms: 0,
-            reaped: None,
+            reaper,
             guest_faults: None,
             params,
             info,
@@ -240,9 +297,9 @@ impl Host {
 
 /// The file handlers this image has, in registration order.
 pub fn handlers() -> Vec<std::sync::Arc<dyn crate::luo::FileHandler>> {
-    let hs: Vec<std::sync::Arc<dyn crate::luo::FileHandler>> = vec![
+    #[allow(unused_mut)]
+    let mut hs: Vec<std::sync::Arc<dyn crate::luo::FileHandler>> = vec![
         std::sync::Arc::new(crate::fs::memfd_luo::MemfdHandler),
-        std::sync::Arc::new(crate::luo::test_handler::TestHandler),
         std::sync::Arc::new(crate::kvm::vm_luo::VmHandler),
         // v2 first: it is the format new preservations use; v1 stays readable.
         std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler {
@@ -252,6 +309,12 @@ pub fn handlers() -> Vec<std::sync::Arc<dyn crate::luo::FileHandler>> {
             format: crate::kvm::guest_memfd_luo::Format::V1,
         }),
     ];
+    // Test hook: the handler of `/dev/liveupdate-test` files (LUO core tests).
+    #[cfg(feature = "test-hooks")]
+    hs.insert(
+        1,
+        std::sync::Arc::new(crate::luo::test_handler::TestHandler),
+    );
     hs
 }
 
@@ -260,14 +323,16 @@ pub fn supported_compatibles() -> Vec<&'static str> {
     handlers().iter().map(|h| h.compatible()).collect()
 }
 
-/// Kexec back into `image` with the same handover, which this image did not touch.
+/// Kexec back into `image` with the same handover, which this image did not touch, passing on
+/// RAM (`ram`) and the reaper's pidfd.
 pub(crate) fn rollback_exec(
     params: &BootParams,
+    ram: BorrowedFd<'_>,
+    reaper: Option<BorrowedFd<'_>>,
     a: crate::kho::KhoBootArgs,
     image: &std::path::Path,
     why: &str,
 ) -> std::io::Error {
-    use std::os::unix::process::CommandExt;
     tracing::error!(
         "rollback: this image cannot take the handover ({why}); kexec back into {}",
         image.display()
@@ -276,9 +341,7 @@ pub(crate) fn rollback_exec(
     cmd.arg("boot")
         .arg("--ram")
         .arg(params.ram_size.to_string());
-    if let Some(fd) = params.ram_fd {
-        cmd.arg("--ram-fd").arg(fd.to_string());
-    }
+    cmd.arg("--ram-fd").arg(ram.as_raw_fd().to_string());
     cmd.arg("--kho-fdt")
         .arg(format!("{:#x}:{:#x}", a.fdt_pa, a.fdt_size));
     cmd.arg("--kho-scratch")
@@ -297,7 +360,7 @@ pub(crate) fn rollback_exec(
             "--handover-bytes",
             params.prev_handover_bytes.map(|v| v.to_string()),
         ),
-        ("--reaper-pid", params.reaper_pid.map(|v| v.to_string())),
+        ("--reaper-fd", reaper.map(|fd| fd.as_raw_fd().to_string())),
         ("--init", params.init.clone()),
         (
             "--report",
@@ -328,5 +391,7 @@ pub(crate) fn rollback_exec(
     if params.gmem_luo_v1 {
         cmd.arg("--gmem-luo=v1");
     }
-    cmd.exec()
+    let mut keep = vec![ram.as_raw_fd()];
+    keep.extend(reaper.map(|fd| fd.as_raw_fd()));
+    super::reboot::exec_keeping(&mut cmd, &keep)
 }

@@ -1,5 +1,7 @@
 //! Test hooks that damage a handover on purpose, so tests can show that the next image refuses
-//! it cleanly. Only reachable through the `kho-test` init program's `corrupt=KIND` argument.
+//! it cleanly: the `kho-test` init program's `corrupt=KIND` argument, and `HANDOVER_CORRUPT`
+//! (the kinds below and `flip:<blob kind>`) for any kexec of a first image. Only in builds with
+//! the `test-hooks` feature.
 
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -44,7 +46,11 @@ pub fn client(host: &mut Host, kind: &str) -> Result<(), KhoError> {
         }
         "chain-overlong" => {
             let (pa, mut ser) = test_ser(host)?;
-            ser.folios.total_pages -= 1;
+            ser.folios.total_pages = ser
+                .folios
+                .total_pages
+                .checked_sub(1)
+                .ok_or(KhoError::Corrupt("kho-test blob: no pages to drop"))?;
             host.mm.ram.write_phys(pa, ser.as_bytes())?;
         }
         k if HANDOVER_KINDS.contains(&k) || k.starts_with("flip:") => {

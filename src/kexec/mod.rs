@@ -2,6 +2,8 @@
 //! that adopts RAM and the handover, and the reboot path that finalizes and `execve`s.
 
 pub mod boot;
+/// Handover corruption (test hook).
+#[cfg(feature = "test-hooks")]
 pub mod corrupt;
 pub mod params;
 pub mod reboot;

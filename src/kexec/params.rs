@@ -34,8 +34,10 @@ pub struct BootParams {
     pub prev_image: Option<PathBuf>,
     /// This boot is a rollback: the next image could not take the handover, for this reason.
     pub rollback: Option<String>,
-    /// The previous image's reaper process (see `kexec::reboot`).
-    pub reaper_pid: Option<i32>,
+    /// The previous image's reaper process (see `kexec::reboot`): the number of the pidfd the
+    /// previous image passed, checked by `Reaper::adopt` at boot before it is used. Taken (set
+    /// to `None`) once the boot has adopted or refused it.
+    pub reaper_fd: Option<i32>,
     /// Preserve guest_memfds in the RFC's per-folio "guest_memfd_luo_v1" format instead of v2.
     pub gmem_luo_v1: bool,
     /// Write a dump of the outgoing handover here at each kexec.
@@ -56,7 +58,7 @@ impl Default for BootParams {
             kexec_start_ns: None,
             exec_ns: None,
             gmem_luo_v1: false,
-            reaper_pid: None,
+            reaper_fd: None,
             prev_image: None,
             rollback: None,
             prev_handover_bytes: None,

@@ -3,7 +3,7 @@
 //! running image carries on.
 
 use std::convert::Infallible;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,6 +12,7 @@ use crate::host::Host;
 use crate::kho::finalize::Handover;
 use crate::kho::KhoError;
 use crate::luo::serialize::LuoHandover;
+use rustix::process::{waitid, WaitId, WaitIdOptions};
 
 #[derive(Debug, Default, Clone)]
 pub struct KexecRequest {
@@ -50,10 +51,15 @@ pub fn monotonic_ns() -> u64 {
 /// forked reaper keeps them referenced until the new image, once its guests run again, releases
 /// it ([`Host::release_previous_image`]); it gives up by itself after 10 s. If the fork fails, the
 /// teardown simply happens in the exec.
-fn spawn_reaper() -> Option<i32> {
+///
+/// The reaper is known by a pidfd, opened right after the fork while the child cannot have been
+/// reaped yet (nothing in this process reaps children it does not know), and passed across the
+/// exec like the RAM fd: every signal and wait goes to that very process, never to another one
+/// that reuses its pid.
+fn spawn_reaper() -> Option<Reaper> {
     // SAFETY: fork in a possibly multi-threaded process: the child calls only async-signal-safe
     // functions (close, nanosleep, _exit) and touches no Rust state.
-    unsafe {
+    let pid = unsafe {
         let pid = libc::fork();
         if pid == 0 {
             // Let go of stdio at once: whoever waits for the host image's output must not wait
@@ -68,7 +74,111 @@ fn spawn_reaper() -> Option<i32> {
             libc::nanosleep(&ts, std::ptr::null_mut());
             libc::_exit(0);
         }
-        (pid > 0).then_some(pid)
+        pid
+    };
+    let pid = rustix::process::Pid::from_raw(pid)?;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+        // Above stdio, so the next image can refuse 0..=2 outright.
+        .and_then(|fd| rustix::io::fcntl_dupfd_cloexec(&fd, 3));
+    match pidfd {
+        Ok(pidfd) => Some(Reaper {
+            pidfd,
+            killed: false,
+        }),
+        Err(e) => {
+            tracing::warn!("no pidfd for the reaper ({e}): teardown happens in the exec");
+            // SAFETY: `pid` is our own child, not waited for yet, so the pid cannot have been
+            // reused: signal and reap it.
+            unsafe {
+                libc::kill(pid.as_raw_nonzero().get(), libc::SIGKILL);
+                libc::waitpid(pid.as_raw_nonzero().get(), std::ptr::null_mut(), 0);
+            }
+            None
+        }
+    }
+}
+
+/// The previous image's reaper (see [`spawn_reaper`]), a child of this process, by pidfd.
+#[derive(Debug)]
+pub struct Reaper {
+    pidfd: OwnedFd,
+    killed: bool,
+}
+
+impl Reaper {
+    /// Adopt the pidfd the previous image passed as `--reaper-fd FD`. The number comes from the
+    /// command line, so it is checked before this process takes ownership of it: it is open, not
+    /// stdio, a pidfd, and names a child of this process (`waitid(P_PIDFD, WNOHANG | WNOWAIT)`
+    /// fails with EBADF/EINVAL for anything but a pidfd and with ECHILD for a process that is
+    /// not our child, or was already reaped). A refused number is left alone, not closed.
+    pub fn adopt(fd: i32) -> Result<Reaper, String> {
+        if fd < 3 {
+            return Err("not a pidfd: stdio or negative".into());
+        }
+        // SAFETY: F_GETFD only reads this process's fd table; no memory is involved.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(format!("not open: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is open (F_GETFD succeeded); the borrow ends before this function returns
+        // and nothing closes the fd meanwhile.
+        let b = unsafe { BorrowedFd::borrow_raw(fd) };
+        let opts = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
+        match waitid(WaitId::PidFd(b), opts) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::CHILD) => {
+                return Err("a pidfd, but not of a child of this process".into())
+            }
+            Err(e) => return Err(format!("not a pidfd: {e}")),
+        }
+        // SAFETY: checked above: an open pidfd of our own child, which the previous image (this
+        // same process before the exec) passed to us; nothing else in this process owns it.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // Ours now: no child of this image inherits it (the next kexec passes it explicitly).
+        rustix::io::fcntl_setfd(&pidfd, rustix::io::FdFlags::CLOEXEC)
+            .map_err(|e| format!("F_SETFD: {e}"))?;
+        Ok(Reaper {
+            pidfd,
+            killed: false,
+        })
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// SIGKILL it (once). A reaper that already exited (a zombie until reaped) ignores it.
+    pub fn kill(&mut self) {
+        if !self.killed {
+            let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
+            self.killed = true;
+        }
+    }
+
+    /// Reap it if it has exited: true once it is gone.
+    pub fn try_reap(&self) -> bool {
+        let opts = WaitIdOptions::EXITED | WaitIdOptions::NOHANG;
+        !matches!(waitid(WaitId::PidFd(self.fd()), opts), Ok(None))
+    }
+
+    /// Wait until it has exited and reap it: false if it was no longer there to reap.
+    pub fn reap(&self) -> bool {
+        loop {
+            match waitid(WaitId::PidFd(self.fd()), WaitIdOptions::EXITED) {
+                Err(rustix::io::Errno::INTR) => continue,
+                r => return r.is_ok(),
+            }
+        }
+    }
+}
+
+impl Drop for Reaper {
+    /// Never leave it behind as a zombie: kill and reap it (it holds only the previous image's
+    /// objects, and its teardown is quick once the guests no longer need them).
+    fn drop(&mut self) {
+        self.kill();
+        if self.reap() {
+            tracing::info!("previous image's reaper reaped");
+        }
     }
 }
 
@@ -76,18 +186,13 @@ impl Host {
     /// Let the previous image's objects go (see [`spawn_reaper`]): call once the guests run
     /// again. With `wait`, return only when they are gone.
     pub fn release_previous_image(&mut self, wait: bool) {
-        if let Some(pid) = self.params.reaper_pid.take() {
-            // SAFETY: signalling and waiting for our own child process.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                if wait {
-                    libc::waitpid(pid, std::ptr::null_mut(), 0);
-                }
-            }
-            self.reaped = Some(pid);
-        } else if let (true, Some(pid)) = (wait, self.reaped.take()) {
-            // SAFETY: waiting for our own child process.
-            unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        let Some(r) = self.reaper.as_mut() else {
+            return;
+        };
+        r.kill();
+        if wait || r.try_reap() {
+            // Dropping it reaps it.
+            self.reaper = None;
         }
     }
 
@@ -114,7 +219,9 @@ impl Host {
             return fail("the previous image is not known");
         };
         let args = inc.args;
-        let err = super::boot::rollback_exec(&self.params, args, &image, why);
+        let reaper = self.reaper.as_ref().map(|r| r.fd());
+        let err =
+            super::boot::rollback_exec(&self.params, self.mm.ram.fd(), reaper, args, &image, why);
         KexecError::Exec {
             path: image.display().to_string(),
             err,
@@ -150,7 +257,7 @@ impl Host {
     }
 
     /// The command line of the next image: this image's parameters plus the handover.
-    fn next_cmdline(&self, h: &Handover, start_ns: u64) -> Vec<String> {
+    fn next_cmdline(&self, h: &Handover, ram_fd: RawFd, start_ns: u64) -> Vec<String> {
         let p = &self.params;
         let a = h.args;
         let mut v = vec![
@@ -158,7 +265,7 @@ impl Host {
             "--ram".into(),
             self.mm.ram.size().to_string(),
             "--ram-fd".into(),
-            self.mm.ram.fd().as_raw_fd().to_string(),
+            ram_fd.to_string(),
             "--kho-fdt".into(),
             format!("{:#x}:{:#x}", a.fdt_pa, a.fdt_size),
             "--kho-scratch".into(),
@@ -205,6 +312,7 @@ impl Host {
         let start_ns = monotonic_ns();
         // Test hook: damage the handover (`HANDOVER_CORRUPT=flip:<kind>` and the kinds of
         // `kexec::corrupt`), only from a first image that was not itself rolled back to.
+        #[cfg(feature = "test-hooks")]
         if let Ok(kind) = std::env::var("HANDOVER_CORRUPT") {
             if self.info.kexec_count == 0
                 && self.params.rollback.is_none()
@@ -222,7 +330,9 @@ impl Host {
         if crate::fault::hit("kexec.exec") {
             image = PathBuf::from("/nonexistent/handover-injected-fault");
         }
+        #[cfg_attr(not(feature = "test-hooks"), allow(unused_mut))]
         let mut h = h;
+        #[cfg(feature = "test-hooks")]
         if let Some(kind) = self.corrupt_handover.take() {
             super::corrupt::handover(self, &mut h.args, &kind)?;
         }
@@ -236,55 +346,112 @@ impl Host {
                 Err(e) => tracing::warn!("cannot dump the handover: {e}"),
             }
         }
-        let mut args = self.next_cmdline(&h, start_ns);
+        // The previous image's reaper goes now if it has not yet: dropping it kills and reaps
+        // it (its pidfd is not passed on).
+        drop(self.reaper.take());
+        // The RAM fd goes above stdio, where the next image looks for it.
+        let ram_fd = self.mm.ram.fd();
+        let ram_dup = match ram_fd.as_raw_fd() {
+            0..=2 => match rustix::io::fcntl_dupfd_cloexec(ram_fd, 3) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    self.abandon_handover(luo, h);
+                    return Err(KexecError::Exec {
+                        path: image.display().to_string(),
+                        err: e.into(),
+                    });
+                }
+            },
+            _ => None,
+        };
+        let ram_fd = ram_dup
+            .as_ref()
+            .map_or(ram_fd.as_raw_fd(), |d| d.as_raw_fd());
+        let mut args = self.next_cmdline(&h, ram_fd, start_ns);
         args.push("--prev-image".into());
         args.push(me.display().to_string());
-        let ram_fd = self.mm.ram.fd().as_raw_fd();
         tracing::debug!("kexec into {} {}", image.display(), args.join(" "));
         let mut cmd = Command::new(&image);
         cmd.args(&args);
-        // SAFETY: the closure runs right before execve in this (single-purpose) process and
-        // only makes async-signal-safe fcntl/close_range calls on fd numbers.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Every fd but stdio and RAM closes at exec, like a kexec leaves nothing open.
-                libc::syscall(
-                    libc::SYS_close_range,
-                    3u32,
-                    u32::MAX,
-                    libc::CLOSE_RANGE_CLOEXEC,
-                );
-                if libc::fcntl(ram_fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let mut keep = vec![ram_fd];
         // `HANDOVER_NO_REAPER=1` leaves the teardown in the exec (to measure the difference).
         let mut reaper = None;
         if std::env::var_os("HANDOVER_NO_REAPER").is_none() {
             reaper = spawn_reaper();
-            if let Some(pid) = reaper {
-                cmd.arg("--reaper-pid").arg(pid.to_string());
+            if let Some(r) = &reaper {
+                let fd = r.fd().as_raw_fd();
+                cmd.arg("--reaper-fd").arg(fd.to_string());
+                keep.push(fd);
             }
         }
-        let err = cmd.exec();
-        if let Some(pid) = reaper {
-            // SAFETY: signalling and reaping our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-        }
-        // Still here: the exec failed. Put the RAM fd back to close-on-exec and undo.
-        // SAFETY: plain fcntl on an fd this process owns.
-        unsafe { libc::fcntl(ram_fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        let err = exec_keeping(&mut cmd, &keep);
+        // Still here: the exec failed. The fds are as they were (see `exec_keeping`); the new
+        // reaper is killed and reaped (dropping it does both); undo the handover.
+        drop(reaper);
+        drop(ram_dup);
         self.abandon_handover(luo, h);
         Err(KexecError::Exec {
             path: image.display().to_string(),
             err,
         })
     }
+}
+
+/// `execve` `cmd` with only stdio and `keep` inherited, as a kexec leaves nothing else open.
+/// Returns only if the exec failed.
+///
+/// Every fd from 3 up is made close-on-exec right before the exec (`close_range` with
+/// `CLOSE_RANGE_CLOEXEC`, in this process: `Command::exec` does not fork), and `keep` is made
+/// inheritable. This process has other threads (vCPUs, the guest fault service, slot binders);
+/// they run on until the exec replaces the process. If the exec fails, the flags are put back
+/// as they were: `keep` to its old flags, and the fds that were inheritable beforehand (listed
+/// from `/proc/self/fd` just before) inheritable again. Not restored: an fd another thread
+/// opens without `O_CLOEXEC` between that listing and the exec stays close-on-exec; an fd
+/// another thread closes in that window and whose number is reused gets the old fd's flag.
+pub(crate) fn exec_keeping(cmd: &mut Command, keep: &[RawFd]) -> std::io::Error {
+    // SAFETY: F_GETFD only reads this process's fd table.
+    let getfd = |fd: RawFd| unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    let inheritable: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<RawFd>().ok())
+                .filter(|&fd| fd >= 3 && !keep.contains(&fd))
+                .filter(|&fd| getfd(fd) & libc::FD_CLOEXEC == 0)
+                .collect()
+        })
+        .unwrap_or_default();
+    let kept: Vec<(RawFd, i32)> = keep.iter().map(|&fd| (fd, getfd(fd))).collect();
+    let keep_now = keep.to_vec();
+    // SAFETY: the closure runs in this process right before execve (no fork) and only makes
+    // fcntl/close_range calls on fd numbers; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            for &fd in &keep_now {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let err = cmd.exec();
+    for (fd, flags) in kept {
+        if flags >= 0 {
+            // SAFETY: F_SETFD on an fd the caller owns (it asked to keep it).
+            unsafe { libc::fcntl(fd, libc::F_SETFD, flags) };
+        }
+    }
+    for fd in inheritable {
+        // SAFETY: F_SETFD changes only the close-on-exec flag of an fd number this process
+        // had open and inheritable before the exec attempt.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+    }
+    err
 }
 
 /// Outcome of a failed in-process kexec.
@@ -325,5 +492,31 @@ impl Host {
         params.kexec_start_ns = Some(start_ns);
         drop(self);
         Host::boot(params).map_err(InProcessKexecError::Boot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn getfd(fd: RawFd) -> i32 {
+        // SAFETY: F_GETFD only reads the fd table.
+        unsafe { libc::fcntl(fd, libc::F_GETFD) }
+    }
+
+    /// Review 2.3: a failed exec leaves every fd's close-on-exec flag as it was: the kept fd
+    /// (cleared for the exec) is close-on-exec again, an inheritable fd is inheritable again,
+    /// and a close-on-exec fd stays so.
+    #[test]
+    fn failed_exec_restores_close_on_exec_flags() {
+        let kept = rustix::fs::memfd_create("kept", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let other = rustix::fs::memfd_create("other", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let inheritable = rustix::fs::memfd_create("inh", rustix::fs::MemfdFlags::empty()).unwrap();
+        let mut cmd = Command::new("/nonexistent/handover-test-exec");
+        let err = exec_keeping(&mut cmd, &[kept.as_raw_fd()]);
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+        assert_eq!(getfd(kept.as_raw_fd()), libc::FD_CLOEXEC);
+        assert_eq!(getfd(other.as_raw_fd()), libc::FD_CLOEXEC);
+        assert_eq!(getfd(inheritable.as_raw_fd()), 0);
     }
 }

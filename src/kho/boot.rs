@@ -62,29 +62,45 @@ pub fn discover(mem: &dyn PhysRead, args: KhoBootArgs) -> Result<(Incoming, Rang
         }
     }
     let tree = fdt::parse(&fdt_bytes)?;
-    verify_integrity(mem, &tree)?;
+    let listed = verify_integrity(mem, &tree)?;
 
+    // The integrity table lists metadata allocations, not tracker nodes (their bits change
+    // after the table is written, so they have their own checksum): a tracker node can never
+    // be a listed page. `listed` is the allow-list only for trackers that are in the table.
     let limits = WalkLimits {
         nr_frames,
         scratch: scratch.clone(),
         listed: None,
     };
-    let (tracker, reserved) = IncomingTracker::walk(mem, tree.tracker_root, &limits)?;
-    // The walk is defensive on its own; now check that the nodes it read are the ones written.
+    // Check the tracker's checksum over its node pages first, and only then copy its leaves
+    // (the walk costs a 4 KiB copy per leaf and a range per preserved block).
     let want = tree
         .tracker_crc
         .ok_or_else(|| KhoError::BadHandover("the handover tree has no tracker checksum".into()))?;
-    let mut nodes = tracker.node_pages().to_vec();
+    let mut nodes = IncomingTracker::node_pages_of(mem, tree.tracker_root, &limits)?;
     nodes.sort_unstable();
     let mut h = crc32fast::Hasher::new();
     let mut page = vec![0u8; PAGE_SIZE as usize];
-    for pa in nodes {
+    for &pa in &nodes {
+        if listed.contains(&pa) {
+            return Err(KhoError::BadHandover(format!(
+                "tracker node {pa:#x} is also a listed metadata page"
+            )));
+        }
         mem.read_phys(pa, &mut page)?;
         h.update(&page);
     }
     if h.finalize() != want {
         return Err(KhoError::BadHandover(
             "tracker checksum mismatch: a tracker node was modified".into(),
+        ));
+    }
+    let (tracker, reserved) = IncomingTracker::walk(mem, tree.tracker_root, &limits)?;
+    let mut walked = tracker.node_pages().to_vec();
+    walked.sort_unstable();
+    if walked != nodes {
+        return Err(KhoError::BadHandover(
+            "the tracker changed while it was read".into(),
         ));
     }
 
@@ -126,10 +142,18 @@ pub fn discover(mem: &dyn PhysRead, args: KhoBootArgs) -> Result<(Incoming, Rang
     ))
 }
 
+/// The largest metadata allocation an image makes (`Kho::alloc_preserve`: one folio of at most
+/// `MAX_ORDER`); an integrity entry covers exactly one.
+pub const MAX_ENTRY_BYTES: u64 = PAGE_SIZE << crate::mm::MAX_ORDER;
+
 /// Check every checksum of a handover before anything in it is trusted: each subtree blob
 /// against its `blob-crc32`, the integrity table against its own CRC, and every metadata range
-/// the table lists. Returns the page addresses the table covers (tracker nodes must be among
-/// them).
+/// the table lists. Returns the page addresses the table covers (metadata allocations; tracker
+/// nodes are covered by the tracker checksum instead).
+///
+/// Each entry is one metadata allocation: at most [`MAX_ENTRY_BYTES`], page aligned, and no
+/// page is listed twice, so checking the whole table costs at most one pass over RAM however
+/// many entries it has.
 pub fn verify_integrity(
     mem: &dyn PhysRead,
     tree: &HandoverTree,
@@ -200,16 +224,26 @@ pub fn verify_integrity(
                 e.pa, e.len
             )));
         }
+        if e.len > MAX_ENTRY_BYTES || e.pa % PAGE_SIZE != 0 {
+            return Err(KhoError::BadHandover(format!(
+                "integrity entry {:#x}+{:#x} is not one metadata allocation",
+                e.pa, e.len
+            )));
+        }
+        let mut p = e.pa;
+        while p < e.pa + e.len {
+            if !listed.insert(p) {
+                return Err(KhoError::BadHandover(format!(
+                    "integrity entries overlap at {p:#x}"
+                )));
+            }
+            p += PAGE_SIZE;
+        }
         if crate::mm::ram::crc32_of(mem, e.pa, e.len)? != e.crc {
             return Err(KhoError::BadHandover(format!(
                 "metadata checksum mismatch at {:#x}+{:#x}: the handover was modified",
                 e.pa, e.len
             )));
-        }
-        let mut p = e.pa / PAGE_SIZE * PAGE_SIZE;
-        while p < e.pa + e.len {
-            listed.insert(p);
-            p += PAGE_SIZE;
         }
     }
     Ok(listed)

@@ -15,6 +15,8 @@ pub mod fdt;
 pub mod finalize;
 pub mod inspect;
 pub mod metadata;
+/// The `kho-test` client (test hook).
+#[cfg(feature = "test-hooks")]
 pub mod test;
 pub mod tracker;
 

@@ -13,6 +13,8 @@ pub mod file;
 pub mod handler;
 pub mod serialize;
 pub mod session;
+/// The `/dev/liveupdate-test` handler (test hook).
+#[cfg(feature = "test-hooks")]
 pub mod test_handler;
 pub mod ucmd;
 

@@ -242,9 +242,13 @@ impl Host {
             blob_pa: st.pa,
             ser,
         });
+        let r = r.and_then(|h| match h.ser.liveupdate_num.checked_add(1) {
+            Some(n) => Ok((h, n)),
+            None => Err(LuoError::Bad("LUO: liveupdate_num overflows".into())),
+        });
         match r {
-            Ok(h) => {
-                self.luo.liveupdate_num = h.ser.liveupdate_num + 1;
+            Ok((h, n)) => {
+                self.luo.liveupdate_num = n;
                 self.luo_incoming = Some(h);
             }
             Err(e) => {
@@ -401,5 +405,38 @@ pub fn read_luo_header(mem: &dyn PhysRead, pa: u64, size: u64) -> Result<LuoSer,
             "LUO: unsupported compatible string {c:?} (this image supports {LUO_ABI_COMPATIBLE:?})"
         )));
     }
+    // The next image numbers its update `liveupdate_num + 1`: a count that cannot go on is a
+    // bad handover, not a wrap to 0.
+    if ser.liveupdate_num.checked_add(1).is_none() {
+        return Err(LuoError::Bad(format!(
+            "LUO: liveupdate_num {} cannot be incremented",
+            ser.liveupdate_num
+        )));
+    }
     Ok(ser)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_with_liveupdate_num_at_max_is_refused() {
+        let ram = crate::mm::Ram::create(1 << 20).expect("ram");
+        let mut ser = LuoSer {
+            compatible: put_cstr(LUO_ABI_COMPATIBLE).expect("compatible"),
+            liveupdate_num: u64::MAX,
+            sessions_pa: 0,
+            flbs_pa: 0,
+        };
+        ram.write_phys(4096, ser.as_bytes()).expect("write");
+        let r = read_luo_header(&ram, 4096, 32);
+        assert!(
+            matches!(&r, Err(LuoError::Bad(m)) if m.contains("liveupdate_num")),
+            "{r:?}"
+        );
+        ser.liveupdate_num = u64::MAX - 1;
+        ram.write_phys(4096, ser.as_bytes()).expect("write");
+        assert!(read_luo_header(&ram, 4096, 32).is_ok());
+    }
 }

@@ -109,6 +109,8 @@ impl Host {
                 self.real_kvm().map_err(|_| Errno::ENOENT)?;
                 self.files.install(FileKind::Kvm)
             }
+            // Test hook: files for the LUO core tests.
+            #[cfg(feature = "test-hooks")]
             "/dev/liveupdate-test" if self.luo.enabled => {
                 self.files.install(FileKind::Test(Default::default()))
             }
@@ -268,6 +270,7 @@ impl Host {
     }
 
     /// Set the behaviour of a `/dev/liveupdate-test` file (LUO core tests).
+    #[cfg(feature = "test-hooks")]
     pub fn test_file_set(&mut self, pid: Pid, fd: i32, t: crate::fs::TestFile) -> SysResult<()> {
         let f = self.fd_file(pid, fd)?;
         match self.files.kind_mut(f) {
@@ -279,6 +282,7 @@ impl Host {
         }
     }
 
+    #[cfg(feature = "test-hooks")]
     pub fn test_file_get(&self, pid: Pid, fd: i32) -> SysResult<crate::fs::TestFile> {
         match self.files.kind(self.fd_file(pid, fd)?) {
             Some(FileKind::Test(x)) => Ok(x.clone()),

@@ -102,14 +102,53 @@ impl Options {
             background_slots: a.get("background-slots").is_none_or(|v| v != "0"),
             cycles: a.get("cycles").and_then(|v| v.parse().ok()).unwrap_or(1),
         };
-        if o.data == 0 || o.data > o.guest_mem || o.guest_mem % 4096 != 0 {
-            return Err(format!(
-                "data ({}) must be 1..=guest-mem ({}), guest-mem page aligned",
-                o.data, o.guest_mem
-            ));
-        }
         Ok(o)
     }
+
+    /// The limits every option set must keep, checked when parsed from the command line and
+    /// again when read back from the state memfd after the update (handed-over bytes are input
+    /// like any other): the sizes bound what the VMM allocates (`data` bytes to verify, one
+    /// flag per memslot chunk) and must fit the host's RAM and KVM's memslots.
+    pub fn validate(&self, ram_size: u64) -> Result<(), String> {
+        if self.guest_mem == 0 || self.guest_mem % 4096 != 0 || self.guest_mem > MAX_GUEST_MEM {
+            return Err(format!(
+                "guest-mem ({}) must be page aligned and 4K..={MAX_GUEST_MEM}",
+                self.guest_mem
+            ));
+        }
+        if self.data == 0 || self.data > self.slot_size() || self.data > ram_size {
+            return Err(format!(
+                "data ({}) must be 1..=guest-mem ({}), within slot-max ({}) and RAM ({ram_size})",
+                self.data, self.guest_mem, self.slot_max
+            ));
+        }
+        let chunk = self.slot_chunk.max(4096);
+        let chunks = self.slot_size().div_ceil(chunk);
+        if chunks > MAX_CHUNKS {
+            return Err(format!(
+                "slot-chunk ({}) cuts {} bytes into {chunks} memslots, more than {MAX_CHUNKS}",
+                self.slot_chunk,
+                self.slot_size()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Largest guest_memfd the scenario takes (the benchmark's metadata-only points reach 1 TiB).
+pub const MAX_GUEST_MEM: u64 = 1 << 46;
+/// Most memslots the guest_memfd is cut into: KVM's x86 limit of user memslots (32764), less
+/// slot 0 for low memory.
+pub const MAX_CHUNKS: u64 = 32_763;
+
+/// Stage 2's options: the state stage 1 wrote, parsed and checked like the command line.
+fn read_stage_state(text: &[u8], ram_size: u64) -> Result<StageState, String> {
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    let ss: StageState = serde_json::from_slice(&text[..end]).map_err(e("state"))?;
+    ss.opts
+        .validate(ram_size)
+        .map_err(|m| format!("state: options: {m}"))?;
+    Ok(ss)
 }
 
 /// What stage 1 hands to stage 2 in the state memfd.
@@ -706,8 +745,7 @@ fn stage2(
     let mut h = lock(shared);
     let m = retrieve_fd(&mut h, pid, state_session, STATE_TOKEN).map_err(e("retrieve state"))?;
     let text = read_all(&mut h, pid, m, 1 << 16).map_err(e("read state"))?;
-    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
-    let ss: StageState = serde_json::from_slice(&text[..end]).map_err(e("state"))?;
+    let ss = read_stage_state(&text, h.mm.ram.size())?;
     let o = ss.opts.clone();
     let s = retrieve_session(&mut h, pid, dev, SESSION).map_err(e("retrieve session"))?;
     if o.finish_early {
@@ -718,10 +756,17 @@ fn stage2(
         let map = h
             .mmap(pid, g, o.guest_mem, libc::PROT_READ, libc::MAP_SHARED, 0)
             .map_err(e("mmap"))?;
-        let mut buf = vec![0u8; o.data as usize];
-        h.user_read(pid, map.addr, &mut buf)
-            .map_err(e("read guest_memfd"))?;
-        let bad = guest::find_mismatch(&buf, 0);
+        // In pieces: `data` may be as large as RAM.
+        let mut buf = vec![0u8; (1usize << 20).min(o.data as usize)];
+        let mut bad = None;
+        let mut off = 0u64;
+        while off < o.data && bad.is_none() {
+            let n = buf.len().min((o.data - off) as usize);
+            h.user_read(pid, map.addr + off as usize, &mut buf[..n])
+                .map_err(e("read guest_memfd"))?;
+            bad = guest::find_mismatch(&buf[..n], off);
+            off += n as u64;
+        }
         return Ok(json!({
             "finish_early": true,
             "vm_after_finish": format!("{:?}", vm_after.err()),
@@ -928,7 +973,12 @@ fn scenario_inner(shared: &Arc<Mutex<Host>>) -> Result<Value, String> {
     };
     match state {
         Err(Errno::ENOENT) => {
-            let o = Options::parse(&lock(shared).params.init_args)?;
+            let o = {
+                let h = lock(shared);
+                let o = Options::parse(&h.params.init_args)?;
+                o.validate(h.mm.ram.size())?;
+                o
+            };
             stage1(shared, pid, dev, &o)
         }
         Ok(st) => stage2(shared, pid, dev, st),
@@ -972,5 +1022,85 @@ fn take_back(mut shared: Arc<Mutex<Host>>) -> Host {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let ram = 1 << 30;
+        let ok = Options::parse(&args(&["guest-mem=16M", "data=5M"])).unwrap();
+        assert_eq!(ok.validate(ram), Ok(()));
+        for bad in [
+            &["guest-mem=16M", "data=0"][..],
+            &["guest-mem=16M", "data=17M"],
+            &["guest-mem=4097", "data=1"],
+            &["guest-mem=128T", "data=1M"],
+            &["guest-mem=16M", "data=8M", "slot-max=4M"],
+            &["guest-mem=2G", "data=2G"],
+            &["guest-mem=1T", "data=1M", "slot-chunk=4K"],
+        ] {
+            let o = Options::parse(&args(bad)).unwrap();
+            assert!(o.validate(ram).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// The options stage 1 hands over are input to stage 2: sizes that would make it allocate
+    /// without bound are refused before anything is allocated.
+    #[test]
+    fn stage_state_read_back_is_validated() {
+        let ram = 1 << 30;
+        let o = Options::parse(&args(&["guest-mem=16M", "data=5M"])).unwrap();
+        let ss = StageState {
+            opts: o,
+            pause_ns: 0,
+            paused_at_ns: 0,
+            preserve_us: 0.0,
+            pause_us: 0.0,
+            save_us: 0.0,
+            preserved_folios: 0,
+        };
+        let mut text = serde_json::to_vec(&ss).unwrap();
+        text.extend_from_slice(&[0; 16]);
+        assert!(read_stage_state(&text, ram).is_ok());
+        let patch = |f: &dyn Fn(&mut Options)| {
+            let mut s = ss.clone();
+            f(&mut s.opts);
+            serde_json::to_vec(&s).unwrap()
+        };
+        for (what, t) in [
+            ("huge data", patch(&|o| o.data = u64::MAX)),
+            (
+                "data beyond RAM",
+                patch(&|o| {
+                    o.guest_mem = 1 << 40;
+                    o.data = 1 << 39
+                }),
+            ),
+            ("huge guest_mem", patch(&|o| o.guest_mem = !4095u64)),
+            (
+                "chunks",
+                patch(&|o| {
+                    o.guest_mem = 1 << 40;
+                    o.slot_chunk = 0
+                }),
+            ),
+            ("zero data", patch(&|o| o.data = 0)),
+        ] {
+            let r = read_stage_state(&t, ram);
+            assert!(
+                r.as_ref().is_err_and(|m| m.contains("options")),
+                "{what}: {:?}",
+                r.map(|s| s.opts)
+            );
+        }
+        assert!(read_stage_state(b"{not json", ram).is_err());
     }
 }

@@ -174,7 +174,9 @@ fn stress_files_2(h: &mut Host, pid: Pid, dev: i32) -> Result<serde_json::Value,
 }
 
 /// A file whose freeze fails refuses the kexec; everything stays usable; once its session is
-/// closed, the kexec goes through and the other session arrives intact.
+/// closed, the kexec goes through and the other session arrives intact. Needs the
+/// `/dev/liveupdate-test` device (`test-hooks`).
+#[cfg(feature = "test-hooks")]
 fn freeze_fail_1(h: &mut Host, pid: Pid, dev: i32) -> Result<serde_json::Value, String> {
     let keep = create_session(h, pid, dev, "keep").map_err(e("create"))?;
     let m = memfd_with(h, pid, b"survivor").map_err(e("memfd"))?;
@@ -215,6 +217,7 @@ fn freeze_fail_1(h: &mut Host, pid: Pid, dev: i32) -> Result<serde_json::Value, 
     Ok(json!({ "refused": err.to_string(), "errno": err.errno() }))
 }
 
+#[cfg(feature = "test-hooks")]
 fn freeze_fail_2(h: &mut Host, pid: Pid, dev: i32) -> Result<serde_json::Value, String> {
     let s = retrieve_session(h, pid, dev, "keep").map_err(e("retrieve"))?;
     restore_and_verify_memfd(h, pid, s, 1, "survivor")?;
@@ -242,11 +245,17 @@ pub const PROGRAMS: &[(&str, &str)] = &[
         "luo-stress-files",
         "upstream luo_stress_files: 500 memfds in one session",
     ),
-    (
-        "luo-freeze-fail",
-        "a failing freeze refuses the kexec; a second kexec without it succeeds",
-    ),
 ];
+
+/// Programs that need the `test-hooks` feature (the `/dev/liveupdate-test` device).
+#[cfg(feature = "test-hooks")]
+pub const TEST_PROGRAMS: &[(&str, &str)] = &[(
+    "luo-freeze-fail",
+    "a failing freeze refuses the kexec; a second kexec without it succeeds (test-hooks builds only)",
+)];
+/// Programs that need the `test-hooks` feature: none in this build.
+#[cfg(not(feature = "test-hooks"))]
+pub const TEST_PROGRAMS: &[(&str, &str)] = &[];
 
 pub fn run(h: &mut Host, name: &str) -> Option<InitOutcome> {
     let (state, token, s1, s2): (&str, u64, Stage, Stage) = match name {
@@ -264,6 +273,7 @@ pub fn run(h: &mut Host, name: &str) -> Option<InitOutcome> {
             stress_files_1,
             stress_files_2,
         ),
+        #[cfg(feature = "test-hooks")]
         "luo-freeze-fail" => ("freeze_fail_state", 997, freeze_fail_1, freeze_fail_2),
         _ => return None,
     };
