@@ -227,7 +227,7 @@ impl Guest {
             let v = h.vcpu(pid, vcpu).unwrap();
             let v = v.lock().unwrap();
             configure_vcpu(&kvm_sys, &v).unwrap();
-            Watchdog::new(VcpuKicker::new(&v).unwrap())
+            Watchdog::new(VcpuKicker::new())
         };
         Guest {
             shared: Arc::new(Mutex::new(h)),

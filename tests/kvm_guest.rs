@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use handover::kvm::vcpu::{complete_pending_io, describe_exit, VcpuKicker, VcpuState};
+use handover::kvm::vcpu::{
+    complete_pending_io, describe_exit, kicks_received, run_kickable, VcpuKicker, VcpuState,
+};
 use handover::vmm::guest::*;
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
@@ -301,7 +303,7 @@ fn run_update_pause_save_new_vm_restore() {
 
     // The vCPU thread answers clock reads (remembering the last answer) and "not yet" to
     // proceed, until it is kicked.
-    let kicker = Arc::new(VcpuKicker::new(&vcpu).unwrap());
+    let kicker = Arc::new(VcpuKicker::new());
     let last_clock = Arc::new(AtomicU32::new(0));
     let thread = {
         let (kicker, last_clock) = (kicker.clone(), last_clock.clone());
@@ -309,7 +311,7 @@ fn run_update_pause_save_new_vm_restore() {
             let _target = kicker.register_current_thread().unwrap();
             let mut clock_reads = 0u64;
             loop {
-                match vcpu.run() {
+                match run_kickable(&mut vcpu) {
                     Ok(VcpuExit::IoIn(PORT_CLOCK, d)) => {
                         let t = now_us() as u32;
                         last_clock.store(t, Ordering::SeqCst);
@@ -526,4 +528,138 @@ fn scattered_per_page_mapping_with_a_hole() {
     drop(vm);
     // SAFETY: the VM that used the reservation is gone; unmap our own range.
     unsafe { libc::munmap(va.cast(), SLOT_SIZE) };
+}
+
+/// A vCPU whose guest spins in `jmp $` at its entry point: it never exits by itself.
+fn spinning_vcpu(kvm: &Kvm, ram: &Ram) -> (VmFd, VcpuFd) {
+    let vm = linear_vm(kvm, ram);
+    build_image(ram.bytes(0, LOW_MEM_SIZE), &params(GuestMode::Write)).unwrap();
+    ram.bytes(CODE_GPA as usize, 2)
+        .copy_from_slice(&[0xeb, 0xfe]);
+    let vcpu = new_vcpu(kvm, &vm);
+    (vm, vcpu)
+}
+
+/// Wait for the vCPU thread's result. If it does not come, the kick was lost: interrupt the
+/// thread's `KVM_RUN` with a plain signal (which works without `immediate_exit`) so that the test
+/// fails instead of hanging.
+fn join_or_rescue<T: Send + 'static>(
+    what: &str,
+    rx: &std::sync::mpsc::Receiver<T>,
+    thread: &std::thread::JoinHandle<()>,
+) -> T {
+    use vmm_sys_util::signal::Killable;
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("{what}: the vCPU thread ended without a result")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            for _ in 0..50 {
+                if thread.is_finished() {
+                    break;
+                }
+                let _ = thread.kill(handover::kvm::vcpu::kick_signal());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            panic!("{what}: the kick was lost, the vCPU kept running");
+        }
+    }
+}
+
+#[test]
+fn kick_before_run_is_not_lost() {
+    let Some(kvm) = kvm_or_skip("kick_before_run_is_not_lost") else {
+        return;
+    };
+    let ram = Ram::new(LOW_MEM_SIZE + SLOT_SIZE);
+    let (_vm, mut vcpu) = spinning_vcpu(&kvm, &ram);
+    let kicker = Arc::new(VcpuKicker::new());
+    // 1. Kicked before the vCPU thread even registered: nothing to signal, the kick waits.
+    kicker.kick().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (kicked_tx, kicked_rx) = std::sync::mpsc::channel::<()>();
+    let thread = {
+        let kicker = kicker.clone();
+        std::thread::spawn(move || {
+            let _target = kicker.register_current_thread().unwrap();
+            let first = run_kickable(&mut vcpu).map(|e| describe_exit(&e));
+            let seen = kicks_received();
+            tx.send((
+                "first run",
+                first.map_err(|e| e.errno()),
+                kicker.take_kick(),
+            ))
+            .unwrap();
+            // 2. Kicked between two runs: the signal is handled here, outside KVM_RUN.
+            kicked_rx.recv().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while kicks_received() == seen && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            assert_eq!(kicks_received(), seen + 1, "the kick signal never arrived");
+            let second = run_kickable(&mut vcpu).map(|e| describe_exit(&e));
+            tx.send((
+                "run after a kick between runs",
+                second.map_err(|e| e.errno()),
+                kicker.take_kick(),
+            ))
+            .unwrap();
+        })
+    };
+    let (what, r, took) = join_or_rescue("kick before registration", &rx, &thread);
+    assert_eq!(
+        (r, took),
+        (Err(libc::EINTR), true),
+        "{what}: returns EINTR at once"
+    );
+    kicker.kick().unwrap();
+    kicked_tx.send(()).unwrap();
+    let (what, r, took) = join_or_rescue("kick between runs", &rx, &thread);
+    assert_eq!(
+        (r, took),
+        (Err(libc::EINTR), true),
+        "{what}: returns EINTR at once"
+    );
+    thread.join().unwrap();
+}
+
+#[test]
+fn kicked_spinning_guest_returns() {
+    let Some(kvm) = kvm_or_skip("kicked_spinning_guest_returns") else {
+        return;
+    };
+    let ram = Ram::new(LOW_MEM_SIZE + SLOT_SIZE);
+    let (_vm, mut vcpu) = spinning_vcpu(&kvm, &ram);
+    let kicker = Arc::new(VcpuKicker::new());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = {
+        let kicker = kicker.clone();
+        std::thread::spawn(move || {
+            let _target = kicker.register_current_thread().unwrap();
+            ready_tx.send(()).unwrap();
+            let mut runs = 0u32;
+            let r = loop {
+                runs += 1;
+                match run_kickable(&mut vcpu) {
+                    Err(e) if e.errno() == libc::EINTR => {
+                        if kicker.take_kick() {
+                            break Ok(runs);
+                        }
+                    }
+                    Err(e) => break Err(format!("KVM_RUN: {e}")),
+                    Ok(exit) => break Err(format!("unexpected exit {}", describe_exit(&exit))),
+                }
+            };
+            tx.send(r).unwrap();
+        })
+    };
+    ready_rx.recv().unwrap();
+    // Let the guest spin (in the guest, most of the time) before the kick.
+    std::thread::sleep(Duration::from_millis(50));
+    kicker.kick().unwrap();
+    let runs = join_or_rescue("kick of a spinning guest", &rx, &thread).unwrap();
+    thread.join().unwrap();
+    assert!(runs >= 1);
 }

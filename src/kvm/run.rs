@@ -18,7 +18,8 @@
 //!    page that was mapped meanwhile is just mapped again (idempotent) and woken.
 //! 3. If the fault cannot be served (EPERM while the file is frozen for preservation), the
 //!    service records `(gpa, errno)` for the thread that runs the vCPU in
-//!    [`Host::vcpu_run`] and kicks it ([`VcpuKicker`]: `immediate_exit` + `SIGRTMIN`); the
+//!    [`Host::vcpu_run`] and kicks it ([`VcpuKicker`]: a signal whose handler, on the vCPU
+//!    thread, sets `immediate_exit`); the
 //!    signal interrupts the blocked fault, `KVM_RUN` returns EINTR and `vcpu_run` returns
 //!    [`RunExit::MemoryFault`]. Nothing stays blocked: the next `KVM_RUN` retries the access
 //!    (and faults again while the file is still frozen). A refused fault of a thread the
@@ -45,7 +46,7 @@ use kvm_ioctls::VcpuExit;
 
 use crate::fs::{FileId, FileKind};
 use crate::host::Host;
-use crate::kvm::vcpu::{VcpuError, VcpuKicker};
+use crate::kvm::vcpu::{run_kickable, this_thread_kicked, VcpuError, VcpuKicker};
 use crate::mm::uffd::{EventFd, PageFault, Uffd};
 use crate::mm::PAGE_SIZE;
 use crate::uapi::{Errno, Pid, SysResult};
@@ -84,7 +85,8 @@ pub enum IoAction {
 pub enum RunExit {
     /// The I/O callback asked to stop.
     Stopped,
-    /// Kicked out of KVM_RUN (immediate_exit / signal): the vCPU is paused.
+    /// Kicked out of KVM_RUN by a [`VcpuKicker`] the calling thread is registered with: the
+    /// vCPU is paused. (Any other signal only makes `vcpu_run` run the vCPU again.)
     Interrupted,
     Hlt,
     Shutdown,
@@ -233,12 +235,10 @@ impl Drop for Registration {
         {
             r.remove(&self.tid);
         }
-        drop(r);
-        // No kick can come any more; one that came after the last KVM_RUN must not make the
-        // next run return at once.
-        if self.runner.kicker.is_pending() {
-            self.runner.kicker.take_kick();
-        }
+        // A kick of this runner that came after the last KVM_RUN ends with it: the runner's
+        // kicker is unregistered from the thread right after this (`vcpu_run`'s `_target`), and
+        // a signal still in flight only makes one later KVM_RUN return EINTR, which
+        // `vcpu_run` takes for a stray signal.
     }
 }
 
@@ -411,14 +411,13 @@ impl Host {
         let mut v = vcpu.lock().map_err(|_| Errno::EIO)?;
         // With a fault service, this thread is registered so that the service can send back
         // the faults it refuses.
-        let runner = match faults {
-            Some(_) => Some(Arc::new(Runner {
+        let runner = faults.as_ref().map(|_| {
+            Arc::new(Runner {
                 vm,
-                kicker: VcpuKicker::new(&v).map_err(vcpu_errno)?,
+                kicker: VcpuKicker::new(),
                 fault: Mutex::new(None),
-            })),
-            None => None,
-        };
+            })
+        });
         let _target = match &runner {
             Some(r) => Some(r.kicker.register_current_thread().map_err(vcpu_errno)?),
             None => None,
@@ -426,7 +425,10 @@ impl Host {
         let _registration = faults
             .zip(runner.clone())
             .map(|(s, r)| Registration::new(s, r));
-        let interrupted = |v: &mut kvm_ioctls::VcpuFd| {
+        // After EINTR: the refused fault, or `Interrupted` if a kicker this thread is registered
+        // with (the VMM's, or a test's watchdog) asked for it; `None` for a stray signal (e.g. a
+        // runner kick that arrived after its run ended): run again.
+        let interrupted = |v: &mut kvm_ioctls::VcpuFd, again: bool| {
             v.set_kvm_immediate_exit(0);
             let refused = runner.as_ref().and_then(|r| {
                 let f = r.fault.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -436,16 +438,17 @@ impl Host {
                 f
             });
             match refused {
-                Some((gpa, errno)) => RunExit::MemoryFault {
+                Some((gpa, errno)) => Some(RunExit::MemoryFault {
                     gpa,
                     size: PAGE_SIZE,
                     errno,
-                },
-                None => RunExit::Interrupted,
+                }),
+                None if again || this_thread_kicked() => Some(RunExit::Interrupted),
+                None => None,
             }
         };
         loop {
-            let fault = match v.run() {
+            let fault = match run_kickable(&mut v) {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     if io(IoEvent::In { port, data }) == IoAction::Stop {
                         return Ok(RunExit::Stopped);
@@ -473,10 +476,16 @@ impl Host {
                 Ok(VcpuExit::MemoryFault { gpa, size, .. }) => (gpa, size),
                 Ok(VcpuExit::Hlt) => return Ok(RunExit::Hlt),
                 Ok(VcpuExit::Shutdown) => return Ok(RunExit::Shutdown),
-                Ok(VcpuExit::Intr) => return Ok(interrupted(&mut v)),
+                Ok(VcpuExit::Intr) => match interrupted(&mut v, false) {
+                    Some(exit) => return Ok(exit),
+                    None => continue,
+                },
                 Ok(other) => return Ok(RunExit::Other(format!("{other:?}"))),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    return Ok(interrupted(&mut v));
+                    match interrupted(&mut v, e.errno() == libc::EAGAIN) {
+                        Some(exit) => return Ok(exit),
+                        None => continue,
+                    }
                 }
                 Err(e) => return Err(Errno(e.errno())),
             };

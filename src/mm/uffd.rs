@@ -6,112 +6,77 @@
 //! Only what that needs is here: the `UFFDIO_API` handshake (asking for
 //! `UFFD_FEATURE_THREAD_ID`), `UFFDIO_REGISTER` in MISSING mode, `UFFDIO_UNREGISTER`,
 //! `UFFDIO_WAKE`, non-blocking reads of page-fault messages, and a poll with a stop
-//! [`EventFd`]. The uAPI (`include/uapi/linux/userfaultfd.h`) is defined by hand: the
-//! `userfaultfd` crate needs bindgen, which a fresh CI machine cannot build.
+//! [`EventFd`]. The uAPI (`include/uapi/linux/userfaultfd.h`: structs, ioctl numbers, flags)
+//! comes from `linux-raw-sys`, the system calls from `rustix` (both already used by rustix
+//! itself); the `userfaultfd` crate is not used because it needs bindgen, which a fresh CI
+//! machine cannot build.
 //!
 //! The descriptor is created without `UFFD_USER_MODE_ONLY`: the faults that matter are taken
 //! by the kernel on KVM's behalf (`get_user_pages`), which that flag would not report. Creating
 //! such a descriptor needs `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd = 1`; otherwise
 //! `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`) is tried, which only needs access to that file.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::mem::{offset_of, size_of};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
+use linux_raw_sys::general::{
+    uffd_msg, uffd_msg__bindgen_ty_1__bindgen_ty_1 as uffd_pagefault, uffdio_api, uffdio_range,
+    uffdio_register, UFFDIO_REGISTER_MODE_MISSING, UFFD_API, UFFD_EVENT_PAGEFAULT,
+    UFFD_PAGEFAULT_FLAG_WRITE, USERFAULTFD_IOC,
+};
+use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE};
+use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
+use rustix::ioctl::{ioctl, opcode, Ioctl, IoctlOutput, Opcode, Setter, Updater};
 
-/// `UFFD_API`.
-const UFFD_API: u64 = 0xaa;
-/// ioctl type of userfaultfd (`UFFDIO`).
-const UFFDIO: u32 = 0xaa;
-
-/// `_IOC(dir, type, nr, size)` on x86-64 and the other asm-generic architectures.
-const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
-    (dir << 30) | ((size as u32) << 16) | (UFFDIO << 8) | nr
-}
-const IOC_NONE: u32 = 0;
-const IOC_WRITE: u32 = 1;
-const IOC_READ: u32 = 2;
-
-/// `UFFDIO_API = _IOWR(UFFDIO, 0x3f, struct uffdio_api)`.
-const UFFDIO_API: u32 = ioc(IOC_READ | IOC_WRITE, 0x3f, std::mem::size_of::<UffdioApi>());
-/// `UFFDIO_REGISTER = _IOWR(UFFDIO, 0x00, struct uffdio_register)`.
-const UFFDIO_REGISTER: u32 = ioc(
-    IOC_READ | IOC_WRITE,
-    0x00,
-    std::mem::size_of::<UffdioRegister>(),
-);
-/// `UFFDIO_UNREGISTER = _IOR(UFFDIO, 0x01, struct uffdio_range)`.
-const UFFDIO_UNREGISTER: u32 = ioc(IOC_READ, 0x01, std::mem::size_of::<UffdioRange>());
-/// `UFFDIO_WAKE = _IOR(UFFDIO, 0x02, struct uffdio_range)`.
-const UFFDIO_WAKE: u32 = ioc(IOC_READ, 0x02, std::mem::size_of::<UffdioRange>());
-/// `USERFAULTFD_IOC_NEW = _IO(0xaa, 0x00)` on `/dev/userfaultfd`.
-const USERFAULTFD_IOC_NEW: u32 = ioc(IOC_NONE, 0x00, 0);
-
-/// `UFFDIO_REGISTER_MODE_MISSING`.
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// `UFFD_FEATURE_THREAD_ID`: page-fault messages carry the faulting thread's id.
-pub const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
-/// `UFFD_EVENT_PAGEFAULT`.
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-/// `UFFD_PAGEFAULT_FLAG_WRITE`.
-const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+pub const UFFD_FEATURE_THREAD_ID: u64 = linux_raw_sys::general::UFFD_FEATURE_THREAD_ID as u64;
 
-/// `struct uffdio_api`.
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
+/// `USERFAULTFD_IOC_NEW = _IO(USERFAULTFD_IOC, 0x00)` on `/dev/userfaultfd` (not in
+/// linux-raw-sys).
+const USERFAULTFD_IOC_NEW: Opcode = opcode::none(USERFAULTFD_IOC as u8, 0x00);
 
-/// `struct uffdio_range`.
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-/// `struct uffdio_register`.
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-/// `struct uffd_msg`: an 8-byte header (event first) and a 24-byte union. For a page fault the
-/// union is `{ u64 flags; u64 address; u32 ptid; }`.
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct UffdMsg {
-    event: u8,
-    reserved1: u8,
-    reserved2: u16,
-    reserved3: u32,
-    arg: [u64; 3],
-}
+/// Where the page-fault fields are in the bytes of a `struct uffd_msg` (`repr(C, packed)`):
+/// `arg` is a union, so `arg.pagefault` starts where `arg` does; `feat` is a union whose only
+/// member is `ptid`.
+const MSG_SIZE: usize = size_of::<uffd_msg>();
+const MSG_EVENT: usize = offset_of!(uffd_msg, event);
+const MSG_PF_FLAGS: usize = offset_of!(uffd_msg, arg) + offset_of!(uffd_pagefault, flags);
+const MSG_PF_ADDRESS: usize = offset_of!(uffd_msg, arg) + offset_of!(uffd_pagefault, address);
+const MSG_PF_PTID: usize = offset_of!(uffd_msg, arg) + offset_of!(uffd_pagefault, feat);
 
 const _: () = {
-    assert!(std::mem::size_of::<UffdioApi>() == 24);
-    assert!(std::mem::size_of::<UffdioRange>() == 16);
-    assert!(std::mem::size_of::<UffdioRegister>() == 32);
-    assert!(std::mem::size_of::<UffdMsg>() == 32);
-    assert!(UFFDIO_API == 0xc018_aa3f);
-    assert!(UFFDIO_REGISTER == 0xc020_aa00);
-    assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
-    assert!(UFFDIO_WAKE == 0x8010_aa02);
+    assert!(MSG_SIZE == 32);
+    assert!(MSG_PF_PTID + 4 <= MSG_SIZE);
     assert!(USERFAULTFD_IOC_NEW == 0xaa00);
 };
 
-fn last_errno() -> Errno {
-    Errno::from_raw_os_error(
-        std::io::Error::last_os_error()
-            .raw_os_error()
-            .unwrap_or(libc::EIO),
-    )
+/// `USERFAULTFD_IOC_NEW`: the flags go by value, a new userfaultfd comes back as the result.
+struct NewUffd(u32);
+
+// SAFETY: `USERFAULTFD_IOC_NEW` takes its flags as the integer argument, reads and writes no
+// memory of the caller (hence not mutating), and returns a new file descriptor that nothing else
+// owns, which `output_from_ptr` takes ownership of.
+unsafe impl Ioctl for NewUffd {
+    type Output = OwnedFd;
+    const IS_MUTATING: bool = false;
+
+    fn opcode(&self) -> Opcode {
+        USERFAULTFD_IOC_NEW
+    }
+
+    fn as_ptr(&mut self) -> *mut std::ffi::c_void {
+        std::ptr::without_provenance_mut(self.0 as usize)
+    }
+
+    unsafe fn output_from_ptr(
+        out: IoctlOutput,
+        _: *mut std::ffi::c_void,
+    ) -> rustix::io::Result<OwnedFd> {
+        // SAFETY: rustix returned a non-negative result, the new descriptor, which we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(out) })
+    }
 }
 
 /// A page fault reported by the descriptor.
@@ -123,6 +88,28 @@ pub struct PageFault {
     pub write: bool,
     /// The faulting thread, if the descriptor has [`UFFD_FEATURE_THREAD_ID`].
     pub tid: Option<i32>,
+}
+
+impl PageFault {
+    /// Decode one `struct uffd_msg`; `None` for other events (none are requested).
+    fn decode(msg: &[u8; MSG_SIZE], with_tid: bool) -> Option<PageFault> {
+        if u32::from(msg[MSG_EVENT]) != UFFD_EVENT_PAGEFAULT {
+            return None;
+        }
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&msg[o..o + 8]);
+            u64::from_ne_bytes(b)
+        };
+        let mut ptid = [0u8; 4];
+        ptid.copy_from_slice(&msg[MSG_PF_PTID..MSG_PF_PTID + 4]);
+        let tid = i32::from_ne_bytes(ptid);
+        Some(PageFault {
+            address: u64_at(MSG_PF_ADDRESS),
+            write: u64_at(MSG_PF_FLAGS) & u64::from(UFFD_PAGEFAULT_FLAG_WRITE) != 0,
+            tid: (with_tid && tid > 0).then_some(tid),
+        })
+    }
 }
 
 /// One userfaultfd descriptor (close-on-exec, non-blocking).
@@ -147,54 +134,36 @@ impl Uffd {
     }
 
     fn raw_new() -> Result<OwnedFd, Errno> {
-        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-        // SAFETY: userfaultfd takes only a flags argument and returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::c_long::from(flags)) };
-        if fd >= 0 {
-            let fd = RawFd::try_from(fd).map_err(|_| Errno::BADF)?;
-            // SAFETY: the kernel just returned this fd; nothing else owns it.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-        let err = last_errno();
-        if err != Errno::PERM && err != Errno::NOSYS {
-            return Err(err);
-        }
-        // Not allowed to see kernel-mode faults through the syscall: try the device.
-        // SAFETY: open with a NUL-terminated path; the result is checked.
-        let dev =
-            unsafe { libc::open(c"/dev/userfaultfd".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-        if dev < 0 {
-            return Err(err);
-        }
-        // SAFETY: `dev` is the fd open just returned; nothing else owns it.
-        let dev = unsafe { OwnedFd::from_raw_fd(dev) };
-        // SAFETY: USERFAULTFD_IOC_NEW takes the flags by value and returns a new fd or -1.
-        let fd = unsafe {
-            libc::ioctl(
-                dev.as_raw_fd(),
-                USERFAULTFD_IOC_NEW as _,
-                libc::c_ulong::from(flags as u32),
-            )
+        use rustix::mm::UserfaultfdFlags;
+        let flags = UserfaultfdFlags::CLOEXEC | UserfaultfdFlags::NONBLOCK;
+        // SAFETY: creating the descriptor is safe; what it can do to this process's memory is
+        // confined to the ranges `register_missing` registers, whose callers own them.
+        let err = match unsafe { rustix::mm::userfaultfd(flags) } {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e == Errno::PERM || e == Errno::NOSYS => e,
+            Err(e) => return Err(e),
         };
-        if fd < 0 {
+        // Not allowed to see kernel-mode faults through the syscall: try the device.
+        let Ok(dev) = rustix::fs::open(
+            "/dev/userfaultfd",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) else {
             return Err(err);
-        }
-        // SAFETY: the kernel just returned this fd; nothing else owns it.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        // SAFETY: `NewUffd` describes USERFAULTFD_IOC_NEW on `/dev/userfaultfd` (see its impl).
+        unsafe { ioctl(&dev, NewUffd(flags.bits())) }.map_err(|_| err)
     }
 
     fn handshake(fd: OwnedFd, features: u64) -> Result<Uffd, Errno> {
-        let mut api = UffdioApi {
-            api: UFFD_API,
+        let mut api = uffdio_api {
+            api: u64::from(UFFD_API),
             features,
             ioctls: 0,
         };
-        // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api`, which `api` is
-        // (`repr(C)`, size checked above); it lives across the call.
-        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api) };
-        if rc != 0 {
-            return Err(last_errno());
-        }
+        // SAFETY: UFFDIO_API reads and writes a `struct uffdio_api`, which `api` is; it lives
+        // across the call.
+        unsafe { ioctl(&fd, Updater::<{ UFFDIO_API }, uffdio_api>::new(&mut api)) }?;
         Ok(Uffd {
             fd,
             features: features & api.features,
@@ -206,87 +175,72 @@ impl Uffd {
         self.features & UFFD_FEATURE_THREAD_ID != 0
     }
 
-    fn range_ioctl(&self, req: u32, start: u64, len: u64) -> Result<(), Errno> {
-        let mut r = UffdioRange { start, len };
-        // SAFETY: UNREGISTER and WAKE read a `struct uffdio_range`, which `r` is; it lives
-        // across the call. Neither changes any memory this process can see.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), req as _, &mut r) };
-        if rc != 0 {
-            return Err(last_errno());
-        }
-        Ok(())
-    }
-
     /// Register `start..start+len` (page aligned, covered by anonymous, shmem or hugetlb
     /// mappings) in MISSING mode: from now on an access to a page of it that has no page
     /// blocks until [`Uffd::wake`] and is reported by [`Uffd::read_faults`]. Mapping something
     /// else over part of the range (`MAP_FIXED`) drops the registration there.
     pub fn register_missing(&self, start: u64, len: u64) -> Result<(), Errno> {
-        let mut r = UffdioRegister {
-            range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
+        let mut r = uffdio_register {
+            range: uffdio_range { start, len },
+            mode: u64::from(UFFDIO_REGISTER_MODE_MISSING),
             ioctls: 0,
         };
-        // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register`, which `r` is;
-        // it lives across the call. Registration changes how faults in the range are served,
-        // not the memory itself.
-        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER as _, &mut r) };
-        if rc != 0 {
-            return Err(last_errno());
+        // SAFETY: UFFDIO_REGISTER reads and writes a `struct uffdio_register`, which `r` is; it
+        // lives across the call. Registration changes how faults in the range are served, not
+        // the memory itself.
+        unsafe {
+            ioctl(
+                &self.fd,
+                Updater::<{ UFFDIO_REGISTER }, uffdio_register>::new(&mut r),
+            )
         }
-        Ok(())
     }
 
     /// Undo [`Uffd::register_missing`] on a range (threads blocked there are woken).
     pub fn unregister(&self, start: u64, len: u64) -> Result<(), Errno> {
-        self.range_ioctl(UFFDIO_UNREGISTER, start, len)
+        // SAFETY: UFFDIO_UNREGISTER reads a `struct uffdio_range`, which rustix passes by
+        // pointer; it changes no memory this process can see.
+        unsafe {
+            ioctl(
+                &self.fd,
+                Setter::<{ UFFDIO_UNREGISTER }, uffdio_range>::new(uffdio_range { start, len }),
+            )
+        }
     }
 
     /// Wake the threads blocked on faults in `start..start+len`: they retry the access.
     pub fn wake(&self, start: u64, len: u64) -> Result<(), Errno> {
-        self.range_ioctl(UFFDIO_WAKE, start, len)
+        // SAFETY: UFFDIO_WAKE reads a `struct uffdio_range`, which rustix passes by pointer; it
+        // changes no memory this process can see.
+        unsafe {
+            ioctl(
+                &self.fd,
+                Setter::<{ UFFDIO_WAKE }, uffdio_range>::new(uffdio_range { start, len }),
+            )
+        }
     }
 
     /// Append every pending page-fault message to `out` without blocking; the number read.
     /// Other events (none are requested) are skipped.
     pub fn read_faults(&self, out: &mut Vec<PageFault>) -> Result<usize, Errno> {
-        let mut msgs = [UffdMsg::default(); 32];
+        let mut buf = [0u8; 32 * MSG_SIZE];
         let mut n = 0;
         loop {
-            // SAFETY: reading into a buffer of `size_of_val(&msgs)` bytes that we own; every
-            // bit pattern is a valid `UffdMsg` (integers only).
-            let rc = unsafe {
-                libc::read(
-                    self.fd.as_raw_fd(),
-                    msgs.as_mut_ptr().cast(),
-                    std::mem::size_of_val(&msgs),
-                )
+            let got = match rustix::io::read(&self.fd, &mut buf) {
+                Ok(got) => got,
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => return Ok(n),
+                Err(e) => return Err(e),
             };
-            if rc < 0 {
-                let e = last_errno();
-                if e == Errno::INTR {
-                    continue;
-                }
-                if e == Errno::AGAIN {
-                    return Ok(n);
-                }
-                return Err(e);
-            }
-            let got = usize::try_from(rc).unwrap_or(0) / std::mem::size_of::<UffdMsg>();
-            if got == 0 {
+            if got < MSG_SIZE {
                 return Ok(n);
             }
-            for m in &msgs[..got.min(msgs.len())] {
-                if m.event != UFFD_EVENT_PAGEFAULT {
-                    continue;
+            for m in buf[..got].chunks_exact(MSG_SIZE) {
+                let m: &[u8; MSG_SIZE] = m.try_into().map_err(|_| Errno::IO)?;
+                if let Some(f) = PageFault::decode(m, self.has_thread_id()) {
+                    out.push(f);
+                    n += 1;
                 }
-                let tid = (m.arg[2] & 0xffff_ffff) as u32 as i32;
-                out.push(PageFault {
-                    address: m.arg[1],
-                    write: m.arg[0] & UFFD_PAGEFAULT_FLAG_WRITE != 0,
-                    tid: (self.has_thread_id() && tid > 0).then_some(tid),
-                });
-                n += 1;
             }
         }
     }
@@ -294,32 +248,24 @@ impl Uffd {
     /// Wait until a fault is pending or `stop` is signalled, at most `timeout` (`None`:
     /// forever). Returns (fault pending, stop signalled).
     pub fn wait(&self, stop: &EventFd, timeout: Option<Duration>) -> Result<(bool, bool), Errno> {
-        let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        let timeout = timeout
+            .map(|t| rustix::event::Timespec::try_from(t).map_err(|_| Errno::INVAL))
+            .transpose()?;
         let mut fds = [
-            libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            PollFd::new(&self.fd, PollFlags::IN),
+            PollFd::new(&stop.fd, PollFlags::IN),
         ];
         loop {
-            // SAFETY: poll on an array of two initialized pollfds that we own.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-            if rc >= 0 {
-                break;
-            }
-            let e = last_errno();
-            if e != Errno::INTR {
-                return Err(e);
+            match rustix::event::poll(&mut fds, timeout.as_ref()) {
+                Ok(_) => break,
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e),
             }
         }
-        let ready =
-            |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+        let ready = |p: &PollFd<'_>| {
+            p.revents()
+                .intersects(PollFlags::IN | PollFlags::ERR | PollFlags::HUP)
+        };
         Ok((ready(&fds[0]), ready(&fds[1])))
     }
 }
@@ -330,7 +276,7 @@ impl AsFd for Uffd {
     }
 }
 
-/// An `eventfd` used to wake a thread waiting in [`Uffd::wait`].
+/// An `eventfd` (`rustix::event::eventfd`) used to wake a thread waiting in [`Uffd::wait`].
 #[derive(Debug)]
 pub struct EventFd {
     fd: OwnedFd,
@@ -338,42 +284,22 @@ pub struct EventFd {
 
 impl EventFd {
     pub fn new() -> Result<EventFd, Errno> {
-        // SAFETY: eventfd takes an initial value and flags and returns a new fd or -1.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(last_errno());
-        }
-        // SAFETY: the kernel just returned this fd; nothing else owns it.
-        Ok(EventFd {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        use rustix::event::EventfdFlags;
+        let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        Ok(EventFd { fd })
     }
 
     /// Make the descriptor readable (until [`EventFd::clear`]).
     pub fn signal(&self) {
-        let one = 1u64;
-        // SAFETY: writing 8 bytes from a local u64 to our own eventfd; a full counter
-        // (EAGAIN) already means "readable", so the result does not matter.
-        let _ = unsafe {
-            libc::write(
-                self.fd.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
+        // A full counter (EAGAIN) already means "readable", so the result does not matter.
+        let _ = rustix::io::write(&self.fd, &1u64.to_ne_bytes());
     }
 
     /// Reset the counter.
     pub fn clear(&self) {
-        let mut v = 0u64;
-        // SAFETY: reading 8 bytes into a local u64 from our own non-blocking eventfd.
-        let _ = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut v as *mut u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
+        let mut v = [0u8; 8];
+        // Non-blocking: EAGAIN when it was not signalled, which is fine.
+        let _ = rustix::io::read(&self.fd, &mut v);
     }
 }
 
@@ -488,6 +414,66 @@ mod tests {
         u.unregister(base as u64, 4 * PAGE as u64).unwrap();
         // SAFETY: unmapping our own mapping.
         unsafe { munmap(base as *mut _, 4 * PAGE) }.unwrap();
+    }
+
+    #[test]
+    fn page_fault_messages_decode() {
+        // struct uffd_msg: event, 7 reserved bytes, then pagefault { flags, address, ptid }.
+        let mut m = [0u8; MSG_SIZE];
+        m[0] = UFFD_EVENT_PAGEFAULT as u8;
+        m[8..16].copy_from_slice(&1u64.to_ne_bytes());
+        m[16..24].copy_from_slice(&0x7f00_1234_5000u64.to_ne_bytes());
+        m[24..28].copy_from_slice(&4321i32.to_ne_bytes());
+        let f = PageFault::decode(&m, true).unwrap();
+        assert_eq!(
+            f,
+            PageFault {
+                address: 0x7f00_1234_5000,
+                write: true,
+                tid: Some(4321)
+            }
+        );
+        assert_eq!(PageFault::decode(&m, false).unwrap().tid, None);
+        m[8] = 0;
+        assert!(!PageFault::decode(&m, true).unwrap().write);
+        m[0] = linux_raw_sys::general::UFFD_EVENT_FORK as u8;
+        assert_eq!(PageFault::decode(&m, true), None);
+    }
+
+    /// The fallback when the syscall is refused: a descriptor from `/dev/userfaultfd` that
+    /// takes the handshake and registrations.
+    #[test]
+    fn device_gives_a_working_descriptor() {
+        let dev = match rustix::fs::open(
+            "/dev/userfaultfd",
+            rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("SKIP: device_gives_a_working_descriptor: /dev/userfaultfd: {e}");
+                return;
+            }
+        };
+        let flags = rustix::mm::UserfaultfdFlags::CLOEXEC | rustix::mm::UserfaultfdFlags::NONBLOCK;
+        // SAFETY: as in `Uffd::raw_new`.
+        let fd = unsafe { ioctl(&dev, NewUffd(flags.bits())) }.unwrap();
+        let u = Uffd::handshake(fd, UFFD_FEATURE_THREAD_ID).unwrap();
+        // SAFETY: a fresh anonymous mapping placed by the kernel.
+        let base = unsafe {
+            mmap_anonymous(
+                std::ptr::null_mut(),
+                PAGE,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::PRIVATE | MapFlags::NORESERVE,
+            )
+        }
+        .unwrap();
+        u.register_missing(base as u64, PAGE as u64).unwrap();
+        u.wake(base as u64, PAGE as u64).unwrap();
+        u.unregister(base as u64, PAGE as u64).unwrap();
+        // SAFETY: unmapping our own mapping.
+        unsafe { munmap(base, PAGE) }.unwrap();
     }
 
     #[test]

@@ -394,12 +394,7 @@ fn run_and_update(
     o: &Options,
     vm: Vm,
 ) -> Result<Value, String> {
-    let kicker = {
-        let h = lock(shared);
-        let v = h.vcpu(pid, vm.vcpu).map_err(e("vcpu"))?;
-        let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
-        Arc::new(VcpuKicker::new(&v).map_err(e("kicker"))?)
-    };
+    let kicker = Arc::new(VcpuKicker::new());
     let io = Arc::new(GuestIo::default());
     let t_run = Instant::now();
     let th = spawn_guest(shared, &vm, io.clone(), kicker.clone());
