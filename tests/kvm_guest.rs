@@ -533,9 +533,11 @@ fn scattered_per_page_mapping_with_a_hole() {
 /// A vCPU whose guest spins in `jmp $` at its entry point: it never exits by itself.
 fn spinning_vcpu(kvm: &Kvm, ram: &Ram) -> (VmFd, VcpuFd) {
     let vm = linear_vm(kvm, ram);
-    build_image(ram.bytes(0, LOW_MEM_SIZE), &params(GuestMode::Write)).unwrap();
-    ram.bytes(CODE_GPA as usize, 2)
-        .copy_from_slice(&[0xeb, 0xfe]);
+    ram.update(0, LOW_MEM_SIZE, |b| {
+        build_image(b, &params(GuestMode::Write))
+    })
+    .unwrap();
+    ram.write(CODE_GPA as usize, &[0xeb, 0xfe]);
     let vcpu = new_vcpu(kvm, &vm);
     (vm, vcpu)
 }

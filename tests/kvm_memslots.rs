@@ -527,7 +527,6 @@ fn punch_while_the_guest_hammers_the_page() {
 /// Slots deleted and replaced under a running vCPU: the guest gets exits, the host stays
 /// sound, and its data is where it was.
 #[test]
-#[ignore = "needs the fault service's nudge of vCPUs blocked in a fault while a memslot ioctl holds the host lock (next commit)"]
 fn slot_changes_while_the_vcpu_runs() {
     if !kvm_available("slot_changes_while_the_vcpu_runs") {
         return;

@@ -40,7 +40,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuExit;
 
@@ -501,6 +501,46 @@ impl Host {
     }
 }
 
+/// How long the fault service waits for the host lock before it nudges the faulting vCPUs.
+const NUDGE_AFTER: Duration = Duration::from_millis(2);
+
+/// The host lock, for serving `faults`. Whoever holds it may be waiting for KVM itself: a
+/// memslot change (`KVM_SET_USER_MEMORY_REGION`) waits until every vCPU that was inside KVM's
+/// memory access has left it, and a vCPU blocked on one of these faults never leaves while the
+/// fault waits for this lock. So while the lock does not come, every `NUDGE_AFTER` the faulting
+/// threads get a signal without a kick ([`VcpuKicker::nudge`]): their `KVM_RUN` returns, the
+/// memslot change completes, and [`Host::vcpu_run`] runs again and faults again (the fault is
+/// served once the lock is free). A thread that runs `KVM_RUN` outside `vcpu_run` is not
+/// registered and cannot be nudged.
+fn lock_nudging<'a>(
+    host: &'a Mutex<Host>,
+    shared: &FaultShared,
+    faults: &[PageFault],
+) -> std::sync::MutexGuard<'a, Host> {
+    let start = Instant::now();
+    let mut nudge_at = NUDGE_AFTER;
+    loop {
+        match host.try_lock() {
+            Ok(h) => return h,
+            Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        if start.elapsed() >= nudge_at {
+            let runners = shared.runners.lock().unwrap_or_else(|p| p.into_inner());
+            for r in faults
+                .iter()
+                .filter_map(|f| f.tid.and_then(|t| runners.get(&t)))
+            {
+                if let Err(e) = r.kicker.nudge() {
+                    tracing::debug!("guest fault service: cannot nudge a vCPU: {e}");
+                }
+            }
+            nudge_at = start.elapsed() + NUDGE_AFTER;
+        }
+        std::thread::sleep(Duration::from_micros(20));
+    }
+}
+
 /// The fault service thread: wait for faults, serve them under the host lock, wake.
 fn serve(weak: &Weak<Mutex<Host>>, uffd: &Uffd, shared: &FaultShared, ctl: &ThreadCtl) {
     let mut faults: Vec<PageFault> = Vec::new();
@@ -549,7 +589,7 @@ fn serve(weak: &Weak<Mutex<Host>>, uffd: &Uffd, shared: &FaultShared, ctl: &Thre
             break;
         };
         {
-            let mut h = host.lock().unwrap_or_else(|p| p.into_inner());
+            let mut h = lock_nudging(&host, shared, &faults);
             for f in &faults {
                 let page = f.address & !(PAGE_SIZE - 1);
                 if h.serve_guest_fault(shared, f) {

@@ -914,6 +914,29 @@ impl VcpuKicker {
         })
     }
 
+    /// Make the registered thread's current `KVM_RUN` return without asking it to stop: the
+    /// signal alone, no kick recorded, so [`Host::vcpu_run`](crate::host::Host) takes it for a
+    /// stray signal and runs again. The guest fault service uses it to get a vCPU that is
+    /// blocked on a fault out of KVM while another thread waits for KVM (see `kvm::run`).
+    pub fn nudge(&self) -> Result<(), VcpuError> {
+        let target = self.state.target.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(t) = target.as_ref() else {
+            return Ok(());
+        };
+        let alive = t.alive.lock().unwrap_or_else(|e| e.into_inner());
+        if !*alive {
+            return Ok(());
+        }
+        let live = LiveThread {
+            handle: t.handle,
+            _alive: alive,
+        };
+        live.kill(kick_signal()).map_err(|e| VcpuError::Sys {
+            op: "pthread_kill",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })
+    }
+
     /// On the vCPU thread, after `KVM_RUN` returned `EINTR`: report whether a kick was requested
     /// (and consume it). `false` means a stray signal: run again.
     pub fn take_kick(&self) -> bool {
