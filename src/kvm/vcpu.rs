@@ -49,7 +49,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
     kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, Xsave,
-    KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+    KVM_CAP_XSAVE2, KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::Killable;
@@ -209,9 +209,10 @@ fn read_vec<T: FromBytes>(b: &[u8], max: usize) -> Option<Vec<T>> {
     b.chunks_exact(size).map(read_exact::<T>).collect()
 }
 
-/// Bytes of XSAVE buffer that are certainly at least the kernel's `uabi_size` for any vCPU of
-/// this host: CPUID.(EAX=0xD,ECX=0):ECX is the XSAVE area size for *all* features the CPU
-/// supports in XCR0 (dynamic ones such as AMX included), plus a page of slack.
+/// The fallback XSAVE buffer size when `KVM_CAP_XSAVE2` cannot be asked: bytes that are
+/// certainly at least the kernel's `uabi_size` for any vCPU of this host:
+/// CPUID.(EAX=0xD,ECX=0):ECX is the XSAVE area size for *all* features the CPU supports in XCR0
+/// (dynamic ones such as AMX included), plus a page of slack.
 fn xsave_buffer_bytes() -> usize {
     // SAFETY: CPUID is available on every x86_64 CPU; leaf 0xD exists wherever XSAVE does and
     // reads as zeros otherwise. (`__cpuid_count` is a safe fn in newer Rust, hence the allow.)
@@ -220,9 +221,42 @@ fn xsave_buffer_bytes() -> usize {
     max.max(std::mem::size_of::<kvm_xsave>()) + 4096
 }
 
+/// The XSAVE buffer size, once known (see [`xsave_size`]).
+static XSAVE_SIZE: OnceLock<usize> = OnceLock::new();
+
+/// The XSAVE buffer size for `KVM_GET_XSAVE2`/`KVM_SET_XSAVE`: what
+/// `KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)` reports (the size these ioctls read and write, as
+/// kvm-ioctls documents), at least the legacy 4 KiB; where the capability is 0 (a kernel before
+/// 5.17) or KVM cannot be asked, [`xsave_buffer_bytes`]. Asked once per process: through the
+/// `Kvm` given to [`init_xsave_size`], or else by opening `/dev/kvm` on first use (≈30 µs
+/// here), which a VMM avoids inside its blackout by calling [`init_xsave_size`] beforehand.
+pub fn xsave_size() -> usize {
+    *XSAVE_SIZE.get_or_init(|| {
+        let cap = kvm_ioctls::Kvm::new()
+            .map(|kvm| kvm.check_extension_raw(libc::c_ulong::from(KVM_CAP_XSAVE2)))
+            .unwrap_or(0);
+        xsave_size_for_cap(cap)
+    })
+}
+
+/// Ask `KVM_CAP_XSAVE2` on an open `/dev/kvm` (one ioctl) unless the size is known already;
+/// returns [`xsave_size`].
+pub fn init_xsave_size(kvm: &kvm_ioctls::Kvm) -> usize {
+    *XSAVE_SIZE.get_or_init(|| {
+        xsave_size_for_cap(kvm.check_extension_raw(libc::c_ulong::from(KVM_CAP_XSAVE2)))
+    })
+}
+
+fn xsave_size_for_cap(cap: i32) -> usize {
+    match usize::try_from(cap) {
+        Ok(bytes) if bytes > 0 => bytes.max(std::mem::size_of::<kvm_xsave>()),
+        _ => xsave_buffer_bytes(),
+    }
+}
+
 fn xsave_buffer(words: &[u32]) -> Result<Xsave, VcpuError> {
     let header_words = std::mem::size_of::<kvm_xsave>() / 4;
-    let total = (xsave_buffer_bytes() / 4).max(words.len());
+    let total = xsave_size().div_ceil(4).max(words.len());
     let mut x = Xsave::new(total - header_words).map_err(|_| VcpuError::TooMany {
         what: "XSAVE words",
         count: total,
@@ -370,8 +404,9 @@ impl VcpuState {
         vcpu.set_fpu(&self.fpu).map_err(kvm_err("KVM_SET_FPU"))?;
         if let Some(words) = &self.xsave {
             let x = xsave_buffer(words)?;
-            // SAFETY: `x` holds at least `xsave_buffer_bytes()` bytes, which is not less than the
-            // XSAVE size KVM reads for any vCPU of this host (see `xsave_buffer_bytes`).
+            // SAFETY: `x` holds at least `xsave_size()` bytes: the size KVM_CAP_XSAVE2 reports,
+            // which is what KVM reads (or, without that capability, `xsave_buffer_bytes()`,
+            // which is not less than it).
             unsafe { vcpu.set_xsave2(&x) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
         }
         if let Some(xcrs) = &self.xcrs {
@@ -564,8 +599,8 @@ fn get_xsave_words(vcpu: &VcpuFd) -> Result<Vec<u32>, kvm_ioctls::Error> {
         Ok(x) => x,
         Err(_) => return Err(kvm_ioctls::Error::new(libc::ENOMEM)),
     };
-    // SAFETY: `x` holds at least `xsave_buffer_bytes()` bytes, which is not less than the XSAVE
-    // size KVM writes for any vCPU of this host (see `xsave_buffer_bytes`).
+    // SAFETY: `x` holds at least `xsave_size()` bytes: the size KVM_CAP_XSAVE2 reports, which
+    // is what KVM writes (without that capability there is no KVM_GET_XSAVE2 and the call fails).
     match unsafe { vcpu.get_xsave2(&mut x) } {
         Ok(()) => Ok(xsave_words(&x)),
         // Kernels before 5.17 have only KVM_GET_XSAVE (4 KiB).
@@ -1265,5 +1300,27 @@ mod tests {
         let back = xsave_words(&x);
         assert_eq!(&back[..1500], &words[..]);
         assert!(xsave_buffer_bytes() >= 4096 + 4096);
+    }
+
+    #[test]
+    fn xsave_size_is_kvm_cap_xsave2() {
+        assert_eq!(xsave_size_for_cap(0), xsave_buffer_bytes());
+        assert_eq!(xsave_size_for_cap(-1), xsave_buffer_bytes());
+        assert_eq!(xsave_size_for_cap(2432), 4096);
+        assert_eq!(xsave_size_for_cap(11008), 11008);
+        let t = std::time::Instant::now();
+        let size = xsave_size();
+        let first = t.elapsed();
+        match kvm_ioctls::Kvm::new() {
+            Ok(kvm) => {
+                let cap = kvm.check_extension_raw(libc::c_ulong::from(KVM_CAP_XSAVE2));
+                assert_eq!(size, xsave_size_for_cap(cap));
+                assert_eq!(init_xsave_size(&kvm), size);
+                eprintln!("KVM_CAP_XSAVE2 = {cap}: XSAVE buffer {size} bytes ({first:?} to ask)");
+            }
+            Err(e) => eprintln!("no /dev/kvm ({e}): XSAVE buffer {size} bytes (fallback)"),
+        }
+        let x = xsave_buffer(&[]).unwrap();
+        assert!(std::mem::size_of_val(x.as_fam_struct_ref()) + 4 * x.as_slice().len() >= size);
     }
 }
