@@ -325,6 +325,8 @@ fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
         .map_err(e("write guest image"))?;
     let (low_map, vcpu, _slots) = bind(h, pid, vm, gmem, low, o, true)?;
     let kvm_sys = h.real_kvm().map_err(e("kvm"))?;
+    // Ask the XSAVE size now, not in the first save inside the blackout.
+    crate::kvm::vcpu::init_xsave_size(&kvm_sys);
     let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
     let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
     guest::configure_vcpu(&kvm_sys, &v).map_err(e("configure vCPU"))?;
@@ -796,6 +798,9 @@ fn stage2(
     let (low_map, vcpu, slots) = bind(&mut h, pid, vm, gmem, low, &o, !o.lazy_slots)?;
     let t_bound = monotonic_ns();
     {
+        // The XSAVE size through the host's open /dev/kvm (one ioctl, not an open).
+        let kvm_sys = h.real_kvm().map_err(e("kvm"))?;
+        crate::kvm::vcpu::init_xsave_size(&kvm_sys);
         let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
         let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
         state.restore(&v).map_err(e("restore vCPU"))?;
