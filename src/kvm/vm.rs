@@ -149,6 +149,8 @@ impl Host {
             return Ok(k.clone());
         }
         let k = Arc::new(Kvm::new().map_err(kvm_err)?);
+        // Ask the XSAVE size once, while /dev/kvm is open anyway (vCPU state capture needs it).
+        crate::kvm::vcpu::init_xsave_size(&k);
         self.kvm = Some(k.clone());
         Ok(k)
     }
