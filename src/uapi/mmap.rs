@@ -351,3 +351,64 @@ impl Host {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::fs::memfd::{F_SEAL_WRITE, MFD_ALLOW_SEALING};
+    use crate::host::Host;
+    use crate::kexec::BootParams;
+    use crate::uapi::Errno;
+
+    fn host() -> Host {
+        Host::boot(BootParams {
+            ram_size: 64 << 20,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    /// A length that cannot be rounded up to pages is ENOMEM (as Linux), not an overflow, and a
+    /// failed writable mmap leaves no writer counted: F_SEAL_WRITE can still be added.
+    #[test]
+    fn huge_length_is_enomem_and_leaves_no_writer() {
+        let mut h = host();
+        let pid = h.spawn();
+        let fd = h.memfd_create(pid, "m", MFD_ALLOW_SEALING).unwrap();
+        h.ftruncate(pid, fd, 4096).unwrap();
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        for len in [u64::MAX, u64::MAX - 4094] {
+            assert_eq!(
+                h.mmap(pid, fd, len, rw, libc::MAP_SHARED, 0),
+                Err(Errno::ENOMEM)
+            );
+        }
+        // Larger than the address space: the reservation fails.
+        assert!(h.mmap(pid, fd, 1 << 62, rw, libc::MAP_SHARED, 0).is_err());
+        h.add_seals(pid, fd, F_SEAL_WRITE).unwrap();
+        assert!(h.maps.is_empty());
+    }
+
+    /// A window a memslot still holds is emptied at munmap; one nobody else holds just goes.
+    #[test]
+    fn munmap_without_a_memslot_releases_the_window() {
+        let mut h = host();
+        let pid = h.spawn();
+        let fd = h.memfd_create(pid, "m", 0).unwrap();
+        h.ftruncate(pid, fd, 8192).unwrap();
+        let m = h
+            .mmap(pid, fd, 8192, libc::PROT_READ, libc::MAP_SHARED, 0)
+            .unwrap();
+        let (_, w) = h.user_window(pid, m.addr as u64, 8192).unwrap();
+        assert_eq!(
+            h.user_window(pid, m.addr as u64, 8193).err(),
+            Some(Errno::EFAULT)
+        );
+        assert_eq!(std::sync::Arc::strong_count(&w), 2);
+        h.munmap(pid, m).unwrap();
+        assert_eq!(std::sync::Arc::strong_count(&w), 1);
+        assert_eq!(
+            h.user_window(pid, m.addr as u64, 4096).err(),
+            Some(Errno::EFAULT)
+        );
+    }
+}
