@@ -7,8 +7,12 @@
 //! user windows map the same frames, and `fallocate(PUNCH_HOLE)` zeroes it (rustix issues that
 //! syscall, like `ftruncate` and `pwrite`, as read-only inline asm, so the compiler believes
 //! nothing changed). So the direct map is a rust-vmm `vm-memory` [`MmapRegion`] and every access
-//! goes through its [`VolatileSlice`]s (volatile copies) or through atomics: no Rust reference
-//! into RAM is ever formed, and no load or store to it can be cached, merged or dropped.
+//! is volatile: single bytes and aligned 64-bit words through its volatile references and arrays
+//! (`VolatileRef`, `VolatileArrayRef`, element by element with `read_volatile`/`write_volatile`),
+//! read-modify-write through atomics. `VolatileSlice::copy_to`/`copy_from` are not used for
+//! RAM: for more than 8 bytes vm-memory 0.18 copies them with a plain `memcpy`. No Rust
+//! reference into RAM is ever formed, and no load or store to it can be cached, merged or
+//! dropped.
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -113,7 +117,34 @@ impl Ram {
     }
 
     pub fn write_phys(&self, pa: u64, data: &[u8]) -> Result<(), MmError> {
-        self.slice(pa, data.len() as u64)?.copy_from(data);
+        let s = self.slice(pa, data.len() as u64)?;
+        let oob = || MmError::OutOfRam {
+            pa,
+            len: data.len() as u64,
+        };
+        let (head, body, tail) = split_aligned(pa, data.len());
+        for (i, &b) in data[..head].iter().enumerate() {
+            s.get_ref::<u8>(i).map_err(|_| oob())?.store(b);
+        }
+        let mut words = [0u64; WORDS];
+        let mut off = head;
+        while off < head + body {
+            let n = ((head + body - off) / 8).min(WORDS);
+            for (w, c) in words[..n]
+                .iter_mut()
+                .zip(data[off..off + 8 * n].chunks_exact(8))
+            {
+                *w = u64::from_ne_bytes(c.try_into().unwrap_or_default());
+            }
+            s.get_array_ref::<u64>(off, n)
+                .map_err(|_| oob())?
+                .copy_from(&words[..n]);
+            off += 8 * n;
+        }
+        let at = head + body;
+        for (i, &b) in data[at..at + tail].iter().enumerate() {
+            s.get_ref::<u8>(at + i).map_err(|_| oob())?.store(b);
+        }
         Ok(())
     }
 
@@ -126,14 +157,12 @@ impl Ram {
     }
 
     pub fn fill(&self, pa: u64, len: u64, byte: u8) -> Result<(), MmError> {
-        let s = self.slice(pa, len)?;
-        let chunk = [byte; 4096];
-        let mut off = 0usize;
-        while off < s.len() {
-            let n = (s.len() - off).min(chunk.len());
-            s.subslice(off, n)
-                .map_err(|_| MmError::OutOfRam { pa, len })?
-                .copy_from(&chunk[..n]);
+        self.slice(pa, len)?;
+        let chunk = [byte; 8 * WORDS];
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(chunk.len() as u64);
+            self.write_phys(pa + off, &chunk[..n as usize])?;
             off += n;
         }
         Ok(())
@@ -164,6 +193,16 @@ impl Ram {
         )
         .map_err(MmError::Sys)
     }
+}
+
+/// 64-bit words moved per volatile block copy (a 4 KiB bounce buffer on the stack).
+const WORDS: usize = 512;
+
+/// `len` bytes at `pa` as (unaligned head, whole 64-bit words, tail) byte counts.
+fn split_aligned(pa: u64, len: usize) -> (usize, usize, usize) {
+    let head = ((8 - (pa % 8) as usize) % 8).min(len);
+    let body = (len - head) / 8 * 8;
+    (head, body, len - head - body)
 }
 
 /// `n` rounded up to a whole number of pages, or `None` if that overflows.
@@ -198,7 +237,32 @@ impl PhysRead for Ram {
     }
 
     fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MmError> {
-        self.slice(pa, buf.len() as u64)?.copy_to(buf);
+        let s = self.slice(pa, buf.len() as u64)?;
+        let oob = |len: usize| MmError::OutOfRam {
+            pa,
+            len: len as u64,
+        };
+        let len = buf.len();
+        let (head, body, tail) = split_aligned(pa, len);
+        for (i, b) in buf[..head].iter_mut().enumerate() {
+            *b = s.get_ref::<u8>(i).map_err(|_| oob(len))?.load();
+        }
+        let mut words = [0u64; WORDS];
+        let mut off = head;
+        while off < head + body {
+            let n = ((head + body - off) / 8).min(WORDS);
+            s.get_array_ref::<u64>(off, n)
+                .map_err(|_| oob(len))?
+                .copy_to(&mut words[..n]);
+            for (c, w) in buf[off..off + 8 * n].chunks_exact_mut(8).zip(&words[..n]) {
+                c.copy_from_slice(&w.to_ne_bytes());
+            }
+            off += 8 * n;
+        }
+        let at = head + body;
+        for (i, b) in buf[at..at + tail].iter_mut().enumerate() {
+            *b = s.get_ref::<u8>(at + i).map_err(|_| oob(len))?.load();
+        }
         Ok(())
     }
 
