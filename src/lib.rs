@@ -10,8 +10,6 @@ pub mod fault;
 pub mod fs;
 #[cfg(feature = "test-hooks")]
 pub mod fuzzing;
-#[cfg(feature = "test-hooks")]
-pub mod fuzzing_kvm;
 pub mod host;
 pub mod init;
 pub mod kexec;

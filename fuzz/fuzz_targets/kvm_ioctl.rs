@@ -1,11 +1,11 @@
 #![no_main]
 //! The KVM ioctl path on a live host with the machine's real /dev/kvm: VM, guest_memfd and
 //! memslot ioctls interleaved with mmap/munmap/fallocate/close, checking after each call that
-//! the host and KVM agree on every memslot's memory. See `handover::fuzzing_kvm`.
+//! the host and KVM agree on every memslot's memory. See `handover::fuzzing::kvm`.
 
 use std::sync::{Mutex, OnceLock};
 
-use handover::fuzzing_kvm::KvmIoctlFuzzer;
+use handover::fuzzing::kvm::KvmIoctlFuzzer;
 use libfuzzer_sys::fuzz_target;
 
 static HOST: OnceLock<Mutex<KvmIoctlFuzzer>> = OnceLock::new();

@@ -1,13 +1,12 @@
 //! `handover inspect`: decode a handover dump.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
 
 use crate::kho::dump::Dump;
-use crate::kho::inspect::{inspect, Decoder};
+use crate::kho::inspect::{decoders, inspect};
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
@@ -19,15 +18,6 @@ pub struct InspectArgs {
     /// Write the raw handover tree (FDT) here, e.g. for `dtc -I dtb -O dts`.
     #[arg(long)]
     pub fdt_out: Option<PathBuf>,
-}
-
-/// Decoders for the subtrees this build knows.
-pub fn decoders() -> BTreeMap<&'static str, Decoder> {
-    #[allow(unused_mut)]
-    let mut m: BTreeMap<&'static str, Decoder> = BTreeMap::new();
-    #[cfg(feature = "test-hooks")]
-    m.insert(crate::kho::test::SUBTREE, crate::kho::test::describe);
-    m
 }
 
 pub fn run(a: InspectArgs) -> Result<ExitCode, String> {

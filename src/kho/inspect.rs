@@ -48,6 +48,15 @@ pub struct Report {
 /// Decoders for known subtrees, by name: `(name, fn(blob bytes) -> text)`.
 pub type Decoder = fn(&dyn PhysRead, &[u8]) -> String;
 
+/// Decoders for the subtrees this build knows.
+pub fn decoders() -> BTreeMap<&'static str, Decoder> {
+    #[allow(unused_mut)]
+    let mut m: BTreeMap<&'static str, Decoder> = BTreeMap::new();
+    #[cfg(feature = "test-hooks")]
+    m.insert(super::test::SUBTREE, super::test::describe);
+    m
+}
+
 pub fn inspect(
     mem: &dyn PhysRead,
     args: KhoBootArgs,
