@@ -242,6 +242,22 @@ impl Vm {
     }
 }
 
+/// A thread that runs the guest's program from the start, again and again, until `stop`;
+/// `each` sees every run's result.
+fn run_until_stopped(
+    vm: &Arc<Vm>,
+    stop: &Arc<AtomicBool>,
+    each: impl Fn(Result<u64, String>) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let (vm, stop) = (vm.clone(), stop.clone());
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            vm.restart();
+            each(vm.run());
+        }
+    })
+}
+
 /// Is `addr` inside a mapping of this process (any protection)?
 fn va_reserved(addr: usize) -> Option<String> {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
@@ -444,13 +460,10 @@ fn punch_while_the_guest_hammers_the_page() {
     let stop = Arc::new(AtomicBool::new(false));
     let runs = Arc::new(AtomicU64::new(0));
     let guest = {
-        let (vm, stop, runs) = (vm.clone(), stop.clone(), runs.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                vm.restart();
-                assert_eq!(vm.run(), Ok(STATUS_WRITTEN));
-                runs.fetch_add(1, Ordering::SeqCst);
-            }
+        let runs = runs.clone();
+        run_until_stopped(&vm, &stop, move |r| {
+            assert_eq!(r, Ok(STATUS_WRITTEN));
+            runs.fetch_add(1, Ordering::SeqCst);
         })
     };
     // Another process of the host, standing for another VM: a memfd that takes frames.
@@ -537,13 +550,10 @@ fn slot_changes_while_the_vcpu_runs() {
     let stop = Arc::new(AtomicBool::new(false));
     let exits = Arc::new(AtomicU64::new(0));
     let guest = {
-        let (vm, stop, exits) = (vm.clone(), stop.clone(), exits.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                vm.restart();
-                if vm.run() != Ok(STATUS_WRITTEN) {
-                    exits.fetch_add(1, Ordering::SeqCst);
-                }
+        let exits = exits.clone();
+        run_until_stopped(&vm, &stop, move |r| {
+            if r != Ok(STATUS_WRITTEN) {
+                exits.fetch_add(1, Ordering::SeqCst);
             }
         })
     };

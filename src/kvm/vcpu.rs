@@ -952,6 +952,11 @@ impl VcpuKicker {
     /// signalled and the kick waits for the next registration.
     pub fn kick(&self) -> Result<(), VcpuError> {
         self.state.pending.store(true, Ordering::SeqCst);
+        self.signal()
+    }
+
+    /// Send [`kick_signal`] to the registered thread, if it is alive.
+    fn signal(&self) -> Result<(), VcpuError> {
         let target = self.state.target.lock().unwrap_or_else(|e| e.into_inner());
         let Some(t) = target.as_ref() else {
             return Ok(());
@@ -975,22 +980,7 @@ impl VcpuKicker {
     /// stray signal and runs again. The guest fault service uses it to get a vCPU that is
     /// blocked on a fault out of KVM while another thread waits for KVM (see `kvm::run`).
     pub fn nudge(&self) -> Result<(), VcpuError> {
-        let target = self.state.target.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(t) = target.as_ref() else {
-            return Ok(());
-        };
-        let alive = t.alive.lock().unwrap_or_else(|e| e.into_inner());
-        if !*alive {
-            return Ok(());
-        }
-        let live = LiveThread {
-            handle: t.handle,
-            _alive: alive,
-        };
-        live.kill(kick_signal()).map_err(|e| VcpuError::Sys {
-            op: "pthread_kill",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })
+        self.signal()
     }
 
     /// On the vCPU thread, after `KVM_RUN` returned `EINTR`: report whether a kick was requested
