@@ -312,7 +312,7 @@ fn decode_handover(d: &Dump, args: KhoBootArgs) {
     }
     if let Ok((inc, reserved)) = crate::kho::boot::discover(d, args) {
         check_incoming(d, &inc, &reserved);
-        let supported = crate::kexec::boot::supported_compatibles();
+        let supported = crate::registry::supported_compatibles();
         if crate::luo::serialize::validate(d, &inc, &supported).is_ok() {
             decode_luo_files(d, &inc);
         }
@@ -1365,7 +1365,7 @@ mod tests {
     fn accepted(img: &Image, args: KhoBootArgs) -> Result<(), String> {
         let d = img.to_dump(&args);
         let (inc, _) = crate::kho::boot::discover(&d, args).map_err(|e| e.to_string())?;
-        crate::luo::serialize::validate(&d, &inc, &crate::kexec::boot::supported_compatibles())
+        crate::luo::serialize::validate(&d, &inc, &crate::registry::supported_compatibles())
             .map_err(|e| e.to_string())
     }
 
