@@ -28,7 +28,7 @@ pub struct Host {
     /// Sequence for the names of retrieved VMs.
     pub(crate) restored_vms: u64,
     /// The previous image's reaper, by pidfd, until it is reaped.
-    pub(crate) reaper: Option<crate::kexec::reboot::Reaper>,
+    pub(crate) reaper: Option<crate::kexec::reaper::Reaper>,
     /// Guest faults on guest_memfd holes (userfaultfd and its service thread), set up when the
     /// first guest_memfd is bound to a memslot; see `kvm::run`.
     pub(crate) guest_faults: Option<crate::kvm::run::FaultService>,

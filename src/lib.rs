@@ -17,5 +17,7 @@ pub mod kho;
 pub mod kvm;
 pub mod luo;
 pub mod mm;
+pub mod registry;
+pub mod time;
 pub mod uapi;
 pub mod vmm;

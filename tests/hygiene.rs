@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use handover::host::Host;
 use handover::kexec::boot::BootError;
-use handover::kexec::reboot::Reaper;
+use handover::kexec::reaper::Reaper;
 use handover::kexec::BootParams;
 use rustix::process::{pidfd_open, Pid, PidfdFlags, WaitId, WaitIdOptions};
 

@@ -158,7 +158,7 @@ pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
         phases_us: Value::Null,
         error: Some(e),
     };
-    let (code, events, stderr) = match crate::cli::demo::run_host(&args) {
+    let (code, events, stderr) = match super::harness::run_host(&args) {
         Ok(x) => x,
         Err(e) => return failed(e),
     };

@@ -1,6 +1,7 @@
 //! Benchmarks (run with `handover bench ...`; never timed tests).
 
 pub mod blackout;
+pub mod harness;
 pub mod kho;
 
 /// Median, min and max of a sample.

@@ -6,10 +6,11 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::host::Host;
-use crate::init::{self, InitOutcome};
+use crate::init::{Entry, InitOutcome, InitPrograms, Program};
 use crate::kexec::params::{parse_range, parse_size};
 use crate::kexec::{BootParams, KexecRequest};
 use crate::kho::KhoBootArgs;
+use crate::vmm::{rfc, selftests};
 
 #[derive(Args, Debug)]
 pub struct BootArgs {
@@ -107,6 +108,35 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
     })
 }
 
+/// The init programs of this image, in `--init list` order: the composition root's registry
+/// (the programs live in `vmm` and `init`, which do not know each other).
+pub fn init_programs() -> InitPrograms {
+    let mut p = InitPrograms::default();
+    let table = |&(name, about): &(&'static str, &'static str)| Program {
+        name,
+        about,
+        entry: Entry::Named(selftests::run),
+    };
+    for t in selftests::PROGRAMS {
+        p.add(table(t));
+    }
+    p.add(Program {
+        name: rfc::PROGRAM,
+        about: "the RFC scenario with a live guest (guest-mem=16M data=5M order=vm-first|gmem-first no-vm=1 finish-early=1 prefault=1)",
+        entry: Entry::Owned(rfc::run),
+    });
+    #[cfg(feature = "test-hooks")]
+    p.add(Program {
+        name: crate::init::kho::NAME,
+        about: crate::init::kho::ABOUT,
+        entry: Entry::InPlace(crate::init::kho::run),
+    });
+    for t in selftests::TEST_PROGRAMS {
+        p.add(table(t));
+    }
+    p
+}
+
 pub fn run(a: BootArgs) -> Result<ExitCode, String> {
     if a.init.as_deref() == Some("list") {
         // First line: whether this build has the test hooks (HANDOVER_FAIL, HANDOVER_CORRUPT,
@@ -117,21 +147,14 @@ pub fn run(a: BootArgs) -> Result<ExitCode, String> {
             "off"
         };
         println!("# test-hooks: {hooks}");
-        let rfc = [(crate::vmm::rfc::PROGRAM, "the RFC scenario with a live guest (guest-mem=16M data=5M order=vm-first|gmem-first no-vm=1 finish-early=1 prefault=1)")];
-        for (name, what) in init::PROGRAMS
-            .iter()
-            .chain(crate::vmm::selftests::PROGRAMS)
-            .chain(rfc.iter())
-            .chain(init::TEST_PROGRAMS)
-            .chain(crate::vmm::selftests::TEST_PROGRAMS)
-        {
-            println!("{name:20} {what}");
+        for p in init_programs().iter() {
+            println!("{:20} {}", p.name(), p.about());
         }
         return Ok(ExitCode::SUCCESS);
     }
     let p = params(a)?;
     let host = Host::boot(p).map_err(|e| e.to_string())?;
-    let (mut host, outcome) = init::run(host);
+    let (mut host, outcome) = init_programs().run(host);
     match outcome {
         InitOutcome::Halt(code) => {
             host.release_previous_image(true);
@@ -146,5 +169,104 @@ pub fn run(a: BootArgs) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::from(1))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    /// `BootParams::to_args`, parsed as the next image's command line, gives the same params.
+    fn round_trip(p: &BootParams) -> BootParams {
+        let argv = std::iter::once("handover".into()).chain(p.to_args());
+        let cli = Cli::try_parse_from(argv).expect("the builder's command line parses");
+        let Command::Boot(a) = cli.cmd else {
+            panic!("not `boot`: {:?}", cli.cmd)
+        };
+        params(*a).expect("valid params")
+    }
+
+    #[test]
+    fn cmdline_parses_back_into_the_same_params() {
+        let every = BootParams {
+            ram_size: 3 << 30,
+            ram_fd: Some(7),
+            kho: Some(KhoBootArgs {
+                fdt_pa: 0x12_3000,
+                fdt_size: 0x4000,
+                scratch_pa: 0,
+                scratch_size: 64 << 20,
+                fdt_crc: Some(0xdead_beef),
+            }),
+            liveupdate: false,
+            init: Some("gmem-rfc".into()),
+            // Values that look like flags, contain `=`, or are empty stay values.
+            init_args: vec![
+                "guest-mem=16M".into(),
+                "-x".into(),
+                "--init=y".into(),
+                "a=b=c".into(),
+                String::new(),
+            ],
+            report: Some(PathBuf::from("/tmp/a dir/report.jsonl")),
+            next_image: Some(PathBuf::from("/opt/next")),
+            kexec_start_ns: Some(1),
+            exec_ns: Some(u64::MAX),
+            prev_handover_bytes: Some(4096),
+            prev_image: Some(PathBuf::from("/opt/prev")),
+            rollback: Some("--refused: bad \"compatible\"\nsecond line".into()),
+            reaper_fd: Some(9),
+            gmem_luo_v1: true,
+            dump_handover: Some(PathBuf::from("h.dump")),
+        };
+        assert_eq!(round_trip(&every), every);
+        let cold = BootParams::default();
+        assert_eq!(round_trip(&cold), cold);
+    }
+
+    /// The normal kexec and the rollback exec hand on the same chain-wide flags
+    /// (`BootParams::next`), `--dump-handover` included.
+    #[test]
+    fn next_image_keeps_the_chain_wide_flags() {
+        let me = BootParams {
+            liveupdate: false,
+            gmem_luo_v1: true,
+            init: Some("luo-kexec-simple".into()),
+            init_args: vec!["k=v".into()],
+            report: Some("r.jsonl".into()),
+            next_image: Some("/opt/next".into()),
+            dump_handover: Some("h.dump".into()),
+            // Set by the previous image for this one only.
+            exec_ns: Some(5),
+            prev_image: Some("/opt/prev".into()),
+            rollback: Some("refused".into()),
+            ..BootParams::default()
+        };
+        let kho = KhoBootArgs {
+            fdt_pa: 0x1000,
+            fdt_size: 0x1000,
+            scratch_pa: 0,
+            scratch_size: 16 << 20,
+            fdt_crc: None,
+        };
+        let next = me.next(1 << 30, 5, kho);
+        assert_eq!(
+            next,
+            BootParams {
+                ram_size: 1 << 30,
+                ram_fd: Some(5),
+                kho: Some(kho),
+                exec_ns: None,
+                prev_image: None,
+                rollback: None,
+                ..me.clone()
+            }
+        );
+        assert_eq!(round_trip(&next), next);
     }
 }

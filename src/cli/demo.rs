@@ -1,11 +1,12 @@
 //! `handover demo`: the main job. Boots a host image, runs a scenario through a real kexec
 //! (`execve` of the host image with RAM inherited) and tells what happened.
 
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 
 use clap::Args;
 use serde_json::{json, Value};
 
+use crate::bench::harness::run_host;
 use crate::kexec::params::parse_size;
 
 #[derive(Args, Debug)]
@@ -28,33 +29,6 @@ pub struct DemoArgs {
     /// Also write a dump of the handover here (decode it with `handover inspect`).
     #[arg(long)]
     pub dump: Option<std::path::PathBuf>,
-}
-
-/// Run `handover boot` as a child host image and collect its JSON-lines report.
-pub fn run_host(args: &[String]) -> Result<(i32, Vec<Value>, String), String> {
-    let dir = std::env::temp_dir().join(format!("handover-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let report = dir.join("report.jsonl");
-    let _ = std::fs::remove_file(&report);
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
-    let out = Command::new(exe)
-        .arg("boot")
-        .args(args)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .map_err(|e| format!("cannot start the host image: {e}"))?;
-    let text = std::fs::read_to_string(&report).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&dir);
-    let events = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    Ok((
-        out.status.code().unwrap_or(-1),
-        events,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
 }
 
 fn find<'a>(events: &'a [Value], name: &str) -> Option<&'a Value> {

@@ -42,7 +42,7 @@ pub fn run(a: SoakArgs) -> Result<ExitCode, String> {
         "--init-arg".into(),
         format!("cycles={}", a.cycles),
     ];
-    let (code, events, stderr) = super::demo::run_host(&args)?;
+    let (code, events, stderr) = crate::bench::harness::run_host(&args)?;
     let cycles: Vec<&Value> = events
         .iter()
         .filter(|e| e["event"] == "rfc-cycle")

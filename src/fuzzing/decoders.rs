@@ -62,7 +62,7 @@ pub(super) fn decode_handover(d: &Dump, args: KhoBootArgs) {
     }
     if let Ok((inc, reserved)) = crate::kho::boot::discover(d, args) {
         check_incoming(d, &inc, &reserved);
-        let supported = crate::kexec::boot::supported_compatibles();
+        let supported = crate::registry::supported_compatibles();
         if crate::luo::serialize::validate(d, &inc, &supported).is_ok() {
             decode_luo_files(d, &inc);
         }

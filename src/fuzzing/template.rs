@@ -292,7 +292,7 @@ mod tests {
     fn accepted(img: &Image, args: KhoBootArgs) -> Result<(), String> {
         let d = img.to_dump(&args);
         let (inc, _) = crate::kho::boot::discover(&d, args).map_err(|e| e.to_string())?;
-        crate::luo::serialize::validate(&d, &inc, &crate::kexec::boot::supported_compatibles())
+        crate::luo::serialize::validate(&d, &inc, &crate::registry::supported_compatibles())
             .map_err(|e| e.to_string())
     }
 

@@ -3,15 +3,18 @@
 //! and every preserved frame reserved, and only then does the normal zone hand anything out.
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::host::Host;
 use crate::kho::{self, Kho};
-use crate::luo::Luo;
+use crate::luo::{FileHandler, Luo};
 use crate::mm::{pfn_to_pa, Folio, FrameAllocator, Mm, MmError, Ram, Ranges, PAGE_SIZE};
+use crate::time::monotonic_ns;
 
-use super::params::default_scratch_size;
-use super::BootParams;
+use super::exec::exec_image;
+use super::params::{default_scratch_size, BootParams};
+use super::reaper::Reaper;
 
 /// What this boot found.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -90,29 +93,35 @@ pub fn adopt_ram_fd(fd: i32, size: u64) -> Result<OwnedFd, BootError> {
 }
 
 impl Host {
-    pub fn boot(mut params: BootParams) -> Result<Host, BootError> {
+    /// Boot an image with `params` and these LUO file `handlers` (the image's registry,
+    /// assembled by the composition root: `crate::registry`), registered in this order before
+    /// user space can open `/dev/liveupdate`. A handover with a file no handler supports is
+    /// refused.
+    pub fn boot_with(
+        mut params: BootParams,
+        handlers: &[Arc<dyn FileHandler>],
+    ) -> Result<Host, BootError> {
         let t0 = Instant::now();
-        let boot_start_ns = super::reboot::monotonic_ns();
+        let boot_start_ns = monotonic_ns();
         let ram = match params.ram_fd {
             Some(fd) => Ram::adopt(adopt_ram_fd(fd, params.ram_size)?, params.ram_size)?,
             None => Ram::create(params.ram_size)?,
         };
         // The previous image's reaper: only a pidfd of our own child is taken (and ever
         // signalled); anything else is left alone.
-        let reaper =
-            params
-                .reaper_fd
-                .take()
-                .and_then(|fd| match super::reboot::Reaper::adopt(fd) {
-                    Ok(r) => {
-                        tracing::info!("previous image's reaper adopted (pidfd {fd})");
-                        Some(r)
-                    }
-                    Err(why) => {
-                        tracing::warn!("ignoring --reaper-fd {fd}: {why}");
-                        None
-                    }
-                });
+        let reaper = params
+            .reaper_fd
+            .take()
+            .and_then(|fd| match Reaper::adopt(fd) {
+                Ok(r) => {
+                    tracing::info!("previous image's reaper adopted (pidfd {fd})");
+                    Some(r)
+                }
+                Err(why) => {
+                    tracing::warn!("ignoring --reaper-fd {fd}: {why}");
+                    None
+                }
+            });
         let nr_frames = ram.nr_frames();
         let cold_scratch = 0..default_scratch_size(ram.size()) / PAGE_SIZE;
         let mut info = BootInfo {
@@ -155,7 +164,9 @@ impl Host {
                                 .to_string(),
                         )
                     } else if params.liveupdate {
-                        crate::luo::serialize::validate(&ram, &inc, &supported_compatibles())
+                        let supported: Vec<&str> =
+                            handlers.iter().map(|h| h.compatible()).collect();
+                        crate::luo::serialize::validate(&ram, &inc, &supported)
                             .map_err(|e| e.to_string())
                     } else {
                         Ok(())
@@ -272,7 +283,7 @@ impl Host {
         };
         if host.luo.enabled {
             host.luo_early_init();
-            host.register_handlers();
+            host.register_handlers(handlers);
         } else {
             // Without LUO nothing can ask for a rollback later.
             host.kho.commit(&mut host.mm)?;
@@ -286,41 +297,13 @@ impl Host {
 impl Host {
     /// File handlers, registered before user space can open `/dev/liveupdate` (upstream:
     /// late_initcall and module init).
-    fn register_handlers(&mut self) {
-        for h in handlers() {
-            if let Err(e) = self.luo.register(h) {
+    fn register_handlers(&mut self, handlers: &[Arc<dyn FileHandler>]) {
+        for h in handlers {
+            if let Err(e) = self.luo.register(h.clone()) {
                 tracing::warn!("liveupdate: cannot register a file handler: {e}");
             }
         }
     }
-}
-
-/// The file handlers this image has, in registration order.
-pub fn handlers() -> Vec<std::sync::Arc<dyn crate::luo::FileHandler>> {
-    #[allow(unused_mut)]
-    let mut hs: Vec<std::sync::Arc<dyn crate::luo::FileHandler>> = vec![
-        std::sync::Arc::new(crate::fs::memfd_luo::MemfdHandler),
-        std::sync::Arc::new(crate::kvm::vm_luo::VmHandler),
-        // v2 first: it is the format new preservations use; v1 stays readable.
-        std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler {
-            format: crate::kvm::guest_memfd_luo::Format::V2,
-        }),
-        std::sync::Arc::new(crate::kvm::guest_memfd_luo::GuestMemfdHandler {
-            format: crate::kvm::guest_memfd_luo::Format::V1,
-        }),
-    ];
-    // Test hook: the handler of `/dev/liveupdate-test` files (LUO core tests).
-    #[cfg(feature = "test-hooks")]
-    hs.insert(
-        1,
-        std::sync::Arc::new(crate::luo::test_handler::TestHandler),
-    );
-    hs
-}
-
-/// The compatible strings of [`handlers`].
-pub fn supported_compatibles() -> Vec<&'static str> {
-    handlers().iter().map(|h| h.compatible()).collect()
 }
 
 /// Kexec back into `image` with the same handover, which this image did not touch, passing on
@@ -337,61 +320,12 @@ pub(crate) fn rollback_exec(
         "rollback: this image cannot take the handover ({why}); kexec back into {}",
         image.display()
     );
-    let mut cmd = std::process::Command::new(image);
-    cmd.arg("boot")
-        .arg("--ram")
-        .arg(params.ram_size.to_string());
-    cmd.arg("--ram-fd").arg(ram.as_raw_fd().to_string());
-    cmd.arg("--kho-fdt")
-        .arg(format!("{:#x}:{:#x}", a.fdt_pa, a.fdt_size));
-    cmd.arg("--kho-scratch")
-        .arg(format!("{:#x}:{:#x}", a.scratch_pa, a.scratch_size));
-    if let Some(c) = a.fdt_crc {
-        cmd.arg("--kho-fdt-crc").arg(c.to_string());
-    }
-    cmd.arg("--rollback").arg(why);
-    for (flag, v) in [
-        (
-            "--kexec-start-ns",
-            params.kexec_start_ns.map(|v| v.to_string()),
-        ),
-        ("--exec-ns", params.exec_ns.map(|v| v.to_string())),
-        (
-            "--handover-bytes",
-            params.prev_handover_bytes.map(|v| v.to_string()),
-        ),
-        ("--reaper-fd", reaper.map(|fd| fd.as_raw_fd().to_string())),
-        ("--init", params.init.clone()),
-        (
-            "--report",
-            params.report.as_ref().map(|p| p.display().to_string()),
-        ),
-        (
-            "--next-image",
-            params.next_image.as_ref().map(|p| p.display().to_string()),
-        ),
-        (
-            "--dump-handover",
-            params
-                .dump_handover
-                .as_ref()
-                .map(|p| p.display().to_string()),
-        ),
-    ] {
-        if let Some(v) = v {
-            cmd.arg(flag).arg(v);
-        }
-    }
-    for a in &params.init_args {
-        cmd.arg("--init-arg").arg(a);
-    }
-    if !params.liveupdate {
-        cmd.arg("--liveupdate=off");
-    }
-    if params.gmem_luo_v1 {
-        cmd.arg("--gmem-luo=v1");
-    }
-    let mut keep = vec![ram.as_raw_fd()];
-    keep.extend(reaper.map(|fd| fd.as_raw_fd()));
-    super::reboot::exec_keeping(&mut cmd, &keep)
+    // What the previous image passed on comes back as it was: its handover, its timings.
+    let mut back = params.next(params.ram_size, ram.as_raw_fd(), a);
+    back.kexec_start_ns = params.kexec_start_ns;
+    back.exec_ns = params.exec_ns;
+    back.prev_handover_bytes = params.prev_handover_bytes;
+    back.reaper_fd = reaper.map(|fd| fd.as_raw_fd());
+    back.rollback = Some(why.to_string());
+    exec_image(image, &back)
 }

@@ -1,11 +1,19 @@
-//! kexec of the host image: the boot parameters one image passes to the next, the boot path
-//! that adopts RAM and the handover, and the reboot path that finalizes and `execve`s.
+//! kexec of the host image: the boot parameters one image passes to the next and their
+//! command line, the boot path that adopts RAM and the handover (or rolls back), and the reboot
+//! path that finalizes and `execve`s.
+//!
+//! Inside, dependencies run one way: `reboot` → `boot` → `exec`, `reaper` → `cmdline` →
+//! `params`. The LUO file handlers an image registers are not chosen here: the composition root
+//! passes them in (`crate::registry`).
 
 pub mod boot;
+mod cmdline;
 /// Handover corruption (test hook).
 #[cfg(feature = "test-hooks")]
 pub mod corrupt;
+mod exec;
 pub mod params;
+pub mod reaper;
 pub mod reboot;
 
 pub use boot::BootInfo;

@@ -9,7 +9,9 @@ use crate::mm::PAGE_SIZE;
 /// Default RAM of a host image: sparse, so this costs nothing until used.
 pub const DEFAULT_RAM: u64 = 4 << 30;
 
-#[derive(Clone, Debug)]
+/// Everything one image boots with. [`BootParams::to_args`] (in `kexec::cmdline`) writes it as
+/// the command line `handover boot` parses back.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootParams {
     pub ram_size: u64,
     /// Inherited RAM memfd (KHO boot only).

@@ -73,6 +73,12 @@ impl KhoError {
     }
 }
 
+impl From<KhoError> for crate::abi::errno::Errno {
+    fn from(e: KhoError) -> Self {
+        crate::abi::errno::Errno(e.errno())
+    }
+}
+
 /// KHO state of one running image.
 pub struct Kho {
     tracker: Tracker,

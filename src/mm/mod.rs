@@ -80,6 +80,12 @@ impl MmError {
     }
 }
 
+impl From<MmError> for crate::abi::errno::Errno {
+    fn from(e: MmError) -> Self {
+        crate::abi::errno::Errno(e.errno())
+    }
+}
+
 /// RAM plus its frame allocator: what the rest of the host calls "memory".
 ///
 /// Invariant: every free frame reads as zeros. Freed frames are discarded (hole-punched) before

@@ -18,9 +18,9 @@ use crate::abi::kvm::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use crate::host::Host;
 use crate::init::{parse_args, InitOutcome};
 use crate::kexec::params::parse_size;
-use crate::kexec::reboot::monotonic_ns;
 use crate::kvm::vcpu::{VcpuKicker, VcpuState};
 use crate::kvm::{IoAction, IoEvent, RunExit};
+use crate::time::monotonic_ns;
 use crate::uapi::{Errno, Pid, UserMapping};
 
 use super::guest::{self, GuestMode, GuestParams};

@@ -1,79 +1,23 @@
-//! Init programs: what a host image runs after boot (like `init` and the selftest binaries
-//! upstream runs in each stage). Each program finds its stage from what the handover holds, so
-//! the same command line is reused across kexecs (`kexec --reuse-cmdline`).
+//! `kho-test`, the KHO client as an init program (test-hooks builds only): preserve folios of
+//! mixed orders, carry them through kexecs and check every byte; optionally damage the handover.
 
-use std::collections::BTreeMap;
-
-#[cfg(feature = "test-hooks")]
 use serde_json::json;
 
 use crate::host::Host;
-#[cfg(feature = "test-hooks")]
 use crate::kexec::params::parse_size;
-#[cfg(feature = "test-hooks")]
 use crate::kho::test::{release_unclaimed, KhoTest};
 
-/// What to do once an init program returns.
-#[derive(Debug, PartialEq, Eq)]
-pub enum InitOutcome {
-    /// Power off with this exit status.
-    Halt(i32),
-    /// Kexec into the next image (same command line).
-    Kexec,
-}
+use super::{parse_args, InitOutcome};
 
-/// `--init-arg key=value` pairs.
-pub fn parse_args(args: &[String]) -> BTreeMap<String, String> {
-    args.iter()
-        .map(|a| match a.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (a.clone(), String::new()),
-        })
-        .collect()
-}
+/// Its name (`--init kho-test`).
+pub const NAME: &str = "kho-test";
 
-/// Init programs of every build.
-pub const PROGRAMS: &[(&str, &str)] = &[];
+/// Its line in `--init list`.
+pub const ABOUT: &str = "preserve folios of mixed orders (size=64M), carry them through kexecs=N kexecs, check every byte, corrupt=KIND damages the handover (test-hooks builds only)";
 
-/// Init programs that need the `test-hooks` feature (listed only in such builds).
-#[cfg(feature = "test-hooks")]
-pub const TEST_PROGRAMS: &[(&str, &str)] = &[(
-    "kho-test",
-    "preserve folios of mixed orders (size=64M), carry them through kexecs=N kexecs, check every byte, corrupt=KIND damages the handover (test-hooks builds only)",
-)];
-/// Init programs that need the `test-hooks` feature: none in this build.
-#[cfg(not(feature = "test-hooks"))]
-pub const TEST_PROGRAMS: &[(&str, &str)] = &[];
-
-/// Run the init program named on the command line. Programs that run guests share the host
-/// with their vCPU threads, so the host is passed by value and handed back.
-pub fn run(mut host: Host) -> (Host, InitOutcome) {
-    let Some(name) = host.params.init.clone() else {
-        return (host, InitOutcome::Halt(0));
-    };
-    if name == crate::vmm::rfc::PROGRAM {
-        return crate::vmm::rfc::run(host);
-    }
-    let o = run_local(&mut host, &name);
-    (host, o)
-}
-
-fn run_local(host: &mut Host, name: &str) -> InitOutcome {
-    if let Some(o) = crate::vmm::selftests::run(host, name) {
-        return o;
-    }
-    match name {
-        #[cfg(feature = "test-hooks")]
-        "kho-test" => kho_test(host, &parse_args(&host.params.init_args)),
-        other => {
-            tracing::error!("unknown init program {other:?}");
-            InitOutcome::Halt(2)
-        }
-    }
-}
-
-#[cfg(feature = "test-hooks")]
-fn kho_test(host: &mut Host, args: &BTreeMap<String, String>) -> InitOutcome {
+/// The program: stage by `kexec_count`; `--init-arg`s `size`, `kexecs`, `corrupt`.
+pub fn run(host: &mut Host) -> InitOutcome {
+    let args = parse_args(&host.params.init_args);
     let size = args.get("size").map_or(Ok(64 << 20), |s| parse_size(s));
     let kexecs: u32 = args.get("kexecs").and_then(|s| s.parse().ok()).unwrap_or(1);
     let Ok(size) = size else {
