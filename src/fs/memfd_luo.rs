@@ -5,6 +5,7 @@
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kho::KhoArraySer;
 use crate::fs::memfd::{ALL_SEALS, MAX_SIZE};
 use crate::fs::{FileId, FileKind, Memfd};
@@ -12,7 +13,6 @@ use crate::host::Host;
 use crate::kho::array::PreservedArray;
 use crate::luo::{FileArgs, FileHandler};
 use crate::mm::{Folio, PhysRead, PAGE_SIZE};
-use crate::uapi::{Errno, SysResult};
 
 pub const COMPATIBLE: &str = "memfd-v2";
 pub const FOLIO_DIRTY: u64 = 1 << 0;

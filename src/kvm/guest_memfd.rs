@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kvm::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use crate::fs::{FileId, FileKind};
 use crate::host::Host;
 use crate::mm::{PageCache, VaWindow, PAGE_SIZE};
-use crate::uapi::{Errno, MapId, Mapping, SysResult, KERNEL_PID};
+use crate::uapi::{MapId, Mapping, KERNEL_PID};
 
 use super::vm::VmInner;
 

@@ -13,13 +13,13 @@
 
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kvm::*;
 use crate::fs::{FileId, FileKind};
 use crate::host::Host;
 use crate::kho::array::PreservedArray;
 use crate::luo::{FileArgs, FileHandler};
 use crate::mm::{Folio, PhysRead, PAGE_SIZE};
-use crate::uapi::{Errno, SysResult};
 
 use super::guest_memfd::MAX_SIZE;
 

@@ -44,12 +44,13 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VcpuExit;
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::fs::{FileId, FileKind};
 use crate::host::Host;
 use crate::kvm::vcpu::{run_kickable, this_thread_kicked, VcpuError, VcpuKicker};
 use crate::mm::uffd::{EventFd, PageFault, Uffd};
 use crate::mm::PAGE_SIZE;
-use crate::uapi::{Errno, Pid, SysResult};
+use crate::uapi::Pid;
 
 /// A port access by the guest.
 #[derive(Debug)]

@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use zerocopy::FromBytes;
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kvm::*;
 use crate::fs::{FileId, FileKind};
 use crate::host::Host;
 use crate::mm::{VaWindow, PAGE_SIZE};
-use crate::uapi::{Errno, MapId, Pid, SysResult, KERNEL_PID};
+use crate::uapi::{MapId, Pid, KERNEL_PID};
 
 use super::GuestMemfd;
 

@@ -3,12 +3,12 @@
 
 use zerocopy::IntoBytes;
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kvm::{KvmLuoSer, KVM_LUO_FH_COMPATIBLE};
 use crate::fs::{FileId, FileKind};
 use crate::host::Host;
 use crate::luo::{FileArgs, FileHandler};
 use crate::mm::{Folio, PhysRead};
-use crate::uapi::{Errno, SysResult};
 
 pub struct VmHandler;
 

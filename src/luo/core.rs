@@ -1,13 +1,14 @@
 //! `/dev/liveupdate`: exclusive open, first-open deserialization (sticky EIO on failure), and
 //! the device ioctls CREATE_SESSION and RETRIEVE_SESSION.
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::abi::luo::{
     CreateSession, LIVEUPDATE_IOCTL_CREATE_SESSION, LIVEUPDATE_IOCTL_RETRIEVE_SESSION,
     LIVEUPDATE_IOCTL_TYPE, LIVEUPDATE_SESSION_NAME_LENGTH,
 };
 use crate::fs::{FileId, FileKind};
 use crate::host::Host;
-use crate::uapi::{Errno, Pid, SysResult};
+use crate::uapi::Pid;
 
 use super::{ucmd, Session, SessionKind};
 

@@ -2,9 +2,10 @@
 //! sticky failures), finish, unpreserve, and the cross-file internal API handlers use to find
 //! each other.
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::fs::FileId;
 use crate::host::Host;
-use crate::uapi::{Errno, Pid, SysResult};
+use crate::uapi::Pid;
 
 use super::{FileArgs, LuoFile, SessionId};
 
@@ -181,7 +182,7 @@ impl Host {
         // FINISH accepts the update: nothing rolls back after it.
         self.kho
             .commit(&mut self.mm)
-            .map_err(crate::uapi::Errno::from)?;
+            .map_err(crate::abi::errno::Errno::from)?;
         while let Some(n) = self
             .luo
             .session(sid)

@@ -3,9 +3,9 @@
 
 use std::any::Any;
 
+use crate::abi::errno::SysResult;
 use crate::fs::FileId;
 use crate::host::Host;
-use crate::uapi::SysResult;
 
 use super::SessionId;
 

@@ -88,8 +88,8 @@ impl Luo {
     /// Register a file handler. Refuses a duplicate compatible string (EEXIST), one longer than
     /// 47 bytes (EINVAL), and registration after the first open deserialized the incoming
     /// state (EBUSY: its files would have been refused already).
-    pub fn register(&mut self, h: Arc<dyn FileHandler>) -> crate::uapi::SysResult<()> {
-        use crate::uapi::Errno;
+    pub fn register(&mut self, h: Arc<dyn FileHandler>) -> crate::abi::errno::SysResult<()> {
+        use crate::abi::errno::Errno;
         if !self.enabled {
             return Err(Errno::EOPNOTSUPP);
         }

@@ -28,7 +28,7 @@ pub enum LuoError {
         session: String,
         token: u64,
         handler: &'static str,
-        errno: crate::uapi::Errno,
+        errno: crate::abi::errno::Errno,
     },
     #[error(transparent)]
     Kho(#[from] KhoError),
@@ -57,7 +57,12 @@ impl Host {
             .collect()
     }
 
-    fn luo_call(&mut self, sid: SessionId, token: u64, freeze: bool) -> crate::uapi::SysResult<()> {
+    fn luo_call(
+        &mut self,
+        sid: SessionId,
+        token: u64,
+        freeze: bool,
+    ) -> crate::abi::errno::SysResult<()> {
         let Some(idx) = self
             .luo
             .session(sid)
@@ -72,7 +77,7 @@ impl Host {
         let (h, mut args) = (f.handler.clone(), std::mem::take(&mut f.args));
         let r = if freeze {
             if crate::fault::hit(&format!("luo.freeze:{}", h.compatible())) {
-                Err(crate::uapi::Errno::EIO)
+                Err(crate::abi::errno::Errno::EIO)
             } else {
                 h.freeze(self, &mut args)
             }

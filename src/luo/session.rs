@@ -1,11 +1,12 @@
 //! Session fds: PRESERVE_FD, RETRIEVE_FD, FINISH, GET_NAME, and what closing one means.
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::abi::luo::{
     PreserveFd, SessionFinish, SessionGetName, LIVEUPDATE_IOCTL_TYPE, LIVEUPDATE_SESSION_FINISH,
     LIVEUPDATE_SESSION_GET_NAME, LIVEUPDATE_SESSION_PRESERVE_FD, LIVEUPDATE_SESSION_RETRIEVE_FD,
 };
 use crate::host::Host;
-use crate::uapi::{Errno, Pid, SysResult};
+use crate::uapi::Pid;
 
 use super::{ucmd, SessionId, SessionKind};
 

@@ -1,10 +1,10 @@
 //! A handler for `/dev/liveupdate-test` files, to test the LUO core itself (upstream has
 //! CONFIG_LIVEUPDATE_TEST for the same purpose). Its freeze and can_finish can be told to fail.
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::fs::{FileId, FileKind, TestFile};
 use crate::host::Host;
 use crate::mm::{PhysRead, PAGE_SIZE};
-use crate::uapi::{Errno, SysResult};
 
 use super::{FileArgs, FileHandler};
 
