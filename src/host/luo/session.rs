@@ -8,7 +8,7 @@ use crate::abi::luo::{
 use crate::host::Host;
 use crate::uapi::Pid;
 
-use super::{ucmd, SessionId, SessionKind};
+use crate::luo::{ucmd, SessionId, SessionKind};
 
 impl Host {
     pub(crate) fn luo_session_ioctl(

@@ -7,7 +7,7 @@ use crate::fs::FileId;
 use crate::host::Host;
 use crate::uapi::Pid;
 
-use super::{FileArgs, LuoFile, SessionId};
+use crate::luo::{FileArgs, LuoFile, SessionId};
 
 impl Host {
     /// Lend a file's args to a handler callback: `(handler, args)`; give them back with
@@ -16,7 +16,7 @@ impl Host {
         &mut self,
         sid: SessionId,
         idx: usize,
-    ) -> Option<(std::sync::Arc<dyn super::FileHandler>, FileArgs)> {
+    ) -> Option<(std::sync::Arc<dyn crate::luo::FileHandler<Host>>, FileArgs)> {
         let f = self.luo.session_mut(sid)?.files.get_mut(idx)?;
         f.busy = true;
         Some((f.handler.clone(), std::mem::take(&mut f.args)))
