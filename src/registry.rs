@@ -14,9 +14,9 @@ use crate::kvm::vm_luo::VmHandler;
 use crate::luo::FileHandler;
 
 /// The file handlers this image has, in registration order.
-pub fn file_handlers() -> Vec<Arc<dyn FileHandler>> {
+pub fn file_handlers() -> Vec<Arc<dyn FileHandler<Host>>> {
     #[allow(unused_mut)]
-    let mut hs: Vec<Arc<dyn FileHandler>> = vec![
+    let mut hs: Vec<Arc<dyn FileHandler<Host>>> = vec![
         Arc::new(MemfdHandler),
         Arc::new(VmHandler),
         // v2 first: it is the format new preservations use; v1 stays readable.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use handover::abi::kvm::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
-use handover::fs::FileKind;
+use handover::host::files::FileKind;
 use handover::host::Host;
 use handover::kexec::BootParams;
 use handover::kvm::vcpu::VcpuKicker;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use handover::abi::kvm::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
-use handover::fs::FileKind;
+use handover::host::files::FileKind;
 use handover::host::Host;
 use handover::kexec::BootParams;
 use handover::kvm::{IoAction, IoEvent, RunExit};

@@ -278,7 +278,7 @@ fn preserve_and_retrieve_in_either_order_without_a_guest() {
         };
         let gf = h.fd_file(pid, g).unwrap();
         match h.files.kind(gf) {
-            Some(handover::fs::FileKind::GuestMemfd(x)) => {
+            Some(handover::host::files::FileKind::GuestMemfd(x)) => {
                 assert_eq!(x.pages.nr_present(), present, "holes stay holes");
                 assert!(!x.frozen, "a retrieved guest_memfd is not frozen");
                 assert!(x.vm.name.starts_with("restored-"));

@@ -180,7 +180,9 @@ fn memory_released_by_one_file_reads_as_zeros_in_another() {
     h.pwrite(pid, a, &vec![0xa5u8; 1 << 20], 0).unwrap();
     let fa = h.fd_file(pid, a).unwrap();
     let frames_a: Vec<u64> = match h.files.kind(fa) {
-        Some(handover::fs::FileKind::Memfd(m)) => m.pages.iter().map(|(_, pfn)| pfn).collect(),
+        Some(handover::host::files::FileKind::Memfd(m)) => {
+            m.pages.iter().map(|(_, pfn)| pfn).collect()
+        }
         _ => unreachable!(),
     };
     h.close(pid, a).unwrap();
@@ -189,7 +191,9 @@ fn memory_released_by_one_file_reads_as_zeros_in_another() {
     h.fallocate(pid, b, 0, 0, 1 << 20).unwrap();
     let fb = h.fd_file(pid, b).unwrap();
     let frames_b: Vec<u64> = match h.files.kind(fb) {
-        Some(handover::fs::FileKind::Memfd(m)) => m.pages.iter().map(|(_, pfn)| pfn).collect(),
+        Some(handover::host::files::FileKind::Memfd(m)) => {
+            m.pages.iter().map(|(_, pfn)| pfn).collect()
+        }
         _ => unreachable!(),
     };
     assert!(

@@ -1,8 +1,8 @@
 //! memfd: an anonymous shmem file with seals. Pages are order-0 folios in RAM, allocated on
 //! first write or fault; holes read as zeros.
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::mm::{Folio, Mm, PageCache, PhysRead, PAGE_SIZE};
-use crate::uapi::{Errno, SysResult};
 
 pub const F_SEAL_SEAL: u32 = 0x0001;
 pub const F_SEAL_SHRINK: u32 = 0x0002;

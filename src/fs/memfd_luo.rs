@@ -5,14 +5,15 @@
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kho::KhoArraySer;
 use crate::fs::memfd::{ALL_SEALS, MAX_SIZE};
-use crate::fs::{FileId, FileKind, Memfd};
+use crate::fs::{FileId, Memfd};
+use crate::host::files::FileKind;
 use crate::host::Host;
 use crate::kho::array::PreservedArray;
 use crate::luo::{FileArgs, FileHandler};
 use crate::mm::{Folio, PhysRead, PAGE_SIZE};
-use crate::uapi::{Errno, SysResult};
 
 pub const COMPATIBLE: &str = "memfd-v2";
 pub const FOLIO_DIRTY: u64 = 1 << 0;
@@ -75,7 +76,7 @@ fn undo(host: &mut Host, file: Option<FileId>, folios: &[Folio]) {
     }
 }
 
-impl FileHandler for MemfdHandler {
+impl FileHandler<Host> for MemfdHandler {
     fn compatible(&self) -> &'static str {
         COMPATIBLE
     }

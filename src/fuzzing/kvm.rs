@@ -13,7 +13,7 @@
 use zerocopy::IntoBytes;
 
 use crate::abi::kvm::*;
-use crate::fs::FileKind;
+use crate::host::files::FileKind;
 use crate::host::Host;
 use crate::mm::PAGE_SIZE;
 use crate::uapi::{Pid, UserMapping};

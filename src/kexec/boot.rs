@@ -99,7 +99,7 @@ impl Host {
     /// refused.
     pub fn boot_with(
         mut params: BootParams,
-        handlers: &[Arc<dyn FileHandler>],
+        handlers: &[Arc<dyn FileHandler<Host>>],
     ) -> Result<Host, BootError> {
         let t0 = Instant::now();
         let boot_start_ns = monotonic_ns();
@@ -297,7 +297,7 @@ impl Host {
 impl Host {
     /// File handlers, registered before user space can open `/dev/liveupdate` (upstream:
     /// late_initcall and module init).
-    fn register_handlers(&mut self, handlers: &[Arc<dyn FileHandler>]) {
+    fn register_handlers(&mut self, handlers: &[Arc<dyn FileHandler<Host>>]) {
         for h in handlers {
             if let Err(e) = self.luo.register(h.clone()) {
                 tracing::warn!("liveupdate: cannot register a file handler: {e}");

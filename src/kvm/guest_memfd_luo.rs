@@ -13,13 +13,14 @@
 
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kvm::*;
-use crate::fs::{FileId, FileKind};
+use crate::fs::FileId;
+use crate::host::files::FileKind;
 use crate::host::Host;
 use crate::kho::array::PreservedArray;
 use crate::luo::{FileArgs, FileHandler};
 use crate::mm::{Folio, PhysRead, PAGE_SIZE};
-use crate::uapi::{Errno, SysResult};
 
 use super::guest_memfd::MAX_SIZE;
 
@@ -272,7 +273,7 @@ impl GuestMemfdHandler {
     }
 }
 
-impl FileHandler for GuestMemfdHandler {
+impl FileHandler<Host> for GuestMemfdHandler {
     fn compatible(&self) -> &'static str {
         match self.format {
             Format::V1 => GUEST_MEMFD_LUO_FH_COMPATIBLE,

@@ -3,16 +3,12 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use zerocopy::FromBytes;
+use kvm_ioctls::{VcpuFd, VmFd};
 
-use crate::abi::kvm::*;
-use crate::fs::{FileId, FileKind};
-use crate::host::Host;
-use crate::mm::{VaWindow, PAGE_SIZE};
-use crate::uapi::{Errno, MapId, Pid, SysResult, KERNEL_PID};
-
-use super::GuestMemfd;
+use crate::abi::errno::{Errno, SysResult};
+use crate::fs::FileId;
+use crate::mm::VaWindow;
+use crate::uapi::MapId;
 
 /// The real VM behind a VM file. Shared with the VM's guest_memfds (as `struct kvm` is).
 pub struct VmInner {
@@ -25,11 +21,11 @@ pub struct VmInner {
     /// The host windows the real KVM memslots point into, by slot. A window is referenced
     /// here from the moment KVM accepted the slot until KVM has deleted it, so its address
     /// range is never unmapped (and never reused) while a guest can reach it.
-    windows: Mutex<BTreeMap<u32, Arc<VaWindow>>>,
+    pub(crate) windows: Mutex<BTreeMap<u32, Arc<VaWindow>>>,
 }
 
 impl VmInner {
-    fn new(fd: VmFd, vm_type: u64, id: u64, name: String) -> Self {
+    pub(crate) fn new(fd: VmFd, vm_type: u64, id: u64, name: String) -> Self {
         Self {
             fd,
             vm_type,
@@ -54,7 +50,7 @@ impl VmInner {
     /// Set or delete a real memslot, and only once KVM has done so, swap the window it
     /// holds: the old window (if any) is released after KVM stopped using it. On error
     /// nothing changed, in KVM or here.
-    fn set_slot(
+    pub(crate) fn set_slot(
         &self,
         slot: u32,
         gpa: u64,
@@ -130,7 +126,7 @@ pub struct VcpuFile {
     pub id: u64,
 }
 
-fn arg_u64(arg: &[u8]) -> SysResult<u64> {
+pub(crate) fn arg_u64(arg: &[u8]) -> SysResult<u64> {
     let b: [u8; 8] = arg
         .get(..8)
         .and_then(|b| b.try_into().ok())
@@ -138,262 +134,6 @@ fn arg_u64(arg: &[u8]) -> SysResult<u64> {
     Ok(u64::from_ne_bytes(b))
 }
 
-fn kvm_err(e: kvm_ioctls::Error) -> Errno {
+pub(crate) fn kvm_err(e: kvm_ioctls::Error) -> Errno {
     Errno(e.errno())
-}
-
-impl Host {
-    /// The machine's KVM, opened once per image.
-    pub fn real_kvm(&mut self) -> SysResult<Arc<Kvm>> {
-        if let Some(k) = &self.kvm {
-            return Ok(k.clone());
-        }
-        let k = Arc::new(Kvm::new().map_err(kvm_err)?);
-        // Ask the XSAVE size once, while /dev/kvm is open anyway (vCPU state capture needs it).
-        crate::kvm::vcpu::init_xsave_size(&k);
-        self.kvm = Some(k.clone());
-        Ok(k)
-    }
-
-    /// A new VM file of `vm_type` on the real KVM.
-    pub fn kvm_create_vm_file(&mut self, vm_type: u64, name: Option<String>) -> SysResult<FileId> {
-        let kvm = self.real_kvm()?;
-        let fd = kvm.create_vm_with_type(vm_type).map_err(kvm_err)?;
-        self.next_vm_id += 1;
-        let id = self.next_vm_id;
-        let inner = Arc::new(VmInner::new(
-            fd,
-            vm_type,
-            id,
-            name.unwrap_or_else(|| format!("vm-{id}")),
-        ));
-        Ok(self.files.install(FileKind::Vm(VmFile {
-            inner,
-            slots: BTreeMap::new(),
-            dead: false,
-        })))
-    }
-
-    pub(crate) fn kvm_dev_ioctl(&mut self, pid: Pid, cmd: u64, arg: &mut [u8]) -> SysResult<i64> {
-        match cmd {
-            KVM_GET_API_VERSION => Ok(12),
-            KVM_CHECK_EXTENSION => self.kvm_check_extension(arg_u64(arg)?),
-            KVM_CREATE_VM => {
-                let f = self.kvm_create_vm_file(arg_u64(arg)?, None)?;
-                Ok(self.fd_install(pid, f, true)? as i64)
-            }
-            _ => Err(Errno::ENOTTY),
-        }
-    }
-
-    fn kvm_check_extension(&mut self, cap: u64) -> SysResult<i64> {
-        Ok(match cap {
-            KVM_CAP_GUEST_MEMFD => 1,
-            KVM_CAP_GUEST_MEMFD_FLAGS => {
-                (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) as i64
-            }
-            c => {
-                let kvm = self.real_kvm()?;
-                // SAFETY-free: a plain ioctl on the real /dev/kvm.
-                kvm.check_extension_raw(c) as i64
-            }
-        })
-    }
-
-    pub(crate) fn kvm_vm_ioctl(
-        &mut self,
-        pid: Pid,
-        vm: FileId,
-        cmd: u64,
-        arg: &mut [u8],
-    ) -> SysResult<i64> {
-        match cmd {
-            KVM_CHECK_EXTENSION => self.kvm_check_extension(arg_u64(arg)?),
-            KVM_CREATE_GUEST_MEMFD => {
-                let a = CreateGuestMemfd::read_from_bytes(arg.get(..64).ok_or(Errno::EFAULT)?)
-                    .map_err(|_| Errno::EFAULT)?;
-                if a.reserved.iter().any(|&r| r != 0) {
-                    return Err(Errno::EINVAL);
-                }
-                let f = self.gmem_create(vm, a.size, a.flags)?;
-                // Like the kernel: a guest_memfd fd is not close-on-exec.
-                Ok(self.fd_install(pid, f, false)? as i64)
-            }
-            KVM_SET_USER_MEMORY_REGION2 => {
-                let r = UserMemoryRegion2::read_from_bytes(arg.get(..160).ok_or(Errno::EFAULT)?)
-                    .map_err(|_| Errno::EFAULT)?;
-                self.kvm_set_memory_region(pid, vm, &r)?;
-                Ok(0)
-            }
-            KVM_CREATE_VCPU => {
-                let id = arg_u64(arg)?;
-                let inner = self.vm_inner(vm)?;
-                let vcpu = inner.fd.create_vcpu(id).map_err(kvm_err)?;
-                let f = self.files.install(FileKind::Vcpu(VcpuFile {
-                    vcpu: Arc::new(Mutex::new(vcpu)),
-                    vm,
-                    id,
-                }));
-                Ok(self.fd_install(pid, f, true)? as i64)
-            }
-            _ => Err(Errno::ENOTTY),
-        }
-    }
-
-    pub fn vm_inner(&self, vm: FileId) -> SysResult<Arc<VmInner>> {
-        match self.files.kind(vm) {
-            Some(FileKind::Vm(v)) => Ok(v.inner.clone()),
-            _ => Err(Errno::EBADF),
-        }
-    }
-
-    /// `KVM_SET_USER_MEMORY_REGION2`. A guest_memfd slot points at the host's mapping of the
-    /// file; a plain slot at the caller's own mapping, which must hold the whole range. Every
-    /// check happens before KVM is asked; KVM's own answer (overlap EEXIST, slot limits, ...)
-    /// is passed through, and on any error nothing changed.
-    fn kvm_set_memory_region(
-        &mut self,
-        pid: Pid,
-        vm: FileId,
-        r: &UserMemoryRegion2,
-    ) -> SysResult<()> {
-        let inner = self.vm_inner(vm)?;
-        if r.flags & !KVM_MEM_GUEST_MEMFD != 0 || r.pad1 != 0 || r.pad2.iter().any(|&p| p != 0) {
-            return Err(Errno::EINVAL);
-        }
-        // As Linux: size, guest address and user address page aligned, no wrap-around.
-        if r.memory_size % PAGE_SIZE != 0
-            || r.guest_phys_addr % PAGE_SIZE != 0
-            || r.userspace_addr % PAGE_SIZE != 0
-            || r.guest_phys_addr.checked_add(r.memory_size).is_none()
-        {
-            return Err(Errno::EINVAL);
-        }
-        let old = match self.files.kind(vm) {
-            Some(FileKind::Vm(v)) => v.slots.get(&r.slot).copied(),
-            _ => return Err(Errno::EBADF),
-        };
-        // As Linux: a guest_memfd slot is immutable (it can only be deleted), and a slot
-        // cannot become one.
-        if r.memory_size != 0
-            && old.is_some()
-            && (r.flags & KVM_MEM_GUEST_MEMFD != 0 || old.is_some_and(|o| o.gmem.is_some()))
-        {
-            return Err(Errno::EINVAL);
-        }
-        if r.memory_size == 0 {
-            inner.set_slot(r.slot, 0, None, 0)?;
-            self.forget_slot(vm, r.slot, old);
-            return Ok(());
-        }
-        let (map, window, off, gmem) = if r.flags & KVM_MEM_GUEST_MEMFD != 0 {
-            let gfile = self.fd_file(pid, r.guest_memfd as i32)?;
-            let g: &GuestMemfd = match self.files.kind(gfile) {
-                Some(FileKind::GuestMemfd(g)) => g,
-                _ => return Err(Errno::EINVAL),
-            };
-            if !Arc::ptr_eq(&g.vm, &inner)
-                || r.guest_memfd_offset % PAGE_SIZE != 0
-                || r.guest_memfd_offset
-                    .checked_add(r.memory_size)
-                    .is_none_or(|e| e > g.size)
-            {
-                return Err(Errno::EINVAL);
-            }
-            let m = self.kernel_map(gfile)?;
-            let w = self
-                .maps
-                .get(&m)
-                .map(|x| x.window.clone())
-                .ok_or(Errno::EFAULT)?;
-            (
-                m,
-                w,
-                r.guest_memfd_offset,
-                Some((gfile, r.guest_memfd_offset)),
-            )
-        } else {
-            let (m, w) = self.user_window(pid, r.userspace_addr, r.memory_size)?;
-            let off = r.userspace_addr - w.base() as u64;
-            (m, w, off, None)
-        };
-        if let Err(e) = inner.set_slot(
-            r.slot,
-            r.guest_phys_addr,
-            Some((window, off)),
-            r.memory_size,
-        ) {
-            // A kernel mapping made for this call and used by no slot goes again.
-            self.drop_kernel_map_if_unused(vm, map);
-            return Err(e);
-        }
-        self.forget_slot(vm, r.slot, old);
-        if let Some(FileKind::Vm(v)) = self.files.kind_mut(vm) {
-            v.slots.insert(
-                r.slot,
-                Slot {
-                    gpa: r.guest_phys_addr,
-                    size: r.memory_size,
-                    gmem,
-                    map,
-                },
-            );
-        }
-        Ok(())
-    }
-
-    /// KVM no longer has `old` at `slot`: drop it from the VM's table, and the guest_memfd
-    /// kernel mapping it used if no other slot uses it.
-    fn forget_slot(&mut self, vm: FileId, slot: u32, old: Option<Slot>) {
-        if let Some(FileKind::Vm(v)) = self.files.kind_mut(vm) {
-            v.slots.remove(&slot);
-        }
-        if let Some(o) = old {
-            self.drop_kernel_map_if_unused(vm, o.map);
-        }
-    }
-
-    /// Remove mapping `map` if it is a guest_memfd kernel mapping that no slot of `vm` uses.
-    fn drop_kernel_map_if_unused(&mut self, vm: FileId, map: MapId) {
-        let kernel = self.maps.get(&map).is_some_and(|m| m.pid == KERNEL_PID);
-        let used = match self.files.kind(vm) {
-            Some(FileKind::Vm(v)) => v.slots.values().any(|s| s.map == map),
-            _ => false,
-        };
-        if kernel && !used {
-            self.unmap_id(map);
-        }
-    }
-
-    /// Release of a VM file. The real VM lives on while a guest_memfd or vCPU of it does, and
-    /// keeps its memslots (their windows stay reserved, see [`VmInner`]); the guest_memfd
-    /// kernel mappings go now, emptied, so the files can be released and their frames freed.
-    pub(crate) fn kvm_vm_release(&mut self, v: VmFile) {
-        let maps: std::collections::BTreeSet<MapId> = v.slots.values().map(|s| s.map).collect();
-        for m in maps {
-            if self.maps.get(&m).is_some_and(|x| x.pid == KERNEL_PID) {
-                self.unmap_id(m);
-            }
-        }
-    }
-
-    /// The vCPU behind `fd`, for register access (the real vCPU fd, as a VMM uses it).
-    pub fn vcpu(&self, pid: Pid, fd: i32) -> SysResult<Arc<Mutex<VcpuFd>>> {
-        match self.files.kind(self.fd_file(pid, fd)?) {
-            Some(FileKind::Vcpu(v)) => Ok(v.vcpu.clone()),
-            _ => Err(Errno::EINVAL),
-        }
-    }
-
-    /// Mark a VM dead (what KVM does after an unrecoverable error); it can no longer be
-    /// preserved.
-    pub fn kvm_kill_vm(&mut self, pid: Pid, fd: i32) -> SysResult<()> {
-        match self.files.kind_mut(self.fd_file(pid, fd)?) {
-            Some(FileKind::Vm(v)) => {
-                v.dead = true;
-                Ok(())
-            }
-            _ => Err(Errno::EINVAL),
-        }
-    }
 }

@@ -3,16 +3,17 @@
 
 use zerocopy::IntoBytes;
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kvm::{KvmLuoSer, KVM_LUO_FH_COMPATIBLE};
-use crate::fs::{FileId, FileKind};
+use crate::fs::FileId;
+use crate::host::files::FileKind;
 use crate::host::Host;
 use crate::luo::{FileArgs, FileHandler};
 use crate::mm::{Folio, PhysRead};
-use crate::uapi::{Errno, SysResult};
 
 pub struct VmHandler;
 
-impl FileHandler for VmHandler {
+impl FileHandler<Host> for VmHandler {
     fn compatible(&self) -> &'static str {
         KVM_LUO_FH_COMPATIBLE
     }

@@ -3,9 +3,8 @@
 
 use std::any::Any;
 
+use crate::abi::errno::SysResult;
 use crate::fs::FileId;
-use crate::host::Host;
-use crate::uapi::SysResult;
 
 use super::SessionId;
 
@@ -24,31 +23,33 @@ pub struct FileArgs {
     pub retrieve_status: i32,
 }
 
-pub trait FileHandler: Send + Sync {
+/// `C` is the context the callbacks work in: the host that serves the files (the
+/// composition root), which this module does not know.
+pub trait FileHandler<C: ?Sized>: Send + Sync {
     /// Identifies the handler and its serialization format (≤ 47 bytes).
     fn compatible(&self) -> &'static str;
     /// Cheap check whether this handler takes the file.
-    fn can_preserve(&self, host: &Host, file: FileId) -> bool;
+    fn can_preserve(&self, host: &C, file: FileId) -> bool;
     /// Pin and preserve the file's memory while the workload runs; set `serialized`.
-    fn preserve(&self, host: &mut Host, a: &mut FileArgs) -> SysResult<()>;
+    fn preserve(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()>;
     /// Undo `preserve` completely.
-    fn unpreserve(&self, host: &mut Host, a: &mut FileArgs);
+    fn unpreserve(&self, host: &mut C, a: &mut FileArgs);
     /// Last chance before kexec; may update the blob.
-    fn freeze(&self, _host: &mut Host, _a: &mut FileArgs) -> SysResult<()> {
+    fn freeze(&self, _host: &mut C, _a: &mut FileArgs) -> SysResult<()> {
         Ok(())
     }
     /// A later freeze failed: undo `freeze`.
-    fn unfreeze(&self, _host: &mut Host, _a: &mut FileArgs) {}
+    fn unfreeze(&self, _host: &mut C, _a: &mut FileArgs) {}
     /// Rebuild the file in the new image; set `file`.
-    fn retrieve(&self, host: &mut Host, a: &mut FileArgs) -> SysResult<()>;
+    fn retrieve(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()>;
     /// May the session finish now?
-    fn can_finish(&self, _host: &Host, _a: &FileArgs) -> bool {
+    fn can_finish(&self, _host: &C, _a: &FileArgs) -> bool {
         true
     }
     /// Session finished: drop handed-over state (discard memory of a never-retrieved file).
-    fn finish(&self, host: &mut Host, a: &mut FileArgs);
+    fn finish(&self, host: &mut C, a: &mut FileArgs);
     /// Identity for the "preserved once" rule (default: the open file itself).
-    fn get_id(&self, _host: &Host, file: FileId) -> u64 {
+    fn get_id(&self, _host: &C, file: FileId) -> u64 {
         file
     }
 }

@@ -2,17 +2,16 @@
 //! handlers, and their (de)serialization through KHO.
 //!
 //! * [`handler`]: the file-handler trait (upstream `liveupdate_file_ops`) and registry.
-//! * [`core`]: the device: exclusive open, first-open deserialization, CREATE/RETRIEVE_SESSION.
-//! * [`session`]: session ioctls and session release.
-//! * [`file`]: preserve/retrieve/finish of files, the cross-file internal API.
-//! * [`serialize`]: the reboot path (freeze, write) and the boot path (read).
+//! * [`core`]: session names (the device itself is served by the host, `host::luo`).
+//! * [`serialize`]: the handover's validation and header (the reboot and boot paths are
+//!   served by the host).
 //! * [`ucmd`]: the generic ioctl argument rules.
 
 pub mod core;
-pub mod file;
+
 pub mod handler;
 pub mod serialize;
-pub mod session;
+
 /// The `/dev/liveupdate-test` handler (test hook).
 #[cfg(feature = "test-hooks")]
 pub mod test_handler;
@@ -28,9 +27,9 @@ pub use handler::{FileArgs, FileHandler};
 pub type SessionId = u64;
 
 /// A preserved (outgoing) or handed-over (incoming) file of a session.
-pub struct LuoFile {
+pub struct LuoFile<C: ?Sized> {
     pub token: u64,
-    pub handler: Arc<dyn FileHandler>,
+    pub handler: Arc<dyn FileHandler<C>>,
     /// Identity for the "preserved once" rule (outgoing only).
     pub id: Option<u64>,
     pub args: FileArgs,
@@ -47,20 +46,20 @@ pub enum SessionKind {
     },
 }
 
-pub struct Session {
+pub struct Session<C: ?Sized> {
     pub name: String,
     pub kind: SessionKind,
-    pub files: Vec<LuoFile>,
+    pub files: Vec<LuoFile<C>>,
 }
 
-/// LUO state of one image.
-pub struct Luo {
+/// LUO state of one image; `C` is the context of its file handlers (the host).
+pub struct Luo<C: ?Sized> {
     pub enabled: bool,
-    pub(crate) handlers: Vec<Arc<dyn FileHandler>>,
+    pub(crate) handlers: Vec<Arc<dyn FileHandler<C>>>,
     pub(crate) dev_open: bool,
     /// Result of the first open's deserialization: `None` before it, then sticky.
     pub(crate) deserialized: Option<Result<(), i32>>,
-    pub(crate) sessions: BTreeMap<SessionId, Session>,
+    pub(crate) sessions: BTreeMap<SessionId, Session<C>>,
     /// Outgoing sessions in creation order.
     pub(crate) outgoing: Vec<SessionId>,
     pub(crate) next_session: SessionId,
@@ -70,7 +69,7 @@ pub struct Luo {
     pub liveupdate_num: u64,
 }
 
-impl Luo {
+impl<C: ?Sized> Luo<C> {
     pub fn new(enabled: bool) -> Self {
         Self {
             enabled,
@@ -88,8 +87,8 @@ impl Luo {
     /// Register a file handler. Refuses a duplicate compatible string (EEXIST), one longer than
     /// 47 bytes (EINVAL), and registration after the first open deserialized the incoming
     /// state (EBUSY: its files would have been refused already).
-    pub fn register(&mut self, h: Arc<dyn FileHandler>) -> crate::uapi::SysResult<()> {
-        use crate::uapi::Errno;
+    pub fn register(&mut self, h: Arc<dyn FileHandler<C>>) -> crate::abi::errno::SysResult<()> {
+        use crate::abi::errno::Errno;
         if !self.enabled {
             return Err(Errno::EOPNOTSUPP);
         }
@@ -107,18 +106,18 @@ impl Luo {
         Ok(())
     }
 
-    pub fn handler(&self, compatible: &str) -> Option<Arc<dyn FileHandler>> {
+    pub fn handler(&self, compatible: &str) -> Option<Arc<dyn FileHandler<C>>> {
         self.handlers
             .iter()
             .find(|h| h.compatible() == compatible)
             .cloned()
     }
 
-    pub fn session(&self, id: SessionId) -> Option<&Session> {
+    pub fn session(&self, id: SessionId) -> Option<&Session<C>> {
         self.sessions.get(&id)
     }
 
-    pub fn session_mut(&mut self, id: SessionId) -> Option<&mut Session> {
+    pub fn session_mut(&mut self, id: SessionId) -> Option<&mut Session<C>> {
         self.sessions.get_mut(&id)
     }
 

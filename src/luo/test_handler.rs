@@ -1,10 +1,11 @@
 //! A handler for `/dev/liveupdate-test` files, to test the LUO core itself (upstream has
 //! CONFIG_LIVEUPDATE_TEST for the same purpose). Its freeze and can_finish can be told to fail.
 
-use crate::fs::{FileId, FileKind, TestFile};
+use crate::abi::errno::{Errno, SysResult};
+use crate::fs::{FileId, TestFile};
+use crate::host::files::FileKind;
 use crate::host::Host;
 use crate::mm::{PhysRead, PAGE_SIZE};
-use crate::uapi::{Errno, SysResult};
 
 use super::{FileArgs, FileHandler};
 
@@ -12,7 +13,7 @@ pub const COMPATIBLE: &str = "liveupdate-test-v1";
 
 pub struct TestHandler;
 
-impl FileHandler for TestHandler {
+impl FileHandler<Host> for TestHandler {
     fn compatible(&self) -> &'static str {
         COMPATIBLE
     }

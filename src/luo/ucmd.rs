@@ -4,7 +4,7 @@
 
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::uapi::{Errno, SysResult};
+use crate::abi::errno::{Errno, SysResult};
 
 /// Decode the argument struct `T` from the user's buffer.
 pub fn read<T: FromBytes + IntoBytes>(arg: &[u8], min_size: usize) -> SysResult<T> {

@@ -1,13 +1,14 @@
 //! Session fds: PRESERVE_FD, RETRIEVE_FD, FINISH, GET_NAME, and what closing one means.
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::abi::luo::{
     PreserveFd, SessionFinish, SessionGetName, LIVEUPDATE_IOCTL_TYPE, LIVEUPDATE_SESSION_FINISH,
     LIVEUPDATE_SESSION_GET_NAME, LIVEUPDATE_SESSION_PRESERVE_FD, LIVEUPDATE_SESSION_RETRIEVE_FD,
 };
 use crate::host::Host;
-use crate::uapi::{Errno, Pid, SysResult};
+use crate::uapi::Pid;
 
-use super::{ucmd, SessionId, SessionKind};
+use crate::luo::{ucmd, SessionId, SessionKind};
 
 impl Host {
     pub(crate) fn luo_session_ioctl(

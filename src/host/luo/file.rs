@@ -2,11 +2,12 @@
 //! sticky failures), finish, unpreserve, and the cross-file internal API handlers use to find
 //! each other.
 
+use crate::abi::errno::{Errno, SysResult};
 use crate::fs::FileId;
 use crate::host::Host;
-use crate::uapi::{Errno, Pid, SysResult};
+use crate::uapi::Pid;
 
-use super::{FileArgs, LuoFile, SessionId};
+use crate::luo::{FileArgs, LuoFile, SessionId};
 
 impl Host {
     /// Lend a file's args to a handler callback: `(handler, args)`; give them back with
@@ -15,7 +16,7 @@ impl Host {
         &mut self,
         sid: SessionId,
         idx: usize,
-    ) -> Option<(std::sync::Arc<dyn super::FileHandler>, FileArgs)> {
+    ) -> Option<(std::sync::Arc<dyn crate::luo::FileHandler<Host>>, FileArgs)> {
         let f = self.luo.session_mut(sid)?.files.get_mut(idx)?;
         f.busy = true;
         Some((f.handler.clone(), std::mem::take(&mut f.args)))
@@ -181,7 +182,7 @@ impl Host {
         // FINISH accepts the update: nothing rolls back after it.
         self.kho
             .commit(&mut self.mm)
-            .map_err(crate::uapi::Errno::from)?;
+            .map_err(crate::abi::errno::Errno::from)?;
         while let Some(n) = self
             .luo
             .session(sid)

@@ -1,11 +1,20 @@
 //! The host image: everything a running "kernel" owns. All of it dies at kexec except RAM.
+//!
+//! The composition root: the subsystems below (`mm`, `kho`, `luo`, `fs`, `kvm`, `uapi` types)
+//! know nothing of [`Host`]; the glue that serves them on a host lives here.
+
+pub mod files;
+mod kvm;
+mod luo;
+mod mmap;
+mod uapi;
 
 use std::io::Write;
 use std::path::PathBuf;
 
 use std::collections::BTreeMap;
 
-use crate::fs::FileTable;
+use crate::host::files::FileTable;
 use crate::kexec::{BootInfo, BootParams};
 use crate::kho::Kho;
 use crate::luo::Luo;
@@ -15,7 +24,7 @@ use crate::uapi::{MapId, Mapping, Pid, Process};
 pub struct Host {
     pub mm: Mm,
     pub kho: Kho,
-    pub luo: Luo,
+    pub luo: Luo<Host>,
     pub files: FileTable,
     pub procs: BTreeMap<Pid, Process>,
     pub maps: BTreeMap<MapId, Mapping>,

@@ -1,0 +1,13 @@
+//! What every subsystem may say about a file: its id, and the file kind of the LUO core tests.
+
+pub type FileId = u64;
+
+/// A file for LUO core tests: preserved by the `test-file` handler.
+#[derive(Debug, Default, Clone)]
+pub struct TestFile {
+    pub value: u64,
+    /// Make the handler's `freeze` fail with this errno.
+    pub fail_freeze: Option<i32>,
+    /// Make the handler's `can_finish` say no.
+    pub block_finish: bool,
+}

@@ -1,0 +1,124 @@
+//! The open-file table. A file is reference counted like `struct file`: fd table entries,
+//! mappings and LUO each hold a reference; the last `put` releases it. The kinds of file are
+//! known here, at the composition root, above the subsystems that define them.
+
+use std::collections::HashMap;
+
+use crate::fs::file::{FileId, TestFile};
+use crate::fs::memfd::Memfd;
+
+/// What a file is. Per-kind state lives here.
+pub enum FileKind {
+    /// `/dev/null`.
+    Null,
+    /// `/dev/liveupdate`.
+    Liveupdate,
+    /// A LUO session fd.
+    Session(crate::luo::SessionId),
+    Memfd(Memfd),
+    /// `/dev/kvm`.
+    Kvm,
+    /// A KVM VM.
+    Vm(crate::kvm::VmFile),
+    /// A KVM vCPU.
+    Vcpu(crate::kvm::VcpuFile),
+    /// A guest_memfd.
+    GuestMemfd(crate::kvm::GuestMemfd),
+    /// A file kind for tests of the LUO core (its handler can be told to fail).
+    Test(TestFile),
+}
+
+impl FileKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            FileKind::Null => "null",
+            FileKind::Liveupdate => "liveupdate",
+            FileKind::Session(_) => "[luo_session]",
+            FileKind::Memfd(_) => "memfd",
+            FileKind::Kvm => "kvm",
+            FileKind::Vm(_) => "kvm-vm",
+            FileKind::Vcpu(_) => "kvm-vcpu",
+            FileKind::GuestMemfd(_) => "[kvm-gmem]",
+            FileKind::Test(_) => "test",
+        }
+    }
+}
+
+pub struct File {
+    pub kind: FileKind,
+    /// File position for read/write.
+    pub pos: u64,
+    refs: u32,
+}
+
+#[derive(Default)]
+pub struct FileTable {
+    files: HashMap<FileId, File>,
+    next: FileId,
+}
+
+impl FileTable {
+    /// A new file with one reference.
+    pub fn install(&mut self, kind: FileKind) -> FileId {
+        self.next += 1;
+        self.files.insert(
+            self.next,
+            File {
+                kind,
+                pos: 0,
+                refs: 1,
+            },
+        );
+        self.next
+    }
+
+    pub fn get(&self, id: FileId) -> Option<&File> {
+        self.files.get(&id)
+    }
+
+    pub fn get_mut(&mut self, id: FileId) -> Option<&mut File> {
+        self.files.get_mut(&id)
+    }
+
+    pub fn kind(&self, id: FileId) -> Option<&FileKind> {
+        self.files.get(&id).map(|f| &f.kind)
+    }
+
+    pub fn kind_mut(&mut self, id: FileId) -> Option<&mut FileKind> {
+        self.files.get_mut(&id).map(|f| &mut f.kind)
+    }
+
+    /// Take another reference.
+    pub fn get_ref(&mut self, id: FileId) {
+        if let Some(f) = self.files.get_mut(&id) {
+            f.refs += 1;
+        }
+    }
+
+    /// Drop a reference; the file when it was the last one (the caller releases it).
+    pub fn put(&mut self, id: FileId) -> Option<File> {
+        let f = self.files.get_mut(&id)?;
+        f.refs -= 1;
+        if f.refs == 0 {
+            self.files.remove(&id)
+        } else {
+            None
+        }
+    }
+
+    pub fn refs(&self, id: FileId) -> u32 {
+        self.files.get(&id).map_or(0, |f| f.refs)
+    }
+
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    pub fn ids(&self) -> Vec<FileId> {
+        self.files.keys().copied().collect()
+    }
+}

@@ -1,0 +1,5 @@
+//! KVM on the host: `/dev/kvm`, VM and vCPU files, guest_memfd, running vCPUs.
+
+mod guest_memfd;
+pub(crate) mod run;
+mod vm;

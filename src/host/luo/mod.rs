@@ -1,0 +1,6 @@
+//! LUO on the host: the device, sessions, files, and the kexec path.
+
+mod core;
+mod file;
+mod serialize;
+mod session;

@@ -1,0 +1,282 @@
+//! The process-facing API ([`crate::uapi`]) served by the host: processes, fds, files.
+
+use crate::fs::{FileId, Memfd};
+use crate::host::files::FileKind;
+use crate::host::Host;
+use crate::uapi::*;
+pub use errno::{Errno, SysResult};
+pub use process::{FdEntry, Pid, Process};
+
+impl Host {
+    /// Start a new user process with an empty fd table.
+    pub fn spawn(&mut self) -> Pid {
+        self.next_pid += 1;
+        let pid = self.next_pid;
+        self.procs.insert(
+            pid,
+            Process {
+                pid,
+                ..Default::default()
+            },
+        );
+        pid
+    }
+
+    /// Process exit: every mapping goes and every fd closes, with the LUO consequences.
+    pub fn exit(&mut self, pid: Pid) {
+        let Some(p) = self.procs.remove(&pid) else {
+            return;
+        };
+        for m in p.maps {
+            self.unmap_id(m);
+        }
+        for (_, e) in p.fds.into_iter().rev() {
+            self.fput(e.file);
+        }
+    }
+
+    pub fn proc_ref(&self, pid: Pid) -> SysResult<&Process> {
+        self.procs.get(&pid).ok_or(Errno::EINVAL)
+    }
+
+    /// The file behind `fd`.
+    pub fn fd_file(&self, pid: Pid, fd: i32) -> SysResult<FileId> {
+        self.procs
+            .get(&pid)
+            .ok_or(Errno::EINVAL)?
+            .fds
+            .get(&fd)
+            .map(|e| e.file)
+            .ok_or(Errno::EBADF)
+    }
+
+    /// Install a file reference (consumed) at the lowest free fd.
+    pub fn fd_install(&mut self, pid: Pid, file: FileId, cloexec: bool) -> SysResult<i32> {
+        let p = match self.procs.get_mut(&pid) {
+            Some(p) => p,
+            None => {
+                self.fput(file);
+                return Err(Errno::EINVAL);
+            }
+        };
+        let Some(fd) = p.alloc_fd() else {
+            self.fput(file);
+            return Err(Errno::EMFILE);
+        };
+        p.fds.insert(fd, FdEntry { file, cloexec });
+        Ok(fd)
+    }
+
+    pub fn fget(&mut self, file: FileId) {
+        self.files.get_ref(file);
+    }
+
+    /// Drop a file reference; on the last one, release the file.
+    pub fn fput(&mut self, file: FileId) {
+        let Some(f) = self.files.put(file) else {
+            return;
+        };
+        match f.kind {
+            FileKind::Liveupdate => self.luo_dev_release(),
+            FileKind::Session(sid) => self.luo_session_release(sid),
+            FileKind::Memfd(mut m) => {
+                if let Err(e) = m.pages.release(&mut self.mm) {
+                    tracing::warn!("memfd release: {e}");
+                }
+            }
+            FileKind::Vm(v) => self.kvm_vm_release(v),
+            FileKind::GuestMemfd(g) => self.gmem_release(g),
+            FileKind::Null | FileKind::Test(_) | FileKind::Kvm | FileKind::Vcpu(_) => {}
+        }
+    }
+
+    pub fn open(&mut self, pid: Pid, path: &str, flags: u32) -> SysResult<i32> {
+        self.proc_ref(pid)?;
+        let file = match path {
+            "/dev/null" => self.files.install(FileKind::Null),
+            "/dev/liveupdate" => self.luo_open()?,
+            "/dev/kvm" => {
+                self.real_kvm().map_err(|_| Errno::ENOENT)?;
+                self.files.install(FileKind::Kvm)
+            }
+            // Test hook: files for the LUO core tests.
+            #[cfg(feature = "test-hooks")]
+            "/dev/liveupdate-test" if self.luo.enabled => {
+                self.files.install(FileKind::Test(Default::default()))
+            }
+            _ => return Err(Errno::ENOENT),
+        };
+        self.fd_install(pid, file, flags & O_CLOEXEC != 0)
+    }
+
+    pub fn close(&mut self, pid: Pid, fd: i32) -> SysResult<()> {
+        let e = self
+            .procs
+            .get_mut(&pid)
+            .ok_or(Errno::EINVAL)?
+            .fds
+            .remove(&fd)
+            .ok_or(Errno::EBADF)?;
+        self.fput(e.file);
+        Ok(())
+    }
+
+    pub fn dup(&mut self, pid: Pid, fd: i32) -> SysResult<i32> {
+        let f = self.fd_file(pid, fd)?;
+        self.fget(f);
+        self.fd_install(pid, f, false)
+    }
+
+    /// ioctl with the user's argument buffer.
+    pub fn ioctl(&mut self, pid: Pid, fd: i32, cmd: u64, arg: &mut [u8]) -> SysResult<i64> {
+        let f = self.fd_file(pid, fd)?;
+        match self.files.kind(f) {
+            Some(FileKind::Liveupdate) => self.luo_dev_ioctl(pid, cmd, arg),
+            Some(FileKind::Session(sid)) => {
+                let sid = *sid;
+                self.luo_session_ioctl(pid, sid, cmd, arg)
+            }
+            Some(FileKind::Kvm) => self.kvm_dev_ioctl(pid, cmd, arg),
+            Some(FileKind::Vm(_)) => self.kvm_vm_ioctl(pid, f, cmd, arg),
+            Some(_) => Err(Errno::ENOTTY),
+            None => Err(Errno::EBADF),
+        }
+    }
+
+    pub fn memfd_create(&mut self, pid: Pid, name: &str, flags: u32) -> SysResult<i32> {
+        use crate::fs::memfd::{MFD_ALLOW_SEALING, MFD_CLOEXEC, MFD_HUGETLB};
+        if flags & !(MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB) != 0 || name.len() > 249 {
+            return Err(Errno::EINVAL);
+        }
+        self.proc_ref(pid)?;
+        let file = self.files.install(FileKind::Memfd(Memfd::new(name, flags)));
+        self.fd_install(pid, file, flags & MFD_CLOEXEC != 0)
+    }
+
+    fn memfd_of(&mut self, pid: Pid, fd: i32) -> SysResult<(FileId, &mut Memfd)> {
+        let f = self.fd_file(pid, fd)?;
+        match self.files.kind_mut(f) {
+            Some(FileKind::Memfd(m)) => Ok((f, m)),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    pub fn ftruncate(&mut self, pid: Pid, fd: i32, size: u64) -> SysResult<()> {
+        let f = self.fd_file(pid, fd)?;
+        let dropped = match self.files.kind_mut(f) {
+            Some(FileKind::Memfd(m)) => m.truncate(&mut self.mm, size)?,
+            _ => return Err(Errno::EINVAL),
+        };
+        if let Some(d) = dropped {
+            self.unmap_file_pages(f, d.range.0, d.range.1);
+            d.free(&mut self.mm)?;
+        }
+        Ok(())
+    }
+
+    pub fn pread(&mut self, pid: Pid, fd: i32, buf: &mut [u8], pos: u64) -> SysResult<usize> {
+        let f = self.fd_file(pid, fd)?;
+        match self.files.kind(f) {
+            Some(FileKind::Memfd(m)) => m.read_at(&self.mm, pos, buf),
+            Some(FileKind::Null) => Ok(0),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    pub fn pwrite(&mut self, pid: Pid, fd: i32, data: &[u8], pos: u64) -> SysResult<usize> {
+        let f = self.fd_file(pid, fd)?;
+        let new = match self.files.kind_mut(f) {
+            Some(FileKind::Memfd(m)) => m.write_at(&mut self.mm, pos, data)?,
+            Some(FileKind::Null) => return Ok(data.len()),
+            _ => return Err(Errno::EINVAL),
+        };
+        self.map_file_pages(f, &new);
+        Ok(data.len())
+    }
+
+    pub fn read(&mut self, pid: Pid, fd: i32, buf: &mut [u8]) -> SysResult<usize> {
+        let f = self.fd_file(pid, fd)?;
+        let pos = self.files.get(f).map_or(0, |x| x.pos);
+        let n = self.pread(pid, fd, buf, pos)?;
+        if let Some(x) = self.files.get_mut(f) {
+            x.pos = pos + n as u64;
+        }
+        Ok(n)
+    }
+
+    pub fn write(&mut self, pid: Pid, fd: i32, data: &[u8]) -> SysResult<usize> {
+        let f = self.fd_file(pid, fd)?;
+        let pos = self.files.get(f).map_or(0, |x| x.pos);
+        let n = self.pwrite(pid, fd, data, pos)?;
+        if let Some(x) = self.files.get_mut(f) {
+            x.pos = pos + n as u64;
+        }
+        Ok(n)
+    }
+
+    /// lseek with SEEK_SET / SEEK_CUR / SEEK_END.
+    pub fn lseek(&mut self, pid: Pid, fd: i32, off: i64, whence: i32) -> SysResult<u64> {
+        let f = self.fd_file(pid, fd)?;
+        let size = match self.files.kind(f) {
+            Some(FileKind::Memfd(m)) => m.size,
+            _ => return Err(Errno::ESPIPE),
+        };
+        let x = self.files.get_mut(f).ok_or(Errno::EBADF)?;
+        let base = match whence {
+            libc::SEEK_SET => 0,
+            libc::SEEK_CUR => x.pos as i64,
+            libc::SEEK_END => size as i64,
+            _ => return Err(Errno::EINVAL),
+        };
+        let p = base
+            .checked_add(off)
+            .filter(|p| *p >= 0)
+            .ok_or(Errno::EINVAL)?;
+        x.pos = p as u64;
+        Ok(x.pos)
+    }
+
+    pub fn add_seals(&mut self, pid: Pid, fd: i32, seals: u32) -> SysResult<()> {
+        self.memfd_of(pid, fd)?.1.add_seals(seals)
+    }
+
+    pub fn get_seals(&mut self, pid: Pid, fd: i32) -> SysResult<u32> {
+        Ok(self.memfd_of(pid, fd)?.1.seals)
+    }
+
+    pub fn fallocate(&mut self, pid: Pid, fd: i32, mode: i32, off: u64, len: u64) -> SysResult<()> {
+        let f = self.fd_file(pid, fd)?;
+        let (new, punched) = match self.files.kind_mut(f) {
+            Some(FileKind::Memfd(m)) => m.fallocate(&mut self.mm, mode, off, len)?,
+            Some(FileKind::GuestMemfd(_)) => return self.gmem_fallocate(f, mode, off, len),
+            _ => return Err(Errno::ENODEV),
+        };
+        if let Some(d) = punched {
+            self.unmap_file_pages(f, d.range.0, d.range.1);
+            d.free(&mut self.mm)?;
+        }
+        self.map_file_pages(f, &new);
+        Ok(())
+    }
+
+    /// Set the behaviour of a `/dev/liveupdate-test` file (LUO core tests).
+    #[cfg(feature = "test-hooks")]
+    pub fn test_file_set(&mut self, pid: Pid, fd: i32, t: crate::fs::TestFile) -> SysResult<()> {
+        let f = self.fd_file(pid, fd)?;
+        match self.files.kind_mut(f) {
+            Some(FileKind::Test(x)) => {
+                *x = t;
+                Ok(())
+            }
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    #[cfg(feature = "test-hooks")]
+    pub fn test_file_get(&self, pid: Pid, fd: i32) -> SysResult<crate::fs::TestFile> {
+        match self.files.kind(self.fd_file(pid, fd)?) {
+            Some(FileKind::Test(x)) => Ok(x.clone()),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+}
