@@ -5,6 +5,7 @@ pub mod errno;
 pub mod kho;
 pub mod kvm;
 pub mod luo;
+pub mod vcpu_state;
 
 /// Copy a NUL-padded fixed-size string field into a `String`, failing on a missing NUL or
 /// invalid UTF-8.
