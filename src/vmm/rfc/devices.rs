@@ -1,0 +1,86 @@
+//! The guest's port-I/O devices: a clock port (CLOCK_MONOTONIC in microseconds, which survives
+//! the kexec: the guest measures the blackout as the largest gap between two reads), a proceed
+//! port (the VMM lets the guest go on to verify) and a status port (the guest's progress);
+//! MMIO exits go to the lazily bound memslots.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::host::Host;
+use crate::kvm::{IoAction, IoEvent};
+use crate::time::monotonic_ns;
+use crate::vmm::guest::{self, GuestMode};
+use crate::vmm::slots::GuestMemSlots;
+
+fn now_us() -> u64 {
+    monotonic_ns() / 1000
+}
+
+/// Shared between the VMM thread and the vCPU thread.
+#[derive(Default)]
+pub(crate) struct GuestIo {
+    /// Read by the guest on the proceed port: it goes on to verify its data once this is set.
+    pub(crate) proceed: AtomicBool,
+    /// The guest's last status (`guest::STATUS_*`).
+    pub(crate) status: AtomicU64,
+    /// Clock reads answered: a pause only shows in the guest's gap once it has read the clock.
+    pub(crate) clock_reads: AtomicU64,
+}
+
+/// The memslots whose MMIO exits bind the chunk the guest touched (`None`: all are bound).
+pub(super) type SlotsRef<'a> = Option<(&'a Mutex<Host>, &'a GuestMemSlots)>;
+
+/// The exit handler of the vCPU thread: the ports above, and MMIO through `slots`.
+pub(crate) fn io_handler<'a>(
+    io: &'a GuestIo,
+    mode: GuestMode,
+    slots: SlotsRef<'a>,
+) -> impl FnMut(IoEvent<'_>) -> IoAction + 'a {
+    move |ev| match ev {
+        IoEvent::MmioRead { addr, data } => slots
+            .and_then(|(h, s)| s.mmio(h, addr, Some(data), None))
+            .unwrap_or(IoAction::Stop),
+        IoEvent::MmioWrite { addr, data } => slots
+            .and_then(|(h, s)| s.mmio(h, addr, None, Some(data)))
+            .unwrap_or(IoAction::Stop),
+        IoEvent::In {
+            port: guest::PORT_CLOCK,
+            data,
+        } => {
+            let v = (now_us() as u32).to_le_bytes();
+            let n = data.len().min(4);
+            data[..n].copy_from_slice(&v[..n]);
+            io.clock_reads.fetch_add(1, Ordering::SeqCst);
+            IoAction::Continue
+        }
+        IoEvent::In {
+            port: guest::PORT_PROCEED,
+            data,
+        } => {
+            let v = (io.proceed.load(Ordering::SeqCst) as u32).to_le_bytes();
+            let n = data.len().min(4);
+            data[..n].copy_from_slice(&v[..n]);
+            IoAction::Continue
+        }
+        IoEvent::Out {
+            port: guest::PORT_STATUS,
+            data,
+        } => {
+            let mut b = [0u8; 4];
+            let n = data.len().min(4);
+            b[..n].copy_from_slice(&data[..n]);
+            let st = u32::from_le_bytes(b) as u64;
+            io.status.store(st, Ordering::SeqCst);
+            if guest::is_final_status(mode, st) {
+                IoAction::Stop
+            } else {
+                IoAction::Continue
+            }
+        }
+        IoEvent::In { data, .. } => {
+            data.fill(0);
+            IoAction::Continue
+        }
+        IoEvent::Out { .. } => IoAction::Continue,
+    }
+}

@@ -1,0 +1,209 @@
+//! The scenario's options (`--init-arg key=value`), their limits, and the state stage 1 hands
+//! to stage 2 (the options again, read back and checked like the command line, and what stage 1
+//! measured).
+
+use crate::init::parse_args;
+use crate::kexec::params::parse_size;
+
+/// Scenario options (`--init-arg key=value`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Options {
+    pub guest_mem: u64,
+    pub data: u64,
+    /// Retrieve the guest_memfd before the VM.
+    pub gmem_first: bool,
+    /// Do not preserve the VM file: the kexec must be refused and the guest keep running.
+    pub no_vm: bool,
+    /// In stage 2, retrieve only the guest_memfd and FINISH before retrieving the VM file.
+    pub finish_early: bool,
+    /// fallocate the data range before the guest runs (no demand faults).
+    pub prefault: bool,
+    /// fallocate the whole guest_memfd: a fully populated guest (the benchmark).
+    pub populate: bool,
+    /// Instead of a live update, the baseline without one: snapshot guest memory and vCPU
+    /// state to a file in this directory, tear the VM down, build a new one and load it back.
+    pub snapshot_dir: Option<String>,
+    /// Bind at most this much of the guest_memfd as the guest's memslot (huge guest_memfds
+    /// are then preserved and handed over whole while the guest sees the first part).
+    pub slot_max: u64,
+    /// The guest_memfd is bound as memslots of this size (see `vmm::slots`).
+    pub slot_chunk: u64,
+    /// After the update, bind only the first chunk before resuming (the rest lazily).
+    pub lazy_slots: bool,
+    /// ... and the rest from a background thread (else only on the guest's first access).
+    pub background_slots: bool,
+    /// Live updates in a row (the soak test): after each one the same guest writes its data
+    /// again and the host updates again.
+    pub cycles: u32,
+}
+
+impl Options {
+    pub fn slot_size(&self) -> u64 {
+        self.guest_mem.min(self.slot_max)
+    }
+}
+
+impl Options {
+    pub fn parse(args: &[String]) -> Result<Options, String> {
+        let a = parse_args(args);
+        let size = |k: &str, d: u64| a.get(k).map_or(Ok(d), |s| parse_size(s));
+        let flag = |k: &str| {
+            a.get(k)
+                .is_some_and(|v| v.is_empty() || v == "1" || v == "true")
+        };
+        let o = Options {
+            guest_mem: size("guest-mem", 16 << 20)?,
+            data: size("data", 5 << 20)?,
+            gmem_first: a.get("order").is_some_and(|v| v == "gmem-first"),
+            no_vm: flag("no-vm"),
+            finish_early: flag("finish-early"),
+            prefault: flag("prefault"),
+            populate: flag("populate"),
+            snapshot_dir: a.get("snapshot-dir").cloned(),
+            slot_max: size("slot-max", u64::MAX)?,
+            slot_chunk: size("slot-chunk", 1 << 30)?,
+            lazy_slots: a.get("lazy-slots").is_none_or(|v| v != "0"),
+            background_slots: a.get("background-slots").is_none_or(|v| v != "0"),
+            cycles: a.get("cycles").and_then(|v| v.parse().ok()).unwrap_or(1),
+        };
+        Ok(o)
+    }
+
+    /// The limits every option set must keep, checked when parsed from the command line and
+    /// again when read back from the state memfd after the update (handed-over bytes are input
+    /// like any other): the sizes bound what the VMM allocates (`data` bytes to verify, one
+    /// flag per memslot chunk) and must fit the host's RAM and KVM's memslots.
+    pub fn validate(&self, ram_size: u64) -> Result<(), String> {
+        if self.guest_mem == 0 || self.guest_mem % 4096 != 0 || self.guest_mem > MAX_GUEST_MEM {
+            return Err(format!(
+                "guest-mem ({}) must be page aligned and 4K..={MAX_GUEST_MEM}",
+                self.guest_mem
+            ));
+        }
+        if self.data == 0 || self.data > self.slot_size() || self.data > ram_size {
+            return Err(format!(
+                "data ({}) must be 1..=guest-mem ({}), within slot-max ({}) and RAM ({ram_size})",
+                self.data, self.guest_mem, self.slot_max
+            ));
+        }
+        let chunk = self.slot_chunk.max(4096);
+        let chunks = self.slot_size().div_ceil(chunk);
+        if chunks > MAX_CHUNKS {
+            return Err(format!(
+                "slot-chunk ({}) cuts {} bytes into {chunks} memslots, more than {MAX_CHUNKS}",
+                self.slot_chunk,
+                self.slot_size()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Largest guest_memfd the scenario takes (the benchmark's metadata-only points reach 1 TiB).
+pub const MAX_GUEST_MEM: u64 = 1 << 46;
+/// Most memslots the guest_memfd is cut into: KVM's x86 limit of user memslots (32764), less
+/// slot 0 for low memory.
+pub const MAX_CHUNKS: u64 = 32_763;
+
+/// Stage 2's options: the state stage 1 wrote, parsed and checked like the command line.
+pub(super) fn read_stage_state(text: &[u8], ram_size: u64) -> Result<StageState, String> {
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    let ss: StageState =
+        serde_json::from_slice(&text[..end]).map_err(|err| format!("state: {err}"))?;
+    ss.opts
+        .validate(ram_size)
+        .map_err(|m| format!("state: options: {m}"))?;
+    Ok(ss)
+}
+
+/// What stage 1 hands to stage 2 in the state memfd.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(super) struct StageState {
+    pub(super) opts: Options,
+    pub(super) pause_ns: u64,
+    pub(super) paused_at_ns: u64,
+    pub(super) preserve_us: f64,
+    pub(super) pause_us: f64,
+    pub(super) save_us: f64,
+    pub(super) preserved_folios: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let ram = 1 << 30;
+        let ok = Options::parse(&args(&["guest-mem=16M", "data=5M"])).unwrap();
+        assert_eq!(ok.validate(ram), Ok(()));
+        for bad in [
+            &["guest-mem=16M", "data=0"][..],
+            &["guest-mem=16M", "data=17M"],
+            &["guest-mem=4097", "data=1"],
+            &["guest-mem=128T", "data=1M"],
+            &["guest-mem=16M", "data=8M", "slot-max=4M"],
+            &["guest-mem=2G", "data=2G"],
+            &["guest-mem=1T", "data=1M", "slot-chunk=4K"],
+        ] {
+            let o = Options::parse(&args(bad)).unwrap();
+            assert!(o.validate(ram).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    /// The options stage 1 hands over are input to stage 2: sizes that would make it allocate
+    /// without bound are refused before anything is allocated.
+    #[test]
+    fn stage_state_read_back_is_validated() {
+        let ram = 1 << 30;
+        let o = Options::parse(&args(&["guest-mem=16M", "data=5M"])).unwrap();
+        let ss = StageState {
+            opts: o,
+            pause_ns: 0,
+            paused_at_ns: 0,
+            preserve_us: 0.0,
+            pause_us: 0.0,
+            save_us: 0.0,
+            preserved_folios: 0,
+        };
+        let mut text = serde_json::to_vec(&ss).unwrap();
+        text.extend_from_slice(&[0; 16]);
+        assert!(read_stage_state(&text, ram).is_ok());
+        let patch = |f: &dyn Fn(&mut Options)| {
+            let mut s = ss.clone();
+            f(&mut s.opts);
+            serde_json::to_vec(&s).unwrap()
+        };
+        for (what, t) in [
+            ("huge data", patch(&|o| o.data = u64::MAX)),
+            (
+                "data beyond RAM",
+                patch(&|o| {
+                    o.guest_mem = 1 << 40;
+                    o.data = 1 << 39
+                }),
+            ),
+            ("huge guest_mem", patch(&|o| o.guest_mem = !4095u64)),
+            (
+                "chunks",
+                patch(&|o| {
+                    o.guest_mem = 1 << 40;
+                    o.slot_chunk = 0
+                }),
+            ),
+            ("zero data", patch(&|o| o.data = 0)),
+        ] {
+            let r = read_stage_state(&t, ram);
+            assert!(
+                r.as_ref().is_err_and(|m| m.contains("options")),
+                "{what}: {:?}",
+                r.map(|s| s.opts)
+            );
+        }
+        assert!(read_stage_state(b"{not json", ram).is_err());
+    }
+}
