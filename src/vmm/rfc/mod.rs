@@ -38,17 +38,27 @@ pub(crate) use machine::{bind, read_mailbox, Vm};
 pub use options::{Options, MAX_CHUNKS, MAX_GUEST_MEM};
 pub(crate) use outgoing::{Baseline, Paused};
 
+/// Name of this init program (`handover boot --init gmem-rfc`).
 pub const PROGRAM: &str = "gmem-rfc";
 
+/// LUO session holding the VM, its guest_memfd, low memory and vCPU state (the RFC selftest's
+/// session name).
 pub const SESSION: &str = "gmem_vm_preservation_session";
+/// LUO session holding the VMM's own state memfd (options and progress, JSON).
 pub const STATE: &str = "gmem_preservation_state";
+/// Token of the VM file in [`SESSION`].
 pub const VM_TOKEN: u64 = 0x1001;
+/// Token of the guest_memfd in [`SESSION`].
 pub const GMEM_TOKEN: u64 = 0x1002;
+/// Token of the low-memory memfd (guest image at GPA 0) in [`SESSION`].
 pub const LOW_TOKEN: u64 = 0x1003;
+/// Token of the memfd with the saved vCPU state in [`SESSION`].
 pub const VCPU_TOKEN: u64 = 0x1004;
+/// Token of the VMM state memfd in [`STATE`].
 pub const STATE_TOKEN: u64 = 0x999;
 /// Size of the memfds holding the vCPU state (length-prefixed) and the VMM's state (JSON).
 const STATE_BYTES: u64 = 64 << 10;
+/// Guest physical address where the guest_memfd is bound (4 GiB, above the low image).
 pub const GMEM_GPA: u64 = 4 << 30;
 
 /// Context for an error: `what: err`.

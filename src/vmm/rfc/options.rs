@@ -8,7 +8,10 @@ use crate::kexec::params::parse_size;
 /// Scenario options (`--init-arg key=value`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Options {
+    /// Size of the guest_memfd in bytes (`guest-mem`, default 16 MiB).
     pub guest_mem: u64,
+    /// Bytes of the pattern the guest writes and verifies from the start of the guest_memfd
+    /// (`data`, default 5 MiB).
     pub data: u64,
     /// Retrieve the guest_memfd before the VM.
     pub gmem_first: bool,
@@ -38,12 +41,15 @@ pub struct Options {
 }
 
 impl Options {
+    /// Bytes of the guest_memfd the guest sees as memory: `guest_mem`, capped by `slot_max`.
     pub fn slot_size(&self) -> u64 {
         self.guest_mem.min(self.slot_max)
     }
 }
 
 impl Options {
+    /// Parse `--init-arg key=value` pairs and check them against the limits (see
+    /// `validate`); unknown keys are ignored.
     pub fn parse(args: &[String]) -> Result<Options, String> {
         let a = parse_args(args);
         let size = |k: &str, d: u64| a.get(k).map_or(Ok(d), |s| parse_size(s));
