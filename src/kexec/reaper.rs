@@ -101,6 +101,7 @@ impl Reaper {
         })
     }
 
+    /// The reaper's pidfd, passed by number to the next image (`--reaper-fd`).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.pidfd.as_fd()
     }
