@@ -51,7 +51,7 @@ pub struct CreateGuestMemfd {
     pub size: u64,
     /// `GUEST_MEMFD_FLAG_*` bits; an unsupported bit is EINVAL.
     pub flags: u64,
-    /// Reserved; callers write zero (not checked).
+    /// Must be zero (EINVAL otherwise).
     pub reserved: [u64; 6],
 }
 
@@ -59,9 +59,9 @@ pub struct CreateGuestMemfd {
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct UserMemoryRegion2 {
-    /// Slot id (address space in the high 16 bits, as upstream).
+    /// Slot number, the key of later changes to the slot.
     pub slot: u32,
-    /// `KVM_MEM_*` flags, e.g. [`KVM_MEM_GUEST_MEMFD`].
+    /// `KVM_MEM_*` flags; we accept only [`KVM_MEM_GUEST_MEMFD`] (EINVAL otherwise).
     pub flags: u32,
     /// First guest physical address of the slot.
     pub guest_phys_addr: u64,
@@ -73,9 +73,9 @@ pub struct UserMemoryRegion2 {
     pub guest_memfd_offset: u64,
     /// The guest_memfd's fd (with `KVM_MEM_GUEST_MEMFD`).
     pub guest_memfd: u32,
-    /// Padding; zero.
+    /// Must be zero (EINVAL otherwise).
     pub pad1: u32,
-    /// Reserved; zero.
+    /// Must be zero (EINVAL otherwise).
     pub pad2: [u64; 14],
 }
 

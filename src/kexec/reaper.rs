@@ -57,7 +57,7 @@ pub(crate) fn spawn_reaper() -> Option<Reaper> {
     }
 }
 
-/// The previous image's reaper (see [`spawn_reaper`]), a child of this process, by pidfd.
+/// The previous image's reaper (see `spawn_reaper`), a child of this process, by pidfd.
 #[derive(Debug)]
 pub struct Reaper {
     pidfd: OwnedFd,

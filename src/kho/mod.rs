@@ -3,7 +3,7 @@
 //! * [`tracker`]: which (pfn, order) blocks are preserved, as a radix tree living in RAM.
 //! * [`fdt`]: the handover tree the next image receives (root compatible, tracker root,
 //!   one subtree per client).
-//! * [`array`]: large arrays as chains of one-page chunks of physical addresses.
+//! * [`array`](mod@array): large arrays as chains of one-page chunks of physical addresses.
 //! * [`block`]: chains of fixed-size entry blocks, for LUO's sessions and files.
 //! * [`boot`]: the next image's side: validate, reserve, restore.
 
