@@ -20,4 +20,6 @@ pub mod mm;
 pub mod registry;
 pub mod time;
 pub mod uapi;
+/// User space of the host: a small VMM, guest programs and the selftest scenarios, reaching
+/// the host only through its user API.
 pub mod vmm;

@@ -3,13 +3,19 @@
 
 use std::fmt;
 
+/// A Linux errno value (positive, as in `errno`), the error of every user-API call the host
+/// serves.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Errno(pub i32);
 
 macro_rules! errnos {
     ($($name:ident),* $(,)?) => {
         impl Errno {
-            $(pub const $name: Errno = Errno(libc::$name);)*
+            $(
+                #[doc = concat!("`", stringify!($name), "`, with the value of `libc::", stringify!($name), "`.")]
+                pub const $name: Errno = Errno(libc::$name);
+            )*
+            /// The symbolic name (`"EINVAL"`), or `"E?"` for a value outside this table.
             pub fn name(self) -> &'static str {
                 match self.0 {
                     $(libc::$name => stringify!($name),)*
@@ -27,6 +33,7 @@ errnos!(
 );
 
 impl Errno {
+    /// Wrap a raw (positive) errno value, unchecked; one outside the table prints as `E?`.
     pub fn from_raw(v: i32) -> Errno {
         Errno(v)
     }

@@ -24,6 +24,7 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Short name used in reports, CSV and the plot legend ("live-v2", "live-v1", "snapshot").
     pub fn name(self) -> &'static str {
         match self {
             Kind::LiveV2 => "live-v2",
@@ -33,44 +34,69 @@ impl Kind {
     }
 }
 
+/// The result of one run (one host image) of a point.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
+    /// The scenario finished, the guest verified its data and the image exited 0.
     pub ok: bool,
+    /// Blackout as the guest measured it, µs.
     pub blackout_us: f64,
+    /// Preservation while the guest still runs (phase `preserve_while_running`), µs.
     pub preserve_us: f64,
+    /// Handover metadata the old image wrote, bytes.
     pub handover_bytes: f64,
+    /// Retrieval of the VM and guest_memfd in the new image (phase `retrieve`), µs.
     pub retrieve_us: f64,
+    /// Every host-side phase the scenario reported, as a JSON object of µs.
     pub phases_us: Value,
+    /// Why the run failed (`ok` false).
     pub error: Option<String>,
 }
 
+/// One point of the sweep: a kind at a guest size, over all its runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Point {
+    /// What was measured.
     pub kind: Kind,
+    /// Size of the guest_memfd, bytes (fully populated).
     pub guest_bytes: u64,
     /// Guest sees only the first `slot_bytes` (metadata-only points).
     pub slot_bytes: u64,
+    /// Every run, failed ones included.
     pub runs: Vec<Run>,
+    /// Spread of [`Run::blackout_us`] over the successful runs.
     pub blackout_us: Spread,
+    /// Spread of [`Run::preserve_us`] over the successful runs.
     pub preserve_us: Spread,
+    /// Spread of [`Run::retrieve_us`] over the successful runs.
     pub retrieve_us: Spread,
+    /// Spread of [`Run::handover_bytes`] over the successful runs.
     pub handover_bytes: Spread,
     /// Each host-side phase inside the blackout, median over runs.
     pub phases_median_us: Value,
 }
 
+/// What a sweep measures (see [`Plan::points`]).
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// Guest sizes in bytes, the guest's memslot covering all of it.
     pub sizes: Vec<u64>,
+    /// Guest sizes in bytes whose memslot covers only the first 16 GiB (live-v2 only).
     pub metadata_only: Vec<u64>,
+    /// Runs per point.
     pub runs: usize,
+    /// Largest guest size (bytes) measured with the snapshot baseline.
     pub baseline_max: u64,
+    /// Largest guest size (bytes) measured with the RFC's v1 format.
     pub v1_max: u64,
+    /// Directory for the baseline's snapshot files.
     pub snapshot_dir: String,
+    /// Bytes the guest writes before and verifies after the update.
     pub data: u64,
 }
 
 impl Plan {
+    /// The published sweep: 16 MiB to 16 GiB, metadata-only up to 1 TiB, 5 runs per point.
     pub fn full() -> Plan {
         Plan {
             sizes: vec![16 << 20, 256 << 20, 1 << 30, 4 << 30, 16 << 30],
@@ -83,6 +109,7 @@ impl Plan {
         }
     }
 
+    /// A short sweep (16 and 64 MiB, 2 runs) for a quick check.
     pub fn quick() -> Plan {
         Plan {
             sizes: vec![16 << 20, 64 << 20],
@@ -185,6 +212,7 @@ pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
     }
 }
 
+/// A point from its runs: the spreads are taken over the successful runs only.
 pub fn summarize(kind: Kind, guest_bytes: u64, slot_bytes: u64, runs: Vec<Run>) -> Point {
     let ok: Vec<&Run> = runs.iter().filter(|r| r.ok).collect();
     let sp = |g: fn(&Run) -> f64| Spread::of(&ok.iter().map(|r| g(r)).collect::<Vec<_>>());
@@ -208,6 +236,7 @@ pub fn summarize(kind: Kind, guest_bytes: u64, slot_bytes: u64, runs: Vec<Run>) 
     }
 }
 
+/// A guest size for people: whole TiB, else GiB, else MiB (rounded down).
 pub fn human(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 40 && b % (1 << 40) == 0 => format!("{} TiB", b >> 40),

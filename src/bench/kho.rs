@@ -11,8 +11,10 @@ use crate::mm::{Folio, PAGE_SIZE};
 
 use super::Spread;
 
+/// One run of the KHO benchmark (all per-page times are wall-clock ns divided by `pages`).
 #[derive(Debug, serde::Serialize)]
 pub struct KhoBenchRun {
+    /// 4 KiB folios preserved, handed over and restored.
     pub pages: u64,
     /// Preserve every folio (tracker bit per page).
     pub preserve_ns_per_page: f64,
@@ -21,23 +23,34 @@ pub struct KhoBenchRun {
     /// Finalize (tree + metadata) and boot the next image up to the allocator being online:
     /// tracker walk, reservation, freeing of everything else.
     pub handover_ns_per_page: f64,
+    /// The same handover phase in total, ms.
     pub handover_total_ms: f64,
     /// Restore the list and every folio in the new image.
     pub restore_ns_per_page: f64,
+    /// RAM of the tracker's nodes once every folio is preserved, bytes.
     pub tracker_bytes: u64,
+    /// `tracker_bytes` per GiB of preserved folios.
     pub tracker_bytes_per_gib: f64,
 }
 
+/// The KHO benchmark's result: every run and the spread of the headline numbers.
 #[derive(Debug, serde::Serialize)]
 pub struct KhoBench {
+    /// Bytes of folios per run.
     pub size_bytes: u64,
+    /// Every run.
     pub runs: Vec<KhoBenchRun>,
+    /// Spread of [`KhoBenchRun::preserve_ns_per_page`].
     pub preserve_ns_per_page: Spread,
+    /// Spread of [`KhoBenchRun::handover_ns_per_page`].
     pub handover_ns_per_page: Spread,
+    /// Spread of [`KhoBenchRun::restore_ns_per_page`].
     pub restore_ns_per_page: Spread,
+    /// Spread of [`KhoBenchRun::tracker_bytes_per_gib`].
     pub tracker_bytes_per_gib: Spread,
 }
 
+/// A failed step of the KHO benchmark, with its message.
 #[derive(Debug, thiserror::Error)]
 #[error("kho bench: {0}")]
 pub struct BenchError(String);
@@ -46,6 +59,8 @@ fn err(e: impl std::fmt::Display) -> BenchError {
     BenchError(e.to_string())
 }
 
+/// One run: boot a host (LUO off) with room for `size` bytes of order-0 folios, preserve them
+/// and their list, kexec in process, restore them all.
 pub fn run_once(size: u64) -> Result<KhoBenchRun, BenchError> {
     let pages = size / PAGE_SIZE;
     let mut h = Host::boot(BootParams {
@@ -110,6 +125,7 @@ pub fn run_once(size: u64) -> Result<KhoBenchRun, BenchError> {
     })
 }
 
+/// `runs` runs (at least one) of [`run_once`]; the first failure stops the benchmark.
 pub fn run(size: u64, runs: usize) -> Result<KhoBench, BenchError> {
     let mut v = Vec::new();
     for _ in 0..runs.max(1) {

@@ -8,12 +8,16 @@ pub mod snapshot;
 /// Median, min and max of a sample.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Spread {
+    /// The middle value (the upper of the two middle ones for an even count).
     pub median: f64,
+    /// The smallest value.
     pub min: f64,
+    /// The largest value.
     pub max: f64,
 }
 
 impl Spread {
+    /// The spread of `v`; all zeros for an empty sample.
     pub fn of(v: &[f64]) -> Spread {
         if v.is_empty() {
             return Spread::default();

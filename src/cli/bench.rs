@@ -10,14 +10,18 @@ use crate::kexec::params::parse_size;
 
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
+/// Arguments of `handover bench`.
 pub struct BenchArgs {
+    /// A benchmark other than the blackout sweep.
     #[command(subcommand)]
     pub what: Option<BenchWhat>,
+    /// Options of the blackout sweep (the default).
     #[command(flatten)]
     pub blackout: BlackoutArgs,
 }
 
 #[derive(Args, Debug, Clone)]
+/// Options of the blackout sweep.
 pub struct BlackoutArgs {
     /// A small sweep (16 and 64 MiB, 2 runs) that finishes in well under two minutes.
     #[arg(long)]
@@ -55,18 +59,23 @@ pub struct BlackoutArgs {
 }
 
 #[derive(Subcommand, Debug)]
+/// The benchmarks besides the blackout sweep.
 pub enum BenchWhat {
     /// Preserve, hand over and restore SIZE of 4 KiB folios; ns per page and tracker size.
     Kho {
+        /// Bytes of 4 KiB folios per run (RAM is sparse: only the metadata costs memory).
         #[arg(long, default_value = "16G", value_parser = parse_size)]
         size: u64,
+        /// Runs; the summary is median [min..max] over them.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
 }
 
+/// `handover bench`: exit 1 if a point of the sweep had a failed run.
 pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     match a.what {
         Some(BenchWhat::Kho { size, runs, json }) => kho(size, runs, json),

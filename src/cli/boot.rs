@@ -14,6 +14,8 @@ use crate::kho::KhoBootArgs;
 use crate::vmm::{rfc, selftests};
 
 #[derive(Args, Debug)]
+/// Arguments of `handover boot`; the hidden ones are written by the previous image
+/// (`BootParams::to_args`).
 pub struct BootArgs {
     /// RAM size (sparse memfd), e.g. 4G.
     #[arg(long, default_value = "4G", value_parser = parse_size)]
@@ -41,18 +43,25 @@ pub struct BootArgs {
     #[arg(long)]
     pub dump_handover: Option<PathBuf>,
     // Set by the previous image on a KHO boot.
+    /// Number of the inherited RAM memfd.
     #[arg(long, hide = true)]
     pub ram_fd: Option<i32>,
+    /// Handover tree, `PA:SIZE`.
     #[arg(long, hide = true, value_parser = parse_range)]
     pub kho_fdt: Option<(u64, u64)>,
+    /// Scratch zone, `PA:SIZE`.
     #[arg(long, hide = true, value_parser = parse_range)]
     pub kho_scratch: Option<(u64, u64)>,
+    /// CRC-32 of the handover tree.
     #[arg(long, hide = true)]
     pub kho_fdt_crc: Option<u32>,
+    /// CLOCK_MONOTONIC ns at which the previous image started its reboot path.
     #[arg(long, hide = true)]
     pub kexec_start_ns: Option<u64>,
+    /// CLOCK_MONOTONIC ns right before the previous image's `execve`.
     #[arg(long, hide = true)]
     pub exec_ns: Option<u64>,
+    /// Handover metadata bytes the previous image wrote.
     #[arg(long, hide = true)]
     pub handover_bytes: Option<u64>,
     /// pidfd of the previous image's reaper (checked before use).
@@ -62,12 +71,16 @@ pub struct BootArgs {
     /// this one, and never used (a pid can be reused; nothing is ever signalled by pid).
     #[arg(long, hide = true)]
     pub reaper_pid: Option<String>,
+    /// The image that booted this one (where a rollback goes).
     #[arg(long, hide = true)]
     pub prev_image: Option<PathBuf>,
+    /// This boot is a rollback: why the next image refused the handover.
     #[arg(long, hide = true)]
     pub rollback: Option<String>,
 }
 
+/// The boot parameters the arguments say; `Err` for a bad `--liveupdate` or `--gmem-luo`
+/// value or only one of `--kho-fdt`/`--kho-scratch`.
 pub fn params(a: BootArgs) -> Result<BootParams, String> {
     let kho = match (a.kho_fdt, a.kho_scratch) {
         (Some((fdt_pa, fdt_size)), Some((scratch_pa, scratch_size))) => Some(KhoBootArgs {
@@ -139,6 +152,8 @@ pub fn init_programs() -> InitPrograms {
     p
 }
 
+/// `handover boot`: boot, run the init program, then halt with its exit code or kexec (exit 1
+/// if the kexec fails). `--init list` prints the programs instead.
 pub fn run(a: BootArgs) -> Result<ExitCode, String> {
     if a.init.as_deref() == Some("list") {
         // First line: whether this build has the test hooks (HANDOVER_FAIL, HANDOVER_CORRUPT,

@@ -10,6 +10,7 @@ use crate::bench::harness::run_host;
 use crate::kexec::params::parse_size;
 
 #[derive(Args, Debug)]
+/// Arguments of `handover demo`.
 pub struct DemoArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -35,6 +36,7 @@ fn find<'a>(events: &'a [Value], name: &str) -> Option<&'a Value> {
     events.iter().find(|e| e["event"] == name)
 }
 
+/// `handover demo`: run the RFC scenario in a host image and report; exit 1 if it failed.
 pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
     let mut args = vec![
         "--ram".to_string(),

@@ -9,6 +9,7 @@ use crate::kho::dump::Dump;
 use crate::kho::inspect::{decoders, inspect};
 
 #[derive(Args, Debug)]
+/// Arguments of `handover inspect`.
 pub struct InspectArgs {
     /// A dump written by `handover boot --dump-handover FILE` (or `handover demo --dump FILE`).
     pub dump: PathBuf,
@@ -20,6 +21,7 @@ pub struct InspectArgs {
     pub fdt_out: Option<PathBuf>,
 }
 
+/// `handover inspect`: decode the dump and print the report; `Err` if it cannot be read.
 pub fn run(a: InspectArgs) -> Result<ExitCode, String> {
     let bytes =
         std::fs::read(&a.dump).map_err(|e| format!("cannot read {}: {e}", a.dump.display()))?;

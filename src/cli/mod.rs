@@ -16,14 +16,17 @@ use clap::{Parser, Subcommand};
     version,
     about = "Live update of a KVM host with guest memory preserved"
 )]
+/// The `handover` command line.
 pub struct Cli {
     /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// The subcommand to run.
     #[command(subcommand)]
     pub cmd: Command,
 }
 
+/// The subcommands of `handover`.
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// The main job: run a live update end to end and say what happened.
@@ -39,6 +42,8 @@ pub enum Command {
     Soak(soak::SoakArgs),
 }
 
+/// Log to stderr through `tracing` at the level `-v` asks for (info, debug, trace), unless
+/// `RUST_LOG` is set. A second call does nothing.
 pub fn init_logging(verbose: u8) {
     let default = match verbose {
         0 => "info",
@@ -56,6 +61,7 @@ pub fn init_logging(verbose: u8) {
         .try_init();
 }
 
+/// Run the subcommand; `Err` is the one-line message the binary prints.
 pub fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.cmd {
         Command::Demo(a) => demo::run(a),

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use crate::kexec::params::parse_size;
 
 #[derive(Args, Debug)]
+/// Arguments of `handover soak`.
 pub struct SoakArgs {
     /// Live updates in a row.
     #[arg(long, default_value_t = 20)]
@@ -26,6 +27,7 @@ pub struct SoakArgs {
     pub json: bool,
 }
 
+/// `handover soak`: run the cycles in one chain of host images; exit 1 on any failure.
 pub fn run(a: SoakArgs) -> Result<ExitCode, String> {
     if a.cycles == 0 {
         return Err("--cycles must be at least 1".into());

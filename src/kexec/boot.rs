@@ -39,14 +39,23 @@ pub struct BootInfo {
     pub reaper: bool,
 }
 
+/// Why a host image could not boot.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    /// Creating, adopting or mapping RAM, or setting up the allocator, failed.
     #[error("cannot set up RAM: {0}")]
     Ram(#[from] MmError),
+    /// KHO could not be set up (a refused handover is not an error: the image boots clean).
     #[error("cannot set up KHO: {0}")]
     Kho(#[from] kho::KhoError),
+    /// The `--ram-fd` number is not the RAM memfd (see [`adopt_ram_fd`]).
     #[error("--ram-fd {fd} refused: {why}")]
-    RamFd { fd: i32, why: String },
+    RamFd {
+        /// The fd number from the command line.
+        fd: i32,
+        /// What check it failed.
+        why: String,
+    },
 }
 
 /// Take the RAM memfd the previous image passed by number (`--ram-fd`). The number comes from

@@ -38,6 +38,9 @@ fn test_ser(host: &Host) -> Result<(u64, KhoTestSer), KhoError> {
     Ok((st.pa, ser))
 }
 
+/// Apply `kind` for the `kho-test` program: damage its blob now (a [`CLIENT_KINDS`] entry) or
+/// schedule a [`HANDOVER_KINDS`]/`flip:` kind for the next kexec; `BadHandover` for an unknown
+/// kind.
 pub fn client(host: &mut Host, kind: &str) -> Result<(), KhoError> {
     match kind {
         "chain-cycle" => {
@@ -65,6 +68,8 @@ pub fn client(host: &mut Host, kind: &str) -> Result<(), KhoError> {
     Ok(())
 }
 
+/// Damage the finalized handover (RAM and `args`) in the way `kind` names, right before the
+/// `execve`; `BadHandover` for an unknown kind.
 pub fn handover(host: &mut Host, args: &mut KhoBootArgs, kind: &str) -> Result<(), KhoError> {
     let ram = &host.mm.ram;
     let mut fdt = vec![0u8; args.fdt_size as usize];

@@ -13,14 +13,17 @@ pub const DEFAULT_RAM: u64 = 4 << 30;
 /// the command line `handover boot` parses back.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootParams {
+    /// RAM size in bytes (`--ram`).
     pub ram_size: u64,
     /// Inherited RAM memfd (KHO boot only).
     pub ram_fd: Option<i32>,
+    /// Where the handover is (KHO boot only).
     pub kho: Option<KhoBootArgs>,
     /// `liveupdate=on` (default on).
     pub liveupdate: bool,
     /// Init program to run after boot, and its arguments.
     pub init: Option<String>,
+    /// Arguments of the init program.
     pub init_args: Vec<String>,
     /// JSON-lines report file every image appends its events to.
     pub report: Option<PathBuf>,
@@ -109,6 +112,7 @@ pub fn parse_range(s: &str) -> Result<(u64, u64), String> {
     Ok((parse_u64(a)?, parse_u64(b)?))
 }
 
+/// Parse a u64, hex with a `0x` prefix or decimal.
 pub fn parse_u64(s: &str) -> Result<u64, String> {
     let r = match s.strip_prefix("0x") {
         Some(h) => u64::from_str_radix(h, 16),

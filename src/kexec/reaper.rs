@@ -57,7 +57,7 @@ pub(crate) fn spawn_reaper() -> Option<Reaper> {
     }
 }
 
-/// The previous image's reaper (see [`spawn_reaper`]), a child of this process, by pidfd.
+/// The previous image's reaper (see `spawn_reaper`), a child of this process, by pidfd.
 #[derive(Debug)]
 pub struct Reaper {
     pidfd: OwnedFd,
@@ -101,6 +101,7 @@ impl Reaper {
         })
     }
 
+    /// The reaper's pidfd, passed by number to the next image (`--reaper-fd`).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.pidfd.as_fd()
     }

@@ -16,23 +16,35 @@ use super::boot::{rollback_exec, BootError};
 use super::exec::exec_image;
 use super::reaper::spawn_reaper;
 
+/// Arguments of one reboot(KEXEC) ([`Host::kexec`]).
 #[derive(Debug, Default, Clone)]
 pub struct KexecRequest {
     /// Image to boot; default: the image named at boot, else this binary.
     pub next_image: Option<PathBuf>,
 }
 
+/// Why a kexec (or a rollback) did not happen; the running image carries on.
 #[derive(Debug, thiserror::Error)]
 pub enum KexecError {
+    /// KHO could not commit the previous update or finalize the handover.
     #[error("kexec refused: {0}")]
     Kho(#[from] KhoError),
+    /// LUO could not freeze or serialize its sessions (every frozen file is unfrozen again).
     #[error("kexec refused: {0}")]
     Luo(#[from] crate::luo::serialize::LuoError),
+    /// The next image could not be executed.
     #[error("kexec failed: cannot execute {path}: {err}")]
-    Exec { path: String, err: std::io::Error },
+    Exec {
+        /// The image path (`(rollback)` when there was none to try).
+        path: String,
+        /// The `execve` (or preparation) error.
+        err: std::io::Error,
+    },
 }
 
 impl KexecError {
+    /// The errno `reboot(KEXEC)` returns to user space: KHO's errno, the failing handler's
+    /// freeze errno, EINVAL for other LUO failures, the exec's errno (EIO if it has none).
     pub fn errno(&self) -> i32 {
         match self {
             KexecError::Kho(e) => e.errno(),

@@ -12,6 +12,7 @@ use super::{Kho, KhoError};
 /// A preserved array in the running image (its pages, to undo the preservation).
 #[derive(Debug, Default)]
 pub struct PreservedArray {
+    /// The descriptor to hand over (stored by the owner in its blob).
     pub ser: KhoArraySer,
     pages: Vec<Folio>,
 }

@@ -17,7 +17,9 @@ pub fn per_block(entry_size: usize) -> usize {
 /// A written chain in the running image.
 #[derive(Debug, Default)]
 pub struct BlockChain {
+    /// Physical address of the first block (0 for an empty chain): what the owner records.
     pub head: u64,
+    /// Number of entries in the chain.
     pub count: u64,
     pages: Vec<Folio>,
 }
@@ -28,6 +30,7 @@ impl BlockChain {
         self.pages.iter().map(|f| f.pa()).collect()
     }
 
+    /// RAM the chain occupies (one page per block).
     pub fn bytes(&self) -> u64 {
         self.pages.len() as u64 * PAGE_SIZE
     }
@@ -76,6 +79,7 @@ impl Kho {
         Ok(chain)
     }
 
+    /// Undo [`Kho::preserve_blocks`]: unpreserve and free every block of the chain.
     pub fn unpreserve_blocks(&mut self, mm: &mut Mm, chain: BlockChain) {
         for f in chain.pages {
             let _ = self.unpreserve_free(mm, f);

@@ -16,15 +16,20 @@ use super::KhoError;
 /// `setup_data` KHO entry or the DT `/chosen` properties).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct KhoBootArgs {
+    /// Physical address of the handover tree (FDT).
     pub fdt_pa: u64,
+    /// Size of the handover tree in bytes (at most `MAX_FDT_SIZE`).
     pub fdt_size: u64,
+    /// Physical address of the scratch zone the new image allocates from during early boot.
     pub scratch_pa: u64,
+    /// Size of the scratch zone in bytes.
     pub scratch_size: u64,
     /// CRC-32 of the handover tree, checked before it is parsed.
     pub fdt_crc: Option<u32>,
 }
 
 impl KhoBootArgs {
+    /// The scratch zone as a PFN range.
     pub fn scratch_pfns(&self) -> Range<u64> {
         pa_to_pfn(self.scratch_pa)..pa_to_pfn(self.scratch_pa.saturating_add(self.scratch_size))
     }
@@ -32,9 +37,13 @@ impl KhoBootArgs {
 
 /// The handover received at boot.
 pub struct Incoming {
+    /// The boot arguments it was found with.
     pub args: KhoBootArgs,
+    /// The parsed handover tree.
     pub tree: HandoverTree,
+    /// The previous image's preserved blocks, which restore calls take one by one.
     pub tracker: IncomingTracker,
+    /// The decoded `kexec-metadata` subtree, if the handover has one.
     pub metadata: Option<KexecInfo>,
     /// Raw FDT bytes (kept for `handover inspect` and dumps).
     pub fdt: Vec<u8>,

@@ -20,12 +20,16 @@ const MAX_SEGMENTS: usize = 1 << 22;
 /// A collection of physical memory segments.
 #[derive(Debug, Default)]
 pub struct Dump {
+    /// RAM size of the image it was taken from: the physical address space it answers for.
     pub ram_size: u64,
+    /// Where the handover tree and scratch are (`None` only for `Dump::default()`; the CRC is
+    /// not stored in the file).
     pub args: Option<KhoBootArgs>,
     segs: BTreeMap<u64, Vec<u8>>,
 }
 
 impl Dump {
+    /// An empty dump of a handover described by `args` in RAM of `ram_size` bytes.
     pub fn new(ram_size: u64, args: KhoBootArgs) -> Self {
         Self {
             ram_size,
@@ -50,10 +54,12 @@ impl Dump {
         Ok(())
     }
 
+    /// Number of 4 KiB pages it holds.
     pub fn pages(&self) -> usize {
         self.segs.len()
     }
 
+    /// Write the dump file to `path` in the format above.
     pub fn write(&self, path: &Path) -> std::io::Result<()> {
         let mut out = Vec::new();
         out.extend_from_slice(MAGIC);

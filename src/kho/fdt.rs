@@ -14,7 +14,9 @@ use super::KhoError;
 /// A client's blob: where it is and how long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Subtree {
+    /// Physical address of the blob (`preserved-data`).
     pub pa: u64,
+    /// Its size in bytes (`blob-size`).
     pub size: u64,
     /// CRC-32 of the blob, written at finalize (`blob-crc32`).
     pub crc: Option<u32>,
@@ -23,10 +25,13 @@ pub struct Subtree {
 /// The decoded handover tree.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandoverTree {
+    /// The root compatible string ([`KHO_FDT_COMPATIBLE`] once validated).
     pub compatible: String,
+    /// Physical address of the tracker's radix tree root (`preserved-memory-map`).
     pub tracker_root: u64,
     /// CRC-32 over the tracker's node pages in address order (our extension).
     pub tracker_crc: Option<u32>,
+    /// The clients' blobs, by subnode name.
     pub subtrees: BTreeMap<String, Subtree>,
 }
 
@@ -34,6 +39,8 @@ fn fdt_err(e: vm_fdt::Error) -> KhoError {
     KhoError::BadHandover(format!("cannot build the handover tree: {e}"))
 }
 
+/// Serialize a handover tree: the root compatible, the tracker root and checksum, and one
+/// subnode per entry of `subtrees`.
 pub fn build(
     tracker_root: u64,
     tracker_crc: u32,

@@ -16,6 +16,7 @@ use super::{fdt, metadata, Kho, KhoBootArgs, KhoError};
 /// abandoned.
 #[derive(Debug)]
 pub struct Handover {
+    /// What to pass to the next image.
     pub args: KhoBootArgs,
     fdt: Folio,
     meta: Folio,
@@ -90,6 +91,9 @@ impl Kho {
         Ok(h.finalize())
     }
 
+    /// Write the outgoing handover: `kexec-metadata` (`release`, `kexec_count` and this
+    /// executable's path), the integrity table, then the handover tree with the checksums. All
+    /// or nothing: on error everything written is unpreserved again.
     pub fn finalize(
         &mut self,
         mm: &mut Mm,

@@ -10,36 +10,56 @@ use super::metadata;
 use super::tracker::{IncomingTracker, WalkLimits};
 use super::{KhoBootArgs, KhoError};
 
+/// Preserved blocks of one order in the handover's tracker.
 #[derive(Debug, serde::Serialize)]
 pub struct OrderSummary {
+    /// The folio order.
     pub order: u32,
+    /// Blocks of this order.
     pub blocks: u64,
+    /// Pages in them (`blocks << order`).
     pub pages: u64,
+    /// Bytes in them.
     pub bytes: u64,
     /// First few blocks as (physical address, bytes).
     pub ranges: Vec<(u64, u64)>,
 }
 
+/// One client subtree of the handover tree.
 #[derive(Debug, serde::Serialize)]
 pub struct SubtreeReport {
+    /// Subnode name ("LUO", "kexec-metadata", …).
     pub name: String,
+    /// Physical address of its blob.
     pub pa: u64,
+    /// Blob size in bytes.
     pub size: u64,
     /// Compatible string or a one-line decode, where the blob is known.
     pub decoded: Option<String>,
 }
 
+/// What `handover inspect` prints (text via `Display`, or JSON).
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
+    /// Bytes of physical memory the source covers.
     pub ram_size: u64,
+    /// The boot arguments the handover was found with.
     pub args: KhoBootArgs,
+    /// The handover tree's root compatible string.
     pub compatible: String,
+    /// Physical address of the tracker's radix root.
     pub tracker_root: u64,
+    /// Tracker node pages (tables and leaf bitmaps).
     pub tracker_nodes: usize,
+    /// Bytes of those node pages.
     pub tracker_bytes: u64,
+    /// Pages the tracker marks preserved.
     pub preserved_pages: u64,
+    /// The same in bytes.
     pub preserved_bytes: u64,
+    /// Preserved blocks per order, lowest order first.
     pub orders: Vec<OrderSummary>,
+    /// The client subtrees, by name.
     pub subtrees: Vec<SubtreeReport>,
     /// Result of checking every checksum of the handover.
     pub integrity: String,
@@ -57,6 +77,8 @@ pub fn decoders() -> BTreeMap<&'static str, Decoder> {
     m
 }
 
+/// Decode the handover `args` points at in `mem` (a dump or live RAM). Checksum failures are
+/// reported in [`Report::integrity`]; only an unreadable tree or tracker is an error.
 pub fn inspect(
     mem: &dyn PhysRead,
     args: KhoBootArgs,

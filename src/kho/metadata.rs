@@ -9,14 +9,19 @@ use crate::abi::kho::{
 
 use super::KhoError;
 
+/// A decoded `kexec-metadata` blob.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct KexecInfo {
+    /// Version string of the image that wrote it.
     pub previous_release: String,
+    /// kexecs since the cold boot, counting the one that handed this blob over.
     pub kexec_count: u32,
     /// Path of the previous image (version 2), for rollback.
     pub previous_image: Option<String>,
 }
 
+/// A version-2 blob: `release` (cut to 64 bytes), `count`, and the path `image` (left empty
+/// if it does not fit in `IMAGE_PATH_LEN` bytes with its NUL).
 pub fn encode(release: &str, count: u32, image: &str) -> Vec<u8> {
     let mut rel = [0u8; RELEASE_LEN];
     let n = release.len().min(RELEASE_LEN - 1);
@@ -36,6 +41,8 @@ pub fn encode(release: &str, count: u32, image: &str) -> Vec<u8> {
     v
 }
 
+/// Decode a version-1 or -2 blob; `BadHandover` if it is short, of another version, or its
+/// strings are not NUL-terminated UTF-8.
 pub fn decode(bytes: &[u8]) -> Result<KexecInfo, KhoError> {
     let m = KexecMetadata::read_from_prefix(bytes)
         .map_err(|_| {

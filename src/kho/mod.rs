@@ -3,7 +3,7 @@
 //! * [`tracker`]: which (pfn, order) blocks are preserved, as a radix tree living in RAM.
 //! * [`fdt`]: the handover tree the next image receives (root compatible, tracker root,
 //!   one subtree per client).
-//! * [`array`]: large arrays as chains of one-page chunks of physical addresses.
+//! * [`array`](mod@array): large arrays as chains of one-page chunks of physical addresses.
 //! * [`block`]: chains of fixed-size entry blocks, for LUO's sessions and files.
 //! * [`boot`]: the next image's side: validate, reserve, restore.
 
@@ -29,32 +29,69 @@ pub use boot::{Incoming, KhoBootArgs};
 pub use fdt::{HandoverTree, Subtree};
 pub use tracker::{IncomingTracker, Tracker};
 
+/// Errors of KHO: preservation misuse, restore misuse and bad handovers. [`KhoError::errno`]
+/// gives the errno user space sees.
 #[derive(Debug, thiserror::Error)]
 pub enum KhoError {
+    /// RAM or the frame allocator failed (its own errno).
     #[error(transparent)]
     Mm(#[from] MmError),
+    /// The range overlaps the scratch zone, which is never preserved (EINVAL).
     #[error("range {pa:#x}+{len:#x} overlaps scratch memory and cannot be preserved")]
-    Scratch { pa: u64, len: u64 },
+    Scratch {
+        /// Start of the range (physical address).
+        pa: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// The block is preserved already (EEXIST).
     #[error("block at {pa:#x} order {order} is already preserved")]
-    AlreadyPreserved { pa: u64, order: u32 },
+    AlreadyPreserved {
+        /// Physical address of the block.
+        pa: u64,
+        /// Its order.
+        order: u32,
+    },
+    /// Unpreserve of a block that was not preserved with exactly this address and order
+    /// (EINVAL).
     #[error("block at {pa:#x} order {order} is not preserved (unpreserve must match preserve)")]
-    NotPreserved { pa: u64, order: u32 },
+    NotPreserved {
+        /// Physical address of the block.
+        pa: u64,
+        /// Its order.
+        order: u32,
+    },
+    /// Restore of an address the previous image did not preserve as a block start, or that
+    /// was restored already (EIO).
     #[error("address {pa:#x} was not preserved, is misaligned, or was already restored")]
-    NotRestorable { pa: u64 },
+    NotRestorable {
+        /// The address asked for.
+        pa: u64,
+    },
+    /// A subtree of this name is registered already (EEXIST).
     #[error("subtree {0:?} already exists")]
     SubtreeExists(String),
+    /// The incoming handover has no subtree of this name, or there is no handover (ENOENT).
     #[error("no subtree {0:?} in the handover")]
     NoSubtree(String),
+    /// Too large to preserve (E2BIG): an allocation (bytes) above one MAX_ORDER block, an
+    /// array (bytes) of 2^32 pages or more, or a block chain (entries) over `KHO_MAX_BLOCKS`.
     #[error("size {0} is too large to preserve in one allocation")]
     TooLarge(u64),
+    /// A handed-over structure carries a compatible string this image does not read (EINVAL).
     #[error("{what}: unsupported compatible string {found:?} (this image supports {supported:?})")]
     Incompatible {
+        /// Which structure (e.g. "integrity table").
         what: &'static str,
+        /// The string found in the handover.
         found: String,
+        /// The string this image supports.
         supported: &'static str,
     },
+    /// The handover fails validation; the message says where (EINVAL).
     #[error("bad handover: {0}")]
     BadHandover(String),
+    /// A handed-over structure could not be decoded; names which (EINVAL).
     #[error("corrupt {0}")]
     Corrupt(&'static str),
 }
@@ -108,6 +145,9 @@ const fn tracker_max_order() -> u32 {
 }
 
 impl Kho {
+    /// KHO for this boot: an empty outgoing tracker and no subtrees; `scratch` (PFNs) is the
+    /// range never preserved, `incoming` the validated handover of a KHO boot (`None` after a
+    /// cold boot).
     pub fn new(
         mm: &mut Mm,
         scratch: Range<u64>,
@@ -126,18 +166,22 @@ impl Kho {
         })
     }
 
+    /// The outgoing tracker (what this image has preserved).
     pub fn tracker(&self) -> &Tracker {
         &self.tracker
     }
 
+    /// The handover this image booted with, if any.
     pub fn incoming(&self) -> Option<&Incoming> {
         self.incoming.as_ref()
     }
 
+    /// The scratch zone, in PFNs.
     pub fn scratch(&self) -> Range<u64> {
         self.scratch.clone()
     }
 
+    /// The subtrees registered for the next handover, by name.
     pub fn subtrees(&self) -> &BTreeMap<String, Subtree> {
         &self.subtrees
     }
@@ -206,6 +250,8 @@ impl Kho {
         Ok(())
     }
 
+    /// Undo [`Kho::preserve_pages`] with the same range. Checks every block first, so a
+    /// mismatch (`NotPreserved`) changes nothing.
     pub fn unpreserve_pages(&mut self, mm: &mut Mm, pfn: u64, nr: u64) -> Result<(), KhoError> {
         let blocks: Vec<_> = split_range(pfn, nr).collect();
         if let Some(&(p, order)) = blocks
@@ -248,6 +294,7 @@ impl Kho {
         Ok(f)
     }
 
+    /// Undo [`Kho::alloc_preserve`]: unpreserve the folio and free it.
     pub fn unpreserve_free(&mut self, mm: &mut Mm, f: Folio) -> Result<(), KhoError> {
         self.unpreserve_folio(mm, f)?;
         self.meta.remove(&f.pa());
@@ -291,6 +338,7 @@ impl Kho {
         Ok(())
     }
 
+    /// Drop the subtree `name` from the next handover tree (the blob is the client's to free).
     pub fn remove_subtree(&mut self, name: &str) -> Option<Subtree> {
         self.subtrees.remove(name)
     }
@@ -378,6 +426,7 @@ impl Kho {
         self.committed = true;
     }
 
+    /// Whether the incoming handover has been accepted (always true after a cold boot).
     pub fn committed(&self) -> bool {
         self.committed
     }

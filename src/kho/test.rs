@@ -12,17 +12,25 @@ use crate::mm::{Folio, PhysRead, PAGE_SIZE};
 
 use super::KhoError;
 
+/// Name of the test client's KHO subtree.
 pub const SUBTREE: &str = "kho-test";
+/// Compatible string in [`KhoTestSer::compatible`].
 pub const COMPATIBLE: &str = "kho-test-v1";
 const ORDERS: [u32; 12] = [0, 3, 1, 10, 2, 5, 0, 7, 4, 9, 6, 8];
 
+/// The `kho-test` blob (56 bytes).
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct KhoTestSer {
+    /// [`COMPATIBLE`], NUL-padded.
     pub compatible: [u8; 16],
+    /// Handovers the memory has been through, this one included.
     pub generation: u64,
+    /// Seed of the folios' fill pattern.
     pub seed: u64,
+    /// Number of 16-byte `{pa, order}` entries in `folios`.
     pub nr_folios: u64,
+    /// Preserved array of the folio list.
     pub folios: KhoArraySer,
 }
 
@@ -35,8 +43,11 @@ struct FolioEntry {
 
 /// The test memory of the running image.
 pub struct KhoTest {
+    /// The test folios, in pattern order.
     pub folios: Vec<Folio>,
+    /// Seed of their fill pattern.
     pub seed: u64,
+    /// Handovers they have been through (0 when created).
     pub generation: u64,
 }
 
@@ -82,6 +93,7 @@ impl KhoTest {
         })
     }
 
+    /// Bytes of test memory.
     pub fn bytes(&self) -> u64 {
         self.folios.iter().map(|f| f.size()).sum()
     }

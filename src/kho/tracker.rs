@@ -31,6 +31,7 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// An empty tracker: one zeroed root table page allocated from `mm`.
     pub fn new(mm: &mut Mm) -> Result<Self, KhoError> {
         let root = mm.alloc_zeroed(0)?;
         Ok(Self {
@@ -42,6 +43,7 @@ impl Tracker {
         })
     }
 
+    /// Physical address of the root table: the handover tree's `preserved-memory-map`.
     pub fn root(&self) -> u64 {
         self.root
     }
@@ -51,10 +53,12 @@ impl Tracker {
         self.nodes.len() as u64 * PAGE_SIZE
     }
 
+    /// Pages currently marked preserved (sum of `2^order` over the blocks).
     pub fn preserved_pages(&self) -> u64 {
         self.preserved_pages
     }
 
+    /// Blocks currently marked preserved.
     pub fn preserved_blocks(&self) -> u64 {
         self.preserved_blocks
     }
@@ -130,6 +134,7 @@ impl Tracker {
         Ok(true)
     }
 
+    /// Whether `(pfn, order)` is marked preserved (exactly this order).
     pub fn test(&mut self, mm: &mut Mm, pfn: u64, order: u32) -> Result<bool, KhoError> {
         let key = radix_key(pfn, order);
         let Some(leaf) = self.leaf(mm, key, false)? else {
@@ -139,8 +144,8 @@ impl Tracker {
         Ok(mm.ram.atomic_u64(leaf + off)?.load(Ordering::Relaxed) & mask != 0)
     }
 
-    /// Give the tracker's nodes back to the allocator (used when a kexec is abandoned is not
-    /// needed: the tracker stays valid; this is for tearing the host down in tests).
+    /// The tracker's node pages (root, tables, leaf bitmaps): what its checksum and a
+    /// handover dump cover.
     pub fn node_folios(&self) -> &[Folio] {
         &self.nodes
     }
@@ -148,7 +153,9 @@ impl Tracker {
 
 /// Limits a handover tracker must respect.
 pub struct WalkLimits {
+    /// Frames of RAM: every node and preserved block must lie below.
     pub nr_frames: u64,
+    /// The scratch zone (PFNs): no node or preserved block may overlap it.
     pub scratch: Range<u64>,
     /// If given, every tracker node must be one of these pages (the integrity table's).
     pub listed: Option<HashSet<u64>>,
@@ -160,10 +167,9 @@ struct Walk {
     seen: HashSet<u64>,
 }
 
-/// The tracker handed over by the previous image, copied out of RAM at boot. Restores consume
-/// its bits, so a block can be restored at most once.
-/// Leaf keys are small dense integers: a multiply-shift hash is enough and far cheaper than
-/// SipHash on the restore path (one lookup per restored folio).
+/// Hasher of the incoming tracker's leaf map. Leaf keys are small dense integers: a
+/// multiply-shift hash is enough and far cheaper than SipHash on the restore path (one lookup
+/// per restored folio).
 #[derive(Default, Clone, Copy)]
 pub struct KeyHasher(u64);
 
@@ -183,6 +189,8 @@ impl std::hash::Hasher for KeyHasher {
 
 type LeafMap = HashMap<u64, Box<[u64; 512]>, std::hash::BuildHasherDefault<KeyHasher>>;
 
+/// The tracker handed over by the previous image, copied out of RAM at boot. Restores consume
+/// its bits, so a block can be restored at most once.
 #[derive(Default)]
 pub struct IncomingTracker {
     leaves: LeafMap,
@@ -371,6 +379,7 @@ impl IncomingTracker {
         (self.blocks, self.pages)
     }
 
+    /// Whether `(pfn, order)` is preserved and not yet restored.
     pub fn contains(&self, pfn: u64, order: u32) -> bool {
         let key = radix_key(pfn, order);
         let bit = key & (LEAF_BITS - 1);

@@ -15,19 +15,27 @@ use std::ops::Range;
 
 use super::{Folio, MmError, MAX_ORDER};
 
+/// The two zones of RAM (see the module documentation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum Zone {
+    /// The scratch range: early-boot allocations that never get preserved.
     Scratch,
+    /// Everything else: online only after the preserved frames are reserved.
     Normal,
 }
 
 /// Frame accounting, in 4 KiB frames. `free + used == total` always holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct FrameStats {
+    /// Frames of RAM.
     pub total: u64,
+    /// Free frames in both zones (an offline normal zone counts as used).
     pub free: u64,
+    /// `total - free`.
     pub used: u64,
+    /// Frames in the scratch zone.
     pub scratch_total: u64,
+    /// Free frames in the scratch zone.
     pub scratch_free: u64,
 }
 
@@ -99,6 +107,7 @@ impl ZoneState {
     }
 }
 
+/// The buddy allocator of RAM's frames: a scratch zone and a normal zone.
 pub struct FrameAllocator {
     nr_frames: u64,
     scratch: ZoneState,
@@ -132,18 +141,22 @@ impl FrameAllocator {
         })
     }
 
+    /// Frames of RAM (RAM size / [`super::PAGE_SIZE`]).
     pub fn nr_frames(&self) -> u64 {
         self.nr_frames
     }
 
+    /// The scratch zone, in PFNs.
     pub fn scratch(&self) -> Range<u64> {
         self.scratch.range.clone()
     }
 
+    /// True once [`FrameAllocator::online_normal`] has run this boot.
     pub fn normal_online(&self) -> bool {
         self.normal_online
     }
 
+    /// The zone frame `pfn` belongs to.
     pub fn zone_of(&self, pfn: u64) -> Zone {
         if self.scratch.range.contains(&pfn) {
             Zone::Scratch
@@ -182,6 +195,8 @@ impl FrameAllocator {
         self.alloc_in(zone, order)
     }
 
+    /// Allocate a block of 2^order frames from `zone`, lowest address first; `BadOrder` above
+    /// MAX_ORDER, `NoMemory` when the zone has no such block (always, for an offline normal zone).
     pub fn alloc_in(&mut self, zone: Zone, order: u32) -> Result<Folio, MmError> {
         if order > MAX_ORDER {
             return Err(MmError::BadOrder(order));
@@ -195,6 +210,9 @@ impl FrameAllocator {
             .ok_or(MmError::NoMemory { order, zone })
     }
 
+    /// Return a block and merge it with its free buddies. Fails with `BadOrder`, `BadBlock`
+    /// (misaligned, outside RAM, across the scratch boundary, normal zone offline) or
+    /// `DoubleFree`. Does not zero the frames: [`super::Mm::free`] does.
     pub fn free(&mut self, folio: Folio) -> Result<(), MmError> {
         let Folio { pfn, order } = folio;
         if order > MAX_ORDER {
@@ -215,6 +233,7 @@ impl FrameAllocator {
         }
     }
 
+    /// True if frame `pfn` lies inside a free block.
     pub fn is_free(&self, pfn: u64) -> bool {
         match self.zone_of(pfn) {
             Zone::Scratch => self.scratch.is_free(pfn),
@@ -222,6 +241,7 @@ impl FrameAllocator {
         }
     }
 
+    /// Current frame accounting.
     pub fn stats(&self) -> FrameStats {
         let free = self.scratch.nr_free + self.normal.nr_free;
         FrameStats {

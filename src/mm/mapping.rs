@@ -21,6 +21,8 @@ use rustix::mm::{
 use super::uffd::Uffd;
 use super::{MmError, Ram, PAGE_SIZE};
 
+/// A reserved range of the host image's address space whose pages are mapped from RAM frames
+/// (or left as holes); unmapped as a whole when dropped.
 pub struct VaWindow {
     base: NonNull<u8>,
     len: u64,
@@ -36,6 +38,8 @@ unsafe impl Send for VaWindow {}
 unsafe impl Sync for VaWindow {}
 
 impl VaWindow {
+    /// A window of `len` bytes (non-zero, page-aligned; `OutOfRam` otherwise), all PROT_NONE
+    /// holes.
     pub fn reserve(len: u64) -> Result<Self, MmError> {
         if len == 0 || len % PAGE_SIZE != 0 {
             return Err(MmError::OutOfRam { pa: 0, len });
@@ -83,14 +87,17 @@ impl VaWindow {
         addr >= b && addr - b < self.len
     }
 
+    /// Start address of the window in this process.
     pub fn base(&self) -> *mut u8 {
         self.base.as_ptr()
     }
 
+    /// Length of the window in bytes.
     pub fn len(&self) -> u64 {
         self.len
     }
 
+    /// Always false: a window has a non-zero length.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

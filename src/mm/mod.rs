@@ -14,15 +14,19 @@ pub use page_cache::PageCache;
 pub use ram::{page_round_up, PhysRead, Ram};
 pub use ranges::Ranges;
 
+/// log2 of [`PAGE_SIZE`].
 pub const PAGE_SHIFT: u32 = 12;
+/// Size of one frame (and of a page-cache page) in bytes: 4 KiB.
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 /// Largest buddy order: 2^10 pages = 4 MiB blocks.
 pub const MAX_ORDER: u32 = 10;
 
+/// Physical address (byte offset in the RAM memfd) of frame `pfn`.
 pub fn pfn_to_pa(pfn: u64) -> u64 {
     pfn << PAGE_SHIFT
 }
 
+/// Frame number containing physical address `pa`.
 pub fn pa_to_pfn(pa: u64) -> u64 {
     pa >> PAGE_SHIFT
 }
@@ -30,47 +34,87 @@ pub fn pa_to_pfn(pa: u64) -> u64 {
 /// A folio: 2^order physically contiguous, naturally aligned frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Folio {
+    /// First frame; a multiple of `2^order`.
     pub pfn: u64,
+    /// log2 of the number of frames (0..=[`MAX_ORDER`] when allocated here).
     pub order: u32,
 }
 
 impl Folio {
+    /// Physical address of the first frame.
     pub fn pa(&self) -> u64 {
         pfn_to_pa(self.pfn)
     }
+    /// Number of frames: `2^order`.
     pub fn nr_pages(&self) -> u64 {
         1 << self.order
     }
+    /// Size in bytes: `PAGE_SIZE << order`.
     pub fn size(&self) -> u64 {
         PAGE_SIZE << self.order
     }
 }
 
+/// Errors of RAM and the frame allocator. User-visible as ENOMEM (`NoMemory`), the syscall's
+/// errno (`Sys`) or EINVAL (the rest).
 #[derive(Debug, thiserror::Error)]
 pub enum MmError {
+    /// The RAM size (bytes) is zero, not page-aligned, or not the memfd's size.
     #[error("RAM size {0} is not usable (must be non-zero, page-aligned and match the memfd)")]
     BadRamSize(u64),
+    /// A physical access reaches past the end of RAM.
     #[error("physical range {pa:#x}+{len:#x} lies outside RAM")]
-    OutOfRam { pa: u64, len: u64 },
+    OutOfRam {
+        /// Start of the access (physical address).
+        pa: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// No free block of the order in the zone.
     #[error("out of memory: no free block of order {order} in the {zone:?} zone")]
-    NoMemory { order: u32, zone: Zone },
+    NoMemory {
+        /// The order asked for.
+        order: u32,
+        /// The zone asked.
+        zone: Zone,
+    },
+    /// An order above [`MAX_ORDER`] (or a zero-page request).
     #[error("order {0} exceeds MAX_ORDER {MAX_ORDER}")]
     BadOrder(u32),
+    /// A freed block is misaligned, outside RAM, straddles the scratch boundary, or lies in
+    /// the normal zone before it is online.
     #[error("frame block pfn {pfn:#x} order {order} is misaligned or outside its zone")]
-    BadBlock { pfn: u64, order: u32 },
+    BadBlock {
+        /// First frame of the block.
+        pfn: u64,
+        /// Its order.
+        order: u32,
+    },
+    /// A freed block overlaps a block that is already free.
     #[error("frame block pfn {pfn:#x} order {order} is already free")]
-    DoubleFree { pfn: u64, order: u32 },
+    DoubleFree {
+        /// First frame of the block.
+        pfn: u64,
+        /// Its order.
+        order: u32,
+    },
+    /// The scratch range handed to the allocator cannot be used.
     #[error("scratch range {start:#x}+{len:#x} is not usable: {why}")]
     BadScratch {
+        /// Start of the range (physical address).
         start: u64,
+        /// Its length in bytes.
         len: u64,
+        /// What is wrong with it.
         why: &'static str,
     },
+    /// A system call on the RAM memfd or a mapping failed.
     #[error("system call failed: {0}")]
     Sys(rustix::io::Errno),
 }
 
 impl MmError {
+    /// The errno user space sees for this error.
     pub fn errno(&self) -> i32 {
         match self {
             MmError::NoMemory { .. } => libc::ENOMEM,
@@ -92,15 +136,18 @@ impl From<MmError> for crate::abi::errno::Errno {
 /// they return to the allocator, and a KHO boot discards every frame it did not keep, so
 /// allocation never needs to clear memory and a guest never sees another file's data.
 pub struct Mm {
+    /// The RAM memfd and its direct map.
     pub ram: Ram,
     frames: FrameAllocator,
 }
 
 impl Mm {
+    /// Memory over `ram`, allocating with `frames`.
     pub fn new(ram: Ram, frames: FrameAllocator) -> Self {
         Self { ram, frames }
     }
 
+    /// The frame allocator, read-only (zones, free checks).
     pub fn frames(&self) -> &FrameAllocator {
         &self.frames
     }
@@ -124,6 +171,7 @@ impl Mm {
         self.frames.alloc(order)
     }
 
+    /// A block of 2^order zeroed frames from `zone` specifically.
     pub fn alloc_in(&mut self, zone: Zone, order: u32) -> Result<Folio, MmError> {
         self.frames.alloc_in(zone, order)
     }
@@ -184,6 +232,7 @@ impl Mm {
         Err(last.unwrap_or(MmError::BadOrder(0)))
     }
 
+    /// Frame accounting of the allocator.
     pub fn stats(&self) -> FrameStats {
         self.frames.stats()
     }

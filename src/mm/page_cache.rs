@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use super::{Folio, Mm, MmError};
 
+/// Page index → frame map of one file (memfd or guest_memfd), kept as extents.
 #[derive(Debug, Default)]
 pub struct PageCache {
     nr: u64,
@@ -17,6 +18,7 @@ pub struct PageCache {
 }
 
 impl PageCache {
+    /// An empty cache (all holes) for a file of `nr` pages.
     pub fn with_pages(nr: u64) -> Self {
         Self {
             nr,
@@ -24,10 +26,12 @@ impl PageCache {
         }
     }
 
+    /// The file's size in pages: valid indexes are `0..nr_slots`.
     pub fn nr_slots(&self) -> u64 {
         self.nr
     }
 
+    /// Pages present (not holes).
     pub fn nr_present(&self) -> u64 {
         self.present
     }
@@ -42,6 +46,7 @@ impl PageCache {
         (index < s + len).then_some((s, pfn, len))
     }
 
+    /// Frame number of page `index`, if present.
     pub fn get(&self, index: u64) -> Option<u64> {
         self.extent_at(index).map(|(s, pfn, _)| pfn + (index - s))
     }

@@ -33,6 +33,7 @@ pub trait PhysRead {
     /// Copy `buf.len()` bytes starting at `pa`. Fails if any byte lies outside the source.
     fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MmError>;
 
+    /// The native-endian u64 at `pa` (any alignment).
     fn read_u64(&self, pa: u64) -> Result<u64, MmError> {
         let mut b = [0u8; 8];
         self.read_phys(pa, &mut b)?;
@@ -79,18 +80,22 @@ impl Ram {
         Ok(Self { file, region, size })
     }
 
+    /// The RAM memfd: handed to the next image at kexec, mapped by user windows and memslots.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
     }
 
+    /// RAM size in bytes (page-aligned).
     pub fn size(&self) -> u64 {
         self.size
     }
 
+    /// RAM size in frames.
     pub fn nr_frames(&self) -> u64 {
         self.size / PAGE_SIZE
     }
 
+    /// Whether `pa..pa+len` lies inside RAM (without overflow).
     pub fn contains(&self, pa: u64, len: u64) -> bool {
         pa.checked_add(len).is_some_and(|end| end <= self.size)
     }
@@ -116,6 +121,8 @@ impl Ram {
             .map_err(|_| MmError::OutOfRam { pa, len: 8 })
     }
 
+    /// Copy `data` to `pa` with volatile stores (aligned words in the middle); `OutOfRam` if any
+    /// byte lies outside RAM, in which case nothing is written.
     pub fn write_phys(&self, pa: u64, data: &[u8]) -> Result<(), MmError> {
         let s = self.slice(pa, data.len() as u64)?;
         let oob = || MmError::OutOfRam {
@@ -148,6 +155,7 @@ impl Ram {
         Ok(())
     }
 
+    /// Store the native-endian u64 `v` at `pa`; atomically (relaxed) when `pa` is 8-aligned.
     pub fn write_u64(&self, pa: u64, v: u64) -> Result<(), MmError> {
         if pa % 8 == 0 {
             self.atomic_u64(pa)?.store(v, Ordering::Relaxed);
@@ -156,6 +164,8 @@ impl Ram {
         self.write_phys(pa, &v.to_ne_bytes())
     }
 
+    /// Set `len` bytes at `pa` to `byte` (this allocates the memfd's pages; [`Ram::discard`]
+    /// zeroes without allocating).
     pub fn fill(&self, pa: u64, len: u64, byte: u8) -> Result<(), MmError> {
         self.slice(pa, len)?;
         let chunk = [byte; 8 * WORDS];

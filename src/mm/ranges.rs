@@ -2,6 +2,7 @@
 //! (adjacent blocks merge on the fly), so its size follows the number of contiguous runs of
 //! preserved memory, not the size of RAM.
 
+/// A list of frame ranges `start..end` (PFNs); sorted and disjoint after [`Ranges::finish`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ranges {
     v: Vec<(u64, u64)>,
@@ -12,6 +13,7 @@ pub struct Ranges {
 pub struct Overlap(pub (u64, u64), pub (u64, u64));
 
 impl Ranges {
+    /// An empty list.
     pub fn new() -> Self {
         Self::default()
     }
@@ -50,14 +52,17 @@ impl Ranges {
         self.v.get(i).is_some_and(|r| r.0 <= start && end <= r.1)
     }
 
+    /// Total frames in all ranges.
     pub fn frames(&self) -> u64 {
         self.v.iter().map(|r| r.1 - r.0).sum()
     }
 
+    /// Number of ranges.
     pub fn len(&self) -> usize {
         self.v.len()
     }
 
+    /// True if there is no range.
     pub fn is_empty(&self) -> bool {
         self.v.is_empty()
     }

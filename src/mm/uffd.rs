@@ -283,6 +283,7 @@ pub struct EventFd {
 }
 
 impl EventFd {
+    /// A new non-blocking, close-on-exec eventfd with counter 0; the syscall's errno on failure.
     pub fn new() -> Result<EventFd, Errno> {
         use rustix::event::EventfdFlags;
         let fd = rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;

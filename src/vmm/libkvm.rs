@@ -7,20 +7,26 @@ use crate::abi::kvm::*;
 use crate::host::Host;
 use crate::uapi::{Pid, SysResult};
 
+/// Open `/dev/kvm` (close-on-exec) in process `pid`.
 pub fn open_kvm(h: &mut Host, pid: Pid) -> SysResult<i32> {
     h.open(pid, "/dev/kvm", crate::uapi::O_CLOEXEC)
 }
 
+/// `KVM_CREATE_VM` of `vm_type` on the `/dev/kvm` fd: the VM fd.
 pub fn create_vm(h: &mut Host, pid: Pid, kvm: i32, vm_type: u64) -> SysResult<i32> {
     let mut a = vm_type.to_ne_bytes();
     Ok(h.ioctl(pid, kvm, KVM_CREATE_VM, &mut a)? as i32)
 }
 
+/// `KVM_CHECK_EXTENSION` of `cap` on a `/dev/kvm` or VM fd: the capability's value (0 if
+/// absent).
 pub fn check_extension(h: &mut Host, pid: Pid, fd: i32, cap: u64) -> SysResult<i64> {
     let mut a = cap.to_ne_bytes();
     h.ioctl(pid, fd, KVM_CHECK_EXTENSION, &mut a)
 }
 
+/// `KVM_CREATE_GUEST_MEMFD` on a VM fd: a guest_memfd of `size` bytes with
+/// `GUEST_MEMFD_FLAG_*` `flags` (EINVAL for a bad size or flag); the fd is not close-on-exec.
 pub fn create_guest_memfd(
     h: &mut Host,
     pid: Pid,
@@ -40,14 +46,19 @@ pub fn create_guest_memfd(
 /// or by `uaddr` in the caller's mappings.
 #[derive(Debug, Clone, Copy)]
 pub struct Region {
+    /// Slot number.
     pub slot: u32,
+    /// First guest physical address.
     pub gpa: u64,
+    /// Size in bytes; 0 deletes the slot.
     pub size: u64,
+    /// Address of the memory in the caller's mappings (unused with `gmem`).
     pub uaddr: u64,
     /// (guest_memfd fd, offset in it)
     pub gmem: Option<(i32, u64)>,
 }
 
+/// `KVM_SET_USER_MEMORY_REGION2` on a VM fd for `r`.
 pub fn set_memory_region2(h: &mut Host, pid: Pid, vm: i32, r: Region) -> SysResult<()> {
     let mut r = UserMemoryRegion2 {
         slot: r.slot,
@@ -67,6 +78,7 @@ pub fn set_memory_region2(h: &mut Host, pid: Pid, vm: i32, r: Region) -> SysResu
     Ok(())
 }
 
+/// `KVM_CREATE_VCPU` with vCPU `id` on a VM fd: the vCPU fd.
 pub fn create_vcpu(h: &mut Host, pid: Pid, vm: i32, id: u64) -> SysResult<i32> {
     let mut a = id.to_ne_bytes();
     Ok(h.ioctl(pid, vm, KVM_CREATE_VCPU, &mut a)? as i32)

@@ -15,10 +15,14 @@ fn name64(name: &str) -> [u8; 64] {
     n
 }
 
+/// `LIVEUPDATE_IOCTL_CREATE_SESSION` on the device fd `dev`: the new session's fd. `name` is
+/// copied as is (cut at 64 bytes), so an empty or 64-byte name gets the host's EINVAL.
 pub fn create_session(h: &mut Host, pid: Pid, dev: i32, name: &str) -> SysResult<i32> {
     session_call(h, pid, dev, LIVEUPDATE_IOCTL_CREATE_SESSION, name)
 }
 
+/// `LIVEUPDATE_IOCTL_RETRIEVE_SESSION` on `dev`: the incoming session's fd (ENOENT if there
+/// is none of that name, EINVAL if it was retrieved already).
 pub fn retrieve_session(h: &mut Host, pid: Pid, dev: i32, name: &str) -> SysResult<i32> {
     session_call(h, pid, dev, LIVEUPDATE_IOCTL_RETRIEVE_SESSION, name)
 }
@@ -36,6 +40,7 @@ fn session_call(h: &mut Host, pid: Pid, dev: i32, cmd: u64, name: &str) -> SysRe
         .fd)
 }
 
+/// `LIVEUPDATE_SESSION_PRESERVE_FD`: preserve the file `fd` in `session` under `token`.
 pub fn preserve_fd(h: &mut Host, pid: Pid, session: i32, fd: i32, token: u64) -> SysResult<()> {
     let mut a = PreserveFd {
         size: 16,
@@ -51,6 +56,8 @@ pub fn preserve_fd(h: &mut Host, pid: Pid, session: i32, fd: i32, token: u64) ->
     Ok(())
 }
 
+/// `LIVEUPDATE_SESSION_RETRIEVE_FD`: a new fd for the file preserved under `token` in the
+/// incoming `session`.
 pub fn retrieve_fd(h: &mut Host, pid: Pid, session: i32, token: u64) -> SysResult<i32> {
     let mut a = PreserveFd {
         size: 16,
@@ -66,6 +73,7 @@ pub fn retrieve_fd(h: &mut Host, pid: Pid, session: i32, token: u64) -> SysResul
     Ok(a.fd)
 }
 
+/// `LIVEUPDATE_SESSION_FINISH` on an incoming session (EBUSY if a file cannot finish yet).
 pub fn finish(h: &mut Host, pid: Pid, session: i32) -> SysResult<()> {
     let mut a = SessionFinish {
         size: 8,
@@ -75,6 +83,7 @@ pub fn finish(h: &mut Host, pid: Pid, session: i32) -> SysResult<()> {
     Ok(())
 }
 
+/// `LIVEUPDATE_SESSION_GET_NAME`: the session's full name.
 pub fn get_name(h: &mut Host, pid: Pid, session: i32) -> SysResult<String> {
     let mut a = SessionGetName {
         size: 72,

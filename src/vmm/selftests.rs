@@ -228,6 +228,8 @@ fn freeze_fail_2(h: &mut Host, pid: Pid, dev: i32) -> Result<serde_json::Value, 
     Ok(json!({ "verified_files": 1 }))
 }
 
+/// The init programs ported from upstream's two-stage LUO kexec selftests, as
+/// `(name, --init list description)`.
 pub const PROGRAMS: &[(&str, &str)] = &[
     (
         "luo-kexec-simple",
@@ -257,6 +259,8 @@ pub const TEST_PROGRAMS: &[(&str, &str)] = &[(
 #[cfg(not(feature = "test-hooks"))]
 pub const TEST_PROGRAMS: &[(&str, &str)] = &[];
 
+/// Run the selftest `name` on this boot: stage 1 (no state session yet) ends in a kexec,
+/// stage 2 verifies and halts with 0; a failure halts with 1. `None` if `name` is not one.
 pub fn run(h: &mut Host, name: &str) -> Option<InitOutcome> {
     let (state, token, s1, s2): (&str, u64, Stage, Stage) = match name {
         "luo-kexec-simple" => ("kexec_simple_state", 999, simple_1, simple_2),

@@ -19,6 +19,8 @@ use super::libkvm::{self, Region};
 /// First memslot id used for guest_memfd chunks (slot 0 is low memory).
 pub const FIRST_SLOT: u32 = 1;
 
+/// A guest_memfd bound as chunk memslots `FIRST_SLOT..`, each bound on demand (see the module
+/// documentation).
 pub struct GuestMemSlots {
     pid: Pid,
     vm: i32,
@@ -50,10 +52,12 @@ impl GuestMemSlots {
         })
     }
 
+    /// Number of chunks (memslots once all are bound).
     pub fn nr(&self) -> usize {
         self.bound.len()
     }
 
+    /// Chunks bound so far.
     pub fn nr_bound(&self) -> usize {
         self.bound
             .iter()
@@ -80,6 +84,8 @@ impl GuestMemSlots {
         Ok(())
     }
 
+    /// Bind every chunk not bound yet, in order, in the caller's thread; stops at the first
+    /// failure.
     pub fn bind_all(&self, h: &mut Host) -> Result<(), String> {
         (0..self.nr()).try_for_each(|i| self.bind(h, i))
     }
