@@ -3,7 +3,11 @@
 //! The composition root: the subsystems below (`mm`, `kho`, `luo`, `fs`, `kvm`, `uapi` types)
 //! know nothing of [`Host`]; the glue that serves them on a host lives here.
 
+mod boot;
 pub mod files;
+mod kexec;
+#[cfg(test)]
+mod kho_tests;
 mod kvm;
 mod luo;
 mod mmap;
@@ -60,6 +64,11 @@ pub struct HostStatus {
 }
 
 impl Host {
+    /// KHO and the memory it preserves from, borrowed together (most KHO calls take both).
+    pub fn kho_mm(&mut self) -> (&mut Kho, &mut crate::mm::Mm) {
+        (&mut self.kho, &mut self.mm)
+    }
+
     pub fn status(&self) -> HostStatus {
         HostStatus {
             frames: self.mm.stats(),
