@@ -203,6 +203,7 @@ impl Host {
             guest_faults: None,
             params,
             info,
+            #[cfg(feature = "test-hooks")]
             corrupt_handover: None,
         };
         if host.luo.enabled {
