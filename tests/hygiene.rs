@@ -200,7 +200,7 @@ fn bad_ram_fd_is_refused_without_closing_it() {
     rustix::io::fcntl_setfd(&ram, rustix::io::FdFlags::empty()).expect("F_SETFD");
     let fd = ram.into_raw_fd();
     let h = boot_with_ram_fd(fd).expect("a good RAM fd refused");
-    assert_eq!(h.mm.ram.fd().as_raw_fd(), fd);
+    assert_eq!(h.mm().ram.fd().as_raw_fd(), fd);
     assert!(cloexec(fd), "adopted RAM fd is not close-on-exec");
 }
 
@@ -214,7 +214,7 @@ fn command_wait_works_after_a_kho_boot() {
     })
     .expect("boot");
     let h = h.kexec_in_process().expect("kexec");
-    assert!(h.info.kho_boot);
+    assert!(h.info().kho_boot);
     let st = Command::new("true").status().expect("wait for a child");
     assert!(st.success());
     // SAFETY: reads the current disposition only.

@@ -300,7 +300,7 @@ impl Guest {
     fn present(&self) -> u64 {
         let h = self.host();
         let f = h.fd_file(self.pid, self.gmem).unwrap();
-        match h.files.kind(f) {
+        match h.files().kind(f) {
             Some(FileKind::GuestMemfd(g)) => g.pages.nr_present(),
             _ => panic!("not a guest_memfd"),
         }

@@ -200,7 +200,7 @@ impl Vm {
     fn slots(&self) -> Vec<u32> {
         let h = self.host();
         let f = h.fd_file(self.pid, self.vm).unwrap();
-        match h.files.kind(f) {
+        match h.files().kind(f) {
             Some(FileKind::Vm(v)) => v.slots.keys().copied().collect(),
             _ => panic!("not a VM"),
         }
@@ -210,7 +210,7 @@ impl Vm {
     fn gmem_page(&self, index: u64) -> Option<u64> {
         let h = self.host();
         let f = h.fd_file(self.pid, self.gmem).unwrap();
-        match h.files.kind(f) {
+        match h.files().kind(f) {
             Some(FileKind::GuestMemfd(g)) => g.pages.pa(index),
             _ => panic!("not a guest_memfd"),
         }
@@ -501,7 +501,7 @@ fn punch_while_the_guest_hammers_the_page() {
         h.fallocate(other, other_fd, libc::FALLOC_FL_KEEP_SIZE, 0, PAGE)
             .unwrap();
         let f = h.fd_file(other, other_fd).unwrap();
-        let got = match h.files.kind(f) {
+        let got = match h.files().kind(f) {
             Some(FileKind::Memfd(m)) => m.pages.pa(0),
             _ => None,
         };

@@ -277,7 +277,7 @@ fn preserve_and_retrieve_in_either_order_without_a_guest() {
             (retrieve_fd(&mut h, pid, s, 0x1002).unwrap(), vm)
         };
         let gf = h.fd_file(pid, g).unwrap();
-        match h.files.kind(gf) {
+        match h.files().kind(gf) {
             Some(handover::host::files::FileKind::GuestMemfd(x)) => {
                 assert_eq!(x.pages.nr_present(), present, "holes stay holes");
                 assert!(!x.frozen, "a retrieved guest_memfd is not frozen");

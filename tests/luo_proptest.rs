@@ -369,7 +369,7 @@ impl World {
             });
         let st = self.host().status();
         prop_assert_eq!(
-            self.host().luo.counts(),
+            self.host().luo().counts(),
             counts,
             "{}: LUO counts (outgoing, incoming, files)",
             ctx
@@ -785,8 +785,8 @@ impl World {
     fn check_clean(&mut self, ctx: &str) -> Result<(), TestCaseError> {
         let h = self.host();
         let st = h.status();
-        prop_assert_eq!(h.luo.counts(), (0, 0, 0), "{}: sessions left", ctx);
-        prop_assert_eq!(h.files.len(), 0, "{}: files left open", ctx);
+        prop_assert_eq!(h.luo().counts(), (0, 0, 0), "{}: sessions left", ctx);
+        prop_assert_eq!(h.files().len(), 0, "{}: files left open", ctx);
         prop_assert_eq!(st.preserved, 0, "{}: pages still preserved", ctx);
         prop_assert_eq!(
             st.incoming_outstanding,

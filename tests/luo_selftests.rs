@@ -182,11 +182,11 @@ fn preserve_many_sessions() {
     let fds: Vec<i32> = (0..2000)
         .map(|i| create_session(&mut h, pid, d, &format!("many-test-{i}")).unwrap())
         .collect();
-    assert_eq!(h.luo.counts().0, 2000);
+    assert_eq!(h.luo().counts().0, 2000);
     for fd in fds {
         h.close(pid, fd).unwrap();
     }
-    assert_eq!(h.luo.counts().0, 0);
+    assert_eq!(h.luo().counts().0, 0);
 }
 
 #[test]
@@ -194,16 +194,16 @@ fn preserve_many_files() {
     let (mut h, pid) = host();
     let d = dev(&mut h, pid);
     let s = create_session(&mut h, pid, d, "many-files").unwrap();
-    let used0 = h.mm.stats().used;
+    let used0 = h.mm().stats().used;
     let nodes0 = h.status().tracker_bytes;
     for i in 0..500u64 {
         let m = memfd_with(&mut h, pid, format!("file-data-{i}").as_bytes()).unwrap();
         preserve_fd(&mut h, pid, s, m, i).unwrap();
         h.close(pid, m).unwrap();
     }
-    assert_eq!(h.luo.counts().2, 500);
+    assert_eq!(h.luo().counts().2, 500);
     h.close(pid, s).unwrap();
-    assert_eq!(h.luo.counts().2, 0);
+    assert_eq!(h.luo().counts().2, 0);
     assert_eq!(
         h.status().preserved,
         0,
@@ -212,7 +212,7 @@ fn preserve_many_files() {
     // Tracker nodes stay once allocated (as upstream); everything else was freed.
     let grown = (h.status().tracker_bytes - nodes0) / 4096;
     assert_eq!(
-        h.mm.stats().used,
+        h.mm().stats().used,
         used0 + grown,
         "the memfds' pages were freed with them"
     );
@@ -510,7 +510,7 @@ fn unretrieved_files_are_discarded_by_finish() {
     let _kept = retrieve_fd(&mut h, pid, s, 0).unwrap();
     finish(&mut h, pid, s).unwrap();
     assert_eq!(h.status().incoming_outstanding, 0);
-    let st = h.mm.stats();
+    let st = h.mm().stats();
     assert_eq!(
         st.used,
         256 + 1,
@@ -601,9 +601,9 @@ fn liveupdate_num_at_max_is_refused() {
     let s = create_session(&mut h, pid, d, "counter").unwrap();
     let m = memfd_with(&mut h, pid, b"counted").unwrap();
     preserve_fd(&mut h, pid, s, m, 1).unwrap();
-    h.luo.liveupdate_num = u64::MAX - 1;
+    h.luo_mut().liveupdate_num = u64::MAX - 1;
     let (mut h, pid) = kexec(h);
-    assert_eq!(h.luo.liveupdate_num, u64::MAX, "{:?}", h.info.refused);
+    assert_eq!(h.luo().liveupdate_num, u64::MAX, "{:?}", h.info().refused);
     let d = dev(&mut h, pid);
     let s = retrieve_session(&mut h, pid, d, "counter").unwrap();
     let m = retrieve_fd(&mut h, pid, s, 1).unwrap();
@@ -612,9 +612,9 @@ fn liveupdate_num_at_max_is_refused() {
     preserve_fd(&mut h, pid, s, m, 2).unwrap();
     // In process, a refused handover must not roll back (that would execve the test binary):
     // mark the next boot as a rollback already, which never rolls back again.
-    h.params.rollback = Some("test: no rollback".into());
+    h.params_mut().rollback = Some("test: no rollback".into());
     let (h, _) = kexec(h);
-    let why = h.info.refused.clone().unwrap_or_default();
+    let why = h.info().refused.clone().unwrap_or_default();
     assert!(why.contains("liveupdate_num"), "refused: {why:?}");
-    assert!(!h.info.kho_boot);
+    assert!(!h.info().kho_boot);
 }

@@ -179,7 +179,7 @@ fn memory_released_by_one_file_reads_as_zeros_in_another() {
     let a = h.memfd_create(pid, "a", 0).unwrap();
     h.pwrite(pid, a, &vec![0xa5u8; 1 << 20], 0).unwrap();
     let fa = h.fd_file(pid, a).unwrap();
-    let frames_a: Vec<u64> = match h.files.kind(fa) {
+    let frames_a: Vec<u64> = match h.files().kind(fa) {
         Some(handover::host::files::FileKind::Memfd(m)) => {
             m.pages.iter().map(|(_, pfn)| pfn).collect()
         }
@@ -190,7 +190,7 @@ fn memory_released_by_one_file_reads_as_zeros_in_another() {
     h.ftruncate(pid, b, 1 << 20).unwrap();
     h.fallocate(pid, b, 0, 0, 1 << 20).unwrap();
     let fb = h.fd_file(pid, b).unwrap();
-    let frames_b: Vec<u64> = match h.files.kind(fb) {
+    let frames_b: Vec<u64> = match h.files().kind(fb) {
         Some(handover::host::files::FileKind::Memfd(m)) => {
             m.pages.iter().map(|(_, pfn)| pfn).collect()
         }

@@ -9,11 +9,9 @@ use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kho::KhoArraySer;
 use crate::fs::memfd::{ALL_SEALS, MAX_SIZE};
 use crate::fs::{FileId, Memfd};
-use crate::host::files::FileKind;
-use crate::host::Host;
 use crate::kho::array::PreservedArray;
-use crate::luo::{FileArgs, FileHandler};
-use crate::mm::{Folio, PhysRead, PAGE_SIZE};
+use crate::luo::{FileArgs, FileHandler, LuoCtx};
+use crate::mm::{Folio, Mm, PhysRead, PAGE_SIZE};
 
 pub const COMPATIBLE: &str = "memfd-v2";
 pub const FOLIO_DIRTY: u64 = 1 << 0;
@@ -43,20 +41,35 @@ struct Preserved {
 
 pub struct MemfdHandler;
 
-fn memfd(host: &mut Host, f: Option<FileId>) -> SysResult<&mut Memfd> {
-    match f.and_then(|f| host.files.kind_mut(f)) {
-        Some(FileKind::Memfd(m)) => Ok(m),
-        _ => Err(Errno::EINVAL),
+/// What the memfd handler needs of its context besides [`LuoCtx`]: the memfds of the file
+/// table, their file position, and the mappings of their pages.
+pub trait MemfdLuoCtx: LuoCtx {
+    /// The memfd `file`, if it is one.
+    fn memfd(&self, file: FileId) -> Option<&Memfd>;
+    /// The memfd `file`, if it is one, with the memory it allocates from.
+    fn memfd_mm(&mut self, file: FileId) -> Option<(&mut Memfd, &mut Mm)>;
+    /// The file position of `file`.
+    fn file_pos(&self, file: FileId) -> Option<u64>;
+    /// Install a memfd at file position `pos`: a new file with one reference.
+    fn install_memfd(&mut self, m: Memfd, pos: u64) -> FileId;
+    /// Map pages `indexes` of `file`, just filled, into every mapping of the file.
+    fn map_file_pages(&mut self, file: FileId, indexes: &[u64]);
+}
+
+fn memfd<C: MemfdLuoCtx + ?Sized>(host: &mut C, f: Option<FileId>) -> SysResult<&mut Memfd> {
+    match f.and_then(|f| host.memfd_mm(f)) {
+        Some((m, _)) => Ok(m),
+        None => Err(Errno::EINVAL),
     }
 }
 
 /// Read and check a handed-over `memfd_luo_ser`.
-fn read_ser(host: &Host, pa: u64) -> SysResult<MemfdLuoSer> {
-    if !host.kho.is_restorable(pa) {
+fn read_ser<C: LuoCtx + ?Sized>(host: &C, pa: u64) -> SysResult<MemfdLuoSer> {
+    if !host.kho().is_restorable(pa) {
         return Err(Errno::EINVAL);
     }
     let mut b = [0u8; 48];
-    host.mm.ram.read_phys(pa, &mut b)?;
+    host.mm().ram.read_phys(pa, &mut b)?;
     let s = MemfdLuoSer::read_from_bytes(&b).map_err(|_| Errno::EINVAL)?;
     if s.flags != 0 || s.seals & !ALL_SEALS != 0 {
         return Err(Errno::EOPNOTSUPP);
@@ -67,32 +80,32 @@ fn read_ser(host: &Host, pa: u64) -> SysResult<MemfdLuoSer> {
     Ok(s)
 }
 
-fn undo(host: &mut Host, file: Option<FileId>, folios: &[Folio]) {
+fn undo<C: MemfdLuoCtx + ?Sized>(host: &mut C, file: Option<FileId>, folios: &[Folio]) {
+    let (kho, mm) = host.kho_mm();
     for f in folios {
-        let _ = host.kho.unpreserve_folio(&mut host.mm, *f);
+        let _ = kho.unpreserve_folio(mm, *f);
     }
     if let Ok(m) = memfd(host, file) {
         m.frozen = false;
     }
 }
 
-impl FileHandler<Host> for MemfdHandler {
+impl<C: MemfdLuoCtx + ?Sized> FileHandler<C> for MemfdHandler {
     fn compatible(&self) -> &'static str {
         COMPATIBLE
     }
 
-    fn can_preserve(&self, host: &Host, file: FileId) -> bool {
-        matches!(host.files.kind(file), Some(FileKind::Memfd(m)) if !m.hugetlb)
+    fn can_preserve(&self, host: &C, file: FileId) -> bool {
+        host.memfd(file).is_some_and(|m| !m.hugetlb)
     }
 
-    fn preserve(&self, host: &mut Host, a: &mut FileArgs) -> SysResult<()> {
+    fn preserve(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
         let file = a.file;
-        let pos = file.and_then(|f| host.files.get(f)).map_or(0, |f| f.pos);
+        let pos = file.and_then(|f| host.file_pos(f)).unwrap_or(0);
         let (size, seals, new) = {
-            let Host { mm, files, .. } = host;
-            let m = match file.and_then(|f| files.kind_mut(f)) {
-                Some(FileKind::Memfd(m)) => m,
-                _ => return Err(Errno::EINVAL),
+            let (m, mm) = match file.and_then(|f| host.memfd_mm(f)) {
+                Some(x) => x,
+                None => return Err(Errno::EINVAL),
             };
             if m.size.div_ceil(PAGE_SIZE) > u32::MAX as u64 {
                 return Err(Errno::EFBIG);
@@ -119,7 +132,8 @@ impl FileHandler<Host> for MemfdHandler {
         let mut list = Vec::with_capacity(pages.len() * 16);
         for &(idx, pfn) in &pages {
             let f = Folio { pfn, order: 0 };
-            if let Err(e) = host.kho.preserve_folio(&mut host.mm, f) {
+            let (kho, mm) = host.kho_mm();
+            if let Err(e) = kho.preserve_folio(mm, f) {
                 undo(host, file, &folios);
                 return Err(e.into());
             }
@@ -128,7 +142,8 @@ impl FileHandler<Host> for MemfdHandler {
                 FolioSer::new(pfn, FOLIO_DIRTY | FOLIO_UPTODATE, idx).as_bytes(),
             );
         }
-        let arr = match host.kho.preserve_array(&mut host.mm, &list) {
+        let (kho, mm) = host.kho_mm();
+        let arr = match kho.preserve_array(mm, &list) {
             Ok(a) => a,
             Err(e) => {
                 undo(host, file, &folios);
@@ -143,18 +158,19 @@ impl FileHandler<Host> for MemfdHandler {
             nr_folios: folios.len() as u64,
             folios: arr.ser,
         };
-        let sf = match host.kho.alloc_preserve(&mut host.mm, 48) {
+        let (kho, mm) = host.kho_mm();
+        let sf = match kho.alloc_preserve(mm, 48) {
             Ok(f) => f,
             Err(e) => {
-                host.kho.unpreserve_array(&mut host.mm, arr);
+                kho.unpreserve_array(mm, arr);
                 undo(host, file, &folios);
                 return Err(e.into());
             }
         };
-        host.mm.ram.write_phys(sf.pa(), ser.as_bytes())?;
-        host.kho.label(sf.pa(), "memfd");
+        mm.ram.write_phys(sf.pa(), ser.as_bytes())?;
+        kho.label(sf.pa(), "memfd");
         for pa in arr.page_addrs() {
-            host.kho.label(pa, "memfd-folios");
+            kho.label(pa, "memfd-folios");
         }
         a.serialized = sf.pa();
         a.private = Some(Box::new(Preserved {
@@ -165,7 +181,7 @@ impl FileHandler<Host> for MemfdHandler {
         Ok(())
     }
 
-    fn unpreserve(&self, host: &mut Host, a: &mut FileArgs) {
+    fn unpreserve(&self, host: &mut C, a: &mut FileArgs) {
         let Some(p) = a
             .private
             .take()
@@ -173,26 +189,23 @@ impl FileHandler<Host> for MemfdHandler {
         else {
             return;
         };
-        let _ = host.kho.unpreserve_free(&mut host.mm, p.ser);
-        host.kho.unpreserve_array(&mut host.mm, p.arr);
+        let (kho, mm) = host.kho_mm();
+        let _ = kho.unpreserve_free(mm, p.ser);
+        kho.unpreserve_array(mm, p.arr);
         undo(host, a.file, &p.folios);
     }
 
-    fn freeze(&self, host: &mut Host, a: &mut FileArgs) -> SysResult<()> {
-        let pos = a.file.and_then(|f| host.files.get(f)).map_or(0, |f| f.pos);
-        host.mm.ram.write_u64(a.serialized, pos)?;
+    fn freeze(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
+        let pos = a.file.and_then(|f| host.file_pos(f)).unwrap_or(0);
+        host.mm_mut().ram.write_u64(a.serialized, pos)?;
         Ok(())
     }
 
-    fn retrieve(&self, host: &mut Host, a: &mut FileArgs) -> SysResult<()> {
+    fn retrieve(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
         let ser = read_ser(host, a.serialized)?;
-        let list = host
-            .kho
-            .restore_array(&mut host.mm, &ser.folios)
-            .map_err(|_| Errno::EIO)?;
-        host.kho
-            .restore_free(&mut host.mm, a.serialized)
-            .map_err(|_| Errno::EIO)?;
+        let (kho, mm) = host.kho_mm();
+        let list = kho.restore_array(mm, &ser.folios).map_err(|_| Errno::EIO)?;
+        kho.restore_free(mm, a.serialized).map_err(|_| Errno::EIO)?;
         let mut m = Memfd::new("", crate::fs::memfd::MFD_ALLOW_SEALING);
         m.pages = crate::mm::PageCache::with_pages(ser.size.div_ceil(PAGE_SIZE));
         m.size = ser.size;
@@ -205,10 +218,10 @@ impl FileHandler<Host> for MemfdHandler {
             if fs.pfn() == 0 {
                 continue;
             }
-            match host.kho.restore_folio(fs.pfn() * PAGE_SIZE) {
+            match kho.restore_folio(fs.pfn() * PAGE_SIZE) {
                 Ok(f) if f.order == 0 && m.pages.insert(fs.index, f.pfn) => {}
                 Ok(f) => {
-                    let _ = host.mm.free(f);
+                    let _ = mm.free(f);
                     bad.get_or_insert(Errno::EINVAL);
                 }
                 Err(_) => {
@@ -217,33 +230,30 @@ impl FileHandler<Host> for MemfdHandler {
             }
         }
         if let Some(e) = bad {
-            let _ = m.pages.release(&mut host.mm);
+            let _ = m.pages.release(mm);
             return Err(e);
         }
-        let file = host.files.install(FileKind::Memfd(m));
-        if let Some(f) = host.files.get_mut(file) {
-            f.pos = ser.pos;
-        }
-        a.file = Some(file);
+        a.file = Some(host.install_memfd(m, ser.pos));
         Ok(())
     }
 
-    fn finish(&self, host: &mut Host, a: &mut FileArgs) {
+    fn finish(&self, host: &mut C, a: &mut FileArgs) {
         if a.retrieve_status != 0 {
             return;
         }
         let Ok(ser) = read_ser(host, a.serialized) else {
             return;
         };
-        if let Ok(list) = host.kho.restore_array(&mut host.mm, &ser.folios) {
+        let (kho, mm) = host.kho_mm();
+        if let Ok(list) = kho.restore_array(mm, &ser.folios) {
             let mut folios: Vec<Folio> = list
                 .chunks_exact(16)
                 .take(ser.nr_folios as usize)
                 .filter_map(|e| FolioSer::read_from_bytes(e).ok())
-                .filter_map(|fs| host.kho.restore_folio(fs.pfn() * PAGE_SIZE).ok())
+                .filter_map(|fs| kho.restore_folio(fs.pfn() * PAGE_SIZE).ok())
                 .collect();
-            let _ = host.mm.free_many(&mut folios);
+            let _ = mm.free_many(&mut folios);
         }
-        let _ = host.kho.restore_free(&mut host.mm, a.serialized);
+        let _ = kho.restore_free(mm, a.serialized);
     }
 }

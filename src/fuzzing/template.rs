@@ -29,8 +29,9 @@ pub fn handover_template() -> HandoverTemplate {
         ..Default::default()
     })
     .expect("boot the template host");
-    let t = crate::kho::test::KhoTest::create(&mut h, 64 << 10, 7).expect("kho-test");
-    t.preserve(&mut h).expect("kho-test preserve");
+    let (kho, mm) = h.kho_mm();
+    let t = crate::kho::test::KhoTest::create(mm, 64 << 10, 7).expect("kho-test");
+    t.preserve(kho, mm).expect("kho-test preserve");
     let pid = h.spawn();
     let dev = h
         .open(pid, "/dev/liveupdate", 0)

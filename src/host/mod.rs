@@ -3,7 +3,11 @@
 //! The composition root: the subsystems below (`mm`, `kho`, `luo`, `fs`, `kvm`, `uapi` types)
 //! know nothing of [`Host`]; the glue that serves them on a host lives here.
 
+mod boot;
 pub mod files;
+mod kexec;
+#[cfg(test)]
+mod kho_tests;
 mod kvm;
 mod luo;
 mod mmap;
@@ -22,12 +26,12 @@ use crate::mm::{FrameStats, Mm};
 use crate::uapi::{MapId, Mapping, Pid, Process};
 
 pub struct Host {
-    pub mm: Mm,
-    pub kho: Kho,
-    pub luo: Luo<Host>,
-    pub files: FileTable,
-    pub procs: BTreeMap<Pid, Process>,
-    pub maps: BTreeMap<MapId, Mapping>,
+    pub(crate) mm: Mm,
+    pub(crate) kho: Kho,
+    pub(crate) luo: Luo<Host>,
+    pub(crate) files: FileTable,
+    pub(crate) procs: BTreeMap<Pid, Process>,
+    pub(crate) maps: BTreeMap<MapId, Mapping>,
     pub(crate) next_pid: Pid,
     pub(crate) next_map: MapId,
     pub(crate) luo_incoming: Option<crate::luo::serialize::IncomingHeader>,
@@ -41,10 +45,11 @@ pub struct Host {
     /// Guest faults on guest_memfd holes (userfaultfd and its service thread), set up when the
     /// first guest_memfd is bound to a memslot; see `kvm::run`.
     pub(crate) guest_faults: Option<crate::kvm::run::FaultService>,
-    pub params: BootParams,
-    pub info: BootInfo,
+    pub(crate) params: BootParams,
+    pub(crate) info: BootInfo,
     /// Test hook: damage the handover this way right before the next kexec.
-    pub corrupt_handover: Option<String>,
+    #[cfg(feature = "test-hooks")]
+    pub(crate) corrupt_handover: Option<String>,
 }
 
 /// Frame accounting as a status call reports it.
@@ -60,6 +65,51 @@ pub struct HostStatus {
 }
 
 impl Host {
+    /// The image's memory (RAM and its frame allocator).
+    pub fn mm(&self) -> &crate::mm::Mm {
+        &self.mm
+    }
+
+    /// KHO: what this image preserves and what it was handed.
+    pub fn kho(&self) -> &Kho {
+        &self.kho
+    }
+
+    /// LUO: sessions and their files.
+    pub fn luo(&self) -> &Luo<Host> {
+        &self.luo
+    }
+
+    /// LUO, to change (tests set `liveupdate_num`).
+    pub fn luo_mut(&mut self) -> &mut Luo<Host> {
+        &mut self.luo
+    }
+
+    /// The open-file table.
+    pub fn files(&self) -> &FileTable {
+        &self.files
+    }
+
+    /// The boot parameters of this image.
+    pub fn params(&self) -> &BootParams {
+        &self.params
+    }
+
+    /// The boot parameters, to change before the next kexec (tests set `rollback`).
+    pub fn params_mut(&mut self) -> &mut BootParams {
+        &mut self.params
+    }
+
+    /// What this boot found.
+    pub fn info(&self) -> &BootInfo {
+        &self.info
+    }
+
+    /// KHO and the memory it preserves from, borrowed together (most KHO calls take both).
+    pub fn kho_mm(&mut self) -> (&mut Kho, &mut crate::mm::Mm) {
+        (&mut self.kho, &mut self.mm)
+    }
+
     pub fn status(&self) -> HostStatus {
         HostStatus {
             frames: self.mm.stats(),

@@ -24,7 +24,8 @@ pub fn run(host: &mut Host) -> InitOutcome {
         tracing::error!("kho-test: bad size");
         return InitOutcome::Halt(2);
     };
-    let t = match KhoTest::restore(host) {
+    let (kho, mm) = host.kho_mm();
+    let t = match KhoTest::restore(kho, mm) {
         Ok(Some(t)) => {
             let st = host.status();
             // Everything in use now: the restored folios and the new tracker's nodes.
@@ -48,7 +49,7 @@ pub fn run(host: &mut Host) -> InitOutcome {
                 );
                 return InitOutcome::Halt(1);
             }
-            match KhoTest::create(host, size, 0x5eed) {
+            match KhoTest::create(host.kho_mm().1, size, 0x5eed) {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!("kho-test: {e}");
@@ -58,7 +59,8 @@ pub fn run(host: &mut Host) -> InitOutcome {
         }
         Err(e) => {
             tracing::error!("kho-test: refusing the handover: {e}");
-            let released = release_unclaimed(host);
+            let (kho, mm) = host.kho_mm();
+            let released = release_unclaimed(kho, mm);
             host.report(
                 "kho-test-refused",
                 json!({ "error": e.to_string(), "released_pages": released, "status": host.status(), "boot": host.info }),
@@ -72,12 +74,13 @@ pub fn run(host: &mut Host) -> InitOutcome {
     }
     let mut t = t;
     t.generation = t.generation.max(host.info.kexec_count as u64);
-    if let Err(e) = t.preserve(host) {
+    let (kho, mm) = host.kho_mm();
+    if let Err(e) = t.preserve(kho, mm) {
         tracing::error!("kho-test: preserve failed: {e}");
         return InitOutcome::Halt(1);
     }
     if let Some(kind) = args.get("corrupt") {
-        if let Err(e) = crate::kexec::corrupt::client(host, kind) {
+        if let Err(e) = host.corrupt_client(kind) {
             tracing::error!("kho-test: cannot corrupt: {e}");
         }
     }

@@ -6,10 +6,9 @@
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::abi::kho::{radix_index, KHO_FDT_COMPATIBLE};
-use crate::host::Host;
 use crate::kho::test::{KhoTestSer, SUBTREE};
-use crate::kho::{KhoBootArgs, KhoError};
-use crate::mm::{PhysRead, PAGE_SIZE};
+use crate::kho::{Kho, KhoBootArgs, KhoError};
+use crate::mm::{PhysRead, Ram, PAGE_SIZE};
 
 /// Kinds applied to a client blob before the handover is finalized.
 pub const CLIENT_KINDS: &[&str] = &["chain-cycle", "chain-overlong"];
@@ -25,39 +24,38 @@ pub const HANDOVER_KINDS: &[&str] = &[
     "blob-outside",
 ];
 
-fn test_ser(host: &Host) -> Result<(u64, KhoTestSer), KhoError> {
-    let st = host
-        .kho
+fn test_ser(kho: &Kho, ram: &Ram) -> Result<(u64, KhoTestSer), KhoError> {
+    let st = kho
         .subtrees()
         .get(SUBTREE)
         .copied()
         .ok_or_else(|| KhoError::NoSubtree(SUBTREE.into()))?;
     let mut b = [0u8; std::mem::size_of::<KhoTestSer>()];
-    host.mm.ram.read_phys(st.pa, &mut b)?;
+    ram.read_phys(st.pa, &mut b)?;
     let ser = KhoTestSer::read_from_bytes(&b).map_err(|_| KhoError::Corrupt("kho-test blob"))?;
     Ok((st.pa, ser))
 }
 
-/// Apply `kind` for the `kho-test` program: damage its blob now (a [`CLIENT_KINDS`] entry) or
-/// schedule a [`HANDOVER_KINDS`]/`flip:` kind for the next kexec; `BadHandover` for an unknown
-/// kind.
-pub fn client(host: &mut Host, kind: &str) -> Result<(), KhoError> {
+/// Apply `kind` for the `kho-test` program: damage its blob now (a [`CLIENT_KINDS`] entry), or,
+/// for a kind that damages the finalized handover, return it: the caller applies it with
+/// [`handover`] right before the next `execve`. `BadHandover` for an unknown kind.
+pub fn client(kho: &Kho, ram: &Ram, kind: &str) -> Result<Option<String>, KhoError> {
     match kind {
         "chain-cycle" => {
-            let (_, ser) = test_ser(host)?;
-            host.mm.ram.write_u64(ser.folios.first, ser.folios.first)?;
+            let (_, ser) = test_ser(kho, ram)?;
+            ram.write_u64(ser.folios.first, ser.folios.first)?;
         }
         "chain-overlong" => {
-            let (pa, mut ser) = test_ser(host)?;
+            let (pa, mut ser) = test_ser(kho, ram)?;
             ser.folios.total_pages = ser
                 .folios
                 .total_pages
                 .checked_sub(1)
                 .ok_or(KhoError::Corrupt("kho-test blob: no pages to drop"))?;
-            host.mm.ram.write_phys(pa, ser.as_bytes())?;
+            ram.write_phys(pa, ser.as_bytes())?;
         }
         k if HANDOVER_KINDS.contains(&k) || k.starts_with("flip:") => {
-            host.corrupt_handover = Some(k.to_string())
+            return Ok(Some(k.to_string()));
         }
         _ => {
             return Err(KhoError::BadHandover(format!(
@@ -65,13 +63,12 @@ pub fn client(host: &mut Host, kind: &str) -> Result<(), KhoError> {
             )))
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Damage the finalized handover (RAM and `args`) in the way `kind` names, right before the
 /// `execve`; `BadHandover` for an unknown kind.
-pub fn handover(host: &mut Host, args: &mut KhoBootArgs, kind: &str) -> Result<(), KhoError> {
-    let ram = &host.mm.ram;
+pub fn handover(kho: &Kho, ram: &Ram, args: &mut KhoBootArgs, kind: &str) -> Result<(), KhoError> {
     let mut fdt = vec![0u8; args.fdt_size as usize];
     ram.read_phys(args.fdt_pa, &mut fdt)?;
     match kind {
@@ -110,7 +107,7 @@ pub fn handover(host: &mut Host, args: &mut KhoBootArgs, kind: &str) -> Result<(
             args.fdt_crc = Some(crc32fast::hash(&b));
         }
         "tracker-outside" | "tracker-cycle" => {
-            let root = host.kho.tracker().root();
+            let root = kho.tracker().root();
             // Root-level index of the lowest keys of order 0 (where kho-test folios live).
             let used = radix_index(1 << 52, 5) as u64;
             let child = ram.read_u64(root + used * 8)?;
@@ -127,17 +124,11 @@ pub fn handover(host: &mut Host, args: &mut KhoBootArgs, kind: &str) -> Result<(
         k if k.starts_with("flip:") => {
             let what = &k[5..];
             let target = if what == "tracker" {
-                let mut n: Vec<u64> = host
-                    .kho
-                    .tracker()
-                    .node_folios()
-                    .iter()
-                    .map(|f| f.pa())
-                    .collect();
+                let mut n: Vec<u64> = kho.tracker().node_folios().iter().map(|f| f.pa()).collect();
                 n.sort_unstable();
                 n.last().map(|&pa| (pa, PAGE_SIZE))
             } else {
-                host.kho.labelled(what).first().copied()
+                kho.labelled(what).first().copied()
             };
             let (pa, len) = target.ok_or_else(|| {
                 KhoError::BadHandover(format!("no handover blob of kind {what:?}"))

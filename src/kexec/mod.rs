@@ -11,13 +11,12 @@ mod cmdline;
 /// Handover corruption (test hook).
 #[cfg(feature = "test-hooks")]
 pub mod corrupt;
-mod exec;
+pub(crate) mod exec;
 pub mod params;
 pub mod reaper;
 pub mod reboot;
 
-pub use boot::BootInfo;
-pub use params::BootParams;
+pub use params::{BootInfo, BootParams};
 pub use reboot::{KexecError, KexecRequest};
 
 /// The release string this image writes into `kexec-metadata`.

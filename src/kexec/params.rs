@@ -138,3 +138,26 @@ mod tests {
         assert_eq!(default_scratch_size(256 << 20), 16 << 20);
     }
 }
+
+/// What this boot found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct BootInfo {
+    /// The previous image handed over memory and it was accepted.
+    pub kho_boot: bool,
+    /// Why a handover was refused, if it was.
+    pub refused: Option<String>,
+    /// Release of the previous image.
+    pub exec_from: Option<String>,
+    /// Kexecs since the last cold boot.
+    pub kexec_count: u32,
+    /// Pages preserved by the previous image, reserved at boot.
+    pub incoming_pages: u64,
+    /// This boot is a rollback: why the next image refused the handover.
+    pub rollback: Option<String>,
+    /// Time from process start of boot to the allocator being online, microseconds.
+    pub boot_us: u64,
+    /// CLOCK_MONOTONIC ns when this image started booting.
+    pub boot_start_ns: u64,
+    /// The previous image's reaper was passed by a valid pidfd and adopted.
+    pub reaper: bool,
+}

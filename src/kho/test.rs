@@ -7,10 +7,9 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::abi::kho::KhoArraySer;
 use crate::abi::{cstr_field, put_cstr};
-use crate::host::Host;
-use crate::mm::{Folio, PhysRead, PAGE_SIZE};
+use crate::mm::{Folio, Mm, PhysRead, PAGE_SIZE};
 
-use super::KhoError;
+use super::{Kho, KhoError};
 
 /// Name of the test client's KHO subtree.
 pub const SUBTREE: &str = "kho-test";
@@ -69,7 +68,7 @@ fn folio_pattern(seed: u64, idx: usize, f: Folio) -> Vec<u8> {
 
 impl KhoTest {
     /// Allocate `bytes` of folios of mixed orders and fill them.
-    pub fn create(host: &mut Host, bytes: u64, seed: u64) -> Result<Self, KhoError> {
+    pub fn create(mm: &mut Mm, bytes: u64, seed: u64) -> Result<Self, KhoError> {
         let mut folios = Vec::new();
         let mut left = bytes / PAGE_SIZE;
         let mut i = 0;
@@ -78,9 +77,8 @@ impl KhoTest {
             while (1u64 << order) > left {
                 order -= 1;
             }
-            let f = host.mm.alloc_zeroed(order)?;
-            host.mm
-                .ram
+            let f = mm.alloc_zeroed(order)?;
+            mm.ram
                 .write_phys(f.pa(), &folio_pattern(seed, folios.len(), f))?;
             folios.push(f);
             left -= 1 << order;
@@ -100,9 +98,9 @@ impl KhoTest {
 
     /// Preserve every folio and publish the `kho-test` subtree. Returns the array's chunk pages
     /// so a test can corrupt them.
-    pub fn preserve(&self, host: &mut Host) -> Result<KhoTestSer, KhoError> {
+    pub fn preserve(&self, kho: &mut Kho, mm: &mut Mm) -> Result<KhoTestSer, KhoError> {
         for f in &self.folios {
-            host.kho.preserve_folio(&mut host.mm, *f)?;
+            kho.preserve_folio(mm, *f)?;
         }
         let list: Vec<u8> = self
             .folios
@@ -116,7 +114,7 @@ impl KhoTest {
                 .to_vec()
             })
             .collect();
-        let arr = host.kho.preserve_array(&mut host.mm, &list)?;
+        let arr = kho.preserve_array(mm, &list)?;
         let ser = KhoTestSer {
             compatible: put_cstr(COMPATIBLE).unwrap_or_default(),
             generation: self.generation + 1,
@@ -124,18 +122,17 @@ impl KhoTest {
             nr_folios: self.folios.len() as u64,
             folios: arr.ser,
         };
-        let blob = host.kho.alloc_preserve(&mut host.mm, PAGE_SIZE)?;
-        host.mm.ram.write_phys(blob.pa(), ser.as_bytes())?;
-        host.kho.label(blob.pa(), "kho-test");
-        host.kho
-            .add_subtree(SUBTREE, blob.pa(), std::mem::size_of::<KhoTestSer>() as u64)?;
+        let blob = kho.alloc_preserve(mm, PAGE_SIZE)?;
+        mm.ram.write_phys(blob.pa(), ser.as_bytes())?;
+        kho.label(blob.pa(), "kho-test");
+        kho.add_subtree(SUBTREE, blob.pa(), std::mem::size_of::<KhoTestSer>() as u64)?;
         Ok(ser)
     }
 
     /// Restore the test memory handed over by the previous image and check every byte.
     /// `Ok(None)` when there is none.
-    pub fn restore(host: &mut Host) -> Result<Option<Self>, KhoError> {
-        let st = match host.kho.retrieve_subtree(SUBTREE) {
+    pub fn restore(kho: &mut Kho, mm: &mut Mm) -> Result<Option<Self>, KhoError> {
+        let st = match kho.retrieve_subtree(SUBTREE) {
             Ok(s) => s,
             Err(KhoError::NoSubtree(_)) => return Ok(None),
             Err(e) => return Err(e),
@@ -144,7 +141,7 @@ impl KhoTest {
         if st.size < b.len() as u64 {
             return Err(KhoError::BadHandover("kho-test blob too small".into()));
         }
-        host.mm.ram.read_phys(st.pa, &mut b)?;
+        mm.ram.read_phys(st.pa, &mut b)?;
         let ser =
             KhoTestSer::read_from_bytes(&b).map_err(|_| KhoError::Corrupt("kho-test blob"))?;
         let compat = cstr_field(&ser.compatible).unwrap_or_default();
@@ -155,8 +152,8 @@ impl KhoTest {
                 supported: COMPATIBLE,
             });
         }
-        let list = host.kho.restore_array(&mut host.mm, &ser.folios)?;
-        host.kho.restore_free(&mut host.mm, st.pa)?;
+        let list = kho.restore_array(mm, &ser.folios)?;
+        kho.restore_free(mm, st.pa)?;
         let n = usize::try_from(ser.nr_folios).map_err(|_| KhoError::Corrupt("kho-test count"))?;
         if n > list.len() / 16 {
             return Err(KhoError::BadHandover(
@@ -167,7 +164,7 @@ impl KhoTest {
         for (idx, e) in list.chunks_exact(16).take(n).enumerate() {
             let e =
                 FolioEntry::read_from_bytes(e).map_err(|_| KhoError::Corrupt("kho-test entry"))?;
-            let f = host.kho.restore_folio(e.pa)?;
+            let f = kho.restore_folio(e.pa)?;
             if f.order as u64 != e.order {
                 return Err(KhoError::BadHandover(format!(
                     "folio {:#x} restored with order {}, list says {}",
@@ -175,7 +172,7 @@ impl KhoTest {
                 )));
             }
             let mut got = vec![0u8; f.size() as usize];
-            host.mm.ram.read_phys(f.pa(), &mut got)?;
+            mm.ram.read_phys(f.pa(), &mut got)?;
             if got != folio_pattern(ser.seed, idx, f) {
                 return Err(KhoError::BadHandover(format!(
                     "folio {idx} at {:#x} does not hold its pattern",
@@ -194,21 +191,20 @@ impl KhoTest {
 
 /// Restore and free everything the previous image handed over that nobody claimed: used
 /// when a client refuses its part of the handover, so the memory is not lost.
-pub fn release_unclaimed(host: &mut Host) -> u64 {
-    let blocks = host
-        .kho
+pub fn release_unclaimed(kho: &mut Kho, mm: &mut Mm) -> u64 {
+    let blocks = kho
         .incoming()
         .map(|i| i.tracker.blocks())
         .unwrap_or_default();
     let mut pages = 0;
     let mut folios = Vec::with_capacity(blocks.len());
     for (pfn, _) in blocks {
-        if let Ok(f) = host.kho.restore_folio(pfn * PAGE_SIZE) {
+        if let Ok(f) = kho.restore_folio(pfn * PAGE_SIZE) {
             pages += f.nr_pages();
             folios.push(f);
         }
     }
-    let _ = host.mm.free_many(&mut folios);
+    let _ = mm.free_many(&mut folios);
     pages
 }
 

@@ -16,13 +16,12 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kvm::*;
 use crate::fs::FileId;
-use crate::host::files::FileKind;
-use crate::host::Host;
 use crate::kho::array::PreservedArray;
 use crate::luo::{FileArgs, FileHandler};
 use crate::mm::{Folio, PhysRead, PAGE_SIZE};
 
-use super::guest_memfd::MAX_SIZE;
+use super::guest_memfd::{GuestMemfd, MAX_SIZE};
+use super::vm_luo::VmLuoCtx;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -32,6 +31,18 @@ pub enum Format {
 
 pub struct GuestMemfdHandler {
     pub format: Format,
+}
+
+/// What the guest_memfd handler needs of its context besides [`VmLuoCtx`]: the guest_memfds
+/// of the file table, a new one on retrieve, and the command line's choice of format.
+pub trait GuestMemfdLuoCtx: VmLuoCtx {
+    /// The guest_memfd `file`, if it is one.
+    fn guest_memfd(&self, file: FileId) -> Option<&GuestMemfd>;
+    fn guest_memfd_mut(&mut self, file: FileId) -> Option<&mut GuestMemfd>;
+    /// `KVM_CREATE_GUEST_MEMFD` on the VM file `vm`.
+    fn create_guest_memfd(&mut self, vm: FileId, size: u64, flags: u64) -> SysResult<FileId>;
+    /// `--gmem-luo v1`: new preservations use the v1 format.
+    fn gmem_luo_v1(&self) -> bool;
 }
 
 /// What a preserved file holds on to, to undo the preservation.
@@ -71,8 +82,8 @@ fn from_abi(flags: u64) -> u64 {
     f
 }
 
-fn set_frozen(host: &mut Host, file: Option<FileId>, frozen: bool) {
-    if let Some(FileKind::GuestMemfd(g)) = file.and_then(|f| host.files.kind_mut(f)) {
+fn set_frozen<C: GuestMemfdLuoCtx + ?Sized>(host: &mut C, file: Option<FileId>, frozen: bool) {
+    if let Some(g) = file.and_then(|f| host.guest_memfd_mut(f)) {
         g.frozen = frozen;
     }
 }
@@ -172,16 +183,23 @@ fn decode_runs(list: &[u8], h: &Header, format: Format) -> SysResult<Vec<(u64, u
 }
 
 impl GuestMemfdHandler {
-    fn undo(&self, host: &mut Host, file: Option<FileId>, p: Option<&Preserved>) {
+    fn undo<C: GuestMemfdLuoCtx + ?Sized>(
+        &self,
+        host: &mut C,
+        file: Option<FileId>,
+        p: Option<&Preserved>,
+    ) {
         match p {
             Some(Preserved::V1 { folios, .. }) => {
+                let (kho, mm) = host.kho_mm();
                 for f in folios {
-                    let _ = host.kho.unpreserve_folio(&mut host.mm, *f);
+                    let _ = kho.unpreserve_folio(mm, *f);
                 }
             }
             Some(Preserved::V2 { runs, .. }) => {
+                let (kho, mm) = host.kho_mm();
                 for &(pfn, n) in runs {
-                    let _ = host.kho.unpreserve_pages(&mut host.mm, pfn, n);
+                    let _ = kho.unpreserve_pages(mm, pfn, n);
                 }
             }
             None => {}
@@ -190,9 +208,9 @@ impl GuestMemfdHandler {
     }
 
     /// Preserve the memory and build the list; on error, everything preserved here is undone.
-    fn preserve_memory(
+    fn preserve_memory<C: GuestMemfdLuoCtx + ?Sized>(
         &self,
-        host: &mut Host,
+        host: &mut C,
         runs: &[(u64, u64, u64)],
     ) -> SysResult<(Vec<u8>, Preserved)> {
         let mut list = Vec::new();
@@ -205,7 +223,8 @@ impl GuestMemfdHandler {
                             pfn: pfn + k,
                             order: 0,
                         };
-                        if let Err(e) = host.kho.preserve_folio(&mut host.mm, f) {
+                        let (kho, mm) = host.kho_mm();
+                        if let Err(e) = kho.preserve_folio(mm, f) {
                             self.undo(
                                 host,
                                 None,
@@ -240,7 +259,8 @@ impl GuestMemfdHandler {
             Format::V2 => {
                 let mut done = Vec::new();
                 for &(idx, pfn, n) in runs {
-                    if let Err(e) = host.kho.preserve_pages(&mut host.mm, pfn, n) {
+                    let (kho, mm) = host.kho_mm();
+                    if let Err(e) = kho.preserve_pages(mm, pfn, n) {
                         self.undo(
                             host,
                             None,
@@ -273,7 +293,7 @@ impl GuestMemfdHandler {
     }
 }
 
-impl FileHandler<Host> for GuestMemfdHandler {
+impl<C: GuestMemfdLuoCtx + ?Sized> FileHandler<C> for GuestMemfdHandler {
     fn compatible(&self) -> &'static str {
         match self.format {
             Format::V1 => GUEST_MEMFD_LUO_FH_COMPATIBLE,
@@ -284,24 +304,26 @@ impl FileHandler<Host> for GuestMemfdHandler {
     /// A guest_memfd with INIT_SHARED, on a VM without private memory (the default x86 VM
     /// type), with PAGE_SIZE folios (the only kind we have). `--gmem-luo v1` on the command
     /// line makes v1 the format new preservations use.
-    fn can_preserve(&self, host: &Host, file: FileId) -> bool {
+    fn can_preserve(&self, host: &C, file: FileId) -> bool {
         let wanted = match self.format {
             Format::V1 => true,
-            Format::V2 => !host.params.gmem_luo_v1,
+            Format::V2 => !host.gmem_luo_v1(),
         };
         wanted
-            && matches!(host.files.kind(file), Some(FileKind::GuestMemfd(g)) if g.init_shared() && g.vm.vm_type == 0)
+            && host
+                .guest_memfd(file)
+                .is_some_and(|g| g.init_shared() && g.vm.vm_type == 0)
     }
 
-    fn preserve(&self, host: &mut Host, a: &mut FileArgs) -> SysResult<()> {
+    fn preserve(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
         let file = a.file;
         // Freeze first: from here on nothing can allocate or punch.
-        let (size, flags, runs) = match file.and_then(|f| host.files.kind_mut(f)) {
-            Some(FileKind::GuestMemfd(g)) => {
+        let (size, flags, runs) = match file.and_then(|f| host.guest_memfd_mut(f)) {
+            Some(g) => {
                 g.frozen = true;
                 (g.size, g.flags, g.pages.runs().collect::<Vec<_>>())
             }
-            _ => return Err(Errno::EINVAL),
+            None => return Err(Errno::EINVAL),
         };
         if size == 0 || size % PAGE_SIZE != 0 {
             set_frozen(host, file, false);
@@ -319,7 +341,8 @@ impl FileHandler<Host> for GuestMemfdHandler {
                 return Err(e);
             }
         };
-        let arr = match host.kho.preserve_array(&mut host.mm, &list) {
+        let (kho, mm) = host.kho_mm();
+        let arr = match kho.preserve_array(mm, &list) {
             Ok(x) => x,
             Err(e) => {
                 self.undo(host, file, Some(&p));
@@ -347,18 +370,19 @@ impl FileHandler<Host> for GuestMemfdHandler {
             .as_bytes()
             .to_vec(),
         };
-        let sf = match host.kho.alloc_preserve(&mut host.mm, blob.len() as u64) {
+        let (kho, mm) = host.kho_mm();
+        let sf = match kho.alloc_preserve(mm, blob.len() as u64) {
             Ok(f) => f,
             Err(e) => {
-                host.kho.unpreserve_array(&mut host.mm, arr);
+                kho.unpreserve_array(mm, arr);
                 self.undo(host, file, Some(&p));
                 return Err(e.into());
             }
         };
-        host.mm.ram.write_phys(sf.pa(), &blob)?;
-        host.kho.label(sf.pa(), "gmem");
+        mm.ram.write_phys(sf.pa(), &blob)?;
+        kho.label(sf.pa(), "gmem");
         for pa in arr.page_addrs() {
-            host.kho.label(pa, "gmem-folios");
+            kho.label(pa, "gmem-folios");
         }
         match &mut p {
             Preserved::V1 { ser, arr: a, .. } | Preserved::V2 { ser, arr: a, .. } => {
@@ -371,7 +395,7 @@ impl FileHandler<Host> for GuestMemfdHandler {
         Ok(())
     }
 
-    fn unpreserve(&self, host: &mut Host, a: &mut FileArgs) {
+    fn unpreserve(&self, host: &mut C, a: &mut FileArgs) {
         let Some(p) = a
             .private
             .take()
@@ -381,32 +405,35 @@ impl FileHandler<Host> for GuestMemfdHandler {
         };
         self.undo(host, a.file, Some(&p));
         let (Preserved::V1 { ser, arr, .. } | Preserved::V2 { ser, arr, .. }) = *p;
-        let _ = host.kho.unpreserve_free(&mut host.mm, ser);
-        host.kho.unpreserve_array(&mut host.mm, arr);
+        let (kho, mm) = host.kho_mm();
+        let _ = kho.unpreserve_free(mm, ser);
+        kho.unpreserve_array(mm, arr);
     }
 
     /// The owning VM must be preserved in the same session: record its token.
-    fn freeze(&self, host: &mut Host, a: &mut FileArgs) -> SysResult<()> {
-        let (vm_file, inner) = match a.file.and_then(|f| host.files.kind(f)) {
-            Some(FileKind::GuestMemfd(g)) => (g.vm_file, g.vm.clone()),
-            _ => return Err(Errno::EINVAL),
+    fn freeze(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
+        let (vm_file, inner) = match a.file.and_then(|f| host.guest_memfd(f)) {
+            Some(g) => (g.vm_file, g.vm.clone()),
+            None => return Err(Errno::EINVAL),
         };
-        let alive = matches!(host.files.kind(vm_file), Some(FileKind::Vm(v)) if std::sync::Arc::ptr_eq(&v.inner, &inner));
+        let alive = host
+            .vm_file(vm_file)
+            .is_some_and(|v| std::sync::Arc::ptr_eq(&v.inner, &inner));
         if !alive {
             return Err(Errno::ENOENT);
         }
         let token = host.luo_get_token_outgoing(a.session, vm_file)?;
-        host.mm
+        host.mm_mut()
             .ram
             .write_u64(a.serialized + GUEST_MEMFD_LUO_VM_TOKEN_OFFSET, token)?;
         Ok(())
     }
 
-    fn retrieve(&self, host: &mut Host, a: &mut FileArgs) -> SysResult<()> {
-        if !host.kho.is_restorable(a.serialized) {
+    fn retrieve(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
+        if !host.kho().is_restorable(a.serialized) {
             return Err(Errno::EINVAL);
         }
-        let h = read_header(&host.mm.ram, a.serialized, self.format)?;
+        let h = read_header(&host.mm().ram, a.serialized, self.format)?;
         let vm = host
             .luo_get_file_incoming(a.session, h.vm_token)
             .inspect_err(|_| {
@@ -416,31 +443,27 @@ impl FileHandler<Host> for GuestMemfdHandler {
                 );
             })?;
         let r = (|| -> SysResult<FileId> {
-            if !matches!(host.files.kind(vm), Some(FileKind::Vm(_))) {
+            if host.vm_file(vm).is_none() {
                 return Err(Errno::EINVAL);
             }
-            let list = host
-                .kho
-                .restore_array(&mut host.mm, &h.list)
-                .map_err(|_| Errno::EIO)?;
+            let (kho, mm) = host.kho_mm();
+            let list = kho.restore_array(mm, &h.list).map_err(|_| Errno::EIO)?;
             let runs = decode_runs(&list, &h, self.format)?;
-            let file = host.gmem_create(vm, h.size, from_abi(h.flags))?;
+            let file = host.create_guest_memfd(vm, h.size, from_abi(h.flags))?;
             let mut bad = None;
             for (idx, pfn, n) in runs {
+                let kho = host.kho_mut();
                 let restored = match self.format {
-                    Format::V1 => host
-                        .kho
-                        .restore_folio(pfn * PAGE_SIZE)
-                        .map(|f| f.order == 0),
-                    Format::V2 => host.kho.restore_pages(pfn * PAGE_SIZE, n).map(|_| true),
+                    Format::V1 => kho.restore_folio(pfn * PAGE_SIZE).map(|f| f.order == 0),
+                    Format::V2 => kho.restore_pages(pfn * PAGE_SIZE, n).map(|_| true),
                 };
                 match restored {
                     Ok(true)
                         if host
-                            .gmem(file)
-                            .is_ok_and(|g| g.pages.insert_run(idx, pfn, n)) => {}
+                            .guest_memfd_mut(file)
+                            .is_some_and(|g| g.pages.insert_run(idx, pfn, n)) => {}
                     Ok(_) => {
-                        let _ = host.mm.free_runs(&[(pfn, n)]);
+                        let _ = host.mm_mut().free_runs(&[(pfn, n)]);
                         bad.get_or_insert(Errno::EINVAL);
                     }
                     Err(_) => {
@@ -457,35 +480,35 @@ impl FileHandler<Host> for GuestMemfdHandler {
         // The VM file stays with LUO (and the user); the guest_memfd holds the VM itself.
         host.fput(vm);
         let file = r?;
-        host.kho
-            .restore_free(&mut host.mm, a.serialized)
-            .map_err(|_| Errno::EIO)?;
+        let (kho, mm) = host.kho_mm();
+        kho.restore_free(mm, a.serialized).map_err(|_| Errno::EIO)?;
         a.file = Some(file);
         Ok(())
     }
 
-    fn finish(&self, host: &mut Host, a: &mut FileArgs) {
+    fn finish(&self, host: &mut C, a: &mut FileArgs) {
         if a.retrieve_status != 0 {
             return;
         }
-        let Ok(h) = read_header(&host.mm.ram, a.serialized, self.format) else {
+        let Ok(h) = read_header(&host.mm().ram, a.serialized, self.format) else {
             return;
         };
-        if let Ok(list) = host.kho.restore_array(&mut host.mm, &h.list) {
+        let (kho, mm) = host.kho_mm();
+        if let Ok(list) = kho.restore_array(mm, &h.list) {
             if let Ok(runs) = decode_runs(&list, &h, self.format) {
                 let mut back = Vec::new();
                 for (_, pfn, n) in runs {
                     let ok = match self.format {
-                        Format::V1 => host.kho.restore_folio(pfn * PAGE_SIZE).is_ok(),
-                        Format::V2 => host.kho.restore_pages(pfn * PAGE_SIZE, n).is_ok(),
+                        Format::V1 => kho.restore_folio(pfn * PAGE_SIZE).is_ok(),
+                        Format::V2 => kho.restore_pages(pfn * PAGE_SIZE, n).is_ok(),
                     };
                     if ok {
                         back.push((pfn, n));
                     }
                 }
-                let _ = host.mm.free_runs(&back);
+                let _ = mm.free_runs(&back);
             }
         }
-        let _ = host.kho.restore_free(&mut host.mm, a.serialized);
+        let _ = kho.restore_free(mm, a.serialized);
     }
 }

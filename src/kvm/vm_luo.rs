@@ -6,60 +6,69 @@ use zerocopy::IntoBytes;
 use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kvm::{KvmLuoSer, KVM_LUO_FH_COMPATIBLE};
 use crate::fs::FileId;
-use crate::host::files::FileKind;
-use crate::host::Host;
-use crate::luo::{FileArgs, FileHandler};
+use crate::luo::{FileArgs, FileHandler, LuoCtx};
 use crate::mm::{Folio, PhysRead};
+
+use super::VmFile;
 
 pub struct VmHandler;
 
-impl FileHandler<Host> for VmHandler {
+/// What the VM handler (and the guest_memfd one) needs of its context besides [`LuoCtx`]: the
+/// VM files of the file table, and a new VM on retrieve.
+pub trait VmLuoCtx: LuoCtx {
+    /// The VM file `file`, if it is one.
+    fn vm_file(&self, file: FileId) -> Option<&VmFile>;
+    /// Create the VM of a retrieved VM file: a new, empty VM of `vm_type`, named as the
+    /// next restored VM.
+    fn create_restored_vm(&mut self, vm_type: u64) -> SysResult<FileId>;
+}
+
+impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VmHandler {
     fn compatible(&self) -> &'static str {
         KVM_LUO_FH_COMPATIBLE
     }
 
-    fn can_preserve(&self, host: &Host, file: FileId) -> bool {
-        matches!(host.files.kind(file), Some(FileKind::Vm(_)))
+    fn can_preserve(&self, host: &C, file: FileId) -> bool {
+        host.vm_file(file).is_some()
     }
 
-    fn preserve(&self, host: &mut Host, a: &mut FileArgs) -> SysResult<()> {
-        let vm_type = match a.file.and_then(|f| host.files.kind(f)) {
-            Some(FileKind::Vm(v)) if !v.dead => v.inner.vm_type,
+    fn preserve(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
+        let vm_type = match a.file.and_then(|f| host.vm_file(f)) {
+            Some(v) if !v.dead => v.inner.vm_type,
             _ => return Err(Errno::EINVAL),
         };
-        let f = host.kho.alloc_preserve(&mut host.mm, 8)?;
-        host.mm
-            .ram
+        let (kho, mm) = host.kho_mm();
+        let f = kho.alloc_preserve(mm, 8)?;
+        mm.ram
             .write_phys(f.pa(), KvmLuoSer { vm_type }.as_bytes())?;
-        host.kho.label(f.pa(), "kvm-vm");
+        kho.label(f.pa(), "kvm-vm");
         a.serialized = f.pa();
         a.private = Some(Box::new(f));
         Ok(())
     }
 
-    fn unpreserve(&self, host: &mut Host, a: &mut FileArgs) {
+    fn unpreserve(&self, host: &mut C, a: &mut FileArgs) {
         if let Some(f) = a.private.take().and_then(|p| p.downcast::<Folio>().ok()) {
-            let _ = host.kho.unpreserve_free(&mut host.mm, *f);
+            let (kho, mm) = host.kho_mm();
+            let _ = kho.unpreserve_free(mm, *f);
         }
     }
 
-    fn retrieve(&self, host: &mut Host, a: &mut FileArgs) -> SysResult<()> {
-        if !host.kho.is_restorable(a.serialized) {
+    fn retrieve(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
+        if !host.kho().is_restorable(a.serialized) {
             return Err(Errno::EINVAL);
         }
-        let vm_type = host.mm.ram.read_u64(a.serialized)?;
-        host.kho
-            .restore_free(&mut host.mm, a.serialized)
-            .map_err(|_| Errno::EIO)?;
-        host.restored_vms += 1;
-        let name = format!("restored-{}", host.restored_vms);
-        a.file = Some(host.kvm_create_vm_file(vm_type, Some(name))?);
+        let vm_type = host.mm().ram.read_u64(a.serialized)?;
+        let (kho, mm) = host.kho_mm();
+        kho.restore_free(mm, a.serialized).map_err(|_| Errno::EIO)?;
+        a.file = Some(host.create_restored_vm(vm_type)?);
         Ok(())
     }
 
-    fn finish(&self, host: &mut Host, a: &mut FileArgs) {
+    fn finish(&self, host: &mut C, a: &mut FileArgs) {
         if a.retrieve_status == 0 {
-            let _ = host.kho.restore_free(&mut host.mm, a.serialized);
+            let (kho, mm) = host.kho_mm();
+            let _ = kho.restore_free(mm, a.serialized);
         }
     }
 }

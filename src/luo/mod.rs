@@ -2,6 +2,7 @@
 //! handlers, and their (de)serialization through KHO.
 //!
 //! * [`handler`]: the file-handler trait (upstream `liveupdate_file_ops`) and registry.
+//! * [`ctx`]: the narrow context handlers work in ([`LuoCtx`]).
 //! * [`core`]: session names (the device itself is served by the host, `host::luo`).
 //! * [`serialize`]: the handover's validation and header (the reboot and boot paths are
 //!   served by the host).
@@ -9,6 +10,7 @@
 
 pub mod core;
 
+pub mod ctx;
 pub mod handler;
 pub mod serialize;
 
@@ -22,6 +24,7 @@ use std::sync::Arc;
 
 use crate::fs::FileId;
 
+pub use ctx::LuoCtx;
 pub use handler::{FileArgs, FileHandler};
 
 pub type SessionId = u64;
