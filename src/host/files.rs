@@ -4,8 +4,8 @@
 
 use std::collections::HashMap;
 
-use crate::fs::file::{FileId, TestFile};
 use crate::fs::memfd::Memfd;
+use crate::luo::{FileId, TestFile};
 
 /// What a file is. Per-kind state lives here.
 pub enum FileKind {

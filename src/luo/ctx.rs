@@ -3,8 +3,8 @@
 //! `liveupdate_get_file_incoming`). Each subsystem widens it by what its own handler needs
 //! (`fs::memfd_luo::MemfdLuoCtx`, `kvm::vm_luo::VmLuoCtx`, ...); the host implements them all.
 
+use super::FileId;
 use crate::abi::errno::SysResult;
-use crate::fs::FileId;
 use crate::kho::Kho;
 use crate::mm::Mm;
 

@@ -3,8 +3,8 @@
 
 use std::any::Any;
 
+use super::FileId;
 use crate::abi::errno::SysResult;
-use crate::fs::FileId;
 
 use super::SessionId;
 

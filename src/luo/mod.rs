@@ -11,6 +11,7 @@
 pub mod core;
 
 pub mod ctx;
+pub mod file;
 pub mod handler;
 pub mod serialize;
 
@@ -22,7 +23,7 @@ pub mod ucmd;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::fs::FileId;
+pub use file::{FileId, TestFile};
 
 pub use ctx::LuoCtx;
 pub use handler::{FileArgs, FileHandler};

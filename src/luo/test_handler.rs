@@ -1,8 +1,8 @@
 //! A handler for `/dev/liveupdate-test` files, to test the LUO core itself (upstream has
 //! CONFIG_LIVEUPDATE_TEST for the same purpose). Its freeze and can_finish can be told to fail.
 
+use super::{FileId, TestFile};
 use crate::abi::errno::{Errno, SysResult};
-use crate::fs::{FileId, TestFile};
 use crate::mm::{PhysRead, PAGE_SIZE};
 
 use super::{FileArgs, FileHandler, LuoCtx};

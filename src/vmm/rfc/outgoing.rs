@@ -206,7 +206,7 @@ fn update(
             .fd_file(pid, vm.gmem)
             .ok()
             .and_then(|f| match h.files.kind(f) {
-                Some(crate::fs::FileKind::GuestMemfd(g)) => Some(g.pages.nr_present()),
+                Some(crate::host::files::FileKind::GuestMemfd(g)) => Some(g.pages.nr_present()),
                 _ => None,
             });
         (st, m, f.unwrap_or(0))

@@ -1,4 +1,5 @@
-//! What every subsystem may say about a file: its id, and the file kind of the LUO core tests.
+//! What LUO and every file kind above it may say about a file: its id in the host's open-file
+//! table, and the file kind of the LUO core tests.
 
 pub type FileId = u64;
 
