@@ -1,3 +1,4 @@
+#![deny(missing_docs)]
 //! handover: live update of a KVM host with guest memory preserved.
 //!
 //! The host kernel runs as a process (the *host image*); its RAM is a memfd that survives

@@ -4,23 +4,38 @@
 use crate::abi::errno::{Errno, SysResult};
 use crate::mm::{Folio, Mm, PageCache, PhysRead, PAGE_SIZE};
 
+/// `F_SEAL_SEAL`: no further seals may be added ([`Memfd::add_seals`] fails with EPERM).
 pub const F_SEAL_SEAL: u32 = 0x0001;
+/// `F_SEAL_SHRINK`: the size may not decrease (truncate fails with EPERM).
 pub const F_SEAL_SHRINK: u32 = 0x0002;
+/// `F_SEAL_GROW`: the size may not increase (truncate, write past the end, fallocate: EPERM).
 pub const F_SEAL_GROW: u32 = 0x0004;
+/// `F_SEAL_WRITE`: no writes, hole punches or writable mappings (EPERM); cannot be added
+/// while a writable shared mapping exists (EBUSY).
 pub const F_SEAL_WRITE: u32 = 0x0008;
+/// `F_SEAL_FUTURE_WRITE`: like `F_SEAL_WRITE` for writes, punches and new writable mappings,
+/// but may be added while writable mappings exist.
 pub const F_SEAL_FUTURE_WRITE: u32 = 0x0010;
+/// `F_SEAL_EXEC`: the file's exec bits may not change; recorded and handed over only (this
+/// crate has no file modes).
 pub const F_SEAL_EXEC: u32 = 0x0020;
+/// Every seal bit this memfd knows; other bits are EINVAL in [`Memfd::add_seals`] and make a
+/// handed-over `memfd_luo_ser` unrestorable (EOPNOTSUPP).
 pub const ALL_SEALS: u32 =
     F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_FUTURE_WRITE | F_SEAL_EXEC;
 
+/// `memfd_create` flag `MFD_CLOEXEC`: the new fd is close-on-exec.
 pub const MFD_CLOEXEC: u32 = 0x0001;
+/// `memfd_create` flag `MFD_ALLOW_SEALING`: seals may be added; without it the file starts
+/// with `F_SEAL_SEAL`.
 pub const MFD_ALLOW_SEALING: u32 = 0x0002;
+/// `memfd_create` flag `MFD_HUGETLB`: accepted and recorded in [`Memfd::hugetlb`]; pages stay
+/// order 0, and the memfd LUO handler refuses such a file.
 pub const MFD_HUGETLB: u32 = 0x0004;
 
 /// Largest memfd we allow (the page cache is dense): 1 TiB.
 pub const MAX_SIZE: u64 = 1 << 40;
 
-/// Newly allocated page indexes, and the index range a hole punch removed.
 /// What fallocate changed: newly allocated page indexes, and the pages a punch took out.
 pub type FallocateResult = (Vec<u64>, Option<Dropped>);
 
@@ -32,22 +47,32 @@ pub type FallocateResult = (Vec<u64>, Option<Dropped>);
 pub struct Dropped {
     /// File page indexes `start..end` that left the file.
     pub range: (u64, u64),
+    /// The folios removed from those indexes, still allocated.
     pub folios: Vec<Folio>,
 }
 
 impl Dropped {
+    /// Free the dropped folios to `mm`; call only after the range is unmapped everywhere.
     pub fn free(mut self, mm: &mut Mm) -> SysResult<()> {
         mm.free_many(&mut self.folios)?;
         Ok(())
     }
 }
 
+/// A memfd's state: size, page cache, seals and the LUO freeze. Lives in the open-file table
+/// as `FileKind::Memfd`; the host's fd calls (`ftruncate`, `pwrite`, `fallocate`, …) land here.
 #[derive(Debug, Default)]
 pub struct Memfd {
+    /// The name given to `memfd_create` (at most 249 bytes); empty for a memfd retrieved from LUO.
     pub name: String,
+    /// File size in bytes (at most [`MAX_SIZE`]).
     pub size: u64,
+    /// The file's pages: page index → frame, allocated on first write or fault.
     pub pages: PageCache,
+    /// The `F_SEAL_*` bits in force.
     pub seals: u32,
+    /// Created with `MFD_HUGETLB`; only recorded (pages are still order 0), and makes the file
+    /// unpreservable by LUO.
     pub hugetlb: bool,
     /// Preserved by LUO: size is frozen and holes cannot be punched (upstream
     /// `SHMEM_F_MAPPING_FROZEN`: like GROW|SHRINK seals plus no punching, but removable).
@@ -61,6 +86,8 @@ fn npages(size: u64) -> u64 {
 }
 
 impl Memfd {
+    /// A new empty memfd as `memfd_create(name, flags)` makes it: sealable only with
+    /// `MFD_ALLOW_SEALING`, else born with `F_SEAL_SEAL`. Flags are checked by the caller.
     pub fn new(name: &str, flags: u32) -> Self {
         Self {
             name: name.to_string(),
@@ -104,6 +131,8 @@ impl Memfd {
         }))
     }
 
+    /// Read up to `buf.len()` bytes at `pos`, stopping at the file size; holes read as zeros.
+    /// Returns the byte count (0 at or past the end).
     pub fn read_at(&self, mm: &Mm, pos: u64, buf: &mut [u8]) -> SysResult<usize> {
         if pos >= self.size {
             return Ok(0);
@@ -153,6 +182,8 @@ impl Memfd {
         Ok(new)
     }
 
+    /// `F_ADD_SEALS`: EINVAL for an unknown bit, EPERM once `F_SEAL_SEAL` is set, EBUSY for
+    /// `F_SEAL_WRITE` while writable shared mappings exist.
     pub fn add_seals(&mut self, seals: u32) -> SysResult<()> {
         if seals & !ALL_SEALS != 0 {
             return Err(Errno::EINVAL);

@@ -13,19 +13,28 @@ use crate::kho::array::PreservedArray;
 use crate::luo::{FileArgs, FileHandler, LuoCtx};
 use crate::mm::{Folio, Mm, PhysRead, PAGE_SIZE};
 
+/// The handler's compatible string, upstream's `MEMFD_LUO_FH_COMPATIBLE` for v2.
 pub const COMPATIBLE: &str = "memfd-v2";
+/// `MEMFD_LUO_FOLIO_DIRTY`: folio flag in a [`FolioSer`] entry (set on every folio preserved).
 pub const FOLIO_DIRTY: u64 = 1 << 0;
+/// `MEMFD_LUO_FOLIO_UPTODATE`: folio flag in a [`FolioSer`] entry (set on every folio preserved).
 pub const FOLIO_UPTODATE: u64 = 1 << 1;
 
 /// `struct memfd_luo_ser` (v2), 48 bytes.
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct MemfdLuoSer {
+    /// File position at preserve, refreshed by freeze; the retrieved file starts there.
     pub pos: u64,
+    /// File size in bytes.
     pub size: u64,
+    /// The `F_SEAL_*` bits, restored as they were.
     pub seals: u32,
+    /// Must be 0; anything else makes the blob unrestorable (EOPNOTSUPP).
     pub flags: u32,
+    /// Number of entries in `folios` (every page of the file: preserve fills holes).
     pub nr_folios: u64,
+    /// KHO array of [`FolioSer`] entries, 16 bytes each.
     pub folios: KhoArraySer,
 }
 
@@ -39,6 +48,8 @@ struct Preserved {
     folios: Vec<Folio>,
 }
 
+/// The LUO file handler for memfds ([`COMPATIBLE`]); listed in
+/// [`crate::registry::file_handlers`].
 pub struct MemfdHandler;
 
 /// What the memfd handler needs of its context besides [`LuoCtx`]: the memfds of the file

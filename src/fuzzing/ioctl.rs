@@ -11,7 +11,7 @@ use super::image::Cursor;
 /// A booted host kept across inputs, with incoming sessions from an in-process kexec.
 pub struct IoctlFuzzer {
     host: Option<Host>,
-    /// Incoming sessions left to retrieve before a new kexec refills them.
+    /// In-process kexecs so far; each refills the incoming sessions.
     kexecs: u64,
 }
 
@@ -25,6 +25,8 @@ impl Default for IoctlFuzzer {
 }
 
 impl IoctlFuzzer {
+    /// Boot a 64 MiB host and preserve a few sessions through an in-process kexec, so inputs find
+    /// incoming sessions to retrieve.
     pub fn new() -> Self {
         let h = Host::boot(crate::kexec::BootParams {
             ram_size: 64 << 20,
@@ -74,6 +76,7 @@ impl IoctlFuzzer {
         self.host = Some(h);
     }
 
+    /// In-process kexecs done so far (each refills the incoming sessions).
     pub fn kexecs(&self) -> u64 {
         self.kexecs
     }

@@ -75,6 +75,7 @@ struct State {
 }
 
 impl KvmIoctlFuzzer {
+    /// Boot a 128 MiB host; without `/dev/kvm` inputs run nothing (not every fuzz box has KVM).
     pub fn new() -> Self {
         let host = Host::boot(crate::kexec::BootParams {
             ram_size: 128 << 20,

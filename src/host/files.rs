@@ -15,6 +15,7 @@ pub enum FileKind {
     Liveupdate,
     /// A LUO session fd.
     Session(crate::luo::SessionId),
+    /// A memfd, with its pages and seals.
     Memfd(Memfd),
     /// `/dev/kvm`.
     Kvm,
@@ -29,6 +30,7 @@ pub enum FileKind {
 }
 
 impl FileKind {
+    /// A short name for the kind of file, for diagnostics (`"memfd"`, `"[kvm-gmem]"`, …).
     pub fn name(&self) -> &'static str {
         match self {
             FileKind::Null => "null",
@@ -44,13 +46,18 @@ impl FileKind {
     }
 }
 
+/// An open file (upstream `struct file`): its kind with the per-kind state, its position and
+/// its reference count.
 pub struct File {
+    /// What the file is, with that kind's state.
     pub kind: FileKind,
     /// File position for read/write.
     pub pos: u64,
     refs: u32,
 }
 
+/// The host's open files by [`FileId`]. Ids come from a sequence starting at 1 and are never
+/// reused within one image.
 #[derive(Default)]
 pub struct FileTable {
     files: HashMap<FileId, File>,
@@ -72,18 +79,22 @@ impl FileTable {
         self.next
     }
 
+    /// The open file `id`, if it exists.
     pub fn get(&self, id: FileId) -> Option<&File> {
         self.files.get(&id)
     }
 
+    /// The open file `id`, to change (its kind's state or its position).
     pub fn get_mut(&mut self, id: FileId) -> Option<&mut File> {
         self.files.get_mut(&id)
     }
 
+    /// The kind of the open file `id`, if it exists.
     pub fn kind(&self, id: FileId) -> Option<&FileKind> {
         self.files.get(&id).map(|f| &f.kind)
     }
 
+    /// The kind of the open file `id`, to change its state.
     pub fn kind_mut(&mut self, id: FileId) -> Option<&mut FileKind> {
         self.files.get_mut(&id).map(|f| &mut f.kind)
     }
@@ -106,18 +117,22 @@ impl FileTable {
         }
     }
 
+    /// Reference count of `id`; 0 if it is not open.
     pub fn refs(&self, id: FileId) -> u32 {
         self.files.get(&id).map_or(0, |f| f.refs)
     }
 
+    /// Number of open files.
     pub fn len(&self) -> usize {
         self.files.len()
     }
 
+    /// Whether no file is open.
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
     }
 
+    /// Ids of every open file, in no particular order.
     pub fn ids(&self) -> Vec<FileId> {
         self.files.keys().copied().collect()
     }

@@ -9,6 +9,10 @@ use crate::uapi::{Errno, Pid, SysResult};
 use std::sync::Arc;
 
 impl Host {
+    /// `mmap(fd, len, prot, flags, off)`, `MAP_SHARED` of a memfd or guest_memfd only. EINVAL
+    /// for `len` 0, an unaligned `off` or a private mapping; ENODEV for other files or a
+    /// guest_memfd without `GUEST_MEMFD_FLAG_MMAP`; EPERM for a writable map of a write-sealed
+    /// memfd. The file's present pages are mapped at once; the mapping holds a file reference.
     pub fn mmap(
         &mut self,
         pid: Pid,
@@ -77,6 +81,8 @@ impl Host {
         Ok(UserMapping { id, addr, len })
     }
 
+    /// `munmap` of a whole mapping of `pid` (EINVAL if `pid` has no such mapping); drops the
+    /// mapping's file reference.
     pub fn munmap(&mut self, pid: Pid, m: UserMapping) -> SysResult<()> {
         let p = self.procs.get_mut(&pid).ok_or(Errno::EINVAL)?;
         let i = p

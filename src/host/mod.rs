@@ -25,6 +25,9 @@ use crate::luo::Luo;
 use crate::mm::{FrameStats, Mm};
 use crate::uapi::{MapId, Mapping, Pid, Process};
 
+/// One host image (the "kernel"): RAM and its allocator, KHO, LUO, the open-file table, user
+/// processes and their mappings, the KVM state, and the boot parameters. Made by
+/// [`Host::boot`]; a kexec replaces it with a new image that keeps only RAM.
 pub struct Host {
     pub(crate) mm: Mm,
     pub(crate) kho: Kho,
@@ -55,6 +58,7 @@ pub struct Host {
 /// Frame accounting as a status call reports it.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct HostStatus {
+    /// Frame allocator counts of the image's RAM, in 4 KiB frames.
     pub frames: FrameStats,
     /// Pages the outgoing tracker marks preserved.
     pub preserved: u64,
@@ -110,6 +114,7 @@ impl Host {
         (&mut self.kho, &mut self.mm)
     }
 
+    /// Frame and KHO tracker accounting now.
     pub fn status(&self) -> HostStatus {
         HostStatus {
             frames: self.mm.stats(),

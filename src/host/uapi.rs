@@ -35,6 +35,7 @@ impl Host {
         }
     }
 
+    /// The process `pid`; EINVAL if there is none.
     pub fn proc_ref(&self, pid: Pid) -> SysResult<&Process> {
         self.procs.get(&pid).ok_or(Errno::EINVAL)
     }
@@ -67,6 +68,7 @@ impl Host {
         Ok(fd)
     }
 
+    /// Take another reference on `file` (upstream `get_file`); nothing if it is not open.
     pub fn fget(&mut self, file: FileId) {
         self.files.get_ref(file);
     }
@@ -90,6 +92,9 @@ impl Host {
         }
     }
 
+    /// `open(path, flags)` of a device: `/dev/null`, `/dev/liveupdate` (its own errors pass
+    /// through), `/dev/kvm` (ENOENT without a usable real KVM) and, with `test-hooks`,
+    /// `/dev/liveupdate-test`; any other path is ENOENT. Only `O_CLOEXEC` of `flags` is looked at.
     pub fn open(&mut self, pid: Pid, path: &str, flags: u32) -> SysResult<i32> {
         self.proc_ref(pid)?;
         let file = match path {
@@ -109,6 +114,7 @@ impl Host {
         self.fd_install(pid, file, flags & O_CLOEXEC != 0)
     }
 
+    /// `close(fd)`: EINVAL for an unknown process, EBADF for a free fd; drops the fd's reference.
     pub fn close(&mut self, pid: Pid, fd: i32) -> SysResult<()> {
         let e = self
             .procs
@@ -121,6 +127,7 @@ impl Host {
         Ok(())
     }
 
+    /// `dup(fd)`: the same file at the lowest free fd, without close-on-exec (EBADF, EMFILE).
     pub fn dup(&mut self, pid: Pid, fd: i32) -> SysResult<i32> {
         let f = self.fd_file(pid, fd)?;
         self.fget(f);
@@ -143,6 +150,8 @@ impl Host {
         }
     }
 
+    /// `memfd_create(name, flags)`: EINVAL for a flag other than `MFD_CLOEXEC`,
+    /// `MFD_ALLOW_SEALING`, `MFD_HUGETLB` or a name over 249 bytes; returns the new fd.
     pub fn memfd_create(&mut self, pid: Pid, name: &str, flags: u32) -> SysResult<i32> {
         use crate::fs::memfd::{MFD_ALLOW_SEALING, MFD_CLOEXEC, MFD_HUGETLB};
         if flags & !(MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_HUGETLB) != 0 || name.len() > 249 {
@@ -161,6 +170,8 @@ impl Host {
         }
     }
 
+    /// `ftruncate` of a memfd (EINVAL for any other file; see [`Memfd::truncate`] for EPERM and
+    /// EFBIG). A shrink unmaps the dropped pages from every mapping, then frees them.
     pub fn ftruncate(&mut self, pid: Pid, fd: i32, size: u64) -> SysResult<()> {
         let f = self.fd_file(pid, fd)?;
         let dropped = match self.files.kind_mut(f) {
@@ -174,6 +185,8 @@ impl Host {
         Ok(())
     }
 
+    /// `pread` at `pos`, leaving the file position alone: memfd contents (holes read as zeros),
+    /// nothing from `/dev/null`; EINVAL for other files.
     pub fn pread(&mut self, pid: Pid, fd: i32, buf: &mut [u8], pos: u64) -> SysResult<usize> {
         let f = self.fd_file(pid, fd)?;
         match self.files.kind(f) {
@@ -183,6 +196,9 @@ impl Host {
         }
     }
 
+    /// `pwrite` at `pos`, leaving the file position alone: into a memfd (see [`Memfd::write_at`]
+    /// for EPERM and EFBIG; new pages are mapped into its mappings), swallowed by `/dev/null`;
+    /// EINVAL for other files. Returns `data.len()`.
     pub fn pwrite(&mut self, pid: Pid, fd: i32, data: &[u8], pos: u64) -> SysResult<usize> {
         let f = self.fd_file(pid, fd)?;
         let new = match self.files.kind_mut(f) {
@@ -194,6 +210,7 @@ impl Host {
         Ok(data.len())
     }
 
+    /// `read` at the file position, which advances by the bytes read; see [`Host::pread`].
     pub fn read(&mut self, pid: Pid, fd: i32, buf: &mut [u8]) -> SysResult<usize> {
         let f = self.fd_file(pid, fd)?;
         let pos = self.files.get(f).map_or(0, |x| x.pos);
@@ -204,6 +221,7 @@ impl Host {
         Ok(n)
     }
 
+    /// `write` at the file position, which advances by the bytes written; see [`Host::pwrite`].
     pub fn write(&mut self, pid: Pid, fd: i32, data: &[u8]) -> SysResult<usize> {
         let f = self.fd_file(pid, fd)?;
         let pos = self.files.get(f).map_or(0, |x| x.pos);
@@ -236,14 +254,18 @@ impl Host {
         Ok(x.pos)
     }
 
+    /// `fcntl(F_ADD_SEALS)`: EINVAL if `fd` is not a memfd, else [`Memfd::add_seals`].
     pub fn add_seals(&mut self, pid: Pid, fd: i32, seals: u32) -> SysResult<()> {
         self.memfd_of(pid, fd)?.1.add_seals(seals)
     }
 
+    /// `fcntl(F_GET_SEALS)`: the memfd's `F_SEAL_*` bits; EINVAL if `fd` is not a memfd.
     pub fn get_seals(&mut self, pid: Pid, fd: i32) -> SysResult<u32> {
         Ok(self.memfd_of(pid, fd)?.1.seals)
     }
 
+    /// `fallocate` of a memfd ([`Memfd::fallocate`]) or a guest_memfd; ENODEV for other files.
+    /// Punched memfd pages are unmapped from every mapping, then freed; new ones are mapped.
     pub fn fallocate(&mut self, pid: Pid, fd: i32, mode: i32, off: u64, len: u64) -> SysResult<()> {
         let f = self.fd_file(pid, fd)?;
         let (new, punched) = match self.files.kind_mut(f) {
@@ -272,6 +294,7 @@ impl Host {
         }
     }
 
+    /// The state of the `/dev/liveupdate-test` file behind `fd` (EINVAL if it is not one).
     #[cfg(feature = "test-hooks")]
     pub fn test_file_get(&self, pid: Pid, fd: i32) -> SysResult<crate::fs::TestFile> {
         match self.files.kind(self.fd_file(pid, fd)?) {

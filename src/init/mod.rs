@@ -4,7 +4,7 @@
 //!
 //! This module is the interface only: [`InitProgram`], [`InitOutcome`], [`parse_args`] and the
 //! [`InitPrograms`] registry. The programs live with what they exercise (`vmm::rfc`,
-//! `vmm::selftests`, [`kho`]) and the registry is assembled by the composition root
+//! `vmm::selftests`, `kho` with test hooks) and the registry is assembled by the composition root
 //! (`cli::boot`), so nothing here depends on them.
 
 use std::collections::BTreeMap;

@@ -8,7 +8,7 @@ use crate::kho::KhoError;
 
 use super::boot::BootError;
 
-/// Arguments of one reboot(KEXEC) ([`Host::kexec`]).
+/// Arguments of one reboot(KEXEC) ([`Host::kexec`](crate::host::Host::kexec)).
 #[derive(Debug, Default, Clone)]
 pub struct KexecRequest {
     /// Image to boot; default: the image named at boot, else this binary.

@@ -14,20 +14,29 @@ use super::vm::VmInner;
 /// Largest guest_memfd (the page cache is dense: 8 bytes per page).
 pub const MAX_SIZE: u64 = 1 << 40;
 
+/// A guest_memfd file's state (upstream `struct kvm_gmem` and its inode): created by
+/// `KVM_CREATE_GUEST_MEMFD` on a VM file, its pages served to the guest through memslots.
 pub struct GuestMemfd {
     /// The VM it was created on (a reference, as guest_memfd holds `struct kvm`).
     pub vm: Arc<VmInner>,
     /// The VM's file, if still open (upstream's weak `kvm->vm_file`).
     pub vm_file: FileId,
+    /// File size in bytes: a multiple of the page size, at most [`MAX_SIZE`].
     pub size: u64,
+    /// The `GUEST_MEMFD_FLAG_*` bits it was created with (MMAP, INIT_SHARED).
     pub flags: u64,
+    /// The file's pages: page index → frame, allocated on first fault or fallocate.
     pub pages: PageCache,
+    /// Set by the LUO handler's preserve (the RFC's freeze): no fallocate, no allocating fault
+    /// (EPERM); cleared again by unpreserve or a failed preserve.
     pub frozen: bool,
     /// Our mapping of the whole file, which memslots point at.
     pub kernel_map: Option<MapId>,
 }
 
 impl GuestMemfd {
+    /// Created with `GUEST_MEMFD_FLAG_INIT_SHARED`: the host may fault pages in through mmap; LUO
+    /// preserves only such files.
     pub fn init_shared(&self) -> bool {
         self.flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0
     }

@@ -23,13 +23,19 @@ use crate::mm::{Folio, PhysRead, PAGE_SIZE};
 use super::guest_memfd::{GuestMemfd, MAX_SIZE};
 use super::vm_luo::VmLuoCtx;
 
+/// The blob format of a [`GuestMemfdHandler`]; one handler is registered per format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// `guest_memfd_luo_v1` (the RFC's): one entry per present folio.
     V1,
+    /// `guest_memfd_luo_v2` (ours, the default): one entry per run of consecutive pages.
     V2,
 }
 
+/// The LUO file handler for guest_memfds, in one [`Format`]; both are listed in
+/// [`crate::registry::file_handlers`].
 pub struct GuestMemfdHandler {
+    /// Which blob this handler writes and reads (its compatible string follows from it).
     pub format: Format,
 }
 
@@ -38,6 +44,7 @@ pub struct GuestMemfdHandler {
 pub trait GuestMemfdLuoCtx: VmLuoCtx {
     /// The guest_memfd `file`, if it is one.
     fn guest_memfd(&self, file: FileId) -> Option<&GuestMemfd>;
+    /// The guest_memfd `file`, if it is one, to change (preserve sets and clears its freeze).
     fn guest_memfd_mut(&mut self, file: FileId) -> Option<&mut GuestMemfd>;
     /// `KVM_CREATE_GUEST_MEMFD` on the VM file `vm`.
     fn create_guest_memfd(&mut self, vm: FileId, size: u64, flags: u64) -> SysResult<FileId>;
@@ -91,10 +98,15 @@ fn set_frozen<C: GuestMemfdLuoCtx + ?Sized>(host: &mut C, file: Option<FileId>, 
 /// The common header of both blob versions, validated.
 #[derive(Debug, Clone, Copy)]
 pub struct Header {
+    /// File size in bytes.
     pub size: u64,
+    /// `GUEST_MEMFD_LUO_FLAG_*` bits of the blob (not the `GUEST_MEMFD_FLAG_*` ones).
     pub flags: u64,
+    /// Present pages in the file.
     pub nr_folios: u64,
+    /// LUO token of the owning VM file in the same session, as `freeze` wrote it.
     pub vm_token: u64,
+    /// KHO array of the entries: folios (v1, 16 bytes each) or runs (v2, 24 bytes each).
     pub list: crate::abi::kho::KhoArraySer,
     /// v2: number of runs.
     pub nr_runs: u64,

@@ -2,9 +2,9 @@
 //! KVM (rust-vmm `kvm-ioctls`), guest_memfd files whose folios live in our RAM, and the RFC's
 //! LUO handlers for both.
 //!
-//! Guest memory: a guest_memfd bound to a memslot is mapped into a host [`VaWindow`]
-//! (`crate::mm::VaWindow`) page by page from the RAM memfd, and the real memslot points at that
-//! window. The guest therefore reads and writes the very RAM frames KHO preserves.
+//! Guest memory: a guest_memfd bound to a memslot is mapped into a host
+//! [`VaWindow`](crate::mm::VaWindow) page by page from the RAM memfd, and the real memslot
+//! points at that window. The guest therefore reads and writes the very RAM frames KHO preserves.
 //!
 //! Guest faults: this machine's KVM reports no GPA for a fault on an unbacked page of an
 //! hva-backed slot (see docs/kvm-probe.md), so the window's holes are anonymous memory

@@ -12,7 +12,7 @@
 //! 1. A guest access to a hole blocks inside `KVM_RUN`, and the uffd queues the host address
 //!    and the faulting thread's id.
 //! 2. The *fault service*, one thread per host, reads it, locks the host, finds the mapping
-//!    and page index, and calls [`Host::gmem_fault`]: allocate the folio and map it into every
+//!    and page index, and calls `Host::gmem_fault`: allocate the folio and map it into every
 //!    mapping of the file (the kernel one included, which drops the uffd registration of that
 //!    page), then `UFFDIO_WAKE`: the guest retries the access and continues. A fault for a
 //!    page that was mapped meanwhile is just mapped again (idempotent) and woken.
@@ -36,6 +36,10 @@
 //! Lock order: a vCPU mutex, then the host, then the service's runner table. The service never
 //! takes a vCPU mutex, so while a vCPU is blocked on a fault, no one may wait for that vCPU's
 //! mutex with the host locked (the service needs the host to resolve the fault).
+//!
+//! [`Host::vcpu_run`]: crate::host::Host::vcpu_run
+//! [`Host::vcpu`]: crate::host::Host::vcpu
+//! [`Host::start_fault_service`]: crate::host::Host::start_fault_service
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,21 +54,32 @@ use crate::mm::uffd::{EventFd, Uffd};
 /// A port access by the guest.
 #[derive(Debug)]
 pub enum IoEvent<'a> {
+    /// `KVM_EXIT_IO` in: the VMM fills `data` with what the guest reads from `port`.
     In {
+        /// I/O port number.
         port: u16,
+        /// The bytes the guest reads (1, 2 or 4), written by the VMM.
         data: &'a mut [u8],
     },
+    /// `KVM_EXIT_IO` out: the guest wrote `data` to `port`.
     Out {
+        /// I/O port number.
         port: u16,
+        /// The bytes the guest wrote (1, 2 or 4).
         data: &'a [u8],
     },
     /// An access to a guest physical address with no memslot: the VMM supplies the data.
     MmioRead {
+        /// Guest physical address read.
         addr: u64,
+        /// The bytes the guest reads, written by the VMM.
         data: &'a mut [u8],
     },
+    /// `KVM_EXIT_MMIO` write: the guest wrote `data` to a guest physical address with no memslot.
     MmioWrite {
+        /// Guest physical address written.
         addr: u64,
+        /// The bytes the guest wrote.
         data: &'a [u8],
     },
 }
@@ -72,11 +87,13 @@ pub enum IoEvent<'a> {
 /// What the VMM wants after handling an I/O exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoAction {
+    /// Re-enter the guest.
     Continue,
+    /// Return from [`Host::vcpu_run`](crate::host::Host::vcpu_run) with [`RunExit::Stopped`].
     Stop,
 }
 
-/// Why [`Host::vcpu_run`] returned.
+/// Why [`Host::vcpu_run`](crate::host::Host::vcpu_run) returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunExit {
     /// The I/O callback asked to stop.
@@ -84,16 +101,23 @@ pub enum RunExit {
     /// Kicked out of KVM_RUN by a [`VcpuKicker`] the calling thread is registered with: the
     /// vCPU is paused. (Any other signal only makes `vcpu_run` run the vCPU again.)
     Interrupted,
+    /// `KVM_EXIT_HLT`: the guest halted.
     Hlt,
+    /// `KVM_EXIT_SHUTDOWN`: the guest shut down (e.g. a triple fault).
     Shutdown,
     /// A guest access the host could not satisfy: EPERM while the guest_memfd is frozen,
     /// EFAULT outside any guest_memfd. `gpa` is page aligned for guest_memfd holes, and the
     /// access is retried by the next run.
     MemoryFault {
+        /// Guest physical address of the access.
         gpa: u64,
+        /// Bytes from `gpa`: `PAGE_SIZE` for a refused guest_memfd fault, else as KVM reported.
         size: u64,
+        /// Why: EPERM (guest_memfd frozen), EFAULT (no guest_memfd page behind `gpa`), ENOMEM
+        /// (no free frame).
         errno: Errno,
     },
+    /// Any other exit KVM reported, in its `Debug` form.
     Other(String),
 }
 
@@ -110,7 +134,7 @@ pub struct FaultService {
     pub(crate) thread: Option<ServiceThread>,
 }
 
-/// Threads inside [`Host::vcpu_run`], by thread id.
+/// Threads inside [`Host::vcpu_run`](crate::host::Host::vcpu_run), by thread id.
 #[derive(Default)]
 pub(crate) struct FaultShared {
     pub(crate) runners: Mutex<HashMap<i32, Arc<Runner>>>,

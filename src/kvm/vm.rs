@@ -12,11 +12,14 @@ use crate::uapi::MapId;
 
 /// The real VM behind a VM file. Shared with the VM's guest_memfds (as `struct kvm` is).
 pub struct VmInner {
+    /// The real VM's fd (`KVM_CREATE_VM`).
     pub fd: VmFd,
+    /// The machine type given to `KVM_CREATE_VM`; 0 is the default x86 VM, the only one whose
+    /// guest_memfds LUO preserves. Handed over by the VM's LUO handler.
     pub vm_type: u64,
-    /// Identifier from a sequence; a retrieved VM is named `restored-<id>` (see
-    /// ARCHITECTURE.md).
+    /// Identifier from the host's VM sequence (retrieved VMs included); default name `vm-<id>`.
     pub id: u64,
+    /// Name for logs: `vm-<id>`, or `restored-<n>` for a VM rebuilt by LUO retrieve.
     pub name: String,
     /// The host windows the real KVM memslots point into, by slot. A window is referenced
     /// here from the moment KVM accepted the slot until KVM has deleted it, so its address
@@ -104,7 +107,9 @@ impl Drop for VmInner {
 /// A memslot as we track it.
 #[derive(Debug, Clone, Copy)]
 pub struct Slot {
+    /// Guest physical address of the slot's first byte.
     pub gpa: u64,
+    /// Slot size in bytes (0 is not tracked: it deletes the slot).
     pub size: u64,
     /// guest_memfd file and offset, for guest_memfd slots.
     pub gmem: Option<(FileId, u64)>,
@@ -113,16 +118,23 @@ pub struct Slot {
     pub map: MapId,
 }
 
+/// A VM file (`KVM_CREATE_VM`'s fd): the shared VM and the memslots set through it.
 pub struct VmFile {
+    /// The VM, shared with its guest_memfds.
     pub inner: Arc<VmInner>,
+    /// Memslots by slot number (`KVM_SET_USER_MEMORY_REGION2`), as the host tracks them.
     pub slots: BTreeMap<u32, Slot>,
     /// Killed (e.g. by an unrecoverable error): cannot be preserved.
     pub dead: bool,
 }
 
+/// A vCPU file (`KVM_CREATE_VCPU`'s fd).
 pub struct VcpuFile {
+    /// The real vCPU; its mutex is held for the whole of a `Host::vcpu_run`.
     pub vcpu: Arc<Mutex<VcpuFd>>,
+    /// The VM file it was created on.
     pub vm: FileId,
+    /// The vCPU id passed to `KVM_CREATE_VCPU`.
     pub id: u64,
 }
 

@@ -11,6 +11,8 @@ use crate::mm::{Folio, PhysRead};
 
 use super::VmFile;
 
+/// The LUO file handler for VM files, `kvm_vm_luo_v1`; listed in
+/// [`crate::registry::file_handlers`].
 pub struct VmHandler;
 
 /// What the VM handler (and the guest_memfd one) needs of its context besides [`LuoCtx`]: the

@@ -14,9 +14,11 @@ use super::SessionId;
 pub trait LuoCtx {
     /// KHO: preservation of outgoing memory, restoration of incoming memory.
     fn kho(&self) -> &Kho;
+    /// KHO, to change (preserve outgoing memory, restore incoming memory).
     fn kho_mut(&mut self) -> &mut Kho;
     /// The image's memory (RAM and its frame allocator).
     fn mm(&self) -> &Mm;
+    /// The image's memory, to change (handlers write their serialized blobs into RAM).
     fn mm_mut(&mut self) -> &mut Mm;
     /// KHO and memory borrowed together, as most KHO calls take both.
     fn kho_mm(&mut self) -> (&mut Kho, &mut Mm);

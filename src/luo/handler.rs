@@ -11,7 +11,9 @@ use super::SessionId;
 /// Arguments of every callback (upstream `struct liveupdate_file_op_args`).
 #[derive(Default)]
 pub struct FileArgs {
+    /// The session the file belongs to.
     pub session: SessionId,
+    /// The user's token for the file, unique within its session.
     pub token: u64,
     /// The file: input of preserve/freeze/unpreserve, output of retrieve.
     pub file: Option<FileId>,

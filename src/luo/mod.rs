@@ -28,36 +28,51 @@ pub use file::{FileId, TestFile};
 pub use ctx::LuoCtx;
 pub use handler::{FileArgs, FileHandler};
 
+/// A session's key in [`Luo`]'s table: from a sequence, local to one image (not handed over).
 pub type SessionId = u64;
 
 /// A preserved (outgoing) or handed-over (incoming) file of a session.
 pub struct LuoFile<C: ?Sized> {
+    /// The user's token for the file (`LIVEUPDATE_SESSION_PRESERVE_FD`), unique within the
+    /// session; `LIVEUPDATE_SESSION_RETRIEVE_FD` asks for it.
     pub token: u64,
+    /// The handler that preserved the file, or for an incoming file the one named by the handover's
+    /// compatible string.
     pub handler: Arc<dyn FileHandler<C>>,
     /// Identity for the "preserved once" rule (outgoing only).
     pub id: Option<u64>,
+    /// The arguments every callback of `handler` gets for this file.
     pub args: FileArgs,
     /// The args are lent to a handler callback right now.
     pub busy: bool,
 }
 
+/// Which way a session goes across the kexec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionKind {
+    /// Created in this image (`LIVEUPDATE_IOCTL_CREATE_SESSION`); serialized at the next kexec.
     Outgoing,
     /// Handed over by the previous image; `retrieved` once user space holds it.
     Incoming {
+        /// Set by `LIVEUPDATE_IOCTL_RETRIEVE_SESSION`; a second retrieve of the session fails.
         retrieved: bool,
     },
 }
 
+/// A LUO session (upstream `struct luo_session`): a named set of preserved files.
 pub struct Session<C: ?Sized> {
+    /// The session's name, unique among sessions of its kind; crosses the kexec.
     pub name: String,
+    /// Outgoing, or incoming and whether retrieved.
     pub kind: SessionKind,
+    /// Its files, in preservation order (outgoing) or handover order (incoming).
     pub files: Vec<LuoFile<C>>,
 }
 
 /// LUO state of one image; `C` is the context of its file handlers (the host).
 pub struct Luo<C: ?Sized> {
+    /// The `liveupdate=` boot parameter: when off, opening `/dev/liveupdate` is ENOENT and
+    /// handlers cannot register (EOPNOTSUPP).
     pub enabled: bool,
     pub(crate) handlers: Vec<Arc<dyn FileHandler<C>>>,
     pub(crate) dev_open: bool,
@@ -74,6 +89,7 @@ pub struct Luo<C: ?Sized> {
 }
 
 impl<C: ?Sized> Luo<C> {
+    /// An empty LUO, on or off (`enabled`); handlers are registered after.
     pub fn new(enabled: bool) -> Self {
         Self {
             enabled,
@@ -110,6 +126,7 @@ impl<C: ?Sized> Luo<C> {
         Ok(())
     }
 
+    /// The registered handler with this compatible string, if any.
     pub fn handler(&self, compatible: &str) -> Option<Arc<dyn FileHandler<C>>> {
         self.handlers
             .iter()
@@ -117,10 +134,12 @@ impl<C: ?Sized> Luo<C> {
             .cloned()
     }
 
+    /// Session `id`, outgoing or incoming.
     pub fn session(&self, id: SessionId) -> Option<&Session<C>> {
         self.sessions.get(&id)
     }
 
+    /// Session `id`, to change.
     pub fn session_mut(&mut self, id: SessionId) -> Option<&mut Session<C>> {
         self.sessions.get_mut(&id)
     }

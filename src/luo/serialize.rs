@@ -20,17 +20,25 @@ pub struct LuoHandover {
     pub(crate) frozen: Vec<(SessionId, u64)>,
 }
 
+/// Why the LUO handover could not be written at reboot or read at boot.
 #[derive(Debug, thiserror::Error)]
 pub enum LuoError {
+    /// A handler's `freeze` failed; the kexec is refused and the files frozen so far are thawed.
     #[error("freeze of token {token:#x} in session {session:?} ({handler}) failed: {errno}")]
     Freeze {
+        /// Name of the session of the file.
         session: String,
+        /// The file's token.
         token: u64,
+        /// The handler's compatible string.
         handler: &'static str,
+        /// What `freeze` returned.
         errno: crate::abi::errno::Errno,
     },
+    /// KHO could not preserve or restore the LUO blocks.
     #[error(transparent)]
     Kho(#[from] KhoError),
+    /// A malformed handover (bad entry, name, count or compatible string) or an injected fault.
     #[error("{0}")]
     Bad(String),
 }
@@ -38,7 +46,9 @@ pub enum LuoError {
 /// The incoming LUO header, read at boot.
 #[derive(Debug, Clone, Copy)]
 pub struct IncomingHeader {
+    /// Physical address of the LUO subtree's blob (the [`LuoSer`] header).
     pub blob_pa: u64,
+    /// The header as read: liveupdate number and the head of the session chain.
     pub ser: LuoSer,
 }
 

@@ -7,8 +7,10 @@ use crate::mm::{PhysRead, PAGE_SIZE};
 
 use super::{FileArgs, FileHandler, LuoCtx};
 
+/// The test handler's compatible string.
 pub const COMPATIBLE: &str = "liveupdate-test-v1";
 
+/// The LUO file handler for `/dev/liveupdate-test` files: preserves [`TestFile::value`].
 pub struct TestHandler;
 
 /// What the test handler needs of its context besides [`LuoCtx`]: the test files of the file

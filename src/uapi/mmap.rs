@@ -2,6 +2,9 @@
 //! RAM frames; user accesses through [`Host::user_read`]/[`Host::user_write`] fault missing pages
 //! in (or fail with EFAULT, our SIGBUS), and raw pointers into the window are valid for pages
 //! that are present (KVM memslots use them).
+//!
+//! [`Host::user_read`]: crate::host::Host::user_read
+//! [`Host::user_write`]: crate::host::Host::user_write
 
 use std::sync::Arc;
 
@@ -10,27 +13,37 @@ use crate::mm::VaWindow;
 
 use super::Pid;
 
+/// A mapping's id in the host's table of mappings, from a sequence.
 pub type MapId = u64;
 
+/// A mapping of a file (memfd or guest_memfd) into a process, or into the host itself
+/// ([`KERNEL_PID`](super::KERNEL_PID)) for a guest_memfd's memslot window.
 pub struct Mapping {
+    /// The process that owns it.
     pub pid: Pid,
+    /// The mapped file (the mapping holds a reference).
     pub file: FileId,
     /// File page index of the window's first page.
     pub pgoff: u64,
+    /// Mapped with `PROT_WRITE` (counts towards a memfd's writable mappings).
     pub writable: bool,
-    /// Shared with the memslots that point into it (see [`Host::unmap_id`]).
+    /// Shared with the memslots that point into it (see `Host::unmap_id`).
     pub window: Arc<VaWindow>,
 }
 
 /// What mmap returns to user space.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UserMapping {
+    /// Id of the mapping, for `munmap`.
     pub id: MapId,
+    /// Start address of the mapping in this process's address space.
     pub addr: usize,
+    /// Length in bytes, rounded up to whole pages.
     pub len: u64,
 }
 
 impl UserMapping {
+    /// `addr` as a raw pointer, valid for the pages present in the mapping.
     pub fn ptr(&self) -> *mut u8 {
         self.addr as *mut u8
     }

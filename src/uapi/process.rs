@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use crate::fs::FileId;
 
+/// A process id; user processes count from 1 ([`KERNEL_PID`] is the host's own).
 pub type Pid = u32;
 
 /// The owner of the host's own mappings (guest_memfd windows for memslots); user processes
@@ -13,16 +14,23 @@ pub const KERNEL_PID: Pid = 0;
 /// Highest fd number + 1 (RLIMIT_NOFILE).
 pub const NOFILE: i32 = 1 << 20;
 
+/// One fd table entry: a file reference and the fd's close-on-exec flag.
 #[derive(Debug, Clone, Copy)]
 pub struct FdEntry {
+    /// The open file; the entry holds one reference.
     pub file: FileId,
+    /// Close-on-exec (`O_CLOEXEC`, `MFD_CLOEXEC`); recorded only, as processes here never exec.
     pub cloexec: bool,
 }
 
+/// A user process of the host (a VMM, `init`, a test): its fd table and its mappings.
 #[derive(Debug, Default)]
 pub struct Process {
+    /// Its pid.
     pub pid: Pid,
+    /// Open fds, by number.
     pub fds: BTreeMap<i32, FdEntry>,
+    /// Its mappings; they go at exit.
     pub maps: Vec<super::MapId>,
 }
 

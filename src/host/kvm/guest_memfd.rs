@@ -11,6 +11,7 @@ use crate::uapi::{MapId, Mapping, KERNEL_PID};
 use std::sync::Arc;
 
 impl Host {
+    /// The `GUEST_MEMFD_FLAG_*` bits `KVM_CREATE_GUEST_MEMFD` accepts here: MMAP and INIT_SHARED.
     pub fn gmem_supported_flags(&self) -> u64 {
         GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
     }

@@ -112,6 +112,7 @@ impl Host {
         }
     }
 
+    /// The VM behind the VM file `vm`, shared; EBADF if `vm` is not a VM file.
     pub fn vm_inner(&self, vm: FileId) -> SysResult<Arc<VmInner>> {
         match self.files.kind(vm) {
             Some(FileKind::Vm(v)) => Ok(v.inner.clone()),

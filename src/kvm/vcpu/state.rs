@@ -29,7 +29,7 @@ static XSAVE_SIZE: OnceLock<usize> = OnceLock::new();
 /// The XSAVE buffer size for `KVM_GET_XSAVE2`/`KVM_SET_XSAVE`: what
 /// `KVM_CHECK_EXTENSION(KVM_CAP_XSAVE2)` reports (the size these ioctls read and write, as
 /// kvm-ioctls documents), at least the legacy 4 KiB; where the capability is 0 (a kernel before
-/// 5.17) or KVM cannot be asked, [`xsave_buffer_bytes`]. Asked once per process: through the
+/// 5.17) or KVM cannot be asked, `xsave_buffer_bytes()`. Asked once per process: through the
 /// `Kvm` given to [`init_xsave_size`], or else by opening `/dev/kvm` on first use (≈30 µs
 /// here), which a VMM avoids inside its blackout by calling [`init_xsave_size`] beforehand.
 pub fn xsave_size() -> usize {
