@@ -18,7 +18,7 @@ use handover::host::files::FileKind;
 use handover::host::Host;
 use handover::kexec::BootParams;
 use handover::kvm::vcpu::VcpuKicker;
-use handover::kvm::{IoAction, IoEvent, RunExit};
+use handover::kvm::RunExit;
 use handover::uapi::{Errno, Pid};
 use handover::vmm::guest::*;
 use handover::vmm::libkvm::*;
@@ -246,28 +246,15 @@ impl Guest {
     /// Run until the guest reports a status (`Ok(status)`) or `vcpu_run` returns otherwise.
     fn run(&self) -> Result<u64, RunExit> {
         let mut status = None;
-        let mut io = |ev: IoEvent<'_>| match ev {
-            IoEvent::Out {
-                port: PORT_STATUS,
-                data,
-            } => {
-                let mut b = [0u8; 4];
-                let n = data.len().min(4);
-                b[..n].copy_from_slice(&data[..n]);
-                status = Some(u64::from(u32::from_le_bytes(b)));
-                IoAction::Stop
-            }
-            IoEvent::In { data, .. } => {
-                data.fill(0);
-                IoAction::Continue
-            }
-            IoEvent::Out { .. } => IoAction::Continue,
-            IoEvent::MmioRead { .. } | IoEvent::MmioWrite { .. } => IoAction::Stop,
-        };
         let exit = {
             let _target = self.watchdog.kicker.register_current_thread().unwrap();
             self.watchdog.arm();
-            let r = Host::vcpu_run(&self.shared, self.pid, self.vcpu, &mut io);
+            let r = Host::vcpu_run(
+                &self.shared,
+                self.pid,
+                self.vcpu,
+                &mut status_io(&mut status),
+            );
             self.watchdog.disarm();
             r.unwrap()
         };

@@ -100,3 +100,31 @@ pub fn kvm_available(test: &str) -> bool {
         }
     }
 }
+
+/// An I/O callback for [`Host::vcpu_run`] that runs the test guest until it reports: an `OUT`
+/// to [`PORT_STATUS`](crate::vmm::guest::PORT_STATUS) stores the 32-bit status in `status` and
+/// stops the run; other `IN`s read zeros, other `OUT`s are ignored, and any MMIO access stops
+/// the run (with `status` still `None`).
+pub fn status_io(
+    status: &mut Option<u64>,
+) -> impl FnMut(crate::kvm::IoEvent<'_>) -> crate::kvm::IoAction + '_ {
+    use crate::kvm::{IoAction, IoEvent};
+    move |ev| match ev {
+        IoEvent::Out {
+            port: crate::vmm::guest::PORT_STATUS,
+            data,
+        } => {
+            let mut b = [0u8; 4];
+            let n = data.len().min(4);
+            b[..n].copy_from_slice(&data[..n]);
+            *status = Some(u64::from(u32::from_le_bytes(b)));
+            IoAction::Stop
+        }
+        IoEvent::In { data, .. } => {
+            data.fill(0);
+            IoAction::Continue
+        }
+        IoEvent::Out { .. } => IoAction::Continue,
+        IoEvent::MmioRead { .. } | IoEvent::MmioWrite { .. } => IoAction::Stop,
+    }
+}

@@ -93,6 +93,17 @@ impl Host {
 
     /// Unpreserve every file of an outgoing session, last first.
     pub(crate) fn luo_unpreserve_all(&mut self, sid: SessionId) {
+        self.luo_drain_files(sid, |h, host, args| h.unpreserve(host, args));
+    }
+
+    /// Take the files out of session `sid`, last first: `op` runs the handler's callback on
+    /// each, then the file leaves the session, its "preserved once" id is released and the
+    /// session's reference on it is dropped.
+    fn luo_drain_files(
+        &mut self,
+        sid: SessionId,
+        op: impl Fn(&dyn crate::luo::FileHandler<Host>, &mut Host, &mut FileArgs),
+    ) {
         while let Some(n) = self
             .luo
             .session(sid)
@@ -102,12 +113,11 @@ impl Host {
             let Some((h, mut args)) = self.luo_take_args(sid, n - 1) else {
                 break;
             };
-            h.unpreserve(self, &mut args);
-            let Some(f) = self.luo.session_mut(sid).and_then(|s| s.files.pop()) else {
-                break;
-            };
-            if let Some(id) = f.id {
-                self.luo.preserved_ids.remove(&id);
+            op(h.as_ref(), self, &mut args);
+            if let Some(f) = self.luo.session_mut(sid).and_then(|s| s.files.pop()) {
+                if let Some(id) = f.id {
+                    self.luo.preserved_ids.remove(&id);
+                }
             }
             if let Some(file) = args.file {
                 self.fput(file);
@@ -183,25 +193,7 @@ impl Host {
         self.kho
             .commit(&mut self.mm)
             .map_err(crate::abi::errno::Errno::from)?;
-        while let Some(n) = self
-            .luo
-            .session(sid)
-            .map(|s| s.files.len())
-            .filter(|&n| n > 0)
-        {
-            let Some((h, mut args)) = self.luo_take_args(sid, n - 1) else {
-                break;
-            };
-            h.finish(self, &mut args);
-            if let Some(f) = self.luo.session_mut(sid).and_then(|s| s.files.pop()) {
-                if let Some(id) = f.id {
-                    self.luo.preserved_ids.remove(&id);
-                }
-            }
-            if let Some(file) = args.file {
-                self.fput(file);
-            }
-        }
+        self.luo_drain_files(sid, |h, host, args| h.finish(host, args));
         Ok(())
     }
 
