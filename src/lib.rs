@@ -6,6 +6,7 @@
 
 pub mod abi;
 pub mod bench;
+pub mod boundary;
 pub mod cli;
 pub mod fault;
 pub mod fs;

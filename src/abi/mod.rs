@@ -1,6 +1,7 @@
 //! Wire formats only: structures that cross a kexec or the user API, with their compatible
 //! strings and sizes. No logic beyond encoding helpers.
 
+pub mod boundary;
 pub mod errno;
 pub mod kho;
 pub mod kvm;

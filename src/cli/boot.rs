@@ -79,6 +79,33 @@ pub struct BootArgs {
     pub rollback: Option<String>,
 }
 
+impl BootArgs {
+    /// A cold boot with `ram` bytes of RAM and every other argument at its default.
+    pub fn cold(ram: u64) -> BootArgs {
+        BootArgs {
+            ram,
+            init: None,
+            init_args: Vec::new(),
+            report: None,
+            next_image: None,
+            liveupdate: "on".into(),
+            gmem_luo: "v2".into(),
+            dump_handover: None,
+            ram_fd: None,
+            kho_fdt: None,
+            kho_scratch: None,
+            kho_fdt_crc: None,
+            kexec_start_ns: None,
+            exec_ns: None,
+            handover_bytes: None,
+            reaper_fd: None,
+            reaper_pid: None,
+            prev_image: None,
+            rollback: None,
+        }
+    }
+}
+
 /// The boot parameters the arguments say; `Err` for a bad `--liveupdate` or `--gmem-luo`
 /// value or only one of `--kho-fdt`/`--kho-scratch`.
 pub fn params(a: BootArgs) -> Result<BootParams, String> {
@@ -139,6 +166,11 @@ pub fn init_programs() -> InitPrograms {
         about: "the RFC scenario with a live guest (guest-mem=16M data=5M order=vm-first|gmem-first no-vm=1 finish-early=1 prefault=1)",
         // With the benchmark's baseline for `snapshot-dir` (the VMM does not know `bench`).
         entry: Entry::Owned(|host| rfc::run_with(host, Some(&SnapshotRestore))),
+    });
+    p.add(Program {
+        name: crate::boundary::run::NAME,
+        about: crate::boundary::run::ABOUT,
+        entry: Entry::InPlace(crate::boundary::run::run),
     });
     #[cfg(feature = "test-hooks")]
     p.add(Program {

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod boot;
 pub mod demo;
 pub mod inspect;
+pub mod run;
 pub mod soak;
 
 use std::process::ExitCode;
@@ -38,6 +39,9 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Benchmarks.
     Bench(bench::BenchArgs),
+    /// Boot a host image and run an ordinary Linux program as its user space (LD_PRELOAD
+    /// boundary): `handover run [--kexecs N] -- PROGRAM [ARGS]`.
+    Run(run::RunCmd),
     /// One guest through many live updates in a row: failures, leaked frames, memory use.
     Soak(soak::SoakArgs),
 }
@@ -69,5 +73,6 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Inspect(a) => inspect::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Soak(a) => soak::run(a),
+        Command::Run(a) => run::run(a),
     }
 }

@@ -11,6 +11,7 @@ mod kho_tests;
 mod kvm;
 mod luo;
 mod mmap;
+mod remote;
 mod uapi;
 
 use std::io::Write;

@@ -3,6 +3,7 @@
 use crate::fs::{FileId, Memfd};
 use crate::host::files::FileKind;
 use crate::host::Host;
+use crate::mm::PAGE_SIZE;
 use crate::uapi::*;
 pub use errno::{Errno, SysResult};
 pub use process::{FdEntry, Pid, Process};
@@ -30,6 +31,9 @@ impl Host {
         for m in p.maps {
             self.unmap_id(m);
         }
+        for m in p.remote {
+            self.drop_remote(m);
+        }
         for (_, e) in p.fds.into_iter().rev() {
             self.fput(e.file);
         }
@@ -51,7 +55,8 @@ impl Host {
             .ok_or(Errno::EBADF)
     }
 
-    /// Install a file reference (consumed) at the lowest free fd.
+    /// Install a file reference (consumed) at the lowest free fd, or at the fd the program
+    /// reserved for this call ([`Host::reserve_fd`]).
     pub fn fd_install(&mut self, pid: Pid, file: FileId, cloexec: bool) -> SysResult<i32> {
         let p = match self.procs.get_mut(&pid) {
             Some(p) => p,
@@ -60,7 +65,12 @@ impl Host {
                 return Err(Errno::EINVAL);
             }
         };
-        let Some(fd) = p.alloc_fd() else {
+        let fd = match p.pending_fd.take() {
+            Some(fd) if !p.fds.contains_key(&fd) => Some(fd),
+            Some(_) => None,
+            None => p.alloc_fd(),
+        };
+        let Some(fd) = fd else {
             self.fput(file);
             return Err(Errno::EMFILE);
         };
@@ -174,6 +184,12 @@ impl Host {
     /// EFBIG). A shrink unmaps the dropped pages from every mapping, then frees them.
     pub fn ftruncate(&mut self, pid: Pid, fd: i32, size: u64) -> SysResult<()> {
         let f = self.fd_file(pid, fd)?;
+        if let Some(FileKind::Memfd(m)) = self.files.kind(f) {
+            let (new, old) = (size.div_ceil(PAGE_SIZE), m.size.div_ceil(PAGE_SIZE));
+            if self.remote_busy(f, new, old) {
+                return Err(Errno::EBUSY);
+            }
+        }
         let dropped = match self.files.kind_mut(f) {
             Some(FileKind::Memfd(m)) => m.truncate(&mut self.mm, size)?,
             _ => return Err(Errno::EINVAL),
@@ -268,6 +284,12 @@ impl Host {
     /// Punched memfd pages are unmapped from every mapping, then freed; new ones are mapped.
     pub fn fallocate(&mut self, pid: Pid, fd: i32, mode: i32, off: u64, len: u64) -> SysResult<()> {
         let f = self.fd_file(pid, fd)?;
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            let end = off.saturating_add(len) / PAGE_SIZE;
+            if self.remote_busy(f, off.div_ceil(PAGE_SIZE), end) {
+                return Err(Errno::EBUSY);
+            }
+        }
         let (new, punched) = match self.files.kind_mut(f) {
             Some(FileKind::Memfd(m)) => m.fallocate(&mut self.mm, mode, off, len)?,
             Some(FileKind::GuestMemfd(_)) => return self.gmem_fallocate(f, mode, off, len),

@@ -48,3 +48,38 @@ impl UserMapping {
         self.addr as *mut u8
     }
 }
+
+/// A mapping of a host file in a real process's address space (a program under
+/// `handover run`): the program maps the file's RAM frames itself, from the RAM memfd, and asks
+/// the host to allocate the holes it touches. The host keeps the record to hold a file
+/// reference, to resolve faults, and to refuse freeing frames the program still maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemoteMapping {
+    /// Start address in the program (page aligned).
+    pub addr: u64,
+    /// Length in bytes (whole pages).
+    pub len: u64,
+    /// The mapped file (the mapping holds a reference).
+    pub file: FileId,
+    /// File page index of the first page.
+    pub pgoff: u64,
+    /// Mapped with `PROT_WRITE`.
+    pub writable: bool,
+    /// Fault-around: the page after the last block faulted in, and that block's size. A fault
+    /// at `ra_next` doubles the block (sequential access), any other fault starts at one page.
+    pub ra_next: u64,
+    /// Pages in the last fault-around block.
+    pub ra_pages: u64,
+}
+
+impl RemoteMapping {
+    /// Pages in the mapping.
+    pub fn npages(&self) -> u64 {
+        self.len / crate::mm::PAGE_SIZE
+    }
+
+    /// Whether file pages `a..b` are (partly) mapped.
+    pub fn covers(&self, a: u64, b: u64) -> bool {
+        a < self.pgoff + self.npages() && self.pgoff < b
+    }
+}

@@ -10,7 +10,7 @@ pub mod process;
 
 pub use errno::{Errno, SysResult};
 pub use mmap::{MapId, Mapping, UserMapping};
-pub use process::{FdEntry, Pid, Process, KERNEL_PID};
+pub use process::{FdEntry, Pid, Process, KERNEL_PID, NOFILE};
 
 /// `O_CLOEXEC` for [`Host::open`](crate::host::Host::open)'s `flags`: the fd is close-on-exec.
 pub const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;

@@ -32,6 +32,12 @@ pub struct Process {
     pub fds: BTreeMap<i32, FdEntry>,
     /// Its mappings; they go at exit.
     pub maps: Vec<super::MapId>,
+    /// Mappings in the address space of a real process (a program under `handover run`),
+    /// each holding a file reference; they go at munmap, execve and exit.
+    pub remote: Vec<super::mmap::RemoteMapping>,
+    /// Where the next file installed for this process goes: the placeholder fd the program
+    /// reserved for a call that may create one (taken by the first install).
+    pub pending_fd: Option<i32>,
 }
 
 impl Process {

@@ -1,0 +1,1066 @@
+/*
+ * The process boundary, program side: an LD_PRELOAD library that `handover run` puts into the
+ * programs it starts. Calls on host objects (/dev/liveupdate, host memfds and the fds made from
+ * them) go to the host image over a SOCK_SEQPACKET socket; every other call goes to the real
+ * kernel. The wire format is src/abi/boundary.rs; docs/userspace.md says what is covered.
+ *
+ * Host files get real fd numbers: each one is backed by an O_PATH placeholder of /dev/null, so
+ * the real kernel keeps the numbering (lowest free fd, dup, close) and every call this library
+ * does not forward fails on it with an errno (EBADF) instead of acting on something else.
+ *
+ * mmap of a host memfd maps the file's RAM frames from the host's RAM memfd (zero copy); holes
+ * are PROT_NONE and a SIGSEGV handler asks the host to allocate them on first touch.
+ *
+ * Requests are serialized by one lock. The lock is never held while touching program memory
+ * that may be a host mapping, so the fault handler (which takes the lock) cannot deadlock.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#define EXPORT __attribute__((visibility("default")))
+
+/* ---- wire format (src/abi/boundary.rs) ---- */
+struct hreq {
+	uint32_t op, flags;
+	int32_t fd, fd2;
+	uint64_t a[4];
+};
+struct hrep {
+	int64_t ret;
+	uint64_t b[3];
+};
+struct prun {
+	uint64_t index, pfn, npages;
+};
+struct hstat {
+	uint32_t mode, nlink;
+	uint64_t size, blocks, ino, rdev;
+};
+struct mmargs {
+	uint64_t addr, len;
+	uint32_t prot, flags;
+	uint64_t off;
+};
+enum {
+	OP_HELLO = 1, OP_OPEN, OP_CLOSE, OP_DUP, OP_IOCTL, OP_MEMFD_CREATE, OP_READ, OP_WRITE,
+	OP_LSEEK, OP_FTRUNCATE, OP_FALLOCATE, OP_FSTAT, OP_SEALS, OP_MMAP, OP_MUNMAP, OP_FAULT,
+	OP_FORK_PREPARE, OP_FORK_ABORT, OP_REBOOT, OP_RAMFD,
+};
+#define F_POSITIONAL 1u
+#define F_WRITE_FAULT 1u
+#define F_EXEC 1u
+#define MAX_PAYLOAD (128u << 10)
+#define NOFILE_MAX (1 << 20)
+#define PAGE 4096ul
+#define LUO_TYPE 0xBA
+#define KEXEC_CMD 0x45584543
+
+/* ---- state ---- */
+static int sock = -1;     /* the socket to the host, or -1: not a host process */
+static int detached;      /* started under handover run but not connected (see init) */
+static int ramfd = -1;    /* the host's RAM memfd, fetched on the first mmap */
+static unsigned char hostfd[NOFILE_MAX];
+static volatile int lk;
+
+struct region {
+	uint64_t addr, len, pgoff;
+	int prot;
+};
+#define MAX_REGIONS 65536
+static struct region *regions;
+static int nregions;
+
+static struct sigaction prev_segv; /* the program's own SIGSEGV action, chained to */
+
+static void lock(void)
+{
+	while (__atomic_exchange_n(&lk, 1, __ATOMIC_ACQUIRE))
+		sched_yield();
+}
+
+static void unlock(void)
+{
+	__atomic_store_n(&lk, 0, __ATOMIC_RELEASE);
+}
+
+static int is_host(int fd)
+{
+	return sock >= 0 && fd >= 0 && fd < NOFILE_MAX && hostfd[fd];
+}
+
+static void set_host(int fd, int on)
+{
+	if (fd >= 0 && fd < NOFILE_MAX)
+		hostfd[fd] = on;
+}
+
+/* ---- raw syscalls: the real kernel ---- */
+static long sys_close(int fd) { return syscall(SYS_close, fd); }
+static int placeholder(int cloexec)
+{
+	return (int)syscall(SYS_openat, AT_FDCWD, "/dev/null", O_PATH | (cloexec ? O_CLOEXEC : 0));
+}
+static void *sys_mmap(void *a, size_t l, int p, int f, int fd, off_t o)
+{
+	return (void *)syscall(SYS_mmap, a, l, p, f, fd, o);
+}
+
+/*
+ * One request and its reply. The caller holds the lock. Returns the reply's ret (>= 0 or
+ * -errno); -EIO if the host is gone. `*rfd` gets a passed fd or -1.
+ */
+static long call(struct hreq *q, const void *pl, size_t pln, void *out, size_t cap, size_t *got,
+		 uint64_t b[3], int *rfd)
+{
+	struct iovec iv[2] = {{q, sizeof *q}, {(void *)pl, pln}};
+	struct msghdr m = {.msg_iov = iv, .msg_iovlen = pln ? 2 : 1};
+	if (rfd)
+		*rfd = -1;
+	if (got)
+		*got = 0;
+	for (;;) {
+		if (sendmsg(sock, &m, MSG_NOSIGNAL) >= 0)
+			break;
+		if (errno != EINTR)
+			return -EIO;
+	}
+	struct hrep r;
+	char ctl[CMSG_SPACE(sizeof(int))];
+	struct iovec ov[2] = {{&r, sizeof r}, {out, cap}};
+	struct msghdr rm = {.msg_iov = ov, .msg_iovlen = cap ? 2 : 1, .msg_control = ctl,
+			    .msg_controllen = sizeof ctl};
+	ssize_t n;
+	for (;;) {
+		n = recvmsg(sock, &rm, MSG_CMSG_CLOEXEC);
+		if (n >= 0 || errno != EINTR)
+			break;
+	}
+	if (n < (ssize_t)sizeof r)
+		return -EIO;
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&rm); c; c = CMSG_NXTHDR(&rm, c)) {
+		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+			int fd;
+			memcpy(&fd, CMSG_DATA(c), sizeof fd);
+			if (rfd)
+				*rfd = fd;
+			else
+				sys_close(fd);
+		}
+	}
+	if (got)
+		*got = (size_t)n - sizeof r;
+	if (b)
+		memcpy(b, r.b, sizeof r.b);
+	return r.ret;
+}
+
+static long call0(struct hreq *q, const void *pl, size_t pln)
+{
+	lock();
+	long r = call(q, pl, pln, NULL, 0, NULL, NULL, NULL);
+	unlock();
+	return r;
+}
+
+static long fail(long r)
+{
+	if (r < 0) {
+		errno = (int)-r;
+		return -1;
+	}
+	return r;
+}
+
+/* Touch each page of a program buffer before the lock is taken, so that faults on host
+ * mappings in it are served now and the kernel can copy it during the request. */
+static void pretouch(const void *p, size_t n)
+{
+	const volatile char *c = p;
+	if (!n)
+		return;
+	for (size_t i = 0; i < n; i += PAGE - ((uintptr_t)(c + i) & (PAGE - 1)))
+		(void)c[i];
+	(void)c[n - 1];
+}
+
+/* Copy from/to our own memory, failing with EFAULT instead of crashing on a bad pointer. */
+static int copy_in(void *dst, const void *src, size_t n)
+{
+	struct iovec l = {dst, n}, r = {(void *)src, n};
+	if (!n)
+		return 0;
+	return syscall(SYS_process_vm_readv, getpid(), &l, 1, &r, 1, 0) == (long)n ? 0 : -EFAULT;
+}
+
+static int copy_out(void *dst, const void *src, size_t n)
+{
+	struct iovec l = {(void *)src, n}, r = {dst, n};
+	if (!n)
+		return 0;
+	return syscall(SYS_process_vm_writev, getpid(), &l, 1, &r, 1, 0) == (long)n ? 0 : -EFAULT;
+}
+
+/* ---- mappings ---- */
+static int region_of(uint64_t a)
+{
+	for (int i = 0; i < nregions; i++)
+		if (a >= regions[i].addr && a - regions[i].addr < regions[i].len)
+			return i;
+	return -1;
+}
+
+static int overlaps_region(uint64_t a, uint64_t len)
+{
+	for (int i = 0; i < nregions; i++)
+		if (a < regions[i].addr + regions[i].len && regions[i].addr < a + len)
+			return 1;
+	return 0;
+}
+
+/* Map the runs the host returned into region r (caller holds the lock). */
+static void map_runs(const struct region *r, const struct prun *runs, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		uint64_t idx = runs[i].index, np = runs[i].npages, pfn = runs[i].pfn;
+		uint64_t end = r->pgoff + r->len / PAGE;
+		if (idx < r->pgoff || idx >= end)
+			continue;
+		if (np > end - idx)
+			np = end - idx;
+		sys_mmap((void *)(r->addr + (idx - r->pgoff) * PAGE), np * PAGE, r->prot,
+			 MAP_SHARED | MAP_FIXED, ramfd, (off_t)(pfn * PAGE));
+	}
+}
+
+static void chain_segv(int sig, siginfo_t *si, void *uc)
+{
+	if (prev_segv.sa_flags & SA_SIGINFO && prev_segv.sa_sigaction) {
+		prev_segv.sa_sigaction(sig, si, uc);
+		return;
+	}
+	if (prev_segv.sa_handler != SIG_DFL && prev_segv.sa_handler != SIG_IGN) {
+		prev_segv.sa_handler(sig);
+		return;
+	}
+	/* Default action: return with SIGSEGV reset, so the access faults again and kills. */
+	signal(SIGSEGV, SIG_DFL);
+}
+
+static void on_segv(int sig, siginfo_t *si, void *ucv)
+{
+	int saved = errno;
+	uint64_t a = (uint64_t)(uintptr_t)si->si_addr;
+	ucontext_t *uc = ucv;
+	int write = (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+	lock();
+	int i = region_of(a);
+	if (i < 0) {
+		unlock();
+		errno = saved;
+		chain_segv(sig, si, ucv);
+		return;
+	}
+	static struct prun runs[512];
+	struct hreq q = {.op = OP_FAULT, .flags = write ? F_WRITE_FAULT : 0, .a = {a & ~(PAGE - 1)}};
+	size_t got;
+	long r = call(&q, NULL, 0, runs, sizeof runs, &got, NULL, NULL);
+	if (r >= 0)
+		map_runs(&regions[i], runs, got / sizeof runs[0]);
+	unlock();
+	errno = saved;
+	if (r == -EFAULT || r == -EIO) {
+		/* Past the end of the file (or no host): SIGBUS, as Linux sends. */
+		signal(SIGBUS, SIG_DFL);
+		raise(SIGBUS);
+	} else if (r < 0) {
+		chain_segv(sig, si, ucv);
+	}
+}
+
+static int need_ramfd(void)
+{
+	if (ramfd >= 0)
+		return 0;
+	struct hreq q = {.op = OP_RAMFD, .fd = -1, .fd2 = -1};
+	int fd;
+	long r = call(&q, NULL, 0, NULL, 0, NULL, NULL, &fd);
+	if (r < 0)
+		return (int)r;
+	if (fd < 0)
+		return -EIO;
+	ramfd = fd;
+	return 0;
+}
+
+/* ---- connection ---- */
+static void set_pid_env(void)
+{
+	char b[32];
+	snprintf(b, sizeof b, "%d", (int)getpid());
+	setenv("HANDOVER_PID", b, 1);
+}
+
+/* Bind the socket to this process. After execve, the host fds that close-on-exec closed are
+ * reported closed. */
+static int hello(int exec)
+{
+	static int32_t fds[4096];
+	struct hreq q = {.op = OP_HELLO, .flags = exec ? F_EXEC : 0, .fd = -1, .fd2 = -1};
+	size_t got;
+	long r = call(&q, NULL, 0, fds, sizeof fds, &got, NULL, NULL);
+	if (r < 0)
+		return (int)r;
+	for (size_t i = 0; i < got / sizeof fds[0]; i++) {
+		int fd = fds[i];
+		if (fd < 0 || fd >= NOFILE_MAX)
+			continue;
+		if (syscall(SYS_fcntl, fd, F_GETFD) < 0) {
+			struct hreq c = {.op = OP_CLOSE, .fd = fd, .fd2 = -1};
+			call(&c, NULL, 0, NULL, 0, NULL, NULL, NULL);
+		} else {
+			hostfd[fd] = 1;
+		}
+	}
+	return 0;
+}
+
+__attribute__((constructor)) static void handover_init(void)
+{
+	const char *s = getenv("HANDOVER_SOCK");
+	if (!s)
+		return;
+	int fd = atoi(s);
+	const char *p = getenv("HANDOVER_PID");
+	if (p && atoi(p) != (int)getpid()) {
+		/* Started by a descendant the host does not know (posix_spawn, clone): the socket
+		 * is its parent's; leave it, and give this process no host access. */
+		sys_close(fd);
+		detached = 1;
+		return;
+	}
+	regions = sys_mmap(NULL, MAX_REGIONS * sizeof *regions, PROT_READ | PROT_WRITE,
+			   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (regions == MAP_FAILED) {
+		detached = 1;
+		return;
+	}
+	sock = fd;
+	if (hello(p != NULL) < 0) {
+		fprintf(stderr, "handover: the host refused this process; no host access\n");
+		sock = -1;
+		detached = 1;
+		return;
+	}
+	set_pid_env();
+	struct sigaction sa = {.sa_sigaction = on_segv, .sa_flags = SA_SIGINFO | SA_NODEFER};
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGSEGV, &sa, &prev_segv);
+}
+
+/* ---- open, close, dup ---- */
+static int host_path(const char *p)
+{
+	return p && strcmp(p, "/dev/liveupdate") == 0;
+}
+
+static int host_open(const char *path, int flags)
+{
+	if (sock < 0) {
+		errno = ENODEV;
+		return -1;
+	}
+	int ph = placeholder(flags & O_CLOEXEC);
+	if (ph < 0)
+		return -1;
+	struct hreq q = {.op = OP_OPEN, .fd = -1, .fd2 = ph, .a = {(uint32_t)flags}};
+	long r = call0(&q, path, strlen(path));
+	if (r < 0) {
+		sys_close(ph);
+		return (int)fail(r);
+	}
+	set_host(ph, 1);
+	return ph;
+}
+
+static int mode_arg(int flags, va_list ap)
+{
+	return (flags & (O_CREAT | __O_TMPFILE)) ? va_arg(ap, int) : 0;
+}
+
+EXPORT int open(const char *path, int flags, ...)
+{
+	va_list ap;
+	va_start(ap, flags);
+	int mode = mode_arg(flags, ap);
+	va_end(ap);
+	if ((sock >= 0 || detached) && host_path(path))
+		return host_open(path, flags);
+	return (int)syscall(SYS_openat, AT_FDCWD, path, flags, mode);
+}
+EXPORT int open64(const char *path, int flags, ...) __attribute__((alias("open")));
+
+EXPORT int __open_2(const char *path, int flags)
+{
+	return open(path, flags);
+}
+EXPORT int __open64_2(const char *path, int flags) __attribute__((alias("__open_2")));
+
+EXPORT int openat(int dirfd, const char *path, int flags, ...)
+{
+	va_list ap;
+	va_start(ap, flags);
+	int mode = mode_arg(flags, ap);
+	va_end(ap);
+	if ((sock >= 0 || detached) && host_path(path))
+		return host_open(path, flags);
+	return (int)syscall(SYS_openat, dirfd, path, flags, mode);
+}
+EXPORT int openat64(int dirfd, const char *path, int flags, ...) __attribute__((alias("openat")));
+
+EXPORT int __openat_2(int dirfd, const char *path, int flags)
+{
+	return openat(dirfd, path, flags);
+}
+EXPORT int __openat64_2(int dirfd, const char *path, int flags) __attribute__((alias("__openat_2")));
+
+EXPORT int close(int fd)
+{
+	if (is_host(fd)) {
+		struct hreq q = {.op = OP_CLOSE, .fd = fd, .fd2 = -1};
+		lock();
+		call(&q, NULL, 0, NULL, 0, NULL, NULL, NULL);
+		set_host(fd, 0);
+		long r = sys_close(fd);
+		unlock();
+		return (int)r;
+	}
+	return (int)syscall(SYS_close, fd);
+}
+
+/* After the real kernel made `newfd` a copy of `old` (dup, dup2, dup3, F_DUPFD), make the host
+ * agree: host file `old` at `newfd`, or `newfd` no longer a host fd. Caller holds the lock. */
+static void dup_done(int old, int newfd, int was_host)
+{
+	if (newfd < 0)
+		return;
+	if (is_host(old)) {
+		struct hreq q = {.op = OP_DUP, .fd = old, .fd2 = newfd};
+		if (call(&q, NULL, 0, NULL, 0, NULL, NULL, NULL) >= 0)
+			set_host(newfd, 1);
+	} else if (was_host) {
+		struct hreq q = {.op = OP_CLOSE, .fd = newfd, .fd2 = -1};
+		call(&q, NULL, 0, NULL, 0, NULL, NULL, NULL);
+		set_host(newfd, 0);
+	}
+}
+
+EXPORT int dup(int fd)
+{
+	if (!is_host(fd))
+		return (int)syscall(SYS_dup, fd);
+	lock();
+	int n = (int)syscall(SYS_dup, fd);
+	dup_done(fd, n, 0);
+	unlock();
+	return n;
+}
+
+EXPORT int dup3(int old, int newfd, int flags)
+{
+	if (!is_host(old) && !is_host(newfd))
+		return (int)syscall(SYS_dup3, old, newfd, flags);
+	lock();
+	int was = is_host(newfd);
+	int n = (int)syscall(SYS_dup3, old, newfd, flags);
+	if (n >= 0)
+		dup_done(old, n, was);
+	unlock();
+	return n;
+}
+
+EXPORT int dup2(int old, int newfd)
+{
+	if (old == newfd)
+		return (int)syscall(SYS_fcntl, old, F_GETFD) < 0 ? -1 : newfd;
+	return dup3(old, newfd, 0);
+}
+
+/* ---- fcntl ---- */
+static long host_fcntl(int fd, int cmd, long arg)
+{
+	switch (cmd) {
+	case F_ADD_SEALS:
+	case F_GET_SEALS: {
+		struct hreq q = {.op = OP_SEALS, .fd = fd, .fd2 = -1, .a = {(uint64_t)cmd, (uint64_t)arg}};
+		return fail(call0(&q, NULL, 0));
+	}
+	case F_DUPFD:
+	case F_DUPFD_CLOEXEC: {
+		lock();
+		int n = (int)syscall(SYS_fcntl, fd, cmd, arg);
+		dup_done(fd, n, 0);
+		unlock();
+		return n;
+	}
+	case F_GETFL:
+		return O_RDWR | O_LARGEFILE;
+	case F_SETFL:
+		return 0;
+	default:
+		/* F_GETFD/F_SETFD act on the placeholder, which is right; the rest fail (EBADF)
+		 * on an O_PATH fd, as documented. */
+		return syscall(SYS_fcntl, fd, cmd, arg);
+	}
+}
+
+EXPORT int fcntl(int fd, int cmd, ...)
+{
+	va_list ap;
+	va_start(ap, cmd);
+	long arg = va_arg(ap, long);
+	va_end(ap);
+	if (is_host(fd))
+		return (int)host_fcntl(fd, cmd, arg);
+	return (int)syscall(SYS_fcntl, fd, cmd, arg);
+}
+EXPORT int fcntl64(int fd, int cmd, ...) __attribute__((alias("fcntl")));
+
+/* ---- ioctl ---- */
+EXPORT int ioctl(int fd, unsigned long req, ...)
+{
+	va_list ap;
+	va_start(ap, req);
+	void *arg = va_arg(ap, void *);
+	va_end(ap);
+	if (!is_host(fd))
+		return (int)syscall(SYS_ioctl, fd, req, arg);
+	size_t n = (req >> 16) & 0x3fff; /* _IOC_SIZE */
+	if (((req >> 8) & 0xff) == LUO_TYPE) {
+		/* LUO argument structs start with their own size (_IO numbers carry none). */
+		uint32_t sz;
+		if (copy_in(&sz, arg, sizeof sz) < 0)
+			return (int)fail(-EFAULT);
+		n = sz < MAX_PAYLOAD ? sz : MAX_PAYLOAD;
+	}
+	char *buf = n ? malloc(n) : NULL;
+	if (n && !buf)
+		return (int)fail(-ENOMEM);
+	if (copy_in(buf, arg, n) < 0) {
+		free(buf);
+		return (int)fail(-EFAULT);
+	}
+	int ph = placeholder(1);
+	struct hreq q = {.op = OP_IOCTL, .fd = fd, .fd2 = ph, .a = {req}};
+	uint64_t b[3] = {~0ull, 0, 0};
+	size_t got;
+	lock();
+	long r = call(&q, buf, n, buf, n, &got, b, NULL);
+	if (ph >= 0 && b[0] == (uint64_t)(int64_t)ph) {
+		set_host(ph, 1);
+		if (!b[1])
+			syscall(SYS_fcntl, ph, F_SETFD, 0);
+		ph = -1;
+	}
+	unlock();
+	if (ph >= 0)
+		sys_close(ph);
+	if (got && copy_out(arg, buf, got < n ? got : n) < 0 && r >= 0)
+		r = -EFAULT;
+	free(buf);
+	return (int)fail(r);
+}
+
+/* ---- memfd ---- */
+EXPORT int memfd_create(const char *name, unsigned int flags)
+{
+	if (sock < 0)
+		return (int)syscall(SYS_memfd_create, name, flags);
+	char nb[256];
+	size_t len = strnlen(name, sizeof nb);
+	if (len >= 250) {
+		errno = EINVAL;
+		return -1;
+	}
+	memcpy(nb, name, len);
+	int ph = placeholder(flags & 1 /* MFD_CLOEXEC */);
+	if (ph < 0)
+		return -1;
+	struct hreq q = {.op = OP_MEMFD_CREATE, .fd = -1, .fd2 = ph, .a = {flags}};
+	/* An empty name still sends one byte: the payload may not be empty. */
+	long r = call0(&q, len ? nb : "\0", len ? len : 1);
+	if (r < 0) {
+		sys_close(ph);
+		return (int)fail(r);
+	}
+	set_host(ph, 1);
+	return ph;
+}
+
+/* ---- read and write ---- */
+static ssize_t host_read(int fd, void *buf, size_t count, int64_t pos, int positional)
+{
+	size_t done = 0;
+	pretouch(buf, count);
+	while (done < count) {
+		size_t n = count - done < MAX_PAYLOAD ? count - done : MAX_PAYLOAD;
+		struct hreq q = {.op = OP_READ, .flags = positional ? F_POSITIONAL : 0, .fd = fd,
+				 .fd2 = -1, .a = {n, (uint64_t)(pos + (int64_t)done)}};
+		size_t got;
+		lock();
+		long r = call(&q, NULL, 0, (char *)buf + done, n, &got, NULL, NULL);
+		unlock();
+		if (r < 0)
+			return done ? (ssize_t)done : fail(r);
+		done += (size_t)r;
+		if ((size_t)r < n)
+			break;
+	}
+	return (ssize_t)done;
+}
+
+static ssize_t host_write(int fd, const void *buf, size_t count, int64_t pos, int positional)
+{
+	size_t done = 0;
+	pretouch(buf, count);
+	while (done < count || (count == 0 && done == 0)) {
+		size_t n = count - done < MAX_PAYLOAD ? count - done : MAX_PAYLOAD;
+		struct hreq q = {.op = OP_WRITE, .flags = positional ? F_POSITIONAL : 0, .fd = fd,
+				 .fd2 = -1, .a = {(uint64_t)(pos + (int64_t)done)}};
+		long r = call0(&q, (const char *)buf + done, n);
+		if (r < 0)
+			return done ? (ssize_t)done : fail(r);
+		done += (size_t)r;
+		if (count == 0 || (size_t)r < n)
+			break;
+	}
+	return (ssize_t)done;
+}
+
+EXPORT ssize_t read(int fd, void *buf, size_t n)
+{
+	return is_host(fd) ? host_read(fd, buf, n, 0, 0) : syscall(SYS_read, fd, buf, n);
+}
+EXPORT ssize_t write(int fd, const void *buf, size_t n)
+{
+	return is_host(fd) ? host_write(fd, buf, n, 0, 0) : syscall(SYS_write, fd, buf, n);
+}
+EXPORT ssize_t pread(int fd, void *buf, size_t n, off_t off)
+{
+	if (!is_host(fd))
+		return syscall(SYS_pread64, fd, buf, n, off);
+	if (off < 0)
+		return fail(-EINVAL);
+	return host_read(fd, buf, n, off, 1);
+}
+EXPORT ssize_t pread64(int fd, void *buf, size_t n, off_t off) __attribute__((alias("pread")));
+EXPORT ssize_t pwrite(int fd, const void *buf, size_t n, off_t off)
+{
+	if (!is_host(fd))
+		return syscall(SYS_pwrite64, fd, buf, n, off);
+	if (off < 0)
+		return fail(-EINVAL);
+	return host_write(fd, buf, n, off, 1);
+}
+EXPORT ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off) __attribute__((alias("pwrite")));
+
+static ssize_t host_rwv(int fd, const struct iovec *iov, int cnt, int64_t pos, int positional,
+			int wr)
+{
+	ssize_t total = 0;
+	if (cnt < 0 || cnt > 1024)
+		return fail(-EINVAL);
+	for (int i = 0; i < cnt; i++) {
+		ssize_t r = wr ? host_write(fd, iov[i].iov_base, iov[i].iov_len, pos + total, positional)
+			       : host_read(fd, iov[i].iov_base, iov[i].iov_len, pos + total, positional);
+		if (r < 0)
+			return total ? total : -1;
+		total += r;
+		if ((size_t)r < iov[i].iov_len)
+			break;
+	}
+	return total;
+}
+
+EXPORT ssize_t readv(int fd, const struct iovec *iov, int cnt)
+{
+	return is_host(fd) ? host_rwv(fd, iov, cnt, 0, 0, 0) : syscall(SYS_readv, fd, iov, cnt);
+}
+EXPORT ssize_t writev(int fd, const struct iovec *iov, int cnt)
+{
+	return is_host(fd) ? host_rwv(fd, iov, cnt, 0, 0, 1) : syscall(SYS_writev, fd, iov, cnt);
+}
+EXPORT ssize_t preadv(int fd, const struct iovec *iov, int cnt, off_t off)
+{
+	return is_host(fd) ? host_rwv(fd, iov, cnt, off, 1, 0)
+			   : syscall(SYS_preadv, fd, iov, cnt, off, 0);
+}
+EXPORT ssize_t preadv64(int fd, const struct iovec *iov, int cnt, off_t off) __attribute__((alias("preadv")));
+EXPORT ssize_t pwritev(int fd, const struct iovec *iov, int cnt, off_t off)
+{
+	return is_host(fd) ? host_rwv(fd, iov, cnt, off, 1, 1)
+			   : syscall(SYS_pwritev, fd, iov, cnt, off, 0);
+}
+EXPORT ssize_t pwritev64(int fd, const struct iovec *iov, int cnt, off_t off) __attribute__((alias("pwritev")));
+
+EXPORT off_t lseek(int fd, off_t off, int whence)
+{
+	if (!is_host(fd))
+		return syscall(SYS_lseek, fd, off, whence);
+	struct hreq q = {.op = OP_LSEEK, .fd = fd, .fd2 = -1, .a = {(uint64_t)off, (uint64_t)whence}};
+	return fail(call0(&q, NULL, 0));
+}
+EXPORT off_t lseek64(int fd, off_t off, int whence) __attribute__((alias("lseek")));
+
+EXPORT int ftruncate(int fd, off_t len)
+{
+	if (!is_host(fd))
+		return (int)syscall(SYS_ftruncate, fd, len);
+	if (len < 0)
+		return (int)fail(-EINVAL);
+	struct hreq q = {.op = OP_FTRUNCATE, .fd = fd, .fd2 = -1, .a = {(uint64_t)len}};
+	return (int)fail(call0(&q, NULL, 0));
+}
+EXPORT int ftruncate64(int fd, off_t len) __attribute__((alias("ftruncate")));
+
+EXPORT int fallocate(int fd, int mode, off_t off, off_t len)
+{
+	if (!is_host(fd))
+		return (int)syscall(SYS_fallocate, fd, mode, off, len);
+	if (off < 0 || len <= 0)
+		return (int)fail(-EINVAL);
+	struct hreq q = {.op = OP_FALLOCATE, .fd = fd, .fd2 = -1,
+			 .a = {(uint64_t)mode, (uint64_t)off, (uint64_t)len}};
+	return (int)fail(call0(&q, NULL, 0));
+}
+EXPORT int fallocate64(int fd, int mode, off_t off, off_t len) __attribute__((alias("fallocate")));
+
+EXPORT int posix_fallocate(int fd, off_t off, off_t len)
+{
+	if (!is_host(fd)) {
+		long r = syscall(SYS_fallocate, fd, 0, off, len);
+		return r < 0 ? errno : 0;
+	}
+	int saved = errno;
+	int r = fallocate(fd, 0, off, len) < 0 ? errno : 0;
+	errno = saved;
+	return r;
+}
+EXPORT int posix_fallocate64(int fd, off_t off, off_t len) __attribute__((alias("posix_fallocate")));
+
+/* ---- stat ---- */
+static int host_stat(int fd, struct hstat *h)
+{
+	struct hreq q = {.op = OP_FSTAT, .fd = fd, .fd2 = -1};
+	size_t got;
+	lock();
+	long r = call(&q, NULL, 0, h, sizeof *h, &got, NULL, NULL);
+	unlock();
+	if (r >= 0 && got != sizeof *h)
+		r = -EIO;
+	return (int)r;
+}
+
+static int fill_stat(int fd, struct stat *st)
+{
+	struct hstat h;
+	int r = host_stat(fd, &h);
+	if (r < 0)
+		return (int)fail(r);
+	struct timespec now;
+	clock_gettime(CLOCK_REALTIME, &now);
+	memset(st, 0, sizeof *st);
+	st->st_dev = 0x48; /* like an anon/shmem superblock: one device for all host files */
+	st->st_ino = h.ino;
+	st->st_mode = h.mode;
+	st->st_nlink = h.nlink;
+	st->st_uid = getuid();
+	st->st_gid = getgid();
+	st->st_rdev = h.rdev;
+	st->st_size = (off_t)h.size;
+	st->st_blksize = PAGE;
+	st->st_blocks = (blkcnt_t)h.blocks;
+	st->st_atim = st->st_mtim = st->st_ctim = now;
+	return 0;
+}
+
+EXPORT int fstat(int fd, struct stat *st)
+{
+	return is_host(fd) ? fill_stat(fd, st) : (int)syscall(SYS_fstat, fd, st);
+}
+/* struct stat64 is struct stat on x86_64. */
+EXPORT int fstat64(int fd, struct stat64 *st)
+{
+	return fstat(fd, (struct stat *)st);
+}
+
+EXPORT int __fxstat(int ver, int fd, struct stat *st)
+{
+	(void)ver;
+	return fstat(fd, st);
+}
+EXPORT int __fxstat64(int ver, int fd, struct stat *st) __attribute__((alias("__fxstat")));
+
+EXPORT int fstatat(int dirfd, const char *path, struct stat *st, int flags)
+{
+	if (is_host(dirfd) && path && !path[0] && (flags & AT_EMPTY_PATH))
+		return fill_stat(dirfd, st);
+	return (int)syscall(SYS_newfstatat, dirfd, path, st, flags);
+}
+EXPORT int fstatat64(int dirfd, const char *path, struct stat64 *st, int flags)
+{
+	return fstatat(dirfd, path, (struct stat *)st, flags);
+}
+
+EXPORT int statx(int dirfd, const char *path, int flags, unsigned int mask, struct statx *sx)
+{
+	if (is_host(dirfd) && path && !path[0] && (flags & AT_EMPTY_PATH)) {
+		struct stat st;
+		if (fill_stat(dirfd, &st) < 0)
+			return -1;
+		memset(sx, 0, sizeof *sx);
+		sx->stx_mask = STATX_BASIC_STATS;
+		sx->stx_blksize = (uint32_t)st.st_blksize;
+		sx->stx_nlink = (uint32_t)st.st_nlink;
+		sx->stx_uid = st.st_uid;
+		sx->stx_gid = st.st_gid;
+		sx->stx_mode = (uint16_t)st.st_mode;
+		sx->stx_ino = st.st_ino;
+		sx->stx_size = (uint64_t)st.st_size;
+		sx->stx_blocks = (uint64_t)st.st_blocks;
+		sx->stx_rdev_major = (uint32_t)(st.st_rdev >> 8);
+		sx->stx_rdev_minor = (uint32_t)(st.st_rdev & 0xff);
+		return 0;
+	}
+	return (int)syscall(SYS_statx, dirfd, path, flags, mask, sx);
+}
+
+/* ---- mmap ---- */
+EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	if ((flags & MAP_ANONYMOUS) || !is_host(fd))
+		return sys_mmap(addr, len, prot, flags, fd, off);
+	if (len == 0 || (off & (PAGE - 1))) {
+		errno = EINVAL;
+		return MAP_FAILED;
+	}
+	size_t rlen = (len + PAGE - 1) & ~(PAGE - 1);
+	int fixed = flags & (MAP_FIXED | MAP_FIXED_NOREPLACE);
+	void *base = sys_mmap(addr, rlen, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | fixed,
+			      -1, 0);
+	if ((unsigned long)base > -4096ul) {
+		errno = (int)-(long)base;
+		return MAP_FAILED;
+	}
+	struct mmargs a = {(uint64_t)(uintptr_t)base, rlen, (uint32_t)prot, (uint32_t)flags, (uint64_t)off};
+	struct hreq q = {.op = OP_MMAP, .fd = fd, .fd2 = -1};
+	static struct prun runs[4096];
+	size_t got = 0;
+	lock();
+	long r = need_ramfd();
+	if (r >= 0 && nregions >= MAX_REGIONS)
+		r = -ENOMEM;
+	if (r >= 0)
+		r = call(&q, &a, sizeof a, runs, sizeof runs, &got, NULL, NULL);
+	if (r < 0) {
+		unlock();
+		syscall(SYS_munmap, base, rlen);
+		errno = (int)-r;
+		return MAP_FAILED;
+	}
+	struct region *g = &regions[nregions++];
+	*g = (struct region){a.addr, rlen, (uint64_t)off / PAGE, prot};
+	map_runs(g, runs, got / sizeof runs[0]);
+	unlock();
+	return base;
+}
+EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off) __attribute__((alias("mmap")));
+
+/* Cut `a..a+len` out of the region table, as the host cuts its records. Caller holds the lock. */
+static void trim_regions(uint64_t a, uint64_t len)
+{
+	uint64_t e = a + len;
+	for (int i = 0; i < nregions;) {
+		struct region r = regions[i];
+		uint64_t re = r.addr + r.len;
+		if (re <= a || e <= r.addr) {
+			i++;
+			continue;
+		}
+		regions[i] = regions[--nregions];
+		if (r.addr < a && nregions < MAX_REGIONS)
+			regions[nregions++] = (struct region){r.addr, a - r.addr, r.pgoff, r.prot};
+		if (e < re && nregions < MAX_REGIONS)
+			regions[nregions++] =
+				(struct region){e, re - e, r.pgoff + (e - r.addr) / PAGE, r.prot};
+	}
+}
+
+EXPORT int munmap(void *addr, size_t len)
+{
+	uint64_t a = (uint64_t)(uintptr_t)addr, l = (len + PAGE - 1) & ~(PAGE - 1);
+	if (sock < 0)
+		return (int)syscall(SYS_munmap, addr, len);
+	lock();
+	long r = syscall(SYS_munmap, addr, len);
+	if (r == 0 && overlaps_region(a, l)) {
+		struct hreq q = {.op = OP_MUNMAP, .fd = -1, .fd2 = -1, .a = {a, l}};
+		call(&q, NULL, 0, NULL, 0, NULL, NULL, NULL);
+		trim_regions(a, l);
+	}
+	unlock();
+	return (int)r;
+}
+
+EXPORT int mprotect(void *addr, size_t len, int prot)
+{
+	uint64_t a = (uint64_t)(uintptr_t)addr, l = (len + PAGE - 1) & ~(PAGE - 1);
+	if (sock >= 0) {
+		lock();
+		int o = overlaps_region(a, l);
+		unlock();
+		if (o) /* holes are PROT_NONE placeholders: changing them would expose them */
+			return (int)fail(-EACCES);
+	}
+	return (int)syscall(SYS_mprotect, addr, len, prot);
+}
+
+EXPORT void *mremap(void *old, size_t olen, size_t nlen, int flags, ...)
+{
+	va_list ap;
+	va_start(ap, flags);
+	void *na = va_arg(ap, void *);
+	va_end(ap);
+	if (sock >= 0) {
+		lock();
+		int o = overlaps_region((uint64_t)(uintptr_t)old, olen);
+		unlock();
+		if (o) {
+			errno = EINVAL;
+			return MAP_FAILED;
+		}
+	}
+	return (void *)syscall(SYS_mremap, old, olen, nlen, flags, na);
+}
+
+/* ---- poll: host files are always ready, as files without a poll method are ---- */
+EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+	int host = 0;
+	for (nfds_t i = 0; i < n; i++)
+		if (is_host(fds[i].fd)) {
+			host = 1;
+			break;
+		}
+	if (!host) {
+		struct timespec ts = {timeout / 1000, (timeout % 1000) * 1000000L};
+		return (int)syscall(SYS_ppoll, fds, n, timeout < 0 ? NULL : &ts, NULL, 8);
+	}
+	struct pollfd *tmp = malloc(n * sizeof *tmp);
+	if (!tmp)
+		return (int)fail(-ENOMEM);
+	int ready = 0;
+	for (nfds_t i = 0; i < n; i++) {
+		tmp[i] = fds[i];
+		if (is_host(fds[i].fd)) {
+			tmp[i].fd = -1;
+			ready = 1;
+		}
+	}
+	struct timespec zero = {0, 0}, ts = {timeout / 1000, (timeout % 1000) * 1000000L};
+	long r = syscall(SYS_ppoll, tmp, n, ready ? &zero : (timeout < 0 ? NULL : &ts), NULL, 8);
+	if (r < 0) {
+		free(tmp);
+		return -1;
+	}
+	int count = 0;
+	for (nfds_t i = 0; i < n; i++) {
+		if (is_host(fds[i].fd))
+			fds[i].revents = fds[i].events & (POLLIN | POLLOUT | POLLRDNORM | POLLWRNORM);
+		else
+			fds[i].revents = tmp[i].revents;
+		count += fds[i].revents != 0;
+	}
+	free(tmp);
+	return count;
+}
+
+/* ---- processes ---- */
+typedef pid_t (*fork_fn)(void);
+
+EXPORT pid_t fork(void)
+{
+	fork_fn real = (fork_fn)dlsym(RTLD_NEXT, "fork");
+	if (sock < 0)
+		return real();
+	struct hreq q = {.op = OP_FORK_PREPARE, .fd = -1, .fd2 = -1};
+	int csock;
+	lock();
+	long child = call(&q, NULL, 0, NULL, 0, NULL, NULL, &csock);
+	if (child < 0 || csock < 0) {
+		unlock();
+		if (csock >= 0)
+			sys_close(csock);
+		return (pid_t)fail(child < 0 ? child : -EIO);
+	}
+	pid_t p = real();
+	if (p == 0) {
+		/* The child: its own socket at the same number, then bind it to this pid. */
+		syscall(SYS_dup3, csock, sock, 0);
+		sys_close(csock);
+		if (hello(0) < 0) {
+			fprintf(stderr, "handover: forked child refused by the host\n");
+			_exit(127);
+		}
+		set_pid_env();
+		unlock();
+		return 0;
+	}
+	sys_close(csock);
+	if (p < 0) {
+		int e = errno;
+		struct hreq a = {.op = OP_FORK_ABORT, .fd = -1, .fd2 = -1, .a = {(uint64_t)child}};
+		call(&a, NULL, 0, NULL, 0, NULL, NULL, NULL);
+		errno = e;
+	}
+	unlock();
+	return p;
+}
+
+/* vfork children share memory with the parent until execve; fork is a valid vfork. */
+EXPORT pid_t vfork(void)
+{
+	return fork();
+}
+
+EXPORT int reboot(int cmd)
+{
+	if (sock >= 0 && cmd == KEXEC_CMD) {
+		struct hreq q = {.op = OP_REBOOT, .fd = -1, .fd2 = -1, .a = {(uint32_t)cmd}};
+		long r = call0(&q, NULL, 0);
+		if (r < 0)
+			return (int)fail(r);
+		/* The update is under way; like every process of the old image, this one ends. */
+		for (;;)
+			pause();
+	}
+	return (int)syscall(SYS_reboot, 0xfee1dead, 672274793, cmd, NULL);
+}

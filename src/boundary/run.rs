@@ -1,0 +1,377 @@
+//! `handover run`'s init program: start the user's program as a process of this host image,
+//! serve its calls on host objects, and update the host when it exits with status 0 (or when
+//! any process calls `reboot(LINUX_REBOOT_CMD_KEXEC)`), up to `kexecs` times.
+//!
+//! Its arguments come as `--init-arg`s, kept on the command line across kexecs:
+//! `argv=WORD` (repeated, in order), `then=COMMAND` (whitespace-separated words, run instead of
+//! `argv` after an update) and `kexecs=N`.
+
+use std::os::fd::AsFd;
+
+use rustix::event::{poll, PollFd, PollFlags};
+use serde_json::json;
+
+use crate::abi::boundary::{decode, DecodeError, Op, Reply};
+use crate::host::Host;
+use crate::init::InitOutcome;
+use crate::kexec::KexecRequest;
+use crate::uapi::Errno;
+
+use super::conn::{Conn, Expect, Recv};
+use super::dispatch::{serve, Answer, Effect};
+use super::spawn;
+
+/// Its name (`--init run`).
+pub const NAME: &str = "run";
+
+/// Its line in `--init list`.
+pub const ABOUT: &str = "run a Linux program as a process of the host (argv=WORD..., then=COMMAND, kexecs=N); `handover run` sets it up";
+
+/// What `--init-arg`s say.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RunArgs {
+    /// The program and its arguments.
+    pub argv: Vec<String>,
+    /// The program for the images after an update, if not `argv`.
+    pub then: Option<Vec<String>>,
+    /// Updates to perform when the program exits with status 0.
+    pub kexecs: u32,
+}
+
+impl RunArgs {
+    /// Parse the init program's arguments.
+    pub fn parse(args: &[String]) -> Result<RunArgs, String> {
+        let mut r = RunArgs::default();
+        for a in args {
+            match a.split_once('=') {
+                Some(("argv", v)) => r.argv.push(v.to_string()),
+                Some(("then", v)) => {
+                    let words: Vec<String> = v.split_whitespace().map(str::to_string).collect();
+                    if words.is_empty() {
+                        return Err("then= names no program".into());
+                    }
+                    r.then = Some(words);
+                }
+                Some(("kexecs", v)) => {
+                    r.kexecs = v
+                        .parse()
+                        .map_err(|_| format!("kexecs={v:?} is not a count"))?
+                }
+                _ => return Err(format!("run: unknown argument {a:?}")),
+            }
+        }
+        if r.argv.is_empty() {
+            return Err("run: no program (argv=...)".into());
+        }
+        Ok(r)
+    }
+
+    /// The command line, as `--init-arg`s.
+    pub fn to_init_args(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.argv.iter().map(|a| format!("argv={a}")).collect();
+        if let Some(t) = &self.then {
+            v.push(format!("then={}", t.join(" ")));
+        }
+        v.push(format!("kexecs={}", self.kexecs));
+        v
+    }
+}
+
+/// The program: see the module documentation.
+pub fn run(host: &mut Host) -> InitOutcome {
+    let args = match RunArgs::parse(&host.params().init_args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("handover run: {e}");
+            return InitOutcome::Halt(2);
+        }
+    };
+    // The previous image's objects go now (no guest here waits on them), and so does every
+    // process of the previous image: stopped at the update, they end here, as at a kexec.
+    host.release_previous_image(true);
+    spawn::kill_all();
+    let argv = match (&args.then, host.info().kexec_count) {
+        (Some(t), n) if n > 0 => t.clone(),
+        _ => args.argv.clone(),
+    };
+    if let Err(e) = spawn::check_program(&argv[0]) {
+        eprintln!("handover run: {e}");
+        return InitOutcome::Halt(126);
+    }
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let mut s = match Server::start(host, &argv) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("handover run: cannot start {}: {e}", argv[0]);
+            return InitOutcome::Halt(127);
+        }
+    };
+    host.report(
+        "run-start",
+        json!({ "argv": argv, "kexecs": args.kexecs, "pid": s.main_pid }),
+    );
+    loop {
+        let code = s.serve_until_event(host);
+        match code {
+            Event::MainExited(status) => {
+                host.report("run-exit", json!({ "status": status }));
+                if status == 0 && host.info().kexec_count < args.kexecs {
+                    let e = s.update(host);
+                    eprintln!("handover run: the live update failed: {e}");
+                    return s.halt(host, 1);
+                }
+                return s.halt(host, status);
+            }
+            Event::Reboot(conn) => {
+                // Returns only if the update failed. As upstream, reboot() then returns the
+                // error and user space carries on.
+                let e = s.update(host);
+                tracing::warn!("run: live update refused: {e}");
+                let r = Reply {
+                    ret: -(e.errno() as i64),
+                    b: [0; 3],
+                };
+                if let Some(c) = s.conns.iter().find(|c| c.pid == conn) {
+                    c.send(&r, &[], None);
+                }
+            }
+        }
+    }
+}
+
+enum Event {
+    MainExited(i32),
+    /// `reboot(KEXEC)` from the process with this host pid (its reply is still owed).
+    Reboot(crate::uapi::Pid),
+}
+
+struct Server {
+    conns: Vec<Conn>,
+    main_pid: i32,
+    main_status: Option<i32>,
+}
+
+impl Server {
+    fn start(host: &mut Host, argv: &[String]) -> std::io::Result<Server> {
+        let preload = spawn::write_preload()?;
+        let (mine, theirs) = spawn::process_socket()?;
+        let child = spawn::spawn(argv, &preload, &theirs)?;
+        drop(theirs);
+        let main_pid = child.id() as i32;
+        // The child is reaped by `reap_children`, by pid, not through `Child`.
+        drop(child);
+        let pid = host.spawn();
+        let conn = Conn::new(mine, pid, Expect::Pid(main_pid))?;
+        Ok(Server {
+            conns: vec![conn],
+            main_pid,
+            main_status: None,
+        })
+    }
+
+    fn serve_until_event(&mut self, host: &mut Host) -> Event {
+        loop {
+            if let Some(st) = self.main_status {
+                return Event::MainExited(st);
+            }
+            let mut fds: Vec<PollFd<'_>> = self
+                .conns
+                .iter()
+                .map(|c| PollFd::from_borrowed_fd(c.fd(), PollFlags::IN))
+                .collect();
+            let timeout = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: 50_000_000,
+            };
+            let _ = poll(&mut fds, Some(&timeout));
+            let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+            drop(fds);
+            let mut closed = Vec::new();
+            let mut reboot = None;
+            let mut i = 0;
+            while i < self.conns.len() {
+                if !ready.get(i).copied().unwrap_or(false) {
+                    i += 1;
+                    continue;
+                }
+                for _ in 0..64 {
+                    match self.conns[i].recv() {
+                        Recv::Empty => break,
+                        Recv::Closed => {
+                            closed.push(self.conns[i].pid);
+                            break;
+                        }
+                        Recv::Truncated(who) => {
+                            if self.bound_to(i, who) {
+                                self.conns[i].send(&Answer::err(Errno::EINVAL).reply, &[], None);
+                            }
+                        }
+                        Recv::Msg(m, who) => {
+                            if let Some(p) = self.handle(host, i, &m, who) {
+                                reboot = Some(p);
+                                break;
+                            }
+                        }
+                    }
+                }
+                i += 1;
+            }
+            for pid in closed {
+                // The last holder of the socket is gone: the process exited (or never
+                // started). Its fds close and its mappings go, with the LUO consequences.
+                host.exit(pid);
+                self.conns.retain(|c| c.pid != pid);
+            }
+            for (pid, st) in spawn::reap_children() {
+                if pid == self.main_pid {
+                    self.main_status = Some(exit_code(st));
+                }
+            }
+            if let Some(p) = reboot {
+                return Event::Reboot(p);
+            }
+        }
+    }
+
+    fn bound_to(&self, i: usize, who: Option<i32>) -> bool {
+        who.is_some() && self.conns[i].real == who
+    }
+
+    /// Serve one message on connection `i`; returns the host pid of a process that asked for
+    /// the update.
+    fn handle(
+        &mut self,
+        host: &mut Host,
+        i: usize,
+        m: &[u8],
+        who: Option<i32>,
+    ) -> Option<crate::uapi::Pid> {
+        let Some(who) = who else {
+            self.conns[i].send(&Answer::err(Errno::EPERM).reply, &[], None);
+            return None;
+        };
+        let d = match decode(m) {
+            Ok(d) => d,
+            Err(e) => {
+                if self.conns[i].real == Some(who) {
+                    let errno = match e {
+                        DecodeError::UnknownOp(_) => Errno::ENOSYS,
+                        _ => Errno::EINVAL,
+                    };
+                    self.conns[i].send(&Answer::err(errno).reply, &[], None);
+                }
+                return None;
+            }
+        };
+        let c = &mut self.conns[i];
+        match c.real {
+            Some(r) if r == who => {}
+            Some(_) => {
+                // Not the process this socket belongs to (one that inherited it without the
+                // boundary's fork): refused.
+                c.send(&Answer::err(Errno::EPERM).reply, &[], None);
+                return None;
+            }
+            None => {
+                let ok = d.op == Op::Hello
+                    && match c.expect {
+                        Expect::Pid(p) => p == who,
+                        Expect::ChildOf(pp) => spawn::parent_of(who) == Some(pp),
+                    };
+                if !ok {
+                    c.send(&Answer::err(Errno::EPERM).reply, &[], None);
+                    return None;
+                }
+                c.real = Some(who);
+            }
+        }
+        let pid = c.pid;
+        let a = serve(host, pid, &d);
+        match a.effect {
+            Effect::None => self.conns[i].send(&a.reply, &a.payload, None),
+            Effect::PassRam => self.conns[i].send(&a.reply, &a.payload, Some(host.mm().ram.fd())),
+            Effect::Fork(child) => match spawn::process_socket().and_then(|(mine, theirs)| {
+                Ok((Conn::new(mine, child, Expect::ChildOf(who))?, theirs))
+            }) {
+                Ok((conn, theirs)) => {
+                    self.conns[i].send(&a.reply, &a.payload, Some(theirs.as_fd()));
+                    self.conns.push(conn);
+                }
+                Err(e) => {
+                    tracing::warn!("run: no socket for a forked process: {e}");
+                    host.exit(child);
+                    let r = Answer::err(Errno::ENOMEM);
+                    self.conns[i].send(&r.reply, &[], None);
+                }
+            },
+            Effect::ForkAbort(child) => {
+                if let Some(j) = self.conns.iter().position(|c| {
+                    c.pid == child && c.real.is_none() && c.expect == Expect::ChildOf(who)
+                }) {
+                    host.exit(child);
+                    self.conns.remove(j);
+                }
+                self.conns[i.min(self.conns.len() - 1)].send(&a.reply, &[], None);
+            }
+            Effect::Kexec => return Some(pid),
+        }
+        None
+    }
+
+    /// Stop every user process, then kexec. Returns only if the update failed; the processes
+    /// run again then.
+    fn update(&mut self, host: &mut Host) -> crate::kexec::reboot::KexecError {
+        spawn::stop_all();
+        host.report("run-kexec", json!({ "processes": self.conns.len() }));
+        let Err(e) = host.kexec(KexecRequest::default());
+        spawn::cont_all();
+        e
+    }
+
+    /// End every process, release what they held, report, halt with `code`.
+    fn halt(&mut self, host: &mut Host, code: i32) -> InitOutcome {
+        spawn::kill_all();
+        for c in std::mem::take(&mut self.conns) {
+            host.exit(c.pid);
+        }
+        host.report(
+            "run-halt",
+            json!({
+                "code": code,
+                "open_files": host.files().len(),
+                "outgoing_sessions": host.luo().outgoing.len(),
+                "status": host.status(),
+            }),
+        );
+        InitOutcome::Halt(code)
+    }
+}
+
+/// A wait status as a shell reports it: the exit code, or 128 + the signal.
+fn exit_code(st: i32) -> i32 {
+    if libc::WIFEXITED(st) {
+        libc::WEXITSTATUS(st)
+    } else if libc::WIFSIGNALED(st) {
+        128 + libc::WTERMSIG(st)
+    } else {
+        1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_round_trip() {
+        let a = RunArgs {
+            argv: vec!["prog".into(), "a=b".into(), "".into()],
+            then: Some(vec!["other".into(), "-x".into()]),
+            kexecs: 2,
+        };
+        assert_eq!(RunArgs::parse(&a.to_init_args()).unwrap(), a);
+        assert!(RunArgs::parse(&["kexecs=1".into()]).is_err());
+        assert!(RunArgs::parse(&["argv=x".into(), "bogus".into()]).is_err());
+    }
+}
