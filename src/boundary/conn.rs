@@ -38,8 +38,9 @@ pub enum Expect {
 
 /// One message received.
 pub enum Recv {
-    /// A message and the real pid of its sender (`None` if the kernel attached no credentials).
-    Msg(Vec<u8>, Option<i32>),
+    /// A message of this many bytes (at the start of the buffer) and the real pid of its
+    /// sender (`None` if the kernel attached no credentials).
+    Msg(usize, Option<i32>),
     /// Longer than any request: refused without decoding.
     Truncated(Option<i32>),
     /// Nothing to read now.
@@ -60,15 +61,16 @@ impl Conn {
         })
     }
 
-    /// Receive one message without blocking.
-    pub fn recv(&self) -> Recv {
-        let mut buf = vec![0u8; std::mem::size_of::<crate::abi::boundary::Request>() + MAX_PAYLOAD];
+    /// Receive one message without blocking, into `buf` (reused across calls: a request is up
+    /// to 128 KiB, too much to allocate and zero for each).
+    pub fn recv(&self, buf: &mut Vec<u8>) -> Recv {
+        buf.resize(std::mem::size_of::<crate::abi::boundary::Request>() + MAX_PAYLOAD, 0);
         let mut space =
             [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4), ScmCredentials(1))];
         let mut anc = RecvAncillaryBuffer::new(&mut space);
         let r = recvmsg(
             &self.sock,
-            &mut [IoSliceMut::new(&mut buf)],
+            &mut [IoSliceMut::new(buf)],
             &mut anc,
             RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
         );
@@ -92,8 +94,7 @@ impl Conn {
         if m.flags.contains(ReturnFlags::TRUNC) || m.flags.contains(ReturnFlags::CTRUNC) {
             return Recv::Truncated(pid);
         }
-        buf.truncate(m.bytes);
-        Recv::Msg(buf, pid)
+        Recv::Msg(m.bytes, pid)
     }
 
     /// Send a reply, with `fd` passed by `SCM_RIGHTS`. A process that died meanwhile is not an

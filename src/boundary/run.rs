@@ -21,6 +21,9 @@ use super::conn::{Conn, Expect, Recv};
 use super::dispatch::{serve, Answer, Effect};
 use super::spawn;
 
+/// How long the serve loop waits, spinning, for a process's next request (ns).
+const SPIN_NS: u64 = 50_000;
+
 /// Its name (`--init run`).
 pub const NAME: &str = "run";
 
@@ -148,6 +151,7 @@ enum Event {
 
 struct Server {
     conns: Vec<Conn>,
+    buf: Vec<u8>,
     main_pid: i32,
     main_status: Option<i32>,
 }
@@ -156,15 +160,25 @@ impl Server {
     fn start(host: &mut Host, argv: &[String]) -> std::io::Result<Server> {
         let preload = spawn::write_preload()?;
         let (mine, theirs) = spawn::process_socket()?;
-        let child = spawn::spawn(argv, &preload, &theirs)?;
+        // SO_PASSCRED before the program can send anything: a message sent earlier would
+        // carry no credentials.
+        let pid = host.spawn();
+        let mut conn = Conn::new(mine, pid, Expect::Pid(0))?;
+        let child = match spawn::spawn(argv, &preload, &theirs) {
+            Ok(c) => c,
+            Err(e) => {
+                host.exit(pid);
+                return Err(e);
+            }
+        };
         drop(theirs);
         let main_pid = child.id() as i32;
         // The child is reaped by `reap_children`, by pid, not through `Child`.
         drop(child);
-        let pid = host.spawn();
-        let conn = Conn::new(mine, pid, Expect::Pid(main_pid))?;
+        conn.expect = Expect::Pid(main_pid);
         Ok(Server {
             conns: vec![conn],
+            buf: Vec::new(),
             main_pid,
             main_status: None,
         })
@@ -195,24 +209,44 @@ impl Server {
                     i += 1;
                     continue;
                 }
-                for _ in 0..64 {
-                    match self.conns[i].recv() {
-                        Recv::Empty => break,
+                // After a request, the same process often sends the next one at once: wait
+                // for it a little (spinning) rather than sleeping in poll, which would cost a
+                // wakeup on each side.
+                let mut spin_until = crate::time::monotonic_ns() + SPIN_NS;
+                for _ in 0..256 {
+                    let mut buf = std::mem::take(&mut self.buf);
+                    let r = self.conns[i].recv(&mut buf);
+                    let stop = match r {
+                        Recv::Empty => {
+                            if crate::time::monotonic_ns() < spin_until {
+                                self.buf = buf;
+                                std::hint::spin_loop();
+                                continue;
+                            }
+                            true
+                        }
                         Recv::Closed => {
                             closed.push(self.conns[i].pid);
-                            break;
+                            true
                         }
                         Recv::Truncated(who) => {
                             if self.bound_to(i, who) {
                                 self.conns[i].send(&Answer::err(Errno::EINVAL).reply, &[], None);
                             }
+                            false
                         }
-                        Recv::Msg(m, who) => {
-                            if let Some(p) = self.handle(host, i, &m, who) {
-                                reboot = Some(p);
-                                break;
+                        Recv::Msg(n, who) => {
+                            let p = self.handle(host, i, &buf[..n], who);
+                            spin_until = crate::time::monotonic_ns() + SPIN_NS;
+                            if p.is_some() {
+                                reboot = p;
                             }
+                            p.is_some()
                         }
+                    };
+                    self.buf = buf;
+                    if stop {
+                        break;
                     }
                 }
                 i += 1;
