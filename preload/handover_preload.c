@@ -63,7 +63,7 @@ struct mmargs {
 enum {
 	OP_HELLO = 1, OP_OPEN, OP_CLOSE, OP_DUP, OP_IOCTL, OP_MEMFD_CREATE, OP_READ, OP_WRITE,
 	OP_LSEEK, OP_FTRUNCATE, OP_FALLOCATE, OP_FSTAT, OP_SEALS, OP_MMAP, OP_MUNMAP, OP_FAULT,
-	OP_FORK_PREPARE, OP_FORK_ABORT, OP_REBOOT, OP_RAMFD,
+	OP_FORK_PREPARE, OP_FORK_ABORT, OP_REBOOT, OP_RAMFD, OP_RELEASE,
 };
 #define F_POSITIONAL 1u
 #define F_WRITE_FAULT 1u
@@ -83,7 +83,7 @@ static unsigned char hostfd[NOFILE_MAX];
 static volatile int lk;
 
 struct region {
-	uint64_t addr, len, pgoff;
+	uint64_t addr, len, pgoff, file;
 	int prot;
 };
 #define MAX_REGIONS 65536
@@ -609,6 +609,14 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	unlock();
 	if (ph >= 0)
 		sys_close(ph);
+	if (req == 0xBA40 && r == -EBADF && n >= 8) {
+		/* PRESERVE_FD of a file of the real kernel (the host has no such fd): the host has
+		 * no handler for it, which upstream reports as ENOENT. */
+		int32_t pfd;
+		memcpy(&pfd, buf + 4, sizeof pfd);
+		if (!is_host(pfd) && syscall(SYS_fcntl, pfd, F_GETFD) >= 0)
+			r = -ENOENT;
+	}
 	if (got && copy_out(arg, buf, got < n ? got : n) < 0 && r >= 0)
 		r = -EFAULT;
 	free(buf);
@@ -747,6 +755,36 @@ EXPORT ssize_t pwritev(int fd, const struct iovec *iov, int cnt, off_t off)
 }
 EXPORT ssize_t pwritev64(int fd, const struct iovec *iov, int cnt, off_t off) __attribute__((alias("pwritev")));
 
+/*
+ * ftruncate and fallocate: if the call dropped pages this process maps, the host keeps their
+ * frames until the process has replaced them with holes in its own mappings (so no mapping
+ * ever shows a frame that was freed), then it is told to free them.
+ */
+static long shrink_call(struct hreq *q)
+{
+	uint64_t b[3] = {0, 0, 0};
+	lock();
+	long r = call(q, NULL, 0, NULL, 0, NULL, b, NULL);
+	if (b[0]) {
+		for (int i = 0; i < nregions; i++) {
+			struct region *g = &regions[i];
+			uint64_t s = g->pgoff > b[1] ? g->pgoff : b[1];
+			uint64_t e = g->pgoff + g->len / PAGE;
+			if (g->file != b[0])
+				continue;
+			if (e > b[2])
+				e = b[2];
+			if (s < e)
+				sys_mmap((void *)(g->addr + (s - g->pgoff) * PAGE), (e - s) * PAGE, PROT_NONE,
+					 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+		}
+		struct hreq rel = {.op = OP_RELEASE, .fd = -1, .fd2 = -1};
+		call(&rel, NULL, 0, NULL, 0, NULL, NULL, NULL);
+	}
+	unlock();
+	return r;
+}
+
 EXPORT off_t lseek(int fd, off_t off, int whence)
 {
 	if (!is_host(fd))
@@ -763,7 +801,7 @@ EXPORT int ftruncate(int fd, off_t len)
 	if (len < 0)
 		return (int)fail(-EINVAL);
 	struct hreq q = {.op = OP_FTRUNCATE, .fd = fd, .fd2 = -1, .a = {(uint64_t)len}};
-	return (int)fail(call0(&q, NULL, 0));
+	return (int)fail(shrink_call(&q));
 }
 EXPORT int ftruncate64(int fd, off_t len) __attribute__((alias("ftruncate")));
 
@@ -775,7 +813,7 @@ EXPORT int fallocate(int fd, int mode, off_t off, off_t len)
 		return (int)fail(-EINVAL);
 	struct hreq q = {.op = OP_FALLOCATE, .fd = fd, .fd2 = -1,
 			 .a = {(uint64_t)mode, (uint64_t)off, (uint64_t)len}};
-	return (int)fail(call0(&q, NULL, 0));
+	return (int)fail(shrink_call(&q));
 }
 EXPORT int fallocate64(int fd, int mode, off_t off, off_t len) __attribute__((alias("fallocate")));
 
@@ -900,12 +938,13 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
 	struct hreq q = {.op = OP_MMAP, .fd = fd, .fd2 = -1};
 	static struct prun runs[4096];
 	size_t got = 0;
+	uint64_t b[3] = {0, 0, 0};
 	lock();
 	long r = need_ramfd();
 	if (r >= 0 && nregions >= MAX_REGIONS)
 		r = -ENOMEM;
 	if (r >= 0)
-		r = call(&q, &a, sizeof a, runs, sizeof runs, &got, NULL, NULL);
+		r = call(&q, &a, sizeof a, runs, sizeof runs, &got, b, NULL);
 	if (r < 0) {
 		unlock();
 		syscall(SYS_munmap, base, rlen);
@@ -913,7 +952,7 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
 		return MAP_FAILED;
 	}
 	struct region *g = &regions[nregions++];
-	*g = (struct region){a.addr, rlen, (uint64_t)off / PAGE, prot};
+	*g = (struct region){a.addr, rlen, (uint64_t)off / PAGE, b[0], prot};
 	map_runs(g, runs, got / sizeof runs[0]);
 	unlock();
 	return base;
@@ -933,10 +972,10 @@ static void trim_regions(uint64_t a, uint64_t len)
 		}
 		regions[i] = regions[--nregions];
 		if (r.addr < a && nregions < MAX_REGIONS)
-			regions[nregions++] = (struct region){r.addr, a - r.addr, r.pgoff, r.prot};
+			regions[nregions++] = (struct region){r.addr, a - r.addr, r.pgoff, r.file, r.prot};
 		if (e < re && nregions < MAX_REGIONS)
-			regions[nregions++] =
-				(struct region){e, re - e, r.pgoff + (e - r.addr) / PAGE, r.prot};
+			regions[nregions++] = (struct region){e, re - e, r.pgoff + (e - r.addr) / PAGE,
+							      r.file, r.prot};
 	}
 }
 

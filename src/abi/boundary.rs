@@ -113,16 +113,20 @@ pub enum Op {
     Write = 8,
     /// `lseek(fd, a[0] = offset (i64), a[1] = whence)`.
     Lseek = 9,
-    /// `ftruncate(fd, a[0] = length)`.
+    /// `ftruncate(fd, a[0] = length)`. If pages the program maps itself were dropped, `b` is
+    /// (file id, first page, end page) and the program must unmap them, then send
+    /// [`Op::Release`].
     Ftruncate = 10,
-    /// `fallocate(fd, a[0] = mode, a[1] = offset, a[2] = length)`.
+    /// `fallocate(fd, a[0] = mode, a[1] = offset, a[2] = length)`; `b` as for
+    /// [`Op::Ftruncate`].
     Fallocate = 11,
     /// `fstat(fd)`. Reply payload: a [`Stat`].
     Fstat = 12,
     /// `fcntl(fd, a[0] = F_ADD_SEALS | F_GET_SEALS, a[1] = seals)`.
     Seals = 13,
     /// `mmap` of host file `fd` at the range the program reserved; payload: [`MmapArgs`].
-    /// Reply: the runs of present pages ([`PageRun`]s).
+    /// Reply: the runs of present pages ([`PageRun`]s); `b[0]` the file's id (to match the
+    /// file named by a later punch or shrink).
     Mmap = 14,
     /// `munmap(a[0] = addr, a[1] = len)`.
     Munmap = 15,
@@ -137,6 +141,10 @@ pub enum Op {
     Reboot = 19,
     /// The host's RAM memfd, passed by `SCM_RIGHTS`, for mapping host files in place.
     RamFd = 20,
+    /// The program has unmapped the pages its last punch or shrink dropped (the reply to
+    /// [`Op::Ftruncate`] or [`Op::Fallocate`] named them in `b`: file, first page, end page):
+    /// the host may free them now.
+    Release = 21,
 }
 
 impl Op {
@@ -164,6 +172,7 @@ impl Op {
             18 => ForkAbort,
             19 => Reboot,
             20 => RamFd,
+            21 => Release,
             _ => return None,
         })
     }
@@ -285,7 +294,7 @@ mod tests {
         assert_eq!((d.op, d.payload), (Op::Open, &b"/dev/liveupdate"[..]));
         let big = vec![0u8; 48 + MAX_PAYLOAD + 1];
         assert_eq!(decode(&big), Err(DecodeError::Long(big.len())));
-        for n in 1..=20 {
+        for n in 1..=21 {
             assert_eq!(Op::from_u32(n).map(|o| o as u32), Some(n));
         }
     }

@@ -64,7 +64,10 @@ impl Conn {
     /// Receive one message without blocking, into `buf` (reused across calls: a request is up
     /// to 128 KiB, too much to allocate and zero for each).
     pub fn recv(&self, buf: &mut Vec<u8>) -> Recv {
-        buf.resize(std::mem::size_of::<crate::abi::boundary::Request>() + MAX_PAYLOAD, 0);
+        buf.resize(
+            std::mem::size_of::<crate::abi::boundary::Request>() + MAX_PAYLOAD,
+            0,
+        );
         let mut space =
             [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4), ScmCredentials(1))];
         let mut anc = RecvAncillaryBuffer::new(&mut space);

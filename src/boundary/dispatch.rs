@@ -190,17 +190,21 @@ pub fn serve(host: &mut Host, pid: Pid, d: &Decoded<'_>) -> Answer {
                     .map(|p| p as i64),
             )
         }
-        Op::Ftruncate => Answer::ret(
-            pos(q.a[0])
-                .and_then(|n| host.ftruncate(pid, q.fd, n))
-                .map(|()| 0),
-        ),
-        Op::Fallocate => {
-            let r = pos(q.a[1])
-                .and_then(|_| pos(q.a[2]))
-                .and_then(|_| host.fallocate(pid, q.fd, q.a[0] as i32, q.a[1], q.a[2]));
-            Answer::ret(r.map(|()| 0))
+        Op::Ftruncate | Op::Fallocate => {
+            let r = if d.op == Op::Ftruncate {
+                pos(q.a[0]).and_then(|n| host.ftruncate(pid, q.fd, n))
+            } else {
+                pos(q.a[1])
+                    .and_then(|_| pos(q.a[2]))
+                    .and_then(|_| host.fallocate(pid, q.fd, q.a[0] as i32, q.a[1], q.a[2]))
+            };
+            let mut a = Answer::ret(r.map(|()| 0));
+            if let Some((f, first, end)) = host.take_deferred(pid) {
+                a.reply.b = [f, first, end];
+            }
+            a
         }
+        Op::Release => Answer::ret(host.remote_release(pid).map(|()| 0)),
         Op::Fstat => match host.fstat(pid, q.fd) {
             Ok(st) => Answer::ret(Ok(0)).with(st.as_bytes().to_vec()),
             Err(e) => Answer::err(e),
@@ -221,7 +225,11 @@ pub fn serve(host: &mut Host, pid: Pid, d: &Decoded<'_>) -> Answer {
                 return Answer::err(Errno::EINVAL);
             };
             match host.remote_mmap(pid, q.fd, &a) {
-                Ok(runs) => Answer::ret(Ok(0)).with(runs_payload(runs)),
+                Ok(runs) => {
+                    let mut a = Answer::ret(Ok(0)).with(runs_payload(runs));
+                    a.reply.b[0] = host.fd_file(pid, q.fd).unwrap_or(0);
+                    a
+                }
                 Err(e) => Answer::err(e),
             }
         }

@@ -291,15 +291,58 @@ impl Host {
         Ok(self.present_runs(file, idx, end))
     }
 
-    /// Whether a program maps any of `file`'s pages `a..b` (their frames must not be freed
-    /// behind its back: the host cannot unmap them from another address space).
-    pub(crate) fn remote_busy(&self, file: FileId, a: u64, b: u64) -> bool {
+    /// Whether a program other than `caller` maps any of `file`'s pages `a..b`: their frames
+    /// cannot be freed, since the host cannot unmap them from another address space (the
+    /// punch or shrink is EBUSY; docs/userspace.md).
+    pub(crate) fn remote_busy(&self, file: FileId, a: u64, b: u64, caller: Pid) -> bool {
         a < b
             && self
                 .procs
-                .values()
-                .flat_map(|p| p.remote.iter())
+                .iter()
+                .filter(|(pid, _)| **pid != caller)
+                .flat_map(|(_, p)| p.remote.iter())
                 .any(|m| m.file == file && m.covers(a, b))
+    }
+
+    /// Pages a punch or shrink took out of `file`: unmap them from the host's windows, then
+    /// free them; but if the calling program maps them itself, keep them until it has
+    /// unmapped them too ([`Host::remote_release`]): `Process::deferred` tells it which.
+    pub(crate) fn release_dropped(
+        &mut self,
+        pid: Pid,
+        file: FileId,
+        d: crate::fs::memfd::Dropped,
+    ) -> SysResult<()> {
+        let (a, b) = d.range;
+        self.unmap_file_pages(file, a, b);
+        let mapped = self
+            .procs
+            .get(&pid)
+            .is_some_and(|p| p.remote.iter().any(|m| m.file == file && m.covers(a, b)));
+        match self.procs.get_mut(&pid) {
+            Some(p) if mapped => {
+                p.pending_free.push(d);
+                p.deferred = Some((file, a, b));
+                Ok(())
+            }
+            _ => d.free(&mut self.mm),
+        }
+    }
+
+    /// The program has unmapped the pages of its last punch or shrink: free them.
+    pub fn remote_release(&mut self, pid: Pid) -> SysResult<()> {
+        let p = self.procs.get_mut(&pid).ok_or(Errno::EINVAL)?;
+        let pending = std::mem::take(&mut p.pending_free);
+        for d in pending {
+            d.free(&mut self.mm)?;
+        }
+        Ok(())
+    }
+
+    /// What the last call left for the program to unmap (`(file, first page, end page)`),
+    /// taken.
+    pub fn take_deferred(&mut self, pid: Pid) -> Option<(FileId, u64, u64)> {
+        self.procs.get_mut(&pid)?.deferred.take()
     }
 
     fn present_runs(&self, file: FileId, a: u64, b: u64) -> Vec<PageRun> {

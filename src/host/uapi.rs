@@ -34,6 +34,11 @@ impl Host {
         for m in p.remote {
             self.drop_remote(m);
         }
+        for d in p.pending_free {
+            if let Err(e) = d.free(&mut self.mm) {
+                tracing::warn!("exit: cannot free punched pages: {e}");
+            }
+        }
         for (_, e) in p.fds.into_iter().rev() {
             self.fput(e.file);
         }
@@ -186,7 +191,7 @@ impl Host {
         let f = self.fd_file(pid, fd)?;
         if let Some(FileKind::Memfd(m)) = self.files.kind(f) {
             let (new, old) = (size.div_ceil(PAGE_SIZE), m.size.div_ceil(PAGE_SIZE));
-            if self.remote_busy(f, new, old) {
+            if self.remote_busy(f, new, old, pid) {
                 return Err(Errno::EBUSY);
             }
         }
@@ -195,8 +200,7 @@ impl Host {
             _ => return Err(Errno::EINVAL),
         };
         if let Some(d) = dropped {
-            self.unmap_file_pages(f, d.range.0, d.range.1);
-            d.free(&mut self.mm)?;
+            self.release_dropped(pid, f, d)?;
         }
         Ok(())
     }
@@ -286,7 +290,7 @@ impl Host {
         let f = self.fd_file(pid, fd)?;
         if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
             let end = off.saturating_add(len) / PAGE_SIZE;
-            if self.remote_busy(f, off.div_ceil(PAGE_SIZE), end) {
+            if self.remote_busy(f, off.div_ceil(PAGE_SIZE), end, pid) {
                 return Err(Errno::EBUSY);
             }
         }
@@ -296,8 +300,7 @@ impl Host {
             _ => return Err(Errno::ENODEV),
         };
         if let Some(d) = punched {
-            self.unmap_file_pages(f, d.range.0, d.range.1);
-            d.free(&mut self.mm)?;
+            self.release_dropped(pid, f, d)?;
         }
         self.map_file_pages(f, &new);
         Ok(())

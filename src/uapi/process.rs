@@ -38,6 +38,11 @@ pub struct Process {
     /// Where the next file installed for this process goes: the placeholder fd the program
     /// reserved for a call that may create one (taken by the first install).
     pub pending_fd: Option<i32>,
+    /// Pages a punch or shrink took from a file this process maps itself: freed once it has
+    /// unmapped them (or at exit).
+    pub pending_free: Vec<crate::fs::memfd::Dropped>,
+    /// The file and page range of the last such call, for the reply that tells the process.
+    pub deferred: Option<(FileId, u64, u64)>,
 }
 
 impl Process {
