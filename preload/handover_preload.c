@@ -158,6 +158,8 @@ static long call(struct hreq *q, const void *pl, size_t pln, void *out, size_t c
 		n = recvmsg(sock, &rm, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
 		if (n >= 0 || (errno != EAGAIN && errno != EINTR))
 			break;
+		/* Yield while spinning: on a busy machine the host may be waiting for this CPU. */
+		sched_yield();
 		clock_gettime(CLOCK_MONOTONIC, &t1);
 		if ((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec) > SPIN_NS) {
 			do

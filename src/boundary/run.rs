@@ -143,6 +143,18 @@ pub fn run(host: &mut Host) -> InitOutcome {
     }
 }
 
+/// What serving one message came to.
+enum Served {
+    /// A request was served (or refused).
+    Done,
+    /// Nothing to read.
+    Empty,
+    /// The socket is closed.
+    Closed,
+    /// `reboot(KEXEC)` from this host pid: the update is to start (its reply is owed).
+    Reboot(crate::uapi::Pid),
+}
+
 enum Event {
     MainExited(i32),
     /// `reboot(KEXEC)` from the process with this host pid (its reply is still owed).
@@ -189,81 +201,117 @@ impl Server {
             if let Some(st) = self.main_status {
                 return Event::MainExited(st);
             }
-            let mut fds: Vec<PollFd<'_>> = self
-                .conns
-                .iter()
-                .map(|c| PollFd::from_borrowed_fd(c.fd(), PollFlags::IN))
-                .collect();
-            let timeout = rustix::time::Timespec {
-                tv_sec: 0,
-                tv_nsec: 50_000_000,
-            };
-            let _ = poll(&mut fds, Some(&timeout));
-            let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
-            drop(fds);
+            let revents = self.poll(50_000_000);
+            let hup = PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL;
+            // Processes that are gone first: a request of another process may depend on
+            // their end (a parent waits for its child, then reuses what the child held).
+            if revents.iter().any(|r| r.intersects(hup)) {
+                let gone: Vec<usize> = (0..revents.len())
+                    .filter(|&i| revents[i].intersects(hup))
+                    .collect();
+                let mut reboot = None;
+                for &i in &gone {
+                    while let Some(r) = self.serve_one(host, i) {
+                        match r {
+                            Served::Reboot(p) => reboot = Some(p),
+                            Served::Closed | Served::Empty => break,
+                            Served::Done => {}
+                        }
+                    }
+                }
+                let pids: Vec<_> = gone.iter().map(|&i| self.conns[i].pid).collect();
+                self.close(host, &pids);
+                if let Some(p) = reboot {
+                    return Event::Reboot(p);
+                }
+                continue;
+            }
             let mut closed = Vec::new();
-            let mut reboot = None;
-            let mut i = 0;
-            while i < self.conns.len() {
-                if !ready.get(i).copied().unwrap_or(false) {
-                    i += 1;
+            for i in 0..self.conns.len() {
+                if revents.get(i).is_none_or(|r| r.is_empty()) {
                     continue;
                 }
                 // After a request, the same process often sends the next one at once: wait
                 // for it a little (spinning) rather than sleeping in poll, which would cost a
                 // wakeup on each side.
                 let mut spin_until = crate::time::monotonic_ns() + SPIN_NS;
-                for _ in 0..256 {
-                    let mut buf = std::mem::take(&mut self.buf);
-                    let r = self.conns[i].recv(&mut buf);
-                    let stop = match r {
-                        Recv::Empty => {
-                            if crate::time::monotonic_ns() < spin_until {
-                                self.buf = buf;
-                                std::hint::spin_loop();
-                                continue;
-                            }
-                            true
-                        }
-                        Recv::Closed => {
-                            closed.push(self.conns[i].pid);
-                            true
-                        }
-                        Recv::Truncated(who) => {
-                            if self.bound_to(i, who) {
-                                self.conns[i].send(&Answer::err(Errno::EINVAL).reply, &[], None);
-                            }
-                            false
-                        }
-                        Recv::Msg(n, who) => {
-                            let p = self.handle(host, i, &buf[..n], who);
+                loop {
+                    match self.serve_one(host, i) {
+                        Some(Served::Done) => {
                             spin_until = crate::time::monotonic_ns() + SPIN_NS;
-                            if p.is_some() {
-                                reboot = p;
+                            // Another process ended meanwhile: serve its end first.
+                            if self.conns.len() > 1
+                                && self.poll(0).iter().any(|r| r.intersects(hup))
+                            {
+                                break;
                             }
-                            p.is_some()
                         }
-                    };
-                    self.buf = buf;
-                    if stop {
-                        break;
+                        Some(Served::Empty) if crate::time::monotonic_ns() < spin_until => {
+                            // Let the program run if it shares this CPU.
+                            std::thread::yield_now();
+                        }
+                        Some(Served::Reboot(p)) => {
+                            self.close(host, &closed);
+                            return Event::Reboot(p);
+                        }
+                        Some(Served::Closed) => {
+                            closed.push(self.conns[i].pid);
+                            break;
+                        }
+                        Some(Served::Empty) | None => break,
                     }
                 }
-                i += 1;
             }
-            for pid in closed {
-                // The last holder of the socket is gone: the process exited (or never
-                // started). Its fds close and its mappings go, with the LUO consequences.
-                host.exit(pid);
-                self.conns.retain(|c| c.pid != pid);
-            }
-            for (pid, st) in spawn::reap_children() {
-                if pid == self.main_pid {
-                    self.main_status = Some(exit_code(st));
+            self.close(host, &closed);
+        }
+    }
+
+    /// Poll every socket (`timeout_ns` 0: just look); the events per connection.
+    fn poll(&self, timeout_ns: i64) -> Vec<PollFlags> {
+        let mut fds: Vec<PollFd<'_>> = self
+            .conns
+            .iter()
+            .map(|c| PollFd::from_borrowed_fd(c.fd(), PollFlags::IN))
+            .collect();
+        let timeout = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: timeout_ns,
+        };
+        let _ = poll(&mut fds, Some(&timeout));
+        fds.iter().map(|f| f.revents()).collect()
+    }
+
+    /// Receive and serve one message on connection `i`.
+    fn serve_one(&mut self, host: &mut Host, i: usize) -> Option<Served> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = match self.conns.get(i)?.recv(&mut buf) {
+            Recv::Empty => Served::Empty,
+            Recv::Closed => Served::Closed,
+            Recv::Truncated(who) => {
+                if self.bound_to(i, who) {
+                    self.conns[i].send(&Answer::err(Errno::EINVAL).reply, &[], None);
                 }
+                Served::Done
             }
-            if let Some(p) = reboot {
-                return Event::Reboot(p);
+            Recv::Msg(n, who) => match self.handle(host, i, &buf[..n], who) {
+                Some(p) => Served::Reboot(p),
+                None => Served::Done,
+            },
+        };
+        self.buf = buf;
+        Some(r)
+    }
+
+    /// The processes `pids` are gone (the last holder of each socket closed it): their fds
+    /// close and their mappings go, with the LUO consequences; exited children are reaped.
+    fn close(&mut self, host: &mut Host, pids: &[crate::uapi::Pid]) {
+        for &pid in pids {
+            host.exit(pid);
+            self.conns.retain(|c| c.pid != pid);
+        }
+        for (pid, st) in spawn::reap_children() {
+            if pid == self.main_pid {
+                self.main_status = Some(exit_code(st));
             }
         }
     }

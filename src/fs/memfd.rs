@@ -165,19 +165,29 @@ impl Memfd {
             }
             self.truncate(mm, end)?;
         }
+        // Every page the write touches gets a frame: allocate the holes in runs first.
         let mut new = Vec::new();
-        let mut done = 0usize;
-        while done < data.len() {
-            let p = pos + done as u64;
-            let (idx, off) = (p / PAGE_SIZE, p % PAGE_SIZE);
-            let len = ((PAGE_SIZE - off) as usize).min(data.len() - done);
-            if self.pages.get(idx).is_none() {
-                new.push(idx);
+        if !data.is_empty() {
+            for (i, n) in self
+                .pages
+                .fill(mm, pos / PAGE_SIZE, end.div_ceil(PAGE_SIZE))?
+            {
+                new.extend(i..i + n);
             }
-            let pfn = self.pages.fault_in(mm, idx)?;
-            mm.ram
-                .write_phys(pfn * PAGE_SIZE + off, &data[done..done + len])?;
-            done += len;
+        }
+        // Then copy, one physically contiguous run at a time.
+        let mut done = 0u64;
+        for (idx, pfn, n) in self.pages.runs_in(pos / PAGE_SIZE, end.div_ceil(PAGE_SIZE)) {
+            let run = idx * PAGE_SIZE;
+            let (a, b) = (run.max(pos), ((idx + n) * PAGE_SIZE).min(end));
+            if a < b {
+                let bytes = &data[(a - pos) as usize..(b - pos) as usize];
+                mm.ram.write_bulk(pfn * PAGE_SIZE + (a - run), bytes)?;
+                done += b - a;
+            }
+        }
+        if done != data.len() as u64 {
+            return Err(Errno::EIO);
         }
         Ok(new)
     }

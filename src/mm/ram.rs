@@ -15,7 +15,7 @@
 //! dropped.
 
 use std::fs::File;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -151,6 +151,38 @@ impl Ram {
         let at = head + body;
         for (i, &b) in data[at..at + tail].iter().enumerate() {
             s.get_ref::<u8>(at + i).map_err(|_| oob())?.store(b);
+        }
+        Ok(())
+    }
+
+    /// Copy `data` into RAM at `pa` with `pwrite` on the RAM memfd: the kernel copies into
+    /// the same page cache the direct map shows, without a page fault (and the zeroing that
+    /// comes with it) per new page. For bulk writes (a memfd `write`); falls back to
+    /// [`Ram::write_phys`] if the call fails.
+    pub fn write_bulk(&self, pa: u64, data: &[u8]) -> Result<(), MmError> {
+        if !self.contains(pa, data.len() as u64) {
+            return Err(MmError::OutOfRam {
+                pa,
+                len: data.len() as u64,
+            });
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            let rest = &data[done..];
+            // libc, not rustix: rustix issues pwrite as read-only asm.
+            // SAFETY: `rest` is a valid buffer of `rest.len()` bytes; the fd is RAM's.
+            let n = unsafe {
+                libc::pwrite(
+                    self.file.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    (pa + done as u64) as libc::off_t,
+                )
+            };
+            if n <= 0 {
+                return self.write_phys(pa + done as u64, rest);
+            }
+            done += n as usize;
         }
         Ok(())
     }
