@@ -287,7 +287,8 @@ static void on_segv(int sig, siginfo_t *si, void *ucv)
 	int write = (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0;
 	lock();
 	int i = region_of(a);
-	if (i < 0) {
+	/* Not ours, or a PROT_NONE mapping (where every access is a real SIGSEGV). */
+	if (i < 0 || regions[i].prot == PROT_NONE) {
 		unlock();
 		errno = saved;
 		chain_segv(sig, si, ucv);
