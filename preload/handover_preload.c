@@ -63,7 +63,7 @@ struct mmargs {
 enum {
 	OP_HELLO = 1, OP_OPEN, OP_CLOSE, OP_DUP, OP_IOCTL, OP_MEMFD_CREATE, OP_READ, OP_WRITE,
 	OP_LSEEK, OP_FTRUNCATE, OP_FALLOCATE, OP_FSTAT, OP_SEALS, OP_MMAP, OP_MUNMAP, OP_FAULT,
-	OP_FORK_PREPARE, OP_FORK_ABORT, OP_REBOOT, OP_RAMFD, OP_RELEASE,
+	OP_FORK_PREPARE, OP_FORK_ABORT, OP_REBOOT, OP_RAMFD, OP_RELEASE, OP_KICK,
 };
 #define F_POSITIONAL 1u
 #define F_WRITE_FAULT 1u
@@ -91,6 +91,26 @@ static struct region *regions;
 static int nregions;
 
 static struct sigaction prev_segv; /* the program's own SIGSEGV action, chained to */
+
+/* vCPUs: hostfd[fd] == HOST_VCPU marks a vCPU fd (the real vCPU fd, so mmap of kvm_run is
+ * the real page); its ioctls go over its own socket to its host thread. */
+#define HOST_FILE 1
+#define HOST_VCPU 2
+struct vcpu {
+	int fd, chan;
+	volatile int lk;
+};
+#define MAX_VCPUS 1024
+static struct vcpu vcpus[MAX_VCPUS];
+static int nvcpus;
+
+static struct vcpu *vcpu_of(int fd)
+{
+	for (int i = 0; i < nvcpus; i++)
+		if (vcpus[i].fd == fd)
+			return &vcpus[i];
+	return NULL;
+}
 
 static void lock(void)
 {
@@ -125,59 +145,81 @@ static void *sys_mmap(void *a, size_t l, int p, int f, int fd, off_t o)
 	return (void *)syscall(SYS_mmap, a, l, p, f, fd, o);
 }
 
+/* Receive a reply on `s`: spin (yielding) for a while, then sleep. With `vcpu_fd` >= 0 the
+ * wait is for KVM_RUN or another vCPU ioctl on that vCPU: a signal that interrupts the wait
+ * (the program's handler has run) kicks the vCPU, so that its KVM_RUN returns EINTR. */
+static long kick_vcpu(int fd);
+
+static ssize_t wait_reply(int s, struct msghdr *rm, int vcpu_fd)
+{
+	ssize_t n;
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (;;) {
+		n = recvmsg(s, rm, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+		if (n >= 0 || (errno != EAGAIN && errno != EINTR))
+			return n;
+		/* Yield while spinning: on a busy machine the host may be waiting for this CPU. */
+		sched_yield();
+		clock_gettime(CLOCK_MONOTONIC, &t1);
+		if ((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec) > SPIN_NS)
+			break;
+	}
+	for (;;) {
+		struct pollfd p = {.fd = s, .events = POLLIN};
+		/* poll, unlike recvmsg, is never restarted after a signal handler. */
+		if (syscall(SYS_ppoll, &p, 1, NULL, NULL, 8) < 0) {
+			if (errno == EINTR && vcpu_fd >= 0)
+				kick_vcpu(vcpu_fd);
+			if (errno == EINTR)
+				continue;
+			return -1;
+		}
+		n = recvmsg(s, rm, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+		if (n >= 0 || (errno != EAGAIN && errno != EINTR))
+			return n;
+	}
+}
+
 /*
- * One request and its reply. The caller holds the lock. Returns the reply's ret (>= 0 or
- * -errno); -EIO if the host is gone. `*rfd` gets a passed fd or -1.
+ * One request and its reply on socket `s`. The caller holds the lock that serializes `s`.
+ * Returns the reply's ret (>= 0 or -errno); -EIO if the host is gone. `rfd[0..2]` get the fds
+ * passed with the reply, or -1.
  */
-static long call(struct hreq *q, const void *pl, size_t pln, void *out, size_t cap, size_t *got,
-		 uint64_t b[3], int *rfd)
+static long call_on(int s, int vcpu_fd, struct hreq *q, const void *pl, size_t pln, void *out,
+		    size_t cap, size_t *got, uint64_t b[3], int rfd[2])
 {
 	struct iovec iv[2] = {{q, sizeof *q}, {(void *)pl, pln}};
 	struct msghdr m = {.msg_iov = iv, .msg_iovlen = pln ? 2 : 1};
 	if (rfd)
-		*rfd = -1;
+		rfd[0] = rfd[1] = -1;
 	if (got)
 		*got = 0;
 	for (;;) {
-		if (sendmsg(sock, &m, MSG_NOSIGNAL) >= 0)
+		if (sendmsg(s, &m, MSG_NOSIGNAL) >= 0)
 			break;
 		if (errno != EINTR)
 			return -EIO;
 	}
 	struct hrep r;
-	char ctl[CMSG_SPACE(sizeof(int))];
+	char ctl[CMSG_SPACE(2 * sizeof(int))];
 	struct iovec ov[2] = {{&r, sizeof r}, {out, cap}};
 	struct msghdr rm = {.msg_iov = ov, .msg_iovlen = cap ? 2 : 1, .msg_control = ctl,
 			    .msg_controllen = sizeof ctl};
-	/* The host answers within microseconds: spin a little before sleeping, which saves a
-	 * wakeup (an IPI, expensive in a VM) on most calls. */
-	ssize_t n;
-	struct timespec t0, t1;
-	clock_gettime(CLOCK_MONOTONIC, &t0);
-	for (;;) {
-		n = recvmsg(sock, &rm, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-		if (n >= 0 || (errno != EAGAIN && errno != EINTR))
-			break;
-		/* Yield while spinning: on a busy machine the host may be waiting for this CPU. */
-		sched_yield();
-		clock_gettime(CLOCK_MONOTONIC, &t1);
-		if ((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec) > SPIN_NS) {
-			do
-				n = recvmsg(sock, &rm, MSG_CMSG_CLOEXEC);
-			while (n < 0 && errno == EINTR);
-			break;
-		}
-	}
+	ssize_t n = wait_reply(s, &rm, vcpu_fd);
 	if (n < (ssize_t)sizeof r)
 		return -EIO;
 	for (struct cmsghdr *c = CMSG_FIRSTHDR(&rm); c; c = CMSG_NXTHDR(&rm, c)) {
 		if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-			int fd;
-			memcpy(&fd, CMSG_DATA(c), sizeof fd);
-			if (rfd)
-				*rfd = fd;
-			else
-				sys_close(fd);
+			int nfd = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+			for (int i = 0; i < nfd; i++) {
+				int fd;
+				memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+				if (rfd && i < 2)
+					rfd[i] = fd;
+				else
+					sys_close(fd);
+			}
 		}
 	}
 	if (got)
@@ -187,12 +229,35 @@ static long call(struct hreq *q, const void *pl, size_t pln, void *out, size_t c
 	return r.ret;
 }
 
+/* A request on the process socket (the caller holds the lock); `*rfd` gets a passed fd. */
+static long call(struct hreq *q, const void *pl, size_t pln, void *out, size_t cap, size_t *got,
+		 uint64_t b[3], int *rfd)
+{
+	int fds[2];
+	long r = call_on(sock, -1, q, pl, pln, out, cap, got, b, fds);
+	if (fds[1] >= 0)
+		sys_close(fds[1]);
+	if (rfd)
+		*rfd = fds[0];
+	else if (fds[0] >= 0)
+		sys_close(fds[0]);
+	return r;
+}
+
 static long call0(struct hreq *q, const void *pl, size_t pln)
 {
 	lock();
 	long r = call(q, pl, pln, NULL, 0, NULL, NULL, NULL);
 	unlock();
 	return r;
+}
+
+static long kick_vcpu(int fd)
+{
+	struct hreq q = {.op = OP_KICK, .fd = fd, .fd2 = -1};
+	/* Not under the process lock if this thread holds it (it never does while it waits for
+	 * a vCPU): the kick is one short request. */
+	return call0(&q, NULL, 0);
 }
 
 static long fail(long r)
@@ -394,7 +459,7 @@ __attribute__((constructor)) static void handover_init(void)
 /* ---- open, close, dup ---- */
 static int host_path(const char *p)
 {
-	return p && strcmp(p, "/dev/liveupdate") == 0;
+	return p && (strcmp(p, "/dev/liveupdate") == 0 || strcmp(p, "/dev/kvm") == 0);
 }
 
 static int host_open(const char *path, int flags)
@@ -463,6 +528,11 @@ EXPORT int close(int fd)
 		struct hreq q = {.op = OP_CLOSE, .fd = fd, .fd2 = -1};
 		lock();
 		call(&q, NULL, 0, NULL, 0, NULL, NULL, NULL);
+		struct vcpu *v = hostfd[fd] == HOST_VCPU ? vcpu_of(fd) : NULL;
+		if (v) {
+			sys_close(v->chan);
+			*v = vcpus[--nvcpus];
+		}
 		set_host(fd, 0);
 		long r = sys_close(fd);
 		unlock();
@@ -573,6 +643,113 @@ static int creates_fd(unsigned long req)
 	}
 }
 
+/* KVM ioctls whose argument is a header counting the entries that follow it:
+ * (command, header bytes, entry bytes). */
+static const struct {
+	unsigned long cmd;
+	uint32_t header, entry;
+} counted[] = {
+	{0xc008ae05, 8, 40}, /* KVM_GET_SUPPORTED_CPUID */
+	{0xc008ae09, 8, 40}, /* KVM_GET_EMULATED_CPUID */
+	{0x4008ae90, 8, 40}, /* KVM_SET_CPUID2 */
+	{0xc008ae91, 8, 40}, /* KVM_GET_CPUID2 */
+	{0xc004ae02, 4, 4},  /* KVM_GET_MSR_INDEX_LIST */
+	{0xc004ae0a, 4, 4},  /* KVM_GET_MSR_FEATURE_INDEX_LIST */
+	{0xc008ae88, 8, 16}, /* KVM_GET_MSRS */
+	{0x4008ae89, 8, 16}, /* KVM_SET_MSRS */
+};
+
+/* Bytes of the argument of `req` to send, and whether to copy them back; < 0 is -errno. */
+static long arg_bytes(unsigned long req, void *arg, int *copy_back)
+{
+	unsigned dir = (unsigned)(req >> 30), type = (req >> 8) & 0xff;
+	size_t n = (req >> 16) & 0x3fff; /* _IOC_SIZE */
+	*copy_back = (dir & 2) != 0;
+	if (type == LUO_TYPE) {
+		/* LUO argument structs start with their own size (_IO numbers carry none). */
+		uint32_t sz;
+		if (copy_in(&sz, arg, sizeof sz) < 0)
+			return -EFAULT;
+		*copy_back = 1;
+		return sz < MAX_PAYLOAD ? sz : MAX_PAYLOAD;
+	}
+	if (dir == 0) /* _IO: the argument is a value (sent as 8 bytes) */
+		return 0;
+	for (size_t i = 0; i < sizeof counted / sizeof counted[0]; i++) {
+		if (counted[i].cmd != req)
+			continue;
+		uint32_t cnt;
+		if (copy_in(&cnt, arg, sizeof cnt) < 0)
+			return -EFAULT;
+		uint64_t len = counted[i].header + (uint64_t)cnt * counted[i].entry;
+		return len <= MAX_PAYLOAD ? (long)len : -E2BIG;
+	}
+	return (long)n;
+}
+
+static int convert_to_host_memory(uint64_t addr, uint64_t len);
+
+/* KVM_SET_USER_MEMORY_REGION(2) naming program memory that is not a host mapping (malloc,
+ * anonymous mmap): its contents move into a host memfd mapped in place first, so that the
+ * guest and the program keep seeing the same bytes. */
+static int prepare_memslot(unsigned long req, const char *buf, size_t n)
+{
+	uint64_t size, uaddr;
+	uint32_t flags;
+	if (req == 0x4020ae46 && n >= 32) { /* KVM_SET_USER_MEMORY_REGION */
+		memcpy(&flags, buf + 4, 4);
+		memcpy(&size, buf + 16, 8);
+		memcpy(&uaddr, buf + 24, 8);
+	} else if (req == 0x40a0ae49 && n >= 32) { /* KVM_SET_USER_MEMORY_REGION2 */
+		memcpy(&flags, buf + 4, 4);
+		memcpy(&size, buf + 16, 8);
+		memcpy(&uaddr, buf + 24, 8);
+		if (flags & 4) /* KVM_MEM_GUEST_MEMFD: the guest_memfd backs it */
+			return 0;
+	} else {
+		return 0;
+	}
+	if (size == 0 || (uaddr & (PAGE - 1)) || (size & (PAGE - 1)) || uaddr + size < uaddr)
+		return 0; /* deletes, and what the host refuses itself */
+	lock();
+	int inside = 0;
+	for (int i = 0; i < nregions; i++)
+		if (uaddr >= regions[i].addr && uaddr + size <= regions[i].addr + regions[i].len)
+			inside = 1;
+	unlock();
+	return inside ? 0 : convert_to_host_memory(uaddr, size);
+}
+
+static long vcpu_call(struct vcpu *v, unsigned long req, char *buf, size_t n, size_t *got)
+{
+	struct hreq q = {.op = OP_IOCTL, .fd = v->fd, .fd2 = -1, .a = {req}};
+	while (__atomic_exchange_n(&v->lk, 1, __ATOMIC_ACQUIRE))
+		sched_yield();
+	long r = call_on(v->chan, v->fd, &q, buf, n, buf, n, got, NULL, NULL);
+	__atomic_store_n(&v->lk, 0, __ATOMIC_RELEASE);
+	return r;
+}
+
+/* The host made a vCPU at placeholder `ph`: put the real vCPU fd there and keep its socket. */
+static int adopt_vcpu(int ph, int real, int chan)
+{
+	int hi = chan >= 0 ? (int)syscall(SYS_fcntl, chan, F_DUPFD_CLOEXEC, 512) : -1;
+	if (chan >= 0)
+		sys_close(chan);
+	if (real < 0 || hi < 0 || nvcpus >= MAX_VCPUS ||
+	    syscall(SYS_dup3, real, ph, O_CLOEXEC) < 0) {
+		if (real >= 0)
+			sys_close(real);
+		if (hi >= 0)
+			sys_close(hi);
+		return -1;
+	}
+	sys_close(real);
+	vcpus[nvcpus++] = (struct vcpu){ph, hi, 0};
+	set_host(ph, HOST_VCPU);
+	return 0;
+}
+
 EXPORT int ioctl(int fd, unsigned long req, ...)
 {
 	va_list ap;
@@ -581,37 +758,63 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	va_end(ap);
 	if (!is_host(fd))
 		return (int)syscall(SYS_ioctl, fd, req, arg);
-	size_t n = (req >> 16) & 0x3fff; /* _IOC_SIZE */
-	if (((req >> 8) & 0xff) == LUO_TYPE) {
-		/* LUO argument structs start with their own size (_IO numbers carry none). */
-		uint32_t sz;
-		if (copy_in(&sz, arg, sizeof sz) < 0)
-			return (int)fail(-EFAULT);
-		n = sz < MAX_PAYLOAD ? sz : MAX_PAYLOAD;
-	}
-	char *buf = n ? malloc(n) : NULL;
-	if (n && !buf)
+	int copy_back;
+	long n = arg_bytes(req, arg, &copy_back);
+	if (n < 0)
+		return (int)fail(n);
+	uint64_t value = (uint64_t)(uintptr_t)arg;
+	char *buf = malloc(n ? (size_t)n : 8);
+	if (!buf)
 		return (int)fail(-ENOMEM);
-	if (copy_in(buf, arg, n) < 0) {
+	if (n == 0) {
+		memcpy(buf, &value, 8);
+		n = 8;
+		copy_back = 0;
+	} else if (copy_in(buf, arg, (size_t)n) < 0) {
 		free(buf);
 		return (int)fail(-EFAULT);
 	}
-	/* A placeholder for the fd the call may create (only calls that can create one). */
-	int ph = creates_fd(req) ? placeholder(1) : -1;
-	struct hreq q = {.op = OP_IOCTL, .fd = fd, .fd2 = ph, .a = {req}};
-	uint64_t b[3] = {~0ull, 0, 0};
-	size_t got;
-	lock();
-	long r = call(&q, buf, n, buf, n, &got, b, NULL);
-	if (ph >= 0 && b[0] == (uint64_t)(int64_t)ph) {
-		set_host(ph, 1);
-		if (!b[1])
-			syscall(SYS_fcntl, ph, F_SETFD, 0);
-		ph = -1;
+	size_t got = 0;
+	long r;
+	struct vcpu *v = hostfd[fd] == HOST_VCPU ? vcpu_of(fd) : NULL;
+	if (v) {
+		r = vcpu_call(v, req, buf, (size_t)n, &got);
+	} else {
+		int pr = prepare_memslot(req, buf, (size_t)n);
+		if (pr < 0) {
+			free(buf);
+			return (int)fail(pr);
+		}
+		/* A placeholder for the fd the call may create (only calls that can create one). */
+		int ph = creates_fd(req) ? placeholder(1) : -1;
+		struct hreq q = {.op = OP_IOCTL, .fd = fd, .fd2 = ph, .a = {req}};
+		uint64_t b[3] = {~0ull, 0, 0};
+		int fds[2] = {-1, -1};
+		lock();
+		r = call_on(sock, -1, &q, buf, (size_t)n, buf, (size_t)n, &got, b, fds);
+		if (ph >= 0 && b[0] == (uint64_t)(int64_t)ph) {
+			if (b[2] == 1) {
+				/* A vCPU: the real vCPU fd and its socket came with the reply. */
+				if (adopt_vcpu(ph, fds[0], fds[1]) < 0 && r >= 0) {
+					struct hreq c = {.op = OP_CLOSE, .fd = ph, .fd2 = -1};
+					call(&c, NULL, 0, NULL, 0, NULL, NULL, NULL);
+					r = -ENOMEM;
+				}
+				fds[0] = fds[1] = -1;
+			} else {
+				set_host(ph, HOST_FILE);
+				if (!b[1])
+					syscall(SYS_fcntl, ph, F_SETFD, 0);
+			}
+			ph = -1;
+		}
+		unlock();
+		for (int i = 0; i < 2; i++)
+			if (fds[i] >= 0)
+				sys_close(fds[i]);
+		if (ph >= 0)
+			sys_close(ph);
 	}
-	unlock();
-	if (ph >= 0)
-		sys_close(ph);
 	if (req == 0xBA40 && r == -EBADF && n >= 8) {
 		/* PRESERVE_FD of a file of the real kernel (the host has no such fd): the host has
 		 * no handler for it, which upstream reports as ENOENT. */
@@ -620,7 +823,7 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 		if (!is_host(pfd) && syscall(SYS_fcntl, pfd, F_GETFD) >= 0)
 			r = -ENOENT;
 	}
-	if (got && copy_out(arg, buf, got < n ? got : n) < 0 && r >= 0)
+	if (copy_back && got && copy_out(arg, buf, got < (size_t)n ? got : (size_t)n) < 0 && r >= 0)
 		r = -EFAULT;
 	free(buf);
 	return (int)fail(r);
@@ -923,7 +1126,7 @@ EXPORT int statx(int dirfd, const char *path, int flags, unsigned int mask, stru
 /* ---- mmap ---- */
 EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 {
-	if ((flags & MAP_ANONYMOUS) || !is_host(fd))
+	if ((flags & MAP_ANONYMOUS) || !is_host(fd) || hostfd[fd] == HOST_VCPU)
 		return sys_mmap(addr, len, prot, flags, fd, off);
 	if (len == 0 || (off & (PAGE - 1))) {
 		errno = EINVAL;
@@ -1131,4 +1334,31 @@ EXPORT int reboot(int cmd)
 			pause();
 	}
 	return (int)syscall(SYS_reboot, 0xfee1dead, 672274793, cmd, NULL);
+}
+
+/* Move program memory `addr..addr+len` (anonymous, private) into a new host memfd mapped at
+ * the same address: copy it in, then map the memfd over it. 0, or -errno (EFAULT if the range
+ * maps nothing). */
+static int convert_to_host_memory(uint64_t addr, uint64_t len)
+{
+	unsigned char vec[64];
+	/* mincore fails with ENOMEM on an unmapped range (checked a slice at a time). */
+	for (uint64_t o = 0; o < len; o += sizeof vec * PAGE) {
+		uint64_t l = len - o < sizeof vec * PAGE ? len - o : sizeof vec * PAGE;
+		if (syscall(SYS_mincore, addr + o, l, vec) < 0)
+			return errno == ENOMEM ? -EFAULT : -errno;
+	}
+	int saved = errno;
+	int fd = memfd_create("handover-guest-ram", MFD_CLOEXEC);
+	if (fd < 0)
+		return -errno;
+	long r = 0;
+	if (ftruncate(fd, (off_t)len) < 0 || pwrite(fd, (void *)addr, len, 0) != (ssize_t)len)
+		r = -errno;
+	else if (mmap((void *)addr, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, 0) ==
+		 MAP_FAILED)
+		r = -errno;
+	close(fd);
+	errno = saved;
+	return (int)r;
 }

@@ -101,9 +101,11 @@ pub enum Op {
     Close = 3,
     /// `dup2(fd, fd2)`: host file `fd` also at `fd2` (whatever was at `fd2` is closed).
     Dup = 4,
-    /// `ioctl(fd, a[0] = cmd, arg)`; payload: the argument bytes. A file the call creates goes
-    /// to placeholder `fd2`. Reply: the argument bytes after the call; `b[0]` the fd installed
-    /// (or `u64::MAX`), `b[1]` its close-on-exec flag.
+    /// `ioctl(fd, a[0] = cmd, arg)`; payload: the argument bytes (an integer argument as 8
+    /// bytes). A file the call creates goes to placeholder `fd2`. Reply: the argument bytes
+    /// after the call; `b[0]` the fd installed (or `u64::MAX`), `b[1]` its close-on-exec flag,
+    /// `b[2]` 1 if it is a vCPU: then two fds come with the reply, the real vCPU fd (to mmap
+    /// `kvm_run` from) and the vCPU's own socket, where its ioctls go (`crate::boundary::vcpu`).
     Ioctl = 5,
     /// `memfd_create(name, a[0] = flags)` into placeholder `fd2`; payload: the name.
     MemfdCreate = 6,
@@ -145,6 +147,9 @@ pub enum Op {
     /// [`Op::Ftruncate`] or [`Op::Fallocate`] named them in `b`: file, first page, end page):
     /// the host may free them now.
     Release = 21,
+    /// Kick the vCPU behind `fd` out of `KVM_RUN` (a signal reached the program's thread that
+    /// waits for it): that `KVM_RUN` returns EINTR.
+    Kick = 22,
 }
 
 impl Op {
@@ -173,6 +178,7 @@ impl Op {
             19 => Reboot,
             20 => RamFd,
             21 => Release,
+            22 => Kick,
             _ => return None,
         })
     }
@@ -294,7 +300,7 @@ mod tests {
         assert_eq!((d.op, d.payload), (Op::Open, &b"/dev/liveupdate"[..]));
         let big = vec![0u8; 48 + MAX_PAYLOAD + 1];
         assert_eq!(decode(&big), Err(DecodeError::Long(big.len())));
-        for n in 1..=21 {
+        for n in 1..=22 {
             assert_eq!(Op::from_u32(n).map(|o| o as u32), Some(n));
         }
     }

@@ -218,3 +218,177 @@ mod tests {
         assert_eq!(KVM_MEM_GUEST_MEMFD, kvm_bindings::KVM_MEM_GUEST_MEMFD);
     }
 }
+
+const fn ior(nr: u64, size: u64) -> u64 {
+    (2 << 30) | (size << 16) | (KVMIO << 8) | nr
+}
+
+/// VM ioctl of the original memslot call; argument `struct kvm_userspace_memory_region`
+/// (32 bytes: slot, flags, guest_phys_addr, memory_size, userspace_addr).
+pub const KVM_SET_USER_MEMORY_REGION: u64 = iow(0x46, 32);
+/// vCPU ioctl that runs the guest until an exit; no argument.
+pub const KVM_RUN: u64 = io(0x80);
+
+/// Which file an ioctl is issued on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// `/dev/kvm`.
+    System,
+    /// A VM fd.
+    Vm,
+    /// A vCPU fd.
+    Vcpu,
+}
+
+/// How an ioctl's argument reaches the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ArgKind {
+    /// No argument.
+    None,
+    /// An integer passed by value (sent as 8 native-endian bytes).
+    Int,
+    /// A struct of this many bytes, in place.
+    Fixed(usize),
+    /// A header of `header` bytes whose leading u32 counts entries of `entry` bytes that
+    /// follow it (`kvm_cpuid2`, `kvm_msrs`, `kvm_msr_list`).
+    Counted {
+        /// Header bytes, the count at offset 0.
+        header: usize,
+        /// Bytes per entry.
+        entry: usize,
+    },
+}
+
+impl ArgKind {
+    /// Bytes of `arg` the kernel may read or write for this kind; `None` if `arg` is too short
+    /// for the header or the count it names overflows.
+    pub fn len(self, arg: &[u8]) -> Option<usize> {
+        match self {
+            ArgKind::None => Some(0),
+            ArgKind::Int => Some(8),
+            ArgKind::Fixed(n) => Some(n),
+            ArgKind::Counted { header, entry } => {
+                let n = u32::from_ne_bytes(arg.get(..4)?.try_into().ok()?) as usize;
+                header.checked_add(n.checked_mul(entry)?)
+            }
+        }
+    }
+}
+
+const CPUID2: ArgKind = ArgKind::Counted {
+    header: 8,
+    entry: 40,
+};
+const MSRS: ArgKind = ArgKind::Counted {
+    header: 8,
+    entry: 16,
+};
+const MSR_LIST: ArgKind = ArgKind::Counted {
+    header: 4,
+    entry: 4,
+};
+
+/// The KVM ioctls served by passing them to the real KVM as they are, with their argument
+/// layout: none of them carries a pointer (so the program cannot make the host's kernel touch
+/// host memory it names), and every argument's length is known. Anything else is ENOTTY.
+pub const PASSTHROUGH: &[(Scope, u64, ArgKind)] = &[
+    (Scope::System, io(0x04), ArgKind::None), // KVM_GET_VCPU_MMAP_SIZE
+    (Scope::System, iowr(0x05, 8), CPUID2),   // KVM_GET_SUPPORTED_CPUID
+    (Scope::System, iowr(0x09, 8), CPUID2),   // KVM_GET_EMULATED_CPUID
+    (Scope::System, iowr(0x02, 4), MSR_LIST), // KVM_GET_MSR_INDEX_LIST
+    (Scope::System, iowr(0x0a, 4), MSR_LIST), // KVM_GET_MSR_FEATURE_INDEX_LIST
+    (Scope::System, iowr(0x88, 8), MSRS),     // KVM_GET_MSRS (feature MSRs)
+    (Scope::Vm, io(0x47), ArgKind::Int),      // KVM_SET_TSS_ADDR
+    (Scope::Vm, iow(0x48, 8), ArgKind::Fixed(8)), // KVM_SET_IDENTITY_MAP_ADDR
+    (Scope::Vm, io(0x60), ArgKind::None),     // KVM_CREATE_IRQCHIP
+    (Scope::Vm, iow(0x61, 8), ArgKind::Fixed(8)), // KVM_IRQ_LINE
+    (Scope::Vm, iowr(0x67, 8), ArgKind::Fixed(8)), // KVM_IRQ_LINE_STATUS
+    (Scope::Vm, iowr(0x62, 520), ArgKind::Fixed(520)), // KVM_GET_IRQCHIP
+    (Scope::Vm, ior(0x63, 520), ArgKind::Fixed(520)), // KVM_SET_IRQCHIP
+    (Scope::Vm, iow(0x77, 64), ArgKind::Fixed(64)), // KVM_CREATE_PIT2
+    (Scope::Vm, ior(0x9f, 112), ArgKind::Fixed(112)), // KVM_GET_PIT2
+    (Scope::Vm, iow(0xa0, 112), ArgKind::Fixed(112)), // KVM_SET_PIT2
+    (Scope::Vm, iow(0x7b, 48), ArgKind::Fixed(48)), // KVM_SET_CLOCK
+    (Scope::Vm, ior(0x7c, 48), ArgKind::Fixed(48)), // KVM_GET_CLOCK
+    (Scope::Vcpu, ior(0x81, 144), ArgKind::Fixed(144)), // KVM_GET_REGS
+    (Scope::Vcpu, iow(0x82, 144), ArgKind::Fixed(144)), // KVM_SET_REGS
+    (Scope::Vcpu, ior(0x83, 312), ArgKind::Fixed(312)), // KVM_GET_SREGS
+    (Scope::Vcpu, iow(0x84, 312), ArgKind::Fixed(312)), // KVM_SET_SREGS
+    (Scope::Vcpu, iowr(0x85, 24), ArgKind::Fixed(24)), // KVM_TRANSLATE
+    (Scope::Vcpu, iow(0x86, 4), ArgKind::Fixed(4)), // KVM_INTERRUPT
+    (Scope::Vcpu, iowr(0x88, 8), MSRS),       // KVM_GET_MSRS
+    (Scope::Vcpu, iow(0x89, 8), MSRS),        // KVM_SET_MSRS
+    (Scope::Vcpu, ior(0x8c, 416), ArgKind::Fixed(416)), // KVM_GET_FPU
+    (Scope::Vcpu, iow(0x8d, 416), ArgKind::Fixed(416)), // KVM_SET_FPU
+    (Scope::Vcpu, ior(0x8e, 1024), ArgKind::Fixed(1024)), // KVM_GET_LAPIC
+    (Scope::Vcpu, iow(0x8f, 1024), ArgKind::Fixed(1024)), // KVM_SET_LAPIC
+    (Scope::Vcpu, iow(0x90, 8), CPUID2),      // KVM_SET_CPUID2
+    (Scope::Vcpu, iowr(0x91, 8), CPUID2),     // KVM_GET_CPUID2
+    (Scope::Vcpu, ior(0x98, 4), ArgKind::Fixed(4)), // KVM_GET_MP_STATE
+    (Scope::Vcpu, iow(0x99, 4), ArgKind::Fixed(4)), // KVM_SET_MP_STATE
+    (Scope::Vcpu, io(0x9a), ArgKind::None),   // KVM_NMI
+    (Scope::Vcpu, ior(0x9f, 64), ArgKind::Fixed(64)), // KVM_GET_VCPU_EVENTS
+    (Scope::Vcpu, iow(0xa0, 64), ArgKind::Fixed(64)), // KVM_SET_VCPU_EVENTS
+    (Scope::Vcpu, ior(0xa1, 128), ArgKind::Fixed(128)), // KVM_GET_DEBUGREGS
+    (Scope::Vcpu, iow(0xa2, 128), ArgKind::Fixed(128)), // KVM_SET_DEBUGREGS
+    (Scope::Vcpu, io(0xa2), ArgKind::Int),    // KVM_SET_TSC_KHZ
+    (Scope::Vcpu, io(0xa3), ArgKind::None),   // KVM_GET_TSC_KHZ
+    (Scope::Vcpu, ior(0xa4, 4096), ArgKind::Fixed(4096)), // KVM_GET_XSAVE
+    (Scope::Vcpu, iow(0xa5, 4096), ArgKind::Fixed(4096)), // KVM_SET_XSAVE
+    (Scope::Vcpu, ior(0xa6, 392), ArgKind::Fixed(392)), // KVM_GET_XCRS
+    (Scope::Vcpu, iow(0xa7, 392), ArgKind::Fixed(392)), // KVM_SET_XCRS
+    (Scope::Vcpu, io(0xad), ArgKind::None),   // KVM_KVMCLOCK_CTRL
+];
+
+/// The argument layout of pass-through ioctl `cmd` on a file of `scope`, if it is one.
+pub fn passthrough(scope: Scope, cmd: u64) -> Option<ArgKind> {
+    PASSTHROUGH
+        .iter()
+        .find(|(s, c, _)| *s == scope && *c == cmd)
+        .map(|(_, _, k)| *k)
+}
+
+#[cfg(test)]
+mod passthrough_tests {
+    use super::*;
+    use kvm_bindings::*;
+
+    /// The fixed sizes are the kernel's struct sizes (kvm-bindings' x86-64 layouts), and the
+    /// size bits of each command agree with them.
+    #[test]
+    fn sizes_match_the_uapi_structs() {
+        let fixed = |cmd: u64| match PASSTHROUGH.iter().find(|(_, c, _)| *c == cmd) {
+            Some((_, _, ArgKind::Fixed(n))) => *n,
+            other => panic!("{cmd:#x}: {other:?}"),
+        };
+        assert_eq!(fixed(ior(0x81, 144)), std::mem::size_of::<kvm_regs>());
+        assert_eq!(fixed(ior(0x83, 312)), std::mem::size_of::<kvm_sregs>());
+        assert_eq!(fixed(ior(0x8c, 416)), std::mem::size_of::<kvm_fpu>());
+        assert_eq!(
+            fixed(ior(0x8e, 1024)),
+            std::mem::size_of::<kvm_lapic_state>()
+        );
+        assert_eq!(fixed(ior(0x9f, 64)), std::mem::size_of::<kvm_vcpu_events>());
+        assert_eq!(fixed(ior(0xa1, 128)), std::mem::size_of::<kvm_debugregs>());
+        assert_eq!(fixed(ior(0xa4, 4096)), std::mem::size_of::<kvm_xsave>());
+        assert_eq!(fixed(ior(0xa6, 392)), std::mem::size_of::<kvm_xcrs>());
+        assert_eq!(fixed(ior(0x7c, 48)), std::mem::size_of::<kvm_clock_data>());
+        assert_eq!(fixed(iowr(0x62, 520)), std::mem::size_of::<kvm_irqchip>());
+        assert_eq!(fixed(ior(0x9f, 112)), std::mem::size_of::<kvm_pit_state2>());
+        assert_eq!(fixed(iow(0x77, 64)), std::mem::size_of::<kvm_pit_config>());
+        assert_eq!(std::mem::size_of::<kvm_cpuid_entry2>(), 40);
+        assert_eq!(std::mem::size_of::<kvm_msr_entry>(), 16);
+        for (_, cmd, kind) in PASSTHROUGH {
+            let bits = ((cmd >> 16) & 0x3fff) as usize;
+            match kind {
+                ArgKind::Fixed(n) => assert_eq!(bits, *n, "{cmd:#x}"),
+                ArgKind::Counted { header, .. } => assert_eq!(bits, *header, "{cmd:#x}"),
+                ArgKind::None | ArgKind::Int => assert_eq!(bits, 0, "{cmd:#x}"),
+            }
+        }
+        let mut a = [0u8; 8];
+        a[..4].copy_from_slice(&3u32.to_ne_bytes());
+        assert_eq!(CPUID2.len(&a), Some(8 + 3 * 40));
+        assert_eq!(CPUID2.len(&[1, 2]), None);
+    }
+}

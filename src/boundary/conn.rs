@@ -103,12 +103,15 @@ impl Conn {
     /// Send a reply, with `fd` passed by `SCM_RIGHTS`. A process that died meanwhile is not an
     /// error here: its socket reports closed on the next read.
     pub fn send(&self, reply: &Reply, payload: &[u8], fd: Option<BorrowedFd<'_>>) {
-        let fds;
-        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+        self.send_fds(reply, payload, fd.as_slice());
+    }
+
+    /// [`Conn::send`] with up to two fds.
+    pub fn send_fds(&self, reply: &Reply, payload: &[u8], fds: &[BorrowedFd<'_>]) {
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(2))];
         let mut anc = SendAncillaryBuffer::new(&mut space);
-        if let Some(fd) = fd {
-            fds = [fd];
-            anc.push(SendAncillaryMessage::ScmRights(&fds));
+        if !fds.is_empty() {
+            anc.push(SendAncillaryMessage::ScmRights(&fds[..fds.len().min(2)]));
         }
         let iov = [IoSlice::new(reply.as_bytes()), IoSlice::new(payload)];
         let n = if payload.is_empty() { 1 } else { 2 };
@@ -125,5 +128,14 @@ impl Conn {
     /// The socket, for poll.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
+    }
+
+    /// Wait until a message (or the end) can be read.
+    pub fn wait_readable(&self) {
+        let mut fds = [rustix::event::PollFd::from_borrowed_fd(
+            self.sock.as_fd(),
+            rustix::event::PollFlags::IN,
+        )];
+        let _ = rustix::event::poll(&mut fds, None);
     }
 }

@@ -7,6 +7,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::abi::boundary::{
     Decoded, MmapArgs, Op, PageRun, Reply, F_EXEC, F_POSITIONAL, F_WRITE_FAULT, MAX_PAYLOAD,
 };
+use crate::host::files::FileKind;
 use crate::host::Host;
 use crate::uapi::{Errno, Pid, SysResult};
 
@@ -30,6 +31,10 @@ pub enum Effect {
     ForkAbort(Pid),
     /// The program asked for a live update (`reboot(LINUX_REBOOT_CMD_KEXEC)`).
     Kexec,
+    /// The call created the vCPU file `FileId`: start its thread and pass the program its fds.
+    Vcpu(crate::fs::FileId),
+    /// Kick the vCPU file `FileId` out of `KVM_RUN`.
+    Kick(crate::fs::FileId),
 }
 
 /// The answer to one request.
@@ -144,6 +149,13 @@ pub fn serve(host: &mut Host, pid: Pid, d: &Decoded<'_>) -> Answer {
                 Some((fd, cloexec)) => [fd as u64, cloexec as u64, 0],
                 None => [u64::MAX, 0, 0],
             };
+            if let Some((fd, _)) = installed {
+                if let Ok(f) = host.fd_file(pid, fd) {
+                    if matches!(host.files().kind(f), Some(FileKind::Vcpu(_))) {
+                        a.effect = Effect::Vcpu(f);
+                    }
+                }
+            }
             a
         }
         Op::MemfdCreate => {
@@ -262,6 +274,14 @@ pub fn serve(host: &mut Host, pid: Pid, d: &Decoded<'_>) -> Answer {
             a.effect = Effect::Kexec;
             a
         }
+        Op::Kick => match host.fd_file(pid, q.fd) {
+            Ok(f) => {
+                let mut a = Answer::ret(Ok(0));
+                a.effect = Effect::Kick(f);
+                a
+            }
+            Err(e) => Answer::err(e),
+        },
         Op::RamFd => {
             let mut a = Answer::ret(Ok(0));
             a.effect = Effect::PassRam;

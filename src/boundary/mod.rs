@@ -19,3 +19,4 @@ pub mod conn;
 pub mod dispatch;
 pub mod run;
 pub mod spawn;
+pub mod vcpu;

@@ -163,6 +163,9 @@ enum Event {
 
 struct Server {
     conns: Vec<Conn>,
+    /// The kickers of the programs' vCPU threads, by vCPU file.
+    kickers:
+        std::collections::HashMap<crate::fs::FileId, std::sync::Arc<crate::kvm::vcpu::VcpuKicker>>,
     buf: Vec<u8>,
     main_pid: i32,
     main_status: Option<i32>,
@@ -190,6 +193,7 @@ impl Server {
         conn.expect = Expect::Pid(main_pid);
         Ok(Server {
             conns: vec![conn],
+            kickers: Default::default(),
             buf: Vec::new(),
             main_pid,
             main_status: None,
@@ -397,14 +401,66 @@ impl Server {
                 self.conns[i.min(self.conns.len() - 1)].send(&a.reply, &[], None);
             }
             Effect::Kexec => return Some(pid),
+            Effect::Kick(f) => {
+                if let Some(k) = self.kickers.get(&f) {
+                    if let Err(e) = k.kick() {
+                        tracing::warn!("run: cannot kick a vCPU: {e}");
+                    }
+                }
+                self.conns[i].send(&a.reply, &a.payload, None);
+            }
+            Effect::Vcpu(f) => self.start_vcpu(host, i, f, who, a),
         }
         None
+    }
+
+    /// The program's call created vCPU file `f`: its thread and socket, then the reply with
+    /// the real vCPU fd and the program's end of that socket. Without them the call fails
+    /// (ENOMEM) and the vCPU file is closed again.
+    fn start_vcpu(
+        &mut self,
+        host: &mut Host,
+        i: usize,
+        f: crate::fs::FileId,
+        who: i32,
+        mut a: Answer,
+    ) {
+        let vcpu = match host.files().kind(f) {
+            Some(crate::host::files::FileKind::Vcpu(v)) => v.vcpu.clone(),
+            _ => return self.conns[i].send(&a.reply, &a.payload, None),
+        };
+        let kicker = std::sync::Arc::new(crate::kvm::vcpu::VcpuKicker::new());
+        let started = spawn::process_socket().and_then(|(mine, theirs)| {
+            super::vcpu::spawn(vcpu.clone(), mine, who, kicker.clone()).map(|()| theirs)
+        });
+        match started {
+            Ok(theirs) => {
+                self.kickers.insert(f, kicker);
+                a.reply.b[2] = 1;
+                let v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+                // SAFETY: the vCPU fd stays open while the guard is held (the VcpuFd owns it).
+                let real = unsafe {
+                    std::os::fd::BorrowedFd::borrow_raw(std::os::fd::AsRawFd::as_raw_fd(&*v))
+                };
+                self.conns[i].send_fds(&a.reply, &a.payload, &[real, theirs.as_fd()]);
+            }
+            Err(e) => {
+                tracing::warn!("run: cannot start a vCPU thread: {e}");
+                let fd = a.reply.b[0] as i32;
+                let _ = host.close(self.conns[i].pid, fd);
+                self.conns[i].send(&Answer::err(Errno::ENOMEM).reply, &[], None);
+            }
+        }
     }
 
     /// Stop every user process, then kexec. Returns only if the update failed; the processes
     /// run again then.
     fn update(&mut self, host: &mut Host) -> crate::kexec::reboot::KexecError {
         spawn::stop_all();
+        // vCPUs the programs left running stop too (KVM_RUN returns EINTR to nobody).
+        for k in self.kickers.values() {
+            let _ = k.kick();
+        }
         host.report("run-kexec", json!({ "processes": self.conns.len() }));
         let Err(e) = host.kexec(KexecRequest::default());
         spawn::cont_all();

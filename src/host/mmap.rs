@@ -53,6 +53,22 @@ impl Host {
         }
         // Linux: a length that cannot be rounded up to pages is ENOMEM.
         let len = crate::mm::page_round_up(len).ok_or(Errno::ENOMEM)?;
+        let id = self.map_file(pid, file, off / PAGE_SIZE, len, writable)?;
+        let addr = self.maps.get(&id).map_or(0, |m| m.window.base() as usize);
+        Ok(UserMapping { id, addr, len })
+    }
+
+    /// Map `len` bytes (whole pages) of `file` from page `pgoff` into a new window of `pid`,
+    /// its present pages at once; the mapping holds a file reference and counts as a writer
+    /// if `writable`.
+    pub(crate) fn map_file(
+        &mut self,
+        pid: Pid,
+        file: FileId,
+        pgoff: u64,
+        len: u64,
+        writable: bool,
+    ) -> SysResult<MapId> {
         let window = Arc::new(VaWindow::reserve(len).map_err(Errno::from)?);
         // Counted only once the mapping exists, so a failed mmap leaves no writer behind.
         if writable {
@@ -63,13 +79,12 @@ impl Host {
         self.fget(file);
         self.next_map += 1;
         let id = self.next_map;
-        let addr = window.base() as usize;
         self.maps.insert(
             id,
             Mapping {
                 pid,
                 file,
-                pgoff: off / PAGE_SIZE,
+                pgoff,
                 writable,
                 window,
             },
@@ -78,7 +93,7 @@ impl Host {
             p.maps.push(id);
         }
         self.map_present(id);
-        Ok(UserMapping { id, addr, len })
+        Ok(id)
     }
 
     /// `munmap` of a whole mapping of `pid` (EINVAL if `pid` has no such mapping); drops the
@@ -122,25 +137,31 @@ impl Host {
         self.fput(m.file);
     }
 
-    /// The window of the caller's mapping that holds all of `addr..addr+len`, for a memslot.
-    /// EFAULT if the range is not inside one mapping of `pid`.
+    /// The window of the caller's mapping that holds all of `addr..addr+len`, for a memslot,
+    /// and the offset of `addr` in it: one of the host's mappings of the process, or else one
+    /// of its mappings in a real process's address space (see `Host::remote_window`). EFAULT
+    /// if the range is not inside one mapping of `pid`.
     pub(crate) fn user_window(
-        &self,
+        &mut self,
         pid: Pid,
         addr: u64,
         len: u64,
-    ) -> SysResult<(MapId, Arc<VaWindow>)> {
+    ) -> SysResult<(MapId, Arc<VaWindow>, u64)> {
         let end = addr.checked_add(len).ok_or(Errno::EFAULT)?;
         let p = self.procs.get(&pid).ok_or(Errno::EINVAL)?;
-        p.maps
+        let local = p
+            .maps
             .iter()
             .filter_map(|id| self.maps.get(id).map(|m| (*id, m)))
             .find(|(_, m)| {
                 let b = m.window.base() as u64;
                 addr >= b && end <= b + m.window.len()
             })
-            .map(|(id, m)| (id, m.window.clone()))
-            .ok_or(Errno::EFAULT)
+            .map(|(id, m)| (id, m.window.clone(), addr - m.window.base() as u64));
+        match local {
+            Some(l) => Ok(l),
+            None => self.remote_window(pid, addr, len),
+        }
     }
 
     /// Physical address of page `index` of `file`, if present.
@@ -375,7 +396,7 @@ mod tests {
         let m = h
             .mmap(pid, fd, 8192, libc::PROT_READ, libc::MAP_SHARED, 0)
             .unwrap();
-        let (_, w) = h.user_window(pid, m.addr as u64, 8192).unwrap();
+        let (_, w, _) = h.user_window(pid, m.addr as u64, 8192).unwrap();
         assert_eq!(
             h.user_window(pid, m.addr as u64, 8193).err(),
             Some(Errno::EFAULT)

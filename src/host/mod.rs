@@ -5,6 +5,7 @@
 
 mod boot;
 pub mod files;
+pub use kvm::passthrough::vcpu_ioctl;
 mod kexec;
 #[cfg(test)]
 mod kho_tests;

@@ -60,10 +60,14 @@ impl Host {
     /// `fork()`: a new process with the same host fds and mappings, each holding its own
     /// reference, as Linux copies the fd table and the address space.
     pub fn fork(&mut self, pid: Pid) -> SysResult<Pid> {
-        let (fds, remote) = {
+        let (fds, mut remote) = {
             let p = self.proc_ref(pid)?;
             (p.fds.clone(), p.remote.clone())
         };
+        // The host's shadow mappings (for memslots) stay the parent's.
+        for m in &mut remote {
+            m.shadow = None;
+        }
         for e in fds.values() {
             self.fget(e.file);
         }
@@ -146,6 +150,14 @@ impl Host {
                     m.writable_maps += 1;
                 }
             }
+            Some(FileKind::GuestMemfd(g)) => {
+                if g.flags & crate::abi::kvm::GUEST_MEMFD_FLAG_MMAP == 0 {
+                    return Err(Errno::ENODEV);
+                }
+                if a.flags as i32 & libc::MAP_SHARED == 0 {
+                    return Err(Errno::EINVAL);
+                }
+            }
             Some(_) => return Err(Errno::ENODEV),
             None => return Err(Errno::EBADF),
         }
@@ -158,12 +170,13 @@ impl Host {
             writable,
             ra_next: u64::MAX,
             ra_pages: 0,
+            shadow: None,
         };
         let runs = self.present_runs(file, m.pgoff, m.pgoff + m.npages());
         match self.procs.get_mut(&pid) {
             Some(p) => p.remote.push(m),
             None => {
-                self.drop_remote(m);
+                self.drop_remote(pid, m);
                 return Err(Errno::EINVAL);
             }
         }
@@ -224,7 +237,7 @@ impl Host {
             p.remote = keep;
         }
         for m in gone {
-            self.drop_remote(m);
+            self.drop_remote(pid, m);
         }
         Ok(())
     }
@@ -235,17 +248,88 @@ impl Host {
             return;
         };
         for m in std::mem::take(&mut p.remote) {
-            self.drop_remote(m);
+            self.drop_remote(pid, m);
         }
     }
 
-    pub(crate) fn drop_remote(&mut self, m: RemoteMapping) {
+    /// A program mapping is gone: its file reference goes, and the host's shadow mapping of it
+    /// once no piece of it is left (a memslot still using the shadow keeps it reserved, with
+    /// no page in it, as after munmap on Linux).
+    pub(crate) fn drop_remote(&mut self, pid: Pid, m: RemoteMapping) {
         if m.writable {
             if let Some(FileKind::Memfd(f)) = self.files.kind_mut(m.file) {
                 f.writable_maps = f.writable_maps.saturating_sub(1);
             }
         }
+        if let Some(shadow) = m.shadow {
+            let used = self
+                .procs
+                .get(&pid)
+                .is_some_and(|p| p.remote.iter().any(|r| r.shadow == Some(shadow)));
+            if !used {
+                if let Some(p) = self.procs.get_mut(&pid) {
+                    p.maps.retain(|&x| x != shadow);
+                }
+                self.unmap_id(shadow);
+            }
+        }
         self.fput(m.file);
+    }
+
+    /// The host window behind `addr..addr+len` of a program's host mapping, for a memslot:
+    /// the host's shadow mapping of the same file range (made on first use), and the offset of
+    /// `addr` in it. The file's pages in the range are allocated now, as a memslot pins them
+    /// (KVM cannot fault a hole of an ordinary mapping in). EFAULT if the range is not inside
+    /// one host mapping of the program.
+    pub(crate) fn remote_window(
+        &mut self,
+        pid: Pid,
+        addr: u64,
+        len: u64,
+    ) -> SysResult<(crate::uapi::MapId, std::sync::Arc<crate::mm::VaWindow>, u64)> {
+        let end = addr.checked_add(len).ok_or(Errno::EFAULT)?;
+        let p = self.procs.get(&pid).ok_or(Errno::EINVAL)?;
+        let i = p
+            .remote
+            .iter()
+            .position(|m| addr >= m.addr && end <= m.addr + m.len)
+            .ok_or(Errno::EFAULT)?;
+        let m = p.remote[i];
+        let off = addr - m.addr;
+        let (a, b) = (m.pgoff + off / PAGE_SIZE, m.pgoff + (off + len) / PAGE_SIZE);
+        let filled = match self.files.kind_mut(m.file) {
+            Some(FileKind::Memfd(f)) => {
+                let b = b.min(f.size.div_ceil(PAGE_SIZE));
+                f.pages.fill(&mut self.mm, a, b).map_err(Errno::from)?
+            }
+            _ => Vec::new(),
+        };
+        for (i, n) in filled {
+            self.map_file_range(m.file, i, i + n);
+        }
+        let shadow = match m.shadow.filter(|s| self.maps.contains_key(s)) {
+            Some(s) => s,
+            None => {
+                let s = self.map_file(pid, m.file, m.pgoff, m.len, m.writable)?;
+                // Every piece of the program mapping shares it.
+                if let Some(p) = self.procs.get_mut(&pid) {
+                    for r in p
+                        .remote
+                        .iter_mut()
+                        .filter(|r| r.addr == m.addr && r.file == m.file)
+                    {
+                        r.shadow = Some(s);
+                    }
+                }
+                s
+            }
+        };
+        let w = self
+            .maps
+            .get(&shadow)
+            .map(|x| x.window.clone())
+            .ok_or(Errno::EFAULT)?;
+        Ok((shadow, w, off))
     }
 
     /// A page fault at `addr` in one of the program's host mappings: allocate the holes of a
@@ -273,17 +357,23 @@ impl Host {
         m.ra_next = end;
         m.ra_pages = block;
         let file = m.file;
-        let filled = match self.files.kind_mut(file) {
-            Some(FileKind::Memfd(f)) => {
-                let size_pages = f.size.div_ceil(PAGE_SIZE);
-                if idx >= size_pages {
-                    return Err(Errno::EFAULT);
-                }
-                f.pages
-                    .fill(&mut self.mm, idx, end.min(size_pages))
-                    .map_err(Errno::from)?
+        let (pages, size_pages, can_alloc) = match self.files.kind_mut(file) {
+            Some(FileKind::Memfd(f)) => (&mut f.pages, f.size.div_ceil(PAGE_SIZE), true),
+            // Host access to a guest_memfd needs INIT_SHARED; a frozen one allocates nothing.
+            Some(FileKind::GuestMemfd(g)) if g.init_shared() => {
+                (&mut g.pages, g.size / PAGE_SIZE, !g.frozen)
             }
             _ => return Err(Errno::EFAULT),
+        };
+        if idx >= size_pages || (!can_alloc && pages.get(idx).is_none()) {
+            return Err(Errno::EFAULT);
+        }
+        let filled = if can_alloc {
+            pages
+                .fill(&mut self.mm, idx, end.min(size_pages))
+                .map_err(Errno::from)?
+        } else {
+            Vec::new()
         };
         for (i, n) in filled {
             self.map_file_range(file, i, i + n);

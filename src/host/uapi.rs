@@ -32,7 +32,7 @@ impl Host {
             self.unmap_id(m);
         }
         for m in p.remote {
-            self.drop_remote(m);
+            self.drop_remote(pid, m);
         }
         for d in p.pending_free {
             if let Err(e) = d.free(&mut self.mm) {
@@ -160,6 +160,10 @@ impl Host {
             }
             Some(FileKind::Kvm) => self.kvm_dev_ioctl(pid, cmd, arg),
             Some(FileKind::Vm(_)) => self.kvm_vm_ioctl(pid, f, cmd, arg),
+            Some(FileKind::Vcpu(v)) => {
+                let vcpu = v.vcpu.clone();
+                crate::host::kvm::passthrough::vcpu_ioctl(&vcpu, cmd, arg)
+            }
             Some(_) => Err(Errno::ENOTTY),
             None => Err(Errno::EBADF),
         }

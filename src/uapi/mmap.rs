@@ -70,6 +70,9 @@ pub struct RemoteMapping {
     pub ra_next: u64,
     /// Pages in the last fault-around block.
     pub ra_pages: u64,
+    /// The host's own mapping of the same file range ([`Mapping`], owned by the same process),
+    /// made when a memslot is set on this range: KVM needs an address in the host.
+    pub shadow: Option<MapId>,
 }
 
 impl RemoteMapping {

@@ -1,5 +1,6 @@
 //! KVM on the host: `/dev/kvm`, VM and vCPU files, guest_memfd, running vCPUs.
 
 mod guest_memfd;
+pub mod passthrough;
 pub(crate) mod run;
 mod vm;

@@ -12,7 +12,7 @@ use crate::uapi::{MapId, Pid, KERNEL_PID};
 use kvm_ioctls::{Kvm, VcpuFd};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use zerocopy::FromBytes;
+use zerocopy::{FromBytes, FromZeros};
 
 impl Host {
     /// The machine's KVM, opened once per image.
@@ -54,7 +54,7 @@ impl Host {
                 let f = self.kvm_create_vm_file(arg_u64(arg)?, None)?;
                 Ok(self.fd_install(pid, f, true)? as i64)
             }
-            _ => Err(Errno::ENOTTY),
+            _ => self.kvm_dev_passthrough(cmd, arg),
         }
     }
 
@@ -91,6 +91,25 @@ impl Host {
                 // Like the kernel: a guest_memfd fd is not close-on-exec.
                 Ok(self.fd_install(pid, f, false)? as i64)
             }
+            KVM_SET_USER_MEMORY_REGION => {
+                // The original call: the same as REGION2 without guest_memfd.
+                let v1 = arg.get(..32).ok_or(Errno::EFAULT)?;
+                let word =
+                    |i: usize| u64::from_ne_bytes(v1[i..i + 8].try_into().unwrap_or_default());
+                let slot = u32::from_ne_bytes(v1[0..4].try_into().unwrap_or_default());
+                let flags = u32::from_ne_bytes(v1[4..8].try_into().unwrap_or_default());
+                if flags & KVM_MEM_GUEST_MEMFD != 0 {
+                    return Err(Errno::EINVAL);
+                }
+                let mut r = UserMemoryRegion2::new_zeroed();
+                r.slot = slot;
+                r.flags = flags;
+                r.guest_phys_addr = word(8);
+                r.memory_size = word(16);
+                r.userspace_addr = word(24);
+                self.kvm_set_memory_region(pid, vm, &r)?;
+                Ok(0)
+            }
             KVM_SET_USER_MEMORY_REGION2 => {
                 let r = UserMemoryRegion2::read_from_bytes(arg.get(..160).ok_or(Errno::EFAULT)?)
                     .map_err(|_| Errno::EFAULT)?;
@@ -108,7 +127,7 @@ impl Host {
                 }));
                 Ok(self.fd_install(pid, f, true)? as i64)
             }
-            _ => Err(Errno::ENOTTY),
+            _ => self.kvm_vm_passthrough(vm, cmd, arg),
         }
     }
 
@@ -186,8 +205,7 @@ impl Host {
                 Some((gfile, r.guest_memfd_offset)),
             )
         } else {
-            let (m, w) = self.user_window(pid, r.userspace_addr, r.memory_size)?;
-            let off = r.userspace_addr - w.base() as u64;
+            let (m, w, off) = self.user_window(pid, r.userspace_addr, r.memory_size)?;
             (m, w, off, None)
         };
         if let Err(e) = inner.set_slot(

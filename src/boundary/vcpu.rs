@@ -1,0 +1,106 @@
+//! A program's vCPU, run by the host. This KVM serves vCPU ioctls only to the process that
+//! created the VM, so the host owns every real vCPU and performs its ioctls. Each vCPU a
+//! program creates gets a host thread and a socket of its own: the program's thread that calls
+//! `KVM_RUN` talks to that thread only, so vCPUs run concurrently and a long `KVM_RUN` blocks
+//! nothing else. `kvm_run` itself is the real page: the program maps the real vCPU fd it was
+//! passed, and reads and writes exit data in place.
+//!
+//! A signal to the program's thread while it waits for `KVM_RUN` makes the library send
+//! [`crate::abi::boundary::Op::Kick`] on the process socket; the serve loop kicks this thread
+//! ([`VcpuKicker`]), whose `KVM_RUN` returns EINTR, which the program's `ioctl` returns.
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VcpuFd;
+
+use crate::abi::boundary::{decode, Op, Reply};
+use crate::abi::kvm::KVM_RUN;
+use crate::kvm::vcpu::{run_kickable, VcpuKicker};
+use crate::uapi::Errno;
+
+use super::conn::{Conn, Expect, Recv};
+
+/// Start the thread that serves vCPU `vcpu` to the program whose real pid is `owner`, on the
+/// host end `sock` of the vCPU's socket. It ends when the program's end is closed.
+pub fn spawn(
+    vcpu: Arc<Mutex<VcpuFd>>,
+    sock: OwnedFd,
+    owner: i32,
+    kicker: Arc<VcpuKicker>,
+) -> std::io::Result<()> {
+    let mut conn = Conn::new(sock, 0, Expect::Pid(owner))?;
+    conn.real = Some(owner);
+    std::thread::Builder::new()
+        .name("boundary-vcpu".into())
+        .spawn(move || serve(&vcpu, &conn, &kicker))?;
+    Ok(())
+}
+
+fn serve(vcpu: &Mutex<VcpuFd>, conn: &Conn, kicker: &VcpuKicker) {
+    let _target = match kicker.register_current_thread() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("boundary: vCPU thread cannot be kicked: {e}");
+            return;
+        }
+    };
+    let mut buf = Vec::new();
+    loop {
+        conn.wait_readable();
+        let (n, who) = match conn.recv(&mut buf) {
+            Recv::Closed => return,
+            Recv::Empty => continue,
+            Recv::Truncated(_) => {
+                conn.send(&err(Errno::EINVAL), &[], None);
+                continue;
+            }
+            Recv::Msg(n, who) => (n, who),
+        };
+        // As KVM: a vCPU serves only the process that created its VM.
+        if who != conn.real {
+            conn.send(&err(Errno::EIO), &[], None);
+            continue;
+        }
+        let d = match decode(&buf[..n]) {
+            Ok(d) if d.op == Op::Ioctl => d,
+            _ => {
+                conn.send(&err(Errno::EINVAL), &[], None);
+                continue;
+            }
+        };
+        let cmd = d.req.a[0];
+        let mut arg = d.payload.to_vec();
+        let r = if cmd == KVM_RUN {
+            run(vcpu, kicker)
+        } else {
+            crate::host::vcpu_ioctl(vcpu, cmd, &mut arg)
+        };
+        let reply = Reply {
+            ret: r.unwrap_or_else(|e| -(e.0 as i64)),
+            b: [0; 3],
+        };
+        conn.send(&reply, &arg, None);
+    }
+}
+
+/// `KVM_RUN`, kickable; a kick makes it return EINTR (and is consumed).
+fn run(vcpu: &Mutex<VcpuFd>, kicker: &VcpuKicker) -> Result<i64, Errno> {
+    let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+    let r = run_kickable(&mut v)
+        .map(|_| 0)
+        .map_err(|e| Errno(e.errno()));
+    // A kick that arrived after the exit stays pending: the next run returns EINTR at once,
+    // as a signal pending at KVM_RUN makes it.
+    if r == Err(Errno::EINTR) {
+        kicker.take_kick();
+    }
+    r
+}
+
+fn err(e: Errno) -> Reply {
+    Reply {
+        ret: -(e.0 as i64),
+        b: [0; 3],
+    }
+}
