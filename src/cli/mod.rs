@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod boot;
 pub mod demo;
+pub mod guest_image;
 pub mod inspect;
 pub mod run;
 pub mod soak;
@@ -44,6 +45,9 @@ pub enum Command {
     Run(run::RunCmd),
     /// One guest through many live updates in a row: failures, leaked frames, memory use.
     Soak(soak::SoakArgs),
+    /// Write the test guest's low-memory image to a file (for VMMs outside this crate).
+    #[command(hide = true)]
+    GuestImage(guest_image::GuestImageArgs),
 }
 
 /// Log to stderr through `tracing` at the level `-v` asks for (info, debug, trace), unless
@@ -74,5 +78,6 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Bench(a) => bench::run(a),
         Command::Soak(a) => soak::run(a),
         Command::Run(a) => run::run(a),
+        Command::GuestImage(a) => guest_image::run(a),
     }
 }
