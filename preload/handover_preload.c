@@ -895,9 +895,25 @@ static ssize_t host_write(int fd, const void *buf, size_t count, int64_t pos, in
 	return (ssize_t)done;
 }
 
+/* The real kernel writing into a host mapping's hole fails with EFAULT (no SIGSEGV reaches
+ * the fault handler): serve the holes of a buffer first. */
+static void pretouch_if_host(const void *buf, size_t n)
+{
+	if (sock < 0 || !n)
+		return;
+	lock();
+	int o = overlaps_region((uint64_t)(uintptr_t)buf, n);
+	unlock();
+	if (o)
+		pretouch(buf, n);
+}
+
 EXPORT ssize_t read(int fd, void *buf, size_t n)
 {
-	return is_host(fd) ? host_read(fd, buf, n, 0, 0) : syscall(SYS_read, fd, buf, n);
+	if (is_host(fd))
+		return host_read(fd, buf, n, 0, 0);
+	pretouch_if_host(buf, n);
+	return syscall(SYS_read, fd, buf, n);
 }
 EXPORT ssize_t write(int fd, const void *buf, size_t n)
 {
@@ -905,8 +921,10 @@ EXPORT ssize_t write(int fd, const void *buf, size_t n)
 }
 EXPORT ssize_t pread(int fd, void *buf, size_t n, off_t off)
 {
-	if (!is_host(fd))
+	if (!is_host(fd)) {
+		pretouch_if_host(buf, n);
 		return syscall(SYS_pread64, fd, buf, n, off);
+	}
 	if (off < 0)
 		return fail(-EINVAL);
 	return host_read(fd, buf, n, off, 1);

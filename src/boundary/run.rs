@@ -7,6 +7,7 @@
 //! `argv` after an update) and `kexecs=N`.
 
 use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
 
 use rustix::event::{poll, PollFd, PollFlags};
 use serde_json::json;
@@ -80,8 +81,37 @@ impl RunArgs {
     }
 }
 
-/// The program: see the module documentation.
-pub fn run(host: &mut Host) -> InitOutcome {
+/// The program: see the module documentation. The host goes into a mutex for the time the
+/// programs run: the guest fault service (guest_memfd holes touched by a program's guest)
+/// locks it between requests.
+pub fn run_owned(host: Host) -> (Host, InitOutcome) {
+    let host = Arc::new(Mutex::new(host));
+    if let Err(e) = Host::start_fault_service(&host) {
+        tracing::warn!("run: no guest fault service: {e}");
+    }
+    let outcome = run(&host);
+    match Arc::try_unwrap(host) {
+        Ok(m) => (m.into_inner().unwrap_or_else(|e| e.into_inner()), outcome),
+        Err(_) => {
+            // Something still holds the host (it cannot: the fault service keeps a weak
+            // reference): end here with the outcome rather than lose it.
+            tracing::error!("run: the host is still shared at the end");
+            let code = match outcome {
+                InitOutcome::Halt(c) => c,
+                InitOutcome::Kexec => 1,
+            };
+            std::process::exit(code)
+        }
+    }
+}
+
+fn lock(host: &Mutex<Host>) -> std::sync::MutexGuard<'_, Host> {
+    host.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn run(shared: &Mutex<Host>) -> InitOutcome {
+    let mut guard = lock(shared);
+    let host: &mut Host = &mut guard;
     let args = match RunArgs::parse(&host.params().init_args) {
         Ok(a) => a,
         Err(e) => {
@@ -114,8 +144,11 @@ pub fn run(host: &mut Host) -> InitOutcome {
         "run-start",
         json!({ "argv": argv, "kexecs": args.kexecs, "pid": s.main_pid }),
     );
+    drop(guard);
     loop {
-        let code = s.serve_until_event(host);
+        let code = s.serve_until_event(shared);
+        let mut guard = lock(shared);
+        let host: &mut Host = &mut guard;
         match code {
             Event::MainExited(status) => {
                 host.report("run-exit", json!({ "status": status }));
@@ -200,7 +233,7 @@ impl Server {
         })
     }
 
-    fn serve_until_event(&mut self, host: &mut Host) -> Event {
+    fn serve_until_event(&mut self, host: &Mutex<Host>) -> Event {
         loop {
             if let Some(st) = self.main_status {
                 return Event::MainExited(st);
@@ -286,7 +319,7 @@ impl Server {
     }
 
     /// Receive and serve one message on connection `i`.
-    fn serve_one(&mut self, host: &mut Host, i: usize) -> Option<Served> {
+    fn serve_one(&mut self, host: &Mutex<Host>, i: usize) -> Option<Served> {
         let mut buf = std::mem::take(&mut self.buf);
         let r = match self.conns.get(i)?.recv(&mut buf) {
             Recv::Empty => Served::Empty,
@@ -297,7 +330,7 @@ impl Server {
                 }
                 Served::Done
             }
-            Recv::Msg(n, who) => match self.handle(host, i, &buf[..n], who) {
+            Recv::Msg(n, who) => match self.handle(&mut lock(host), i, &buf[..n], who) {
                 Some(p) => Served::Reboot(p),
                 None => Served::Done,
             },
@@ -308,11 +341,14 @@ impl Server {
 
     /// The processes `pids` are gone (the last holder of each socket closed it): their fds
     /// close and their mappings go, with the LUO consequences; exited children are reaped.
-    fn close(&mut self, host: &mut Host, pids: &[crate::uapi::Pid]) {
-        for &pid in pids {
-            host.exit(pid);
-            self.conns.retain(|c| c.pid != pid);
+    fn close(&mut self, host: &Mutex<Host>, pids: &[crate::uapi::Pid]) {
+        if !pids.is_empty() {
+            let mut h = lock(host);
+            for &pid in pids {
+                h.exit(pid);
+            }
         }
+        self.conns.retain(|c| !pids.contains(&c.pid));
         for (pid, st) in spawn::reap_children() {
             if pid == self.main_pid {
                 self.main_status = Some(exit_code(st));

@@ -170,7 +170,7 @@ pub fn init_programs() -> InitPrograms {
     p.add(Program {
         name: crate::boundary::run::NAME,
         about: crate::boundary::run::ABOUT,
-        entry: Entry::InPlace(crate::boundary::run::run),
+        entry: Entry::Owned(crate::boundary::run::run_owned),
     });
     #[cfg(feature = "test-hooks")]
     p.add(Program {

@@ -334,7 +334,7 @@ impl Host {
 
     /// A page fault at `addr` in one of the program's host mappings: allocate the holes of a
     /// fault-around block (one page, doubling on sequential faults up to
-    /// [`FAULT_AROUND_MAX`]) and return the runs to map. EFAULT outside any host mapping or
+    /// `FAULT_AROUND_MAX`) and return the runs to map. EFAULT outside any host mapping or
     /// past the end of the file (the program raises SIGBUS), EACCES for a write to a read-only
     /// mapping (SIGSEGV).
     pub fn remote_fault(&mut self, pid: Pid, addr: u64, write: bool) -> SysResult<Vec<PageRun>> {
