@@ -46,11 +46,20 @@ fn serve(vcpu: &Mutex<VcpuFd>, conn: &Conn, kicker: &VcpuKicker) {
         }
     };
     let mut buf = Vec::new();
+    let mut spin_until = 0;
     loop {
-        conn.wait_readable();
+        // After an exit the program usually answers within microseconds (port I/O): wait for
+        // its next call spinning, yielding the CPU, before sleeping, as the serve loop does.
         let (n, who) = match conn.recv(&mut buf) {
             Recv::Closed => return,
-            Recv::Empty => continue,
+            Recv::Empty => {
+                if crate::time::monotonic_ns() < spin_until {
+                    std::thread::yield_now();
+                } else {
+                    conn.wait_readable();
+                }
+                continue;
+            }
             Recv::Truncated(_) => {
                 conn.send(&err(Errno::EINVAL), &[], None);
                 continue;
@@ -81,8 +90,12 @@ fn serve(vcpu: &Mutex<VcpuFd>, conn: &Conn, kicker: &VcpuKicker) {
             b: [0; 3],
         };
         conn.send(&reply, &arg, None);
+        spin_until = crate::time::monotonic_ns() + SPIN_NS;
     }
 }
+
+/// How long the vCPU thread waits, spinning, for the program's next call (ns).
+const SPIN_NS: u64 = 50_000;
 
 /// `KVM_RUN`, kickable; a kick makes it return EINTR (and is consumed).
 fn run(vcpu: &Mutex<VcpuFd>, kicker: &VcpuKicker) -> Result<i64, Errno> {
