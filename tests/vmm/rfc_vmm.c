@@ -4,6 +4,9 @@
  *
  *   rfc_vmm IMAGE_WRITE IMAGE_VERIFY [--low malloc|memfd] [--order vm-first|gmem-first]
  *           [--native [--corrupt OFFSET]] [--skip-negative]
+ *   rfc_vmm IMAGE_WRITE IMAGE_VERIFY --spin exits|tight [--native] [--low ...]
+ *   rfc_vmm IMAGE_WRITE IMAGE_VERIFY --eintr signal|immediate|probe [--native] [--low ...]
+ *   rfc_vmm IMAGE_WRITE IMAGE_VERIFY --vmm-child exits|tight [--low ...] [--order ...]
  *   rfc_vmm --print-sregs
  *
  * The images come from `handover guest-image` (the CPL3 test guest of src/vmm/guest/, loaded at
@@ -19,6 +22,27 @@
  * report VERIFY_FAILED at exactly that offset: the check that the verify run can fail.
  * --skip-negative (for debugging) skips the LUO negative cases of stage 1.
  *
+ * For the tests that kill VMMs and interrupt KVM_RUN, the guest runs in RUN_UPDATE mode: it
+ * writes the pattern, reports WRITTEN, then loops on the clock port. "exits" keeps it there
+ * (two I/O exits per loop, proceed is always 0); "tight" parks it instead on a `jmp .` written
+ * over the instruction after its WRITTEN report, so KVM_RUN never returns on its own.
+ *
+ * --spin: build the VM, let the guest write, preserve the VM and the guest_memfd in a session
+ * (not with --native), print "rfc_vmm: spinning: pid P, KIND..." and run the guest forever. For
+ * a test that SIGKILLs the VMM while its vCPU is in KVM_RUN.
+ * --eintr STEP: the guest parked ("tight"), a SIGALRM handler without SA_RESTART, then one
+ * of: "signal", a timer signal 50 ms into KVM_RUN must make it return -1/EINTR; "immediate",
+ * KVM_RUN with kvm_run->immediate_exit = 1 must return -1/EINTR at once, without a signal;
+ * "probe", signals that arrive 1-100 us into the call, counting those that did not end it
+ * (it went on until a later signal: lost). Each prints one "rfc_vmm: eintr: ..." result line,
+ * then the guest is let go and must verify its data. KVM_RUN failing otherwise than with EINTR
+ * is fatal (exit 1).
+ * --vmm-child: stage 1 split in two processes. The main process creates the sessions and
+ * forks a VMM child, which builds the VM, lets the guest write, preserves the VM and the
+ * guest_memfd into the inherited session, prints "rfc_vmm: vmm child running: pid P, KIND, ..."
+ * and runs the guest forever. When the child has died by a signal (the test SIGKILLs it), the
+ * main process, which still holds the sessions, updates. Stage 2 as usual.
+ *
  * Every ioctl number and struct this needs beyond the build machine's <linux/kvm.h> is defined
  * here (guarded), with the upstream values; the static asserts pin the request numbers.
  */
@@ -26,6 +50,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <linux/kvm.h>
 #include <stddef.h>
@@ -37,6 +62,8 @@
 #include <sys/mman.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -146,6 +173,7 @@ _Static_assert(KVM_SET_CPUID2 == 0x4008ae90, "KVM_SET_CPUID2");
 
 #define MODE_WRITE 1
 #define MODE_VERIFY 2
+#define MODE_RUN_UPDATE 3
 #define STATUS_NONE 0
 #define STATUS_WRITTEN 1
 #define STATUS_VERIFY_OK 2
@@ -175,6 +203,8 @@ _Static_assert(KVM_SET_CPUID2 == 0x4008ae90, "KVM_SET_CPUID2");
 
 enum low_kind { LOW_MEMFD, LOW_MALLOC };
 enum order { VM_FIRST, GMEM_FIRST };
+enum spin { SPIN_NONE, SPIN_EXITS, SPIN_TIGHT };
+enum eintr { EINTR_NONE, EINTR_SIGNAL, EINTR_IMMEDIATE, EINTR_PROBE };
 
 struct opts {
 	const char *image_write;
@@ -184,6 +214,9 @@ struct opts {
 	int native;
 	int skip_negative; /* debugging: go straight to the main flow */
 	long long corrupt; /* data offset to flip before the native verify run, or -1 */
+	enum spin spin;    /* --spin KIND */
+	enum eintr eintr;  /* --eintr STEP */
+	enum spin child;   /* --vmm-child KIND */
 };
 
 /* What the state session's memfd holds. */
@@ -877,6 +910,32 @@ static void write_state(int dev, const struct opts *o)
 	/* The session fd stays open (and this process alive) until the update. */
 }
 
+/* PRESERVE_FD of the VM (token VM_TOKEN) and the guest_memfd (GMEM_TOKEN) into session `s`. */
+static void preserve_vm_and_gmem(int s, enum order order, int vm, int gmem)
+{
+	int r;
+
+	if (order == VM_FIRST) {
+		r = lu_preserve_fd(s, vm, VM_TOKEN);
+		if (r < 0) {
+			errno = -r;
+			die("preserve the VM");
+		}
+		r = lu_preserve_fd(s, gmem, GMEM_TOKEN);
+	} else {
+		r = lu_preserve_fd(s, gmem, GMEM_TOKEN);
+		if (r < 0) {
+			errno = -r;
+			die("preserve the guest_memfd");
+		}
+		r = lu_preserve_fd(s, vm, VM_TOKEN);
+	}
+	if (r < 0) {
+		errno = -r;
+		die(order == VM_FIRST ? "preserve the guest_memfd" : "preserve the VM");
+	}
+}
+
 static int stage1(const struct opts *o, int dev)
 {
 	int kvm = open_kvm();
@@ -945,25 +1004,7 @@ static int stage1(const struct opts *o, int dev)
 		errno = -s;
 		die("create session " SESSION);
 	}
-	if (o->order == VM_FIRST) {
-		r = lu_preserve_fd(s, vm, VM_TOKEN);
-		if (r < 0) {
-			errno = -r;
-			die("preserve the VM");
-		}
-		r = lu_preserve_fd(s, gmem, GMEM_TOKEN);
-	} else {
-		r = lu_preserve_fd(s, gmem, GMEM_TOKEN);
-		if (r < 0) {
-			errno = -r;
-			die("preserve the guest_memfd");
-		}
-		r = lu_preserve_fd(s, vm, VM_TOKEN);
-	}
-	if (r < 0) {
-		errno = -r;
-		die(o->order == VM_FIRST ? "preserve the guest_memfd" : "preserve the VM");
-	}
+	preserve_vm_and_gmem(s, o->order, vm, gmem);
 	write_state(dev, o);
 	printf("rfc_vmm: stage 1: VM and guest_memfd preserved (%s), updating\n",
 	       o->order == VM_FIRST ? "vm-first" : "gmem-first");
@@ -1040,18 +1081,336 @@ static int stage2(const struct opts *o, int dev, int state_s)
 	return 0;
 }
 
+/* ---- Guests that keep running: killed VMMs, EINTR ---- */
+
+/*
+ * Where "tight" parks the guest: the instruction after RUN_UPDATE mode's WRITTEN report
+ * (`mov $PORT_CLOCK,%edx`, ba 84 0e 00 00, at code offset 0x70 of src/vmm/guest/program.rs).
+ * Its first two bytes become `jmp .` (eb fe); putting them back lets the guest go on.
+ */
+#define PARK_OFF 0x70
+static const unsigned char park_jmp[2] = { 0xeb, 0xfe };
+static const unsigned char park_orig[2] = { 0xba, 0x84 };
+
+struct machine {
+	int vm, gmem;
+	unsigned char *gmem_map;
+	struct low_mem low;
+	struct vcpu v;
+};
+
+static const char *spin_name(enum spin k)
+{
+	return k == SPIN_TIGHT ? "tight" : "exits";
+}
+
+/*
+ * A VM with the guest_memfd at 4 GiB and low memory at 0, the write image switched to
+ * RUN_UPDATE mode, run until the guest reports WRITTEN: it then stands at its clock loop.
+ */
+static void machine_written(int kvm, const struct opts *o, struct machine *m)
+{
+	uint64_t status, mode = MODE_RUN_UPDATE;
+
+	m->vm = create_vm(kvm);
+	m->gmem = create_gmem(m->vm, GMEM_SIZE,
+			      GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
+	if (m->gmem < 0) {
+		errno = -m->gmem;
+		die("KVM_CREATE_GUEST_MEMFD");
+	}
+	m->gmem_map = map_gmem(m->gmem);
+	bind_gmem(m->vm, m->gmem, m->gmem_map);
+	m->low = alloc_low(o->low);
+	load_image(o->image_write, m->low.mem, MODE_WRITE);
+	memcpy(m->low.mem + MAILBOX_GPA + MB_MODE, &mode, sizeof(mode));
+	set_region(m->vm, SLOT_LOW, 0, 0, LOW_MEM_SIZE, m->low.mem, -1, 0);
+	m->v = create_vcpu(kvm, m->vm, 0);
+	status = run_guest(&m->v, m->low.mem, "write (run-update mode)");
+	if (status != STATUS_WRITTEN)
+		fail("guest status %" PRIu64 ", want %d (written)", status, STATUS_WRITTEN);
+}
+
+static void park(unsigned char *low)
+{
+	unsigned char *c = low + CODE_GPA + PARK_OFF;
+
+	if (memcmp(c, park_orig, sizeof(park_orig)))
+		fail("guest code at %#lx is %02x %02x, not mov $PORT_CLOCK,%%edx", CODE_GPA + PARK_OFF,
+		     c[0], c[1]);
+	memcpy(c, park_jmp, sizeof(park_jmp));
+}
+
+static void unpark(unsigned char *low)
+{
+	memcpy(low + CODE_GPA + PARK_OFF, park_orig, sizeof(park_orig));
+}
+
+/* Run the guest forever: its clock loop (proceed is always 0), or parked on `jmp .`. */
+static void spin_forever(struct vcpu *v, enum spin kind) __attribute__((noreturn));
+static void spin_forever(struct vcpu *v, enum spin kind)
+{
+	struct kvm_run *run = v->run;
+
+	for (;;) {
+		uint32_t val;
+
+		if (ioctl(v->fd, KVM_RUN, 0) < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			die("KVM_RUN (spinning)");
+		}
+		if (kind == SPIN_TIGHT)
+			fail("the parked guest exited: reason %u", run->exit_reason);
+		if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_IN ||
+		    run->io.size != 4 || run->io.count != 1 ||
+		    (run->io.port != PORT_CLOCK && run->io.port != PORT_PROCEED))
+			fail("spinning guest: exit reason %u (port %#x)", run->exit_reason,
+			     run->io.port);
+		val = run->io.port == PORT_CLOCK ? (uint32_t)now_us() : 0;
+		memcpy((unsigned char *)run + run->io.data_offset, &val, 4);
+	}
+}
+
+/* --spin: see the top of the file. Never returns; the test kills the process. */
+static int run_spin(const struct opts *o, int dev)
+{
+	int kvm = open_kvm();
+	struct machine m;
+
+	check_caps(kvm);
+	machine_written(kvm, o, &m);
+	if (dev >= 0) {
+		int s = lu_create_session(dev, SESSION);
+
+		if (s < 0) {
+			errno = -s;
+			die("create session " SESSION);
+		}
+		preserve_vm_and_gmem(s, o->order, m.vm, m.gmem);
+	}
+	if (o->spin == SPIN_TIGHT)
+		park(m.low.mem);
+	printf("rfc_vmm: spinning: pid %d, %s%s\n", (int)getpid(), spin_name(o->spin),
+	       dev >= 0 ? ", VM and guest_memfd preserved" : "");
+	fflush(stdout);
+	spin_forever(&m.v, o->spin);
+}
+
+/* --eintr */
+
+static volatile sig_atomic_t in_call; /* set around the KVM_RUN call */
+static volatile sig_atomic_t nsig;    /* SIGALRMs since the round started */
+static volatile sig_atomic_t first_in_call;
+static volatile uint64_t first_sig_us;
+
+static void on_alarm(int sig)
+{
+	(void)sig;
+	if (nsig == 0) {
+		first_in_call = in_call;
+		first_sig_us = now_us(); /* clock_gettime is async-signal-safe */
+	}
+	nsig++;
+}
+
+/* ITIMER_REAL: the first SIGALRM in `first_us`, then every `every_us` (0: none). */
+static void arm(long first_us, long every_us)
+{
+	struct itimerval it;
+
+	it.it_value.tv_sec = first_us / 1000000;
+	it.it_value.tv_usec = first_us % 1000000;
+	it.it_interval.tv_sec = every_us / 1000000;
+	it.it_interval.tv_usec = every_us % 1000000;
+	if (setitimer(ITIMER_REAL, &it, NULL) < 0)
+		die("setitimer");
+}
+
+struct interrupted {
+	uint64_t t_call, t_ret, first_sig;
+	int nsig, first_in_call;
+};
+
+/* One KVM_RUN of the parked guest with the timer armed; it must end with -1/EINTR. */
+static struct interrupted interrupted_run(struct vcpu *v, long first_us, long every_us)
+{
+	struct interrupted r;
+	int ret, e;
+
+	arm(0, 0); /* a signal still pending is delivered when setitimer returns */
+	nsig = 0;
+	first_in_call = 0;
+	first_sig_us = 0;
+	arm(first_us, every_us);
+	r.t_call = now_us();
+	in_call = 1;
+	ret = ioctl(v->fd, KVM_RUN, 0);
+	e = errno;
+	in_call = 0;
+	r.t_ret = now_us();
+	arm(0, 0);
+	if (ret >= 0)
+		fail("eintr: KVM_RUN of the parked guest returned %d, exit reason %u (want -1/EINTR)",
+		     ret, v->run->exit_reason);
+	if (e != EINTR) {
+		errno = e;
+		die("eintr: KVM_RUN of the parked guest");
+	}
+	r.nsig = nsig;
+	r.first_in_call = first_in_call;
+	r.first_sig = first_sig_us;
+	return r;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+#define PROBE_ROUNDS 100
+
+/* --eintr: see the top of the file. */
+static int run_eintr(const struct opts *o)
+{
+	int kvm = open_kvm();
+	struct machine m;
+	struct sigaction sa;
+	struct interrupted r;
+	uint64_t lat[PROBE_ROUNDS], status;
+	int inside = 0, lost = 0, nlat = 0;
+
+	check_caps(kvm);
+	machine_written(kvm, o, &m);
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_alarm;
+	sigemptyset(&sa.sa_mask);
+	sa.sa_flags = 0; /* no SA_RESTART (KVM_RUN is never restarted anyway) */
+	if (sigaction(SIGALRM, &sa, NULL) < 0)
+		die("sigaction SIGALRM");
+	park(m.low.mem);
+	printf("rfc_vmm: eintr: guest parked (pid %d)\n", (int)getpid());
+	fflush(stdout);
+
+	switch (o->eintr) {
+	case EINTR_SIGNAL:
+		/* A signal 50 ms into the call; should it be lost, more follow every 500 ms. */
+		r = interrupted_run(&m.v, 50000, 500000);
+		printf("rfc_vmm: eintr: signal: KVM_RUN returned -1/EINTR after %.1f ms, %.3f ms "
+		       "after the handler ran; %d signal%s, exit reason %u\n",
+		       (r.t_ret - r.t_call) / 1000.0, (r.t_ret - r.first_sig) / 1000.0, r.nsig,
+		       r.nsig == 1 ? "" : "s", m.v.run->exit_reason);
+		break;
+	case EINTR_IMMEDIATE:
+		/* No signal is due: a watchdog one comes after 500 ms (and every 500 ms). */
+		m.v.run->immediate_exit = 1;
+		r = interrupted_run(&m.v, 500000, 500000);
+		m.v.run->immediate_exit = 0;
+		printf("rfc_vmm: eintr: immediate: KVM_RUN returned -1/EINTR after %.1f ms; %d "
+		       "signal%s\n",
+		       (r.t_ret - r.t_call) / 1000.0, r.nsig, r.nsig == 1 ? "" : "s");
+		break;
+	case EINTR_PROBE:
+		/* The first signal 1-100 us into the call, then every 20 ms. */
+		for (int i = 0; i < PROBE_ROUNDS; i++) {
+			r = interrupted_run(&m.v, 1 + (i * 37) % 100, 20000);
+			if (!r.first_in_call)
+				continue;
+			inside++;
+			if (r.nsig > 1)
+				lost++;
+			else
+				lat[nlat++] = r.t_ret - r.first_sig;
+		}
+		qsort(lat, (size_t)nlat, sizeof(lat[0]), cmp_u64);
+		printf("rfc_vmm: eintr: probe: %d of %d early signals arrived inside KVM_RUN, %d of "
+		       "them lost; handler to return: median %" PRIu64 " us, max %" PRIu64 " us\n",
+		       inside, PROBE_ROUNDS, lost, nlat ? lat[nlat / 2] : 0,
+		       nlat ? lat[nlat - 1] : 0);
+		break;
+	case EINTR_NONE:
+		break;
+	}
+	fflush(stdout);
+
+	/* The vCPU is intact: let the guest go on; it finishes its loop and verifies. */
+	unpark(m.low.mem);
+	status = run_guest(&m.v, m.low.mem, "eintr: after EINTR");
+	if (status != STATUS_VERIFY_OK)
+		fail("eintr: guest status %" PRIu64 " after EINTR, want %d (verify ok)", status,
+		     STATUS_VERIFY_OK);
+	printf("rfc_vmm: eintr: the guest went on and verified %llu bytes\n", DATA_LEN);
+	destroy_vcpu(&m.v);
+	munmap(m.gmem_map, GMEM_SIZE);
+	close(m.gmem);
+	close(m.vm);
+	free_low(&m.low);
+	close(kvm);
+	printf("rfc_vmm: eintr ok\n");
+	return 0;
+}
+
+/* --vmm-child: see the top of the file. Returns only on failure (reboot refused). */
+static int stage1_vmm_child(const struct opts *o, int dev)
+{
+	int s, st, r;
+	pid_t pid;
+
+	s = lu_create_session(dev, SESSION);
+	if (s < 0) {
+		errno = -s;
+		die("create session " SESSION);
+	}
+	write_state(dev, o);
+	fflush(stdout);
+	pid = fork();
+	if (pid < 0)
+		die("fork the VMM child");
+	if (pid == 0) {
+		int kvm = open_kvm();
+		struct machine m;
+
+		check_caps(kvm);
+		machine_written(kvm, o, &m);
+		check_gmem(m.gmem_map, 0, "vmm child");
+		preserve_vm_and_gmem(s, o->order, m.vm, m.gmem);
+		if (o->child == SPIN_TIGHT)
+			park(m.low.mem);
+		printf("rfc_vmm: vmm child running: pid %d, %s, VM and guest_memfd preserved\n",
+		       (int)getpid(), spin_name(o->child));
+		fflush(stdout);
+		spin_forever(&m.v, o->child);
+	}
+	if (waitpid(pid, &st, 0) != pid)
+		die("waitpid the VMM child");
+	if (!WIFSIGNALED(st))
+		fail("the VMM child ended with wait status %#x, not by a signal", st);
+	printf("rfc_vmm: vmm child killed by signal %d; updating with the sessions it left\n",
+	       WTERMSIG(st));
+	fflush(stdout);
+	r = reboot(LINUX_REBOOT_CMD_KEXEC);
+	fail("stage 1: reboot(LINUX_REBOOT_CMD_KEXEC) returned %d: %s", r, strerror(errno));
+}
+
 static void usage(void)
 {
 	fprintf(stderr, "usage: rfc_vmm IMAGE_WRITE IMAGE_VERIFY [--low malloc|memfd] "
 			"[--order vm-first|gmem-first] [--native [--corrupt OFFSET]]\n"
 			"               [--skip-negative]\n"
+			"       rfc_vmm IMAGE_WRITE IMAGE_VERIFY --spin exits|tight [--native] [--low ...]\n"
+			"       rfc_vmm IMAGE_WRITE IMAGE_VERIFY --eintr signal|immediate|probe [--native] "
+			"[--low ...]\n"
+			"       rfc_vmm IMAGE_WRITE IMAGE_VERIFY --vmm-child exits|tight [--low ...] "
+			"[--order ...]\n"
 			"       rfc_vmm --print-sregs\n");
 	exit(2);
 }
 
 int main(int argc, char **argv)
 {
-	struct opts o = { NULL, NULL, LOW_MEMFD, VM_FIRST, 0, 0, -1 };
+	struct opts o = { NULL, NULL, LOW_MEMFD, VM_FIRST, 0, 0, -1, SPIN_NONE, EINTR_NONE, SPIN_NONE };
 	int npos = 0, dev, state_s;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -1063,6 +1422,26 @@ int main(int argc, char **argv)
 			return 0;
 		} else if (!strcmp(a, "--native")) {
 			o.native = 1;
+		} else if ((!strcmp(a, "--spin") || !strcmp(a, "--vmm-child")) && i + 1 < argc) {
+			enum spin *k = !strcmp(a, "--spin") ? &o.spin : &o.child;
+
+			a = argv[++i];
+			if (!strcmp(a, "exits"))
+				*k = SPIN_EXITS;
+			else if (!strcmp(a, "tight"))
+				*k = SPIN_TIGHT;
+			else
+				usage();
+		} else if (!strcmp(a, "--eintr") && i + 1 < argc) {
+			a = argv[++i];
+			if (!strcmp(a, "signal"))
+				o.eintr = EINTR_SIGNAL;
+			else if (!strcmp(a, "immediate"))
+				o.eintr = EINTR_IMMEDIATE;
+			else if (!strcmp(a, "probe"))
+				o.eintr = EINTR_PROBE;
+			else
+				usage();
 		} else if (!strcmp(a, "--skip-negative")) {
 			o.skip_negative = 1;
 		} else if (!strcmp(a, "--corrupt") && i + 1 < argc) {
@@ -1101,15 +1480,24 @@ int main(int argc, char **argv)
 	}
 	if (npos != 2 || (o.corrupt >= 0 && !o.native))
 		usage();
+	if ((o.spin != SPIN_NONE) + (o.eintr != EINTR_NONE) + (o.child != SPIN_NONE) > 1 ||
+	    (o.child != SPIN_NONE && o.native))
+		usage();
 	printf("rfc_vmm: low %s, order %s%s\n", o.low == LOW_MEMFD ? "memfd" : "malloc",
 	       o.order == VM_FIRST ? "vm-first" : "gmem-first", o.native ? ", native" : "");
 
+	if (o.eintr != EINTR_NONE)
+		return run_eintr(&o);
+	if (o.spin != SPIN_NONE && o.native)
+		return run_spin(&o, -1);
 	if (o.native)
 		return stage1(&o, -1);
 
 	dev = open(LIVEUPDATE_DEV_PATH, O_RDWR | O_CLOEXEC);
 	if (dev < 0)
 		die("open " LIVEUPDATE_DEV_PATH " (use --native without it)");
+	if (o.spin != SPIN_NONE)
+		return run_spin(&o, dev);
 	state_s = lu_retrieve_session(dev, STATE_SESSION);
 	if (state_s >= 0) {
 		printf("rfc_vmm: stage 2\n");
@@ -1125,5 +1513,5 @@ int main(int argc, char **argv)
 		fail("stage 1 again after an update with only a guest_memfd preserved: "
 		     "that update should have been refused");
 	printf("rfc_vmm: stage 1\n");
-	return stage1(&o, dev);
+	return o.child != SPIN_NONE ? stage1_vmm_child(&o, dev) : stage1(&o, dev);
 }
