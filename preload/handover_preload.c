@@ -150,7 +150,7 @@ static void *sys_mmap(void *a, size_t l, int p, int f, int fd, off_t o)
  * (the program's handler has run) kicks the vCPU, so that its KVM_RUN returns EINTR. */
 static long kick_vcpu(int fd);
 
-static ssize_t wait_reply(int s, struct msghdr *rm, int vcpu_fd)
+static ssize_t wait_reply(int s, struct msghdr *rm, int vcpu_fd, const sigset_t *mask)
 {
 	ssize_t n;
 	struct timespec t0, t1;
@@ -167,12 +167,17 @@ static ssize_t wait_reply(int s, struct msghdr *rm, int vcpu_fd)
 	}
 	for (;;) {
 		struct pollfd p = {.fd = s, .events = POLLIN};
-		/* poll, unlike recvmsg, is never restarted after a signal handler. */
-		if (syscall(SYS_ppoll, &p, 1, NULL, NULL, 8) < 0) {
-			if (errno == EINTR && vcpu_fd >= 0)
+		/* poll, unlike recvmsg, is never restarted after a signal handler. For a vCPU the
+		 * caller blocked signals for the whole call; ppoll lets them in (with the program's
+		 * own mask) only here, so a signal that came at any point of the call is seen. */
+		long pr = syscall(SYS_ppoll, &p, 1, NULL, mask, 8);
+		int e = errno;
+		if (pr < 0) {
+			if (e == EINTR && vcpu_fd >= 0)
 				kick_vcpu(vcpu_fd);
-			if (errno == EINTR)
+			if (e == EINTR)
 				continue;
+			errno = e;
 			return -1;
 		}
 		n = recvmsg(s, rm, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
@@ -195,18 +200,32 @@ static long call_on(int s, int vcpu_fd, struct hreq *q, const void *pl, size_t p
 		rfd[0] = rfd[1] = -1;
 	if (got)
 		*got = 0;
+	/* A vCPU call holds signals until its wait (see wait_reply), so none is lost. */
+	sigset_t all, old, *mask = NULL;
+	if (vcpu_fd >= 0) {
+		sigfillset(&all);
+		sigdelset(&all, SIGSEGV);
+		sigdelset(&all, SIGBUS);
+		pthread_sigmask(SIG_BLOCK, &all, &old);
+		mask = &old;
+	}
 	for (;;) {
 		if (sendmsg(s, &m, MSG_NOSIGNAL) >= 0)
 			break;
-		if (errno != EINTR)
+		if (errno != EINTR) {
+			if (mask)
+				pthread_sigmask(SIG_SETMASK, mask, NULL);
 			return -EIO;
+		}
 	}
 	struct hrep r;
 	char ctl[CMSG_SPACE(2 * sizeof(int))];
 	struct iovec ov[2] = {{&r, sizeof r}, {out, cap}};
 	struct msghdr rm = {.msg_iov = ov, .msg_iovlen = cap ? 2 : 1, .msg_control = ctl,
 			    .msg_controllen = sizeof ctl};
-	ssize_t n = wait_reply(s, &rm, vcpu_fd);
+	ssize_t n = wait_reply(s, &rm, vcpu_fd, mask);
+	if (mask)
+		pthread_sigmask(SIG_SETMASK, mask, NULL);
 	if (n < (ssize_t)sizeof r)
 		return -EIO;
 	for (struct cmsghdr *c = CMSG_FIRSTHDR(&rm); c; c = CMSG_NXTHDR(&rm, c)) {
