@@ -372,3 +372,34 @@ fn statically_linked_program_is_refused() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn boundary_abuse_is_refused_and_leaves_nothing() {
+    let dir = test_dir("boundary_abuse");
+    let bin = compile(&dir, "boundary_abuse");
+    let r = handover_run(&dir, "boundary_abuse", 0, &bin, &[]);
+    assert!(
+        !r.stdout.lines().any(|l| l.starts_with("not ok")),
+        "boundary_abuse: a check failed\n{}",
+        r.dump()
+    );
+    r.assert_success("boundary_abuse");
+    let plan: usize = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("1.."))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("boundary_abuse printed no plan\n{}", r.dump()));
+    let oks = r.stdout.lines().filter(|l| l.starts_with("ok ")).count();
+    assert_eq!(
+        oks,
+        plan,
+        "boundary_abuse: a check reported nothing\n{}",
+        r.dump()
+    );
+    for note in r.stdout.lines().filter(|l| l.starts_with('#')) {
+        eprintln!("boundary_abuse: {note}");
+    }
+    r.assert_clean_halt();
+    let _ = std::fs::remove_dir_all(&dir);
+}

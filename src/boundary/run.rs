@@ -264,7 +264,12 @@ impl Server {
                 continue;
             }
             let mut closed = Vec::new();
+            // Set when another process ended while one was served: its end goes first.
+            let mut ended = false;
             for i in 0..self.conns.len() {
+                if ended {
+                    break;
+                }
                 if revents.get(i).is_none_or(|r| r.is_empty()) {
                     continue;
                 }
@@ -276,12 +281,6 @@ impl Server {
                     match self.serve_one(host, i) {
                         Some(Served::Done) => {
                             spin_until = crate::time::monotonic_ns() + SPIN_NS;
-                            // Another process ended meanwhile: serve its end first.
-                            if self.conns.len() > 1
-                                && self.poll(0).iter().any(|r| r.intersects(hup))
-                            {
-                                break;
-                            }
                         }
                         Some(Served::Empty) if crate::time::monotonic_ns() < spin_until => {
                             // Let the program run if it shares this CPU.
@@ -296,6 +295,13 @@ impl Server {
                             break;
                         }
                         Some(Served::Empty) | None => break,
+                    }
+                    // Another process ended meanwhile: serve its end before this process's
+                    // next request, which may depend on it (a parent that waited for its
+                    // child reuses what the child held), and before any other process's.
+                    if self.conns.len() > 1 && self.poll(0).iter().any(|r| r.intersects(hup)) {
+                        ended = true;
+                        break;
                     }
                 }
             }

@@ -120,7 +120,7 @@ fn pick_fd(fds: &[i32], c: &mut Cursor) -> i32 {
 }
 
 /// The argument buffer: a struct's bytes with a fuzzed `size` and length.
-fn arg_buf(c: &mut Cursor, body: &[u8]) -> Vec<u8> {
+pub(super) fn arg_buf(c: &mut Cursor, body: &[u8]) -> Vec<u8> {
     let mode = c.u8();
     let mut b = body.to_vec();
     match mode % 8 {
@@ -155,7 +155,8 @@ fn arg_buf(c: &mut Cursor, body: &[u8]) -> Vec<u8> {
     b
 }
 
-fn name_field(c: &mut Cursor) -> [u8; 64] {
+/// A session name field: a known incoming or outgoing name, a long one, or raw bytes.
+pub(super) fn name_field(c: &mut Cursor) -> [u8; 64] {
     let mut f = [0u8; 64];
     let sel = c.u8();
     if (sel as usize % 8) < NAMES.len() + 2 {

@@ -16,8 +16,10 @@
 //! The harnesses, one file per concern: `image.rs` (the input cursor, a sparse RAM image and the
 //! synthetic-handover builders), `decoders.rs` (`fdt`, `dump`, `tracker`, `chain`, `blobs`),
 //! `template.rs` (a real handover, patched, with its checksums repaired), `ucmd.rs` (ioctl
-//! argument rules), `ioctl.rs` (the in-process LUO ioctl path) and [`kvm`] (the KVM ioctl path).
+//! argument rules), `ioctl.rs` (the in-process LUO ioctl path), [`kvm`] (the KVM ioctl path) and `boundary.rs`
+//! (the requests of programs under `handover run`: decode and dispatch).
 
+mod boundary;
 mod decoders;
 mod image;
 mod ioctl;
@@ -25,6 +27,7 @@ pub mod kvm;
 mod template;
 mod ucmd;
 
+pub use boundary::BoundaryFuzzer;
 pub use decoders::{blobs, chain, dump, fdt, tracker};
 pub use ioctl::IoctlFuzzer;
 pub use kvm::KvmIoctlFuzzer;
