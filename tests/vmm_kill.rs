@@ -32,9 +32,8 @@
 //!   once, with no signal (a watchdog signal comes after 500 ms). "probe": 100 calls, each with
 //!   its first signal 1-100 us in; a signal that arrives inside the call must end it (at most one
 //!   may be missed, for a signal landing between the flag and the system call). Each time the
-//!   guest is then let go and must verify its data, so the vCPU is intact after EINTR. Natively
-//!   all of that holds. Under `handover run` the three are `#[ignore]`d: each fails today
-//!   because of a boundary bug named in its `ignore` reason (run them with `--ignored`).
+//!   guest is then let go and must verify its data, so the vCPU is intact after EINTR. All of
+//!   that holds natively and under `handover run`.
 //!
 //! They print `SKIP:` without `/dev/kvm`, and fail instead with `HANDOVER_REQUIRE_KVM=1`.
 
@@ -302,8 +301,6 @@ fn kvm_run_eintr_native() {
 }
 
 #[test]
-#[ignore = "boundary bug: preload wait_reply() checks errno after kick_vcpu(), whose own reply \
-            wait leaves EAGAIN, so KVM_RUN fails with EIO (and its EINTR reply stays unread)"]
 fn kvm_run_eintr_under_handover_signal() {
     if !kvm_or_skip("kvm_run_eintr_under_handover_signal") {
         return;
@@ -314,8 +311,6 @@ fn kvm_run_eintr_under_handover_signal() {
 }
 
 #[test]
-#[ignore = "boundary bug: the host's run_kickable clears kvm_run->immediate_exit, which the \
-            program set in the shared page, before every KVM_RUN"]
 fn kvm_run_eintr_under_handover_immediate_exit() {
     if !kvm_or_skip("kvm_run_eintr_under_handover_immediate_exit") {
         return;
@@ -326,8 +321,6 @@ fn kvm_run_eintr_under_handover_immediate_exit() {
 }
 
 #[test]
-#[ignore = "boundary bug: a signal handled before the preload's ppoll (request set-up, \
-            sendmsg, the spin-wait) sends no kick, so KVM_RUN goes on until a later signal"]
 fn kvm_run_eintr_under_handover_early_signals() {
     if !kvm_or_skip("kvm_run_eintr_under_handover_early_signals") {
         return;

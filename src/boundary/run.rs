@@ -440,7 +440,10 @@ impl Server {
                     host.exit(child);
                     self.conns.remove(j);
                 }
-                self.conns[i.min(self.conns.len() - 1)].send(&a.reply, &[], None);
+                // The sender, wherever the removal moved it.
+                if let Some(c) = self.conns.iter().find(|c| c.pid == pid) {
+                    c.send(&a.reply, &[], None);
+                }
             }
             Effect::Kexec => return Some(pid),
             Effect::Kick(f) => {

@@ -97,12 +97,25 @@ fn serve(vcpu: &Mutex<VcpuFd>, conn: &Conn, kicker: &VcpuKicker) {
 /// How long the vCPU thread waits, spinning, for the program's next call (ns).
 const SPIN_NS: u64 = 50_000;
 
-/// `KVM_RUN`, kickable; a kick makes it return EINTR (and is consumed).
+/// `KVM_RUN`, kickable; a kick makes it return EINTR (and is consumed). The program maps the
+/// same `kvm_run`: if it set `immediate_exit` itself, KVM sees it as it is and returns EINTR
+/// at once; the kick machinery's own use of the byte is cleared after each run, so a byte
+/// found set on entry is the program's.
 fn run(vcpu: &Mutex<VcpuFd>, kicker: &VcpuKicker) -> Result<i64, Errno> {
     let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+    let run: *mut kvm_bindings::kvm_run = std::ptr::from_mut(v.get_kvm_run());
+    // SAFETY: `run` points into the vCPU's kvm_run mapping, alive while the lock is held; the
+    // byte is shared with the program and KVM, so it is read and written with volatile access
+    // and no reference to it is kept.
+    let preset = unsafe { std::ptr::read_volatile(&raw const (*run).immediate_exit) } != 0;
+    if preset {
+        return v.run().map(|_| 0).map_err(|e| Errno(e.errno()));
+    }
     let r = run_kickable(&mut v)
         .map(|_| 0)
         .map_err(|e| Errno(e.errno()));
+    // SAFETY: as above.
+    unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 0) };
     // A kick that arrived after the exit stays pending: the next run returns EINTR at once,
     // as a signal pending at KVM_RUN makes it.
     if r == Err(Errno::EINTR) {
