@@ -217,6 +217,7 @@ struct opts {
 	enum spin spin;    /* --spin KIND */
 	enum eintr eintr;  /* --eintr STEP */
 	enum spin child;   /* --vmm-child KIND */
+	long bench_exits;  /* --bench-exits N: time N port-I/O exits, then exit */
 };
 
 /* What the state session's memfd holds. */
@@ -1197,6 +1198,53 @@ static int run_spin(const struct opts *o, int dev)
 	spin_forever(&m.v, o->spin);
 }
 
+static int cmp_u64(const void *a, const void *b);
+
+/*
+ * --bench-exits N: the guest at its clock loop (every iteration two port-I/O exits, IN from
+ * the clock and the proceed ports); time each KVM_RUN call from entry to its return with the
+ * exit, answer it, N times. Prints one line: rfc_vmm: exits {"n":..,"p50_ns":..,...}.
+ */
+static int run_bench_exits(const struct opts *o)
+{
+	int kvm = open_kvm();
+	struct machine m;
+	uint64_t *t = calloc((size_t)o->bench_exits, sizeof(*t));
+	struct kvm_run *run;
+	long n = o->bench_exits;
+
+	if (!t)
+		die("calloc");
+	check_caps(kvm);
+	machine_written(kvm, o, &m);
+	run = m.v.run;
+	for (long i = 0; i < n;) {
+		struct timespec a, b;
+		uint32_t val;
+
+		clock_gettime(CLOCK_MONOTONIC, &a);
+		if (ioctl(m.v.fd, KVM_RUN, 0) < 0) {
+			if (errno == EINTR || errno == EAGAIN)
+				continue;
+			die("KVM_RUN (bench)");
+		}
+		clock_gettime(CLOCK_MONOTONIC, &b);
+		if (run->exit_reason != KVM_EXIT_IO || run->io.direction != KVM_EXIT_IO_IN ||
+		    (run->io.port != PORT_CLOCK && run->io.port != PORT_PROCEED))
+			fail("bench: exit reason %u (port %#x)", run->exit_reason, run->io.port);
+		val = run->io.port == PORT_CLOCK ? (uint32_t)now_us() : 0;
+		memcpy((unsigned char *)run + run->io.data_offset, &val, 4);
+		t[i++] = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000ull + (uint64_t)b.tv_nsec -
+			 (uint64_t)a.tv_nsec;
+	}
+	qsort(t, (size_t)n, sizeof(*t), cmp_u64);
+	printf("rfc_vmm: exits {\"n\":%ld,\"p50_ns\":%" PRIu64 ",\"p90_ns\":%" PRIu64
+	       ",\"p99_ns\":%" PRIu64 ",\"max_ns\":%" PRIu64 "}\n",
+	       n, t[n / 2], t[n * 9 / 10], t[n * 99 / 100], t[n - 1]);
+	free(t);
+	return 0;
+}
+
 /* --eintr */
 
 static volatile sig_atomic_t in_call; /* set around the KVM_RUN call */
@@ -1404,13 +1452,14 @@ static void usage(void)
 			"[--low ...]\n"
 			"       rfc_vmm IMAGE_WRITE IMAGE_VERIFY --vmm-child exits|tight [--low ...] "
 			"[--order ...]\n"
+			"       rfc_vmm IMAGE_WRITE IMAGE_VERIFY --bench-exits N [--native] [--low ...]\n"
 			"       rfc_vmm --print-sregs\n");
 	exit(2);
 }
 
 int main(int argc, char **argv)
 {
-	struct opts o = { NULL, NULL, LOW_MEMFD, VM_FIRST, 0, 0, -1, SPIN_NONE, EINTR_NONE, SPIN_NONE };
+	struct opts o = { NULL, NULL, LOW_MEMFD, VM_FIRST, 0, 0, -1, SPIN_NONE, EINTR_NONE, SPIN_NONE, 0 };
 	int npos = 0, dev, state_s;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -1441,6 +1490,10 @@ int main(int argc, char **argv)
 			else if (!strcmp(a, "probe"))
 				o.eintr = EINTR_PROBE;
 			else
+				usage();
+		} else if (!strcmp(a, "--bench-exits") && i + 1 < argc) {
+			o.bench_exits = strtol(argv[++i], NULL, 0);
+			if (o.bench_exits < 10)
 				usage();
 		} else if (!strcmp(a, "--skip-negative")) {
 			o.skip_negative = 1;
@@ -1488,6 +1541,8 @@ int main(int argc, char **argv)
 
 	if (o.eintr != EINTR_NONE)
 		return run_eintr(&o);
+	if (o.bench_exits)
+		return run_bench_exits(&o);
 	if (o.spin != SPIN_NONE && o.native)
 		return run_spin(&o, -1);
 	if (o.native)
