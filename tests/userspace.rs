@@ -403,3 +403,81 @@ fn boundary_abuse_is_refused_and_leaves_nothing() {
     r.assert_clean_halt();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `handover bench syscall`'s client is itself a program under `handover run` (this binary):
+/// a small run of it measures every case, verifies what it wrote, and leaves no host file or
+/// session behind.
+#[test]
+fn bench_syscall_client_runs_under_handover_run() {
+    use handover::bench::syscall::{ClientReport, MemfdKind};
+    let dir = test_dir("bench_syscall");
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_handover"));
+    let args = [
+        "bench",
+        "syscall-client",
+        "--iters",
+        "200",
+        "--runs",
+        "2",
+        "--size",
+        "8M",
+        "--block",
+        "64K",
+    ];
+    let r = handover_run(&dir, "bench_syscall", 0, &bin, &args);
+    r.assert_success("bench syscall-client");
+    let c: ClientReport = serde_json::from_str(r.stdout.trim())
+        .unwrap_or_else(|e| panic!("the client's JSON: {e}\n{}", r.dump()));
+    assert_eq!(c.forwarded_ioctl.calls, 200);
+    assert_eq!(c.preload_kernel_ioctl.calls, 200);
+    assert!(c.forwarded_ioctl.p50_us > 0.0 && c.forwarded_ioctl.p50_us <= c.forwarded_ioctl.max_us);
+    for k in [MemfdKind::Host, MemfdKind::Real] {
+        let m: Vec<_> = c.mmap_runs.iter().filter(|x| x.kind == k).collect();
+        assert_eq!(m.len(), 2, "{k:?} mapping runs\n{}", r.dump());
+        // Every page was really written: one minor fault per 4 KiB page at least.
+        assert!(m.iter().all(|x| x.minor_faults >= 2048), "{m:?}");
+        assert_eq!(c.write_runs.iter().filter(|x| x.kind == k).count(), 2);
+    }
+    assert!(c.mmap_ratio_p50 > 0.0 && c.write_host_gb_s.p50 > 0.0);
+    r.assert_clean_halt();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `handover bench syscall --json` end to end, small: the in-process references, the client,
+/// the three targets.
+#[test]
+fn bench_syscall_prints_its_report() {
+    let dir = test_dir("bench_syscall_json");
+    let out_path = dir.join("out.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handover"))
+        .args(["bench", "syscall", "--iters", "100", "--runs", "1"])
+        .args(["--size", "4M", "--json"])
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).expect("stdout file"))
+        .process_group(0)
+        .spawn()
+        .expect("spawn handover bench syscall");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if start.elapsed() > DEADLINE {
+            // SAFETY: kill(2) of the group this test made; its leader is not reaped yet.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            panic!("handover bench syscall hung: killed after {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert!(status.success(), "bench syscall: {status:?}\n{text}");
+    let b: handover::bench::syscall::SyscallBench =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(b.in_process_ioctl.calls, 100);
+    assert_eq!(b.kernel_ioctl.calls, 100);
+    assert_eq!(b.client.forwarded_ioctl.calls, 100);
+    assert_eq!(b.targets.len(), 3);
+    assert_eq!(b.client_command[1], "run");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,6 +4,7 @@ pub mod blackout;
 pub mod harness;
 pub mod kho;
 pub mod snapshot;
+pub mod syscall;
 
 /// Median, min and max of a sample.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]

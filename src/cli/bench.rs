@@ -1,4 +1,5 @@
-//! `handover bench`: the blackout sweep (default) and the KHO micro-benchmark.
+//! `handover bench`: the blackout sweep (default), the KHO micro-benchmark and the cost of the
+//! process boundary (`bench syscall`).
 
 use std::process::ExitCode;
 
@@ -73,12 +74,73 @@ pub enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// The process boundary: forwarded ioctl and host memfd writes beside in-process and real
+    /// ones.
+    ///
+    /// A forwarded ioctl round trip beside the same call in process and a real-kernel ioctl;
+    /// writing a host memfd through a mapping and with write() beside a real memfd. Runs this
+    /// binary as a client under `handover run`.
+    Syscall {
+        /// What to run.
+        #[command(flatten)]
+        opts: SyscallOpts,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The forwarded half of `bench syscall`: run by it under `handover run`; prints JSON.
+    #[command(hide = true)]
+    SyscallClient {
+        /// What to run.
+        #[command(flatten)]
+        opts: SyscallOpts,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+/// What `bench syscall` runs.
+pub struct SyscallOpts {
+    /// Timed ioctl calls per measurement (after an untimed tenth, at most 1000).
+    #[arg(long, default_value_t = 20_000)]
+    pub iters: usize,
+    /// Runs of each memfd measurement, host and real memfd interleaved.
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Bytes written per memfd run.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Block size of the write() runs.
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub block: u64,
+}
+
+impl SyscallOpts {
+    fn options(&self) -> Result<crate::bench::syscall::Options, String> {
+        if self.size == 0 || self.size % 4096 != 0 {
+            return Err("--size must be a non-zero multiple of 4 KiB".into());
+        }
+        if self.block == 0 || self.block > 1 << 30 {
+            return Err("--block must be between 1 byte and 1 GiB".into());
+        }
+        Ok(crate::bench::syscall::Options {
+            iters: self.iters.max(1),
+            runs: self.runs.max(1),
+            size: self.size,
+            block: self.block,
+        })
+    }
 }
 
 /// `handover bench`: exit 1 if a point of the sweep had a failed run.
 pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
     match a.what {
         Some(BenchWhat::Kho { size, runs, json }) => kho(size, runs, json),
+        Some(BenchWhat::Syscall { opts, json }) => syscall(&opts.options()?, json),
+        Some(BenchWhat::SyscallClient { opts }) => {
+            let r = crate::bench::syscall::client(&opts.options()?)?;
+            println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            Ok(ExitCode::SUCCESS)
+        }
         None => sweep(a.blackout),
     }
 }
@@ -116,6 +178,82 @@ fn kho(size: u64, runs: usize, json: bool) -> Result<ExitCode, String> {
             x.handover_ns_per_page,
             x.handover_total_ms,
             x.restore_ns_per_page
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn syscall(o: &crate::bench::syscall::Options, json: bool) -> Result<ExitCode, String> {
+    use crate::bench::syscall::{Latency, MemfdKind, RunStats};
+    let r = crate::bench::syscall::run(o)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = &r.client;
+    println!(
+        "process boundary: {} timed ioctls per line, {} runs of {} per memfd kind ({} CPUs, Linux {})",
+        o.iters,
+        o.runs,
+        human(o.size),
+        r.machine["cpus"],
+        r.machine["kernel"].as_str().unwrap_or("?"),
+    );
+    println!("ioctl round trip, us              p50      p99      max");
+    let lat = |n: &str, l: &Latency| {
+        println!(
+            "  {n:30} {:7.2}  {:7.2}  {:7.1}",
+            l.p50_us, l.p99_us, l.max_us
+        )
+    };
+    lat("GET_NAME forwarded (run)", &c.forwarded_ioctl);
+    lat("GET_NAME in process", &r.in_process_ioctl);
+    lat("FIONREAD real kernel", &r.kernel_ioctl);
+    lat("FIONREAD real, under preload", &c.preload_kernel_ioctl);
+    lat("(timer: two clock reads)", &r.timer_overhead);
+    let ms = |s: &RunStats| format!("{:8.1} [{:.1}..{:.1}]", s.p50, s.min, s.max);
+    println!(
+        "mmap + store every word of {}, ms p50 [min..max] (touch alone)",
+        human(o.size)
+    );
+    println!(
+        "  host memfd  {}  ({})",
+        ms(&c.mmap_host_ms),
+        ms(&c.mmap_host_touch_ms)
+    );
+    println!(
+        "  real memfd  {}  ({})",
+        ms(&c.mmap_real_ms),
+        ms(&c.mmap_real_touch_ms)
+    );
+    println!("  host / real p50: {:.3}", c.mmap_ratio_p50);
+    let runs = |k: MemfdKind| {
+        c.mmap_runs
+            .iter()
+            .filter(|x| x.kind == k)
+            .map(|x| format!("{:.0}", x.total_ms))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("  runs host ms: {}", runs(MemfdKind::Host));
+    println!("  runs real ms: {}", runs(MemfdKind::Real));
+    let gb = |s: &RunStats| format!("{:.2} [{:.2}..{:.2}]", s.p50, s.min, s.max);
+    println!(
+        "write() of {} in {} KiB blocks, GB/s (10^9) p50 [min..max]",
+        human(o.size),
+        o.block >> 10
+    );
+    println!("  host memfd  {}", gb(&c.write_host_gb_s));
+    println!("  real memfd  {}", gb(&c.write_real_gb_s));
+    for t in &r.targets {
+        println!(
+            "target: {} -> {} ({:.3})",
+            t.target,
+            if t.met { "met" } else { "NOT met" },
+            t.value
         );
     }
     Ok(ExitCode::SUCCESS)
