@@ -475,8 +475,13 @@ impl Server {
             _ => return self.conns[i].send(&a.reply, &a.payload, None),
         };
         let kicker = std::sync::Arc::new(crate::kvm::vcpu::VcpuKicker::new());
+        let vm = match host.files().kind(f) {
+            Some(crate::host::files::FileKind::Vcpu(v)) => v.vm,
+            _ => f,
+        };
+        let faults = host.fault_shared().map(|s| (s, vm));
         let started = spawn::process_socket().and_then(|(mine, theirs)| {
-            super::vcpu::spawn(vcpu.clone(), mine, who, kicker.clone()).map(|()| theirs)
+            super::vcpu::spawn(vcpu.clone(), mine, who, kicker.clone(), faults).map(|()| theirs)
         });
         match started {
             Ok(theirs) => {

@@ -16,6 +16,7 @@ use kvm_ioctls::VcpuFd;
 
 use crate::abi::boundary::{decode, Op, Reply};
 use crate::abi::kvm::KVM_RUN;
+use crate::kvm::run::{FaultShared, Registration, Runner};
 use crate::kvm::vcpu::{run_kickable, VcpuKicker};
 use crate::uapi::Errno;
 
@@ -23,21 +24,27 @@ use super::conn::{Conn, Expect, Recv};
 
 /// Start the thread that serves vCPU `vcpu` to the program whose real pid is `owner`, on the
 /// host end `sock` of the vCPU's socket. It ends when the program's end is closed.
-pub fn spawn(
+pub(crate) fn spawn(
     vcpu: Arc<Mutex<VcpuFd>>,
     sock: OwnedFd,
     owner: i32,
     kicker: Arc<VcpuKicker>,
+    faults: Option<(Arc<FaultShared>, crate::fs::FileId)>,
 ) -> std::io::Result<()> {
     let mut conn = Conn::new(sock, 0, Expect::Pid(owner))?;
     conn.real = Some(owner);
     std::thread::Builder::new()
         .name("boundary-vcpu".into())
-        .spawn(move || serve(&vcpu, &conn, &kicker))?;
+        .spawn(move || serve(&vcpu, &conn, &kicker, faults))?;
     Ok(())
 }
 
-fn serve(vcpu: &Mutex<VcpuFd>, conn: &Conn, kicker: &VcpuKicker) {
+fn serve(
+    vcpu: &Mutex<VcpuFd>,
+    conn: &Conn,
+    kicker: &VcpuKicker,
+    faults: Option<(Arc<FaultShared>, crate::fs::FileId)>,
+) {
     let _target = match kicker.register_current_thread() {
         Ok(t) => t,
         Err(e) => {
@@ -45,6 +52,28 @@ fn serve(vcpu: &Mutex<VcpuFd>, conn: &Conn, kicker: &VcpuKicker) {
             return;
         }
     };
+    // Registered with the guest fault service, as the in-process vCPU threads are: while the
+    // host is busy (a memslot change waiting for this vCPU to leave KVM_RUN), the service
+    // nudges this thread out of a fault it cannot serve yet, and faults it refuses come back.
+    let runner = faults.as_ref().map(|(_, vm)| {
+        Arc::new(Runner {
+            vm: *vm,
+            kicker: VcpuKicker::new(),
+            fault: Mutex::new(None),
+        })
+    });
+    let _runner_target = match runner.as_ref().map(|r| r.kicker.register_current_thread()) {
+        Some(Err(e)) => {
+            tracing::warn!("boundary: vCPU thread cannot be nudged: {e}");
+            None
+        }
+        Some(Ok(t)) => Some(t),
+        None => None,
+    };
+    let _registration = faults
+        .map(|(s, _)| s)
+        .zip(runner.clone())
+        .map(|(s, r)| Registration::new(s, r));
     let mut buf = Vec::new();
     let mut spin_until = 0;
     loop {
@@ -81,7 +110,7 @@ fn serve(vcpu: &Mutex<VcpuFd>, conn: &Conn, kicker: &VcpuKicker) {
         let cmd = d.req.a[0];
         let mut arg = d.payload.to_vec();
         let r = if cmd == KVM_RUN {
-            run(vcpu, kicker)
+            run(vcpu, kicker, runner.as_deref())
         } else {
             crate::host::vcpu_ioctl(vcpu, cmd, &mut arg)
         };
@@ -100,8 +129,10 @@ const SPIN_NS: u64 = 50_000;
 /// `KVM_RUN`, kickable; a kick makes it return EINTR (and is consumed). The program maps the
 /// same `kvm_run`: if it set `immediate_exit` itself, KVM sees it as it is and returns EINTR
 /// at once; the kick machinery's own use of the byte is cleared after each run, so a byte
-/// found set on entry is the program's.
-fn run(vcpu: &Mutex<VcpuFd>, kicker: &VcpuKicker) -> Result<i64, Errno> {
+/// found set on entry is the program's. A fault the fault service refused ends the run with
+/// EFAULT (as KVM reports a guest_memfd fault it cannot serve); a nudge of the fault service
+/// alone is invisible: the run goes on.
+fn run(vcpu: &Mutex<VcpuFd>, kicker: &VcpuKicker, runner: Option<&Runner>) -> Result<i64, Errno> {
     let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
     let run: *mut kvm_bindings::kvm_run = std::ptr::from_mut(v.get_kvm_run());
     // SAFETY: `run` points into the vCPU's kvm_run mapping, alive while the lock is held; the
@@ -111,17 +142,31 @@ fn run(vcpu: &Mutex<VcpuFd>, kicker: &VcpuKicker) -> Result<i64, Errno> {
     if preset {
         return v.run().map(|_| 0).map_err(|e| Errno(e.errno()));
     }
-    let r = run_kickable(&mut v)
-        .map(|_| 0)
-        .map_err(|e| Errno(e.errno()));
-    // SAFETY: as above.
-    unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 0) };
-    // A kick that arrived after the exit stays pending: the next run returns EINTR at once,
-    // as a signal pending at KVM_RUN makes it.
-    if r == Err(Errno::EINTR) {
-        kicker.take_kick();
+    loop {
+        let r = run_kickable(&mut v)
+            .map(|_| 0)
+            .map_err(|e| Errno(e.errno()));
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 0) };
+        if r != Err(Errno::EINTR) {
+            // A kick that arrived after the exit stays pending: the next run returns EINTR at
+            // once, as a signal pending at KVM_RUN makes it.
+            return r;
+        }
+        if kicker.take_kick() {
+            return r;
+        }
+        if let Some(rn) = runner {
+            let refused = rn.fault.lock().unwrap_or_else(|p| p.into_inner()).take();
+            rn.kicker.take_kick();
+            if refused.is_some() {
+                return Err(Errno::EFAULT);
+            }
+            // Nudged by the fault service: run again.
+            continue;
+        }
+        return r;
     }
-    r
 }
 
 fn err(e: Errno) -> Reply {

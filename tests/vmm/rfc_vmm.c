@@ -50,6 +50,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <linux/kvm.h>
@@ -218,6 +219,7 @@ struct opts {
 	enum eintr eintr;  /* --eintr STEP */
 	enum spin child;   /* --vmm-child KIND */
 	long bench_exits;  /* --bench-exits N: time N port-I/O exits, then exit */
+	int slot_churn;    /* --slot-churn: memslot changes while the guest faults its data in */
 };
 
 /* What the state session's memfd holds. */
@@ -1245,6 +1247,66 @@ static int run_bench_exits(const struct opts *o)
 	return 0;
 }
 
+/*
+ * --slot-churn: the guest writes its 5 MiB (1,280 guest_memfd pages, each a fault the host
+ * serves) on a thread of its own, while the main thread adds and deletes an unrelated memslot
+ * in a loop. Each change waits for the vCPU to leave KVM_RUN; the host must not hang (its fault
+ * service nudges the vCPU out of a fault it cannot serve while the host is busy). Prints the
+ * number of changes and checks the data.
+ */
+struct churn {
+	struct machine *m;
+	volatile int done;
+	uint64_t status;
+};
+
+static void *churn_vcpu(void *p)
+{
+	struct churn *c = p;
+
+	c->status = run_guest(&c->m->v, c->m->low.mem, "write (slot churn)");
+	__atomic_store_n(&c->done, 1, __ATOMIC_RELEASE);
+	return NULL;
+}
+
+static int run_slot_churn(const struct opts *o)
+{
+	int kvm = open_kvm();
+	struct machine m;
+	struct churn c = { &m, 0, 0 };
+	struct low_mem extra;
+	pthread_t t;
+	long changes = 0;
+
+	check_caps(kvm);
+	m.vm = create_vm(kvm);
+	m.gmem = create_gmem(m.vm, GMEM_SIZE, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED);
+	if (m.gmem < 0) {
+		errno = -m.gmem;
+		die("KVM_CREATE_GUEST_MEMFD");
+	}
+	m.gmem_map = map_gmem(m.gmem);
+	bind_gmem(m.vm, m.gmem, m.gmem_map);
+	m.low = alloc_low(o->low);
+	load_image(o->image_write, m.low.mem, MODE_WRITE);
+	set_region(m.vm, SLOT_LOW, 0, 0, LOW_MEM_SIZE, m.low.mem, -1, 0);
+	extra = alloc_low(LOW_MEMFD);
+	m.v = create_vcpu(kvm, m.vm, 0);
+	if (pthread_create(&t, NULL, churn_vcpu, &c))
+		die("pthread_create");
+	while (!__atomic_load_n(&c.done, __ATOMIC_ACQUIRE)) {
+		set_region(m.vm, 5, 0, 1ull << 30, LOW_MEM_SIZE, extra.mem, -1, 0);
+		set_region(m.vm, 5, 0, 1ull << 30, 0, extra.mem, -1, 0);
+		changes += 2;
+	}
+	pthread_join(t, NULL);
+	if (c.status != STATUS_WRITTEN)
+		fail("guest status %" PRIu64 ", want %d (written)", c.status, STATUS_WRITTEN);
+	check_gmem(m.gmem_map, 0, "slot churn");
+	printf("rfc_vmm: slot churn ok: %ld memslot changes while the guest wrote\n", changes);
+	return 0;
+}
+
 /* --eintr */
 
 static volatile sig_atomic_t in_call; /* set around the KVM_RUN call */
@@ -1453,13 +1515,14 @@ static void usage(void)
 			"       rfc_vmm IMAGE_WRITE IMAGE_VERIFY --vmm-child exits|tight [--low ...] "
 			"[--order ...]\n"
 			"       rfc_vmm IMAGE_WRITE IMAGE_VERIFY --bench-exits N [--native] [--low ...]\n"
+			"       rfc_vmm IMAGE_WRITE IMAGE_VERIFY --slot-churn [--native] [--low ...]\n"
 			"       rfc_vmm --print-sregs\n");
 	exit(2);
 }
 
 int main(int argc, char **argv)
 {
-	struct opts o = { NULL, NULL, LOW_MEMFD, VM_FIRST, 0, 0, -1, SPIN_NONE, EINTR_NONE, SPIN_NONE, 0 };
+	struct opts o = { NULL, NULL, LOW_MEMFD, VM_FIRST, 0, 0, -1, SPIN_NONE, EINTR_NONE, SPIN_NONE, 0, 0 };
 	int npos = 0, dev, state_s;
 
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -1495,6 +1558,8 @@ int main(int argc, char **argv)
 			o.bench_exits = strtol(argv[++i], NULL, 0);
 			if (o.bench_exits < 10)
 				usage();
+		} else if (!strcmp(a, "--slot-churn")) {
+			o.slot_churn = 1;
 		} else if (!strcmp(a, "--skip-negative")) {
 			o.skip_negative = 1;
 		} else if (!strcmp(a, "--corrupt") && i + 1 < argc) {
@@ -1543,6 +1608,8 @@ int main(int argc, char **argv)
 		return run_eintr(&o);
 	if (o.bench_exits)
 		return run_bench_exits(&o);
+	if (o.slot_churn)
+		return run_slot_churn(&o);
 	if (o.spin != SPIN_NONE && o.native)
 		return run_spin(&o, -1);
 	if (o.native)

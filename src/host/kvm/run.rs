@@ -27,6 +27,14 @@ impl Host {
             .cloned()
     }
 
+    /// The fault service's runner table, if the service runs: a vCPU thread registers there so
+    /// that the service can nudge it out of `KVM_RUN` and hand back the faults it refuses.
+    pub(crate) fn fault_shared(&self) -> Option<Arc<FaultShared>> {
+        let svc = self.guest_faults.as_ref()?;
+        svc.thread.as_ref()?;
+        Some(svc.shared.clone())
+    }
+
     /// Make sure the fault service runs for the host behind `host`; its runner table, or
     /// `None` when there is nothing to serve (no guest_memfd bound yet, or no userfaultfd).
     fn ensure_fault_service(&mut self, host: &Arc<Mutex<Host>>) -> Option<Arc<FaultShared>> {
