@@ -28,11 +28,7 @@ impl IoctlFuzzer {
     /// Boot a 64 MiB host and preserve a few sessions through an in-process kexec, so inputs find
     /// incoming sessions to retrieve.
     pub fn new() -> Self {
-        let h = Host::boot(crate::kexec::BootParams {
-            ram_size: 64 << 20,
-            ..Default::default()
-        })
-        .expect("boot the ioctl host");
+        let h = crate::fuzzing::small_host(64 << 20, "ioctl");
         let mut f = Self {
             host: Some(h),
             kexecs: 0,

@@ -16,7 +16,7 @@
 //! The harnesses, one file per concern: `image.rs` (the input cursor, a sparse RAM image and the
 //! synthetic-handover builders), `decoders.rs` (`fdt`, `dump`, `tracker`, `chain`, `blobs`),
 //! `template.rs` (a real handover, patched, with its checksums repaired), `ucmd.rs` (ioctl
-//! argument rules), `ioctl.rs` (the in-process LUO ioctl path), [`kvm`] (the KVM ioctl path) and `boundary.rs`
+//! argument rules), `ioctl.rs` (the in-process LUO ioctl path), [`kvm`] (the KVM ioctl path) and `boundary/`
 //! (the requests of programs under `handover run`: decode and dispatch).
 
 mod boundary;
@@ -33,3 +33,13 @@ pub use ioctl::IoctlFuzzer;
 pub use kvm::KvmIoctlFuzzer;
 pub use template::{handover, handover_dump, handover_template, HandoverTemplate};
 pub use ucmd::ucmd;
+
+/// A cold-booted host of `ram` bytes for a harness (`what` names it in the panic message if
+/// the boot fails, which is a harness bug, not a finding).
+fn small_host(ram: u64, what: &str) -> crate::host::Host {
+    crate::host::Host::boot(crate::kexec::BootParams {
+        ram_size: ram,
+        ..Default::default()
+    })
+    .unwrap_or_else(|e| panic!("boot the {what} host: {e}"))
+}

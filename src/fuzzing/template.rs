@@ -9,7 +9,6 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::abi::kho::{
     IntegrityHeader, INTEGRITY_NAME, MAX_FDT_SIZE, PROP_BLOB_CRC, PROP_TRACKER_CRC,
 };
-use crate::host::Host;
 use crate::kho::tracker::{IncomingTracker, WalkLimits};
 use crate::kho::KhoBootArgs;
 use crate::mm::{PhysRead, PAGE_SIZE};
@@ -24,11 +23,7 @@ pub fn handover_template() -> HandoverTemplate {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = std::env::temp_dir().join(format!("handover-fuzz-{}-{n}.dump", std::process::id()));
-    let mut h = Host::boot(crate::kexec::BootParams {
-        ram_size: 64 << 20,
-        ..Default::default()
-    })
-    .expect("boot the template host");
+    let mut h = crate::fuzzing::small_host(64 << 20, "template");
     let (kho, mm) = h.kho_mm();
     let t = crate::kho::test::KhoTest::create(mm, 64 << 10, 7).expect("kho-test");
     t.preserve(kho, mm).expect("kho-test preserve");
