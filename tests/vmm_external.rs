@@ -18,8 +18,8 @@
 mod vmm_common;
 
 use vmm_common::{
-    compile, handover, images, kvm_or_skip, path_str, rfc_vmm, test_dir,
-    under_handover as rfc_vmm_under_handover,
+    compile, handover, handover_run, images, kvm_or_skip, path_str, rfc_vmm, run_with_deadline,
+    test_dir, under_handover as rfc_vmm_under_handover,
 };
 
 /// The number of LUO negative-case lines stage 1 prints (`ok N - ...`).
@@ -204,4 +204,69 @@ fn c_vmm_under_handover_run_memslot_churn_while_the_guest_faults() {
     );
     r.assert_clean_halt();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `rfc_vmm --live`: the guest keeps running across the update. Its vCPU is paused from
+/// another thread (`immediate_exit` and a signal), its state saved into a preserved memfd, and
+/// after the update a new vCPU on the retrieved VM goes on from there: the guest reads its
+/// clock once more, verifies the 5 MiB and reports the largest gap between two clock reads.
+/// With `no_cgroup` the host finds the programs in `/proc` instead of freezing their cgroup.
+fn live(order: &str, no_cgroup: bool) {
+    let test = format!("c_vmm_live ({order}, no cgroup {no_cgroup})");
+    if !kvm_or_skip(&test) {
+        return;
+    }
+    let dir = test_dir(&format!("live-{order}-{no_cgroup}"));
+    let bin = compile(&dir);
+    let (w, v) = images(&dir);
+    let (mut cmd, report) = handover_run(
+        &dir,
+        "live",
+        &bin,
+        &[path_str(&w), path_str(&v), "--live", "--order", order],
+    );
+    if no_cgroup {
+        cmd.env("HANDOVER_RUN_NO_CGROUP", "1");
+    }
+    let r = run_with_deadline(&dir, "live", cmd, Some(&report));
+    r.assert_success(&test);
+    assert_eq!(r.lines_eq("rfc_vmm: live ok"), 1, "{test}\n{}", r.dump());
+    let line = r.line_starting("rfc_vmm: live {");
+    let j: serde_json::Value =
+        serde_json::from_str(line.trim_start_matches("rfc_vmm: live ")).expect("live JSON");
+    let gap = j["blackout_us"].as_u64().expect("blackout_us");
+    let pause_to_resume = j["pause_to_resume_us"]
+        .as_u64()
+        .expect("pause_to_resume_us");
+    // The guest saw the update as one gap between two clock reads, at least as long as the
+    // VMM's pause-to-resume (which ends before the guest's next read), and it went on looping.
+    assert!(
+        gap >= pause_to_resume && gap < 30_000_000,
+        "{test}: guest gap {gap} us, VMM pause to resume {pause_to_resume} us\n{}",
+        r.dump()
+    );
+    assert!(
+        j["loops"].as_u64().unwrap_or(0) >= 3,
+        "{test}\n{}",
+        r.dump()
+    );
+    assert_eq!(r.events("run-start").len(), 2, "{test}\n{}", r.dump());
+    assert_eq!(r.run_halt()["kexec_count"], 1, "{test}\n{}", r.dump());
+    r.assert_clean_halt();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn c_vmm_live_update_keeps_the_guest_running_vm_first() {
+    live("vm-first", false);
+}
+
+#[test]
+fn c_vmm_live_update_keeps_the_guest_running_gmem_first() {
+    live("gmem-first", false);
+}
+
+#[test]
+fn c_vmm_live_update_without_cgroups_finds_the_programs_in_proc() {
+    live("vm-first", true);
 }

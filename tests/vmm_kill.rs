@@ -31,7 +31,10 @@
 //!   within 2 s). "immediate": `kvm_run->immediate_exit = 1` must make `KVM_RUN` return EINTR at
 //!   once, with no signal (a watchdog signal comes after 500 ms). "probe": 100 calls, each with
 //!   its first signal 1-100 us in; a signal that arrives inside the call must end it (at most one
-//!   may be missed, for a signal landing between the flag and the system call). Each time the
+//!   may be missed, for a signal landing between the flag and the system call). "late": the guest
+//!   running its clock loop on a thread, another thread sets `immediate_exit` with no signal; a
+//!   later `KVM_RUN` must return EINTR within 2 s (it ran on for ever under the host once, which
+//!   cleared the program's byte after every run). Each time the
 //!   guest is then let go and must verify its data, so the vCPU is intact after EINTR. All of
 //!   that holds natively and under `handover run`.
 //!
@@ -275,6 +278,14 @@ fn check_immediate(line: &str) {
     );
 }
 
+fn check_late(line: &str) {
+    let ms = number_before(line, "ms after immediate_exit");
+    assert!(
+        line.contains("returned -1/EINTR") && ms < 1000.0,
+        "immediate_exit set during KVM_RUN must end the next call with EINTR: {line}"
+    );
+}
+
 fn check_probe(line: &str) {
     let inside = number_before(line, "of 100 early signals");
     let lost = number_before(line, "of them lost");
@@ -297,6 +308,20 @@ fn kvm_run_eintr_native() {
     check_signal(&eintr(&dir, "signal", false));
     check_immediate(&eintr(&dir, "immediate", false));
     check_probe(&eintr(&dir, "probe", false));
+    check_late(&eintr(&dir, "late", false));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A VMM that pauses its vCPU from another thread by setting `immediate_exit` while `KVM_RUN`
+/// runs: the host must not clear the program's byte after the run (it did: the guest then ran
+/// on for ever).
+#[test]
+fn kvm_run_eintr_under_handover_immediate_exit_set_during_the_run() {
+    if !kvm_or_skip("kvm_run_eintr_under_handover_immediate_exit_set_during_the_run") {
+        return;
+    }
+    let dir = test_dir("eintr-late");
+    check_late(&eintr(&dir, "late", true));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -1,6 +1,7 @@
 //! Benchmarks (run with `handover bench ...`; never timed tests).
 
 pub mod blackout;
+pub mod external;
 pub mod harness;
 pub mod kho;
 pub mod snapshot;

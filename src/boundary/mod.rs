@@ -9,12 +9,16 @@
 //! host memfd maps the file's RAM frames from the RAM memfd itself: no copy, and what KHO
 //! preserves is what the program wrote. See `docs/userspace.md`.
 //!
+//! - [`cgroup`]: the programs' processes frozen at an update and killed after it, as a group.
+//! - [`clone_exec`]: a program started straight into its cgroup.
 //! - [`conn`]: a process's socket, read with the sender's credentials.
 //! - [`dispatch`]: one request served on the host.
 //! - [`spawn`]: the preload library written out, static binaries refused, processes started,
 //!   stopped and ended at an update.
 //! - [`run`]: the init program that ties them together (`--init run`).
 
+pub mod cgroup;
+pub mod clone_exec;
 pub mod conn;
 pub mod dispatch;
 pub mod run;

@@ -20,7 +20,7 @@ use crate::uapi::Errno;
 
 use super::conn::{Conn, Expect, Recv};
 use super::dispatch::{serve, Answer, Effect};
-use super::spawn;
+use super::{cgroup, spawn};
 
 /// How long the serve loop waits, spinning, for a process's next request (ns).
 const SPIN_NS: u64 = 50_000;
@@ -110,6 +110,7 @@ fn lock(host: &Mutex<Host>) -> std::sync::MutexGuard<'_, Host> {
 }
 
 fn run(shared: &Mutex<Host>) -> InitOutcome {
+    let run_ns = crate::time::monotonic_ns();
     let mut guard = lock(shared);
     let host: &mut Host = &mut guard;
     let args = match RunArgs::parse(&host.params().init_args) {
@@ -119,10 +120,16 @@ fn run(shared: &Mutex<Host>) -> InitOutcome {
             return InitOutcome::Halt(2);
         }
     };
-    // The previous image's objects go now (no guest here waits on them), and so does every
-    // process of the previous image: stopped at the update, they end here, as at a kexec.
-    host.release_previous_image(true);
-    spawn::kill_all();
+    // The previous image's objects go, and so does every process of the previous image:
+    // stopped at the update, they end here, as at a kexec. Nothing waits for them: their
+    // teardown (the previous VMs with it) took 5 ms here, inside the programs' blackout.
+    host.release_previous_image(false);
+    let image = host.info().kexec_count;
+    let groups = cgroup::Groups::open();
+    match &groups {
+        Some(g) => g.start_image(image),
+        None => spawn::kill_stopped(),
+    }
     let argv = match (&args.then, host.info().kexec_count) {
         (Some(t), n) if n > 0 => t.clone(),
         _ => args.argv.clone(),
@@ -133,16 +140,27 @@ fn run(shared: &Mutex<Host>) -> InitOutcome {
     }
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let mut s = match Server::start(host, &argv) {
+    let mut s = match Server::start(host, &argv, groups, image) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("handover run: cannot start {}: {e}", argv[0]);
             return InitOutcome::Halt(127);
         }
     };
+    // CLOCK_MONOTONIC ns of each step since the update began (it runs on across the kexec),
+    // for a breakdown of the programs' blackout.
+    let (p, i) = (host.params(), host.info());
+    let times = json!({
+        "kexec_start": p.kexec_start_ns,
+        "exec": p.exec_ns,
+        "boot_start": i.boot_start_ns,
+        "boot_us": i.boot_us,
+        "run": run_ns,
+        "spawned": crate::time::monotonic_ns(),
+    });
     host.report(
         "run-start",
-        json!({ "argv": argv, "kexecs": args.kexecs, "pid": s.main_pid }),
+        json!({ "argv": argv, "kexecs": args.kexecs, "pid": s.main_pid, "times_ns": times }),
     );
     drop(guard);
     loop {
@@ -202,17 +220,27 @@ struct Server {
     buf: Vec<u8>,
     main_pid: i32,
     main_status: Option<i32>,
+    /// The programs' cgroups, where there are (else processes are found in `/proc`).
+    groups: Option<cgroup::Groups>,
+    /// This image's number (the host's kexec count): which cgroup slot is its.
+    image: u32,
 }
 
 impl Server {
-    fn start(host: &mut Host, argv: &[String]) -> std::io::Result<Server> {
+    fn start(
+        host: &mut Host,
+        argv: &[String],
+        groups: Option<cgroup::Groups>,
+        image: u32,
+    ) -> std::io::Result<Server> {
         let preload = spawn::write_preload()?;
         let (mine, theirs) = spawn::process_socket()?;
         // SO_PASSCRED before the program can send anything: a message sent earlier would
         // carry no credentials.
         let pid = host.spawn();
         let mut conn = Conn::new(mine, pid, Expect::Pid(0))?;
-        let child = match spawn::spawn(argv, &preload, &theirs) {
+        let slot = groups.as_ref().map(|g| g.slot(image));
+        let main_pid = match spawn::spawn(argv, &preload, &theirs, slot.as_deref()) {
             Ok(c) => c,
             Err(e) => {
                 host.exit(pid);
@@ -220,9 +248,6 @@ impl Server {
             }
         };
         drop(theirs);
-        let main_pid = child.id() as i32;
-        // The child is reaped by `reap_children`, by pid, not through `Child`.
-        drop(child);
         conn.expect = Expect::Pid(main_pid);
         Ok(Server {
             conns: vec![conn],
@@ -230,6 +255,8 @@ impl Server {
             buf: Vec::new(),
             main_pid,
             main_status: None,
+            groups,
+            image,
         })
     }
 
@@ -506,20 +533,37 @@ impl Server {
     /// Stop every user process, then kexec. Returns only if the update failed; the processes
     /// run again then.
     fn update(&mut self, host: &mut Host) -> crate::kexec::reboot::KexecError {
-        spawn::stop_all();
+        let asked = crate::time::monotonic_ns();
+        let frozen = self
+            .groups
+            .as_ref()
+            .is_some_and(|g| g.freeze(self.image, std::time::Duration::from_secs(2)));
+        if !frozen {
+            spawn::stop_all();
+        }
         // vCPUs the programs left running stop too (KVM_RUN returns EINTR to nobody).
         for k in self.kickers.values() {
             let _ = k.kick();
         }
-        host.report("run-kexec", json!({ "processes": self.conns.len() }));
+        let times = json!({ "asked": asked, "stopped": crate::time::monotonic_ns() });
+        host.report(
+            "run-kexec",
+            json!({ "processes": self.conns.len(), "times_ns": times }),
+        );
         let Err(e) = host.kexec(KexecRequest::default());
-        spawn::cont_all();
+        match &self.groups {
+            Some(g) if frozen => g.thaw(self.image),
+            _ => spawn::cont_all(),
+        }
         e
     }
 
     /// End every process, release what they held, report, halt with `code`.
     fn halt(&mut self, host: &mut Host, code: i32) -> InitOutcome {
         spawn::kill_all();
+        if let Some(g) = self.groups.take() {
+            g.remove();
+        }
         for c in std::mem::take(&mut self.conns) {
             host.exit(c.pid);
         }

@@ -6,7 +6,7 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 
 use rustix::net::{socketpair, AddressFamily, SocketFlags, SocketType};
 
@@ -117,8 +117,16 @@ pub fn process_socket() -> std::io::Result<(OwnedFd, OwnedFd)> {
     )?)
 }
 
-/// Start `argv` with the preload library and its end of the socket (`HANDOVER_SOCK`).
-pub fn spawn(argv: &[String], preload: &Path, sock: &OwnedFd) -> std::io::Result<Child> {
+/// Start `argv` with the preload library and its end of the socket (`HANDOVER_SOCK`); its
+/// pid. With `cgroup` (a cgroup directory), the child is created in that cgroup by `clone3`
+/// (`CLONE_INTO_CGROUP`), so that nothing it runs is outside; moving it there after the fork
+/// would cost a migration (15 ms here, inside the blackout).
+pub fn spawn(
+    argv: &[String],
+    preload: &Path,
+    sock: &OwnedFd,
+    cgroup: Option<&Path>,
+) -> std::io::Result<i32> {
     let (prog, args) = argv
         .split_first()
         .ok_or_else(|| std::io::Error::other("no program to run"))?;
@@ -134,6 +142,17 @@ pub fn spawn(argv: &[String], preload: &Path, sock: &OwnedFd) -> std::io::Result
         .unwrap_or(1024)
         .min(1024);
     let target = i32::try_from(limit).unwrap_or(1024).max(64) - 1;
+    if let Some(dir) = cgroup {
+        let path = resolve(prog).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("{prog}: not found"))
+        })?;
+        let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = std::env::vars_os()
+            .filter(|(k, _)| k != "LD_PRELOAD" && k != "HANDOVER_SOCK" && k != "HANDOVER_PID")
+            .collect();
+        env.push(("LD_PRELOAD".into(), preloads.into()));
+        env.push(("HANDOVER_SOCK".into(), target.to_string().into()));
+        return super::clone_exec::spawn_in_cgroup(&path, argv, &env, (raw, target), dir);
+    }
     let mut cmd = Command::new(prog);
     cmd.args(args)
         .env("LD_PRELOAD", preloads)
@@ -153,7 +172,8 @@ pub fn spawn(argv: &[String], preload: &Path, sock: &OwnedFd) -> std::io::Result
             Ok(())
         });
     }
-    cmd.spawn()
+    // The child is reaped by `reap_children`, by pid, not through `Child`.
+    cmd.spawn().map(|c| c.id() as i32)
 }
 
 /// The parent pid of `pid`, from `/proc/PID/stat`.
@@ -164,9 +184,9 @@ pub fn parent_of(pid: i32) -> Option<i32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// A process's state letter from `/proc/PID/stat` (`R`, `S`, `T`, `Z`, …).
-fn state_of(pid: i32) -> Option<char> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// A task's state letter from its `stat` file in `/proc` (`R`, `S`, `T`, `Z`, …).
+fn state_of(stat: &Path) -> Option<char> {
+    let s = std::fs::read_to_string(stat).ok()?;
     s[s.rfind(')')? + 1..]
         .split_whitespace()
         .next()?
@@ -208,6 +228,14 @@ fn signal_all(pids: &[i32], sig: i32) {
     }
 }
 
+/// SIGKILL every descendant once, without waiting for them to go: for the previous image's
+/// processes, stopped at the update (a stopped process forks nothing, and once killed runs no
+/// more user code). Their teardown (and that of the VMs their vCPU mappings kept alive) goes on
+/// beside the new image; they are reaped with the next children that end.
+pub fn kill_stopped() {
+    signal_all(&descendants(), libc::SIGKILL);
+}
+
 /// End every user process: SIGKILL to every descendant until none is left, reaping the
 /// children. Nothing of theirs is released on the host here (the caller decides).
 pub fn kill_all() {
@@ -228,22 +256,44 @@ pub fn kill_all() {
 /// killed.
 pub fn stop_all() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut pids = descendants();
+    signal_all(&pids, libc::SIGSTOP);
     loop {
-        let running: Vec<i32> = descendants()
-            .into_iter()
-            .filter(|&p| !matches!(state_of(p), Some('T' | 't' | 'Z' | 'X') | None))
-            .collect();
+        let running: Vec<i32> = pids.iter().copied().filter(|&p| !stopped(p)).collect();
         if running.is_empty() {
-            return;
+            // A process forked before its parent stopped is not in the list yet: look again,
+            // and stop the newcomers too.
+            let new: Vec<i32> = descendants()
+                .into_iter()
+                .filter(|p| !pids.contains(p))
+                .collect();
+            if new.is_empty() {
+                return;
+            }
+            signal_all(&new, libc::SIGSTOP);
+            pids.extend(new);
+            continue;
         }
         if std::time::Instant::now() > deadline {
             tracing::warn!("run: {running:?} would not stop; killed");
             signal_all(&running, libc::SIGKILL);
-        } else {
-            signal_all(&running, libc::SIGSTOP);
         }
-        std::thread::sleep(std::time::Duration::from_micros(200));
+        std::thread::sleep(std::time::Duration::from_micros(20));
     }
+}
+
+/// Whether every thread of `pid` is stopped (or it is dead or gone): a group stop ends one
+/// thread at a time, and a thread still running could still write host memory.
+fn stopped(pid: i32) -> bool {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    rd.flatten().all(|t| {
+        matches!(
+            state_of(&t.path().join("stat")),
+            Some('T' | 't' | 'Z' | 'X') | None
+        )
+    })
 }
 
 /// Let the stopped processes run again (the update did not happen).

@@ -17,7 +17,7 @@ use kvm_ioctls::VcpuFd;
 use crate::abi::boundary::{decode, Op, Reply};
 use crate::abi::kvm::KVM_RUN;
 use crate::kvm::run::{FaultShared, Registration, Runner};
-use crate::kvm::vcpu::{run_kickable, VcpuKicker};
+use crate::kvm::vcpu::{kicks_received, run_kickable, VcpuKicker};
 use crate::uapi::Errno;
 
 use super::conn::{Conn, Expect, Recv};
@@ -128,8 +128,9 @@ const SPIN_NS: u64 = 50_000;
 
 /// `KVM_RUN`, kickable; a kick makes it return EINTR (and is consumed). The program maps the
 /// same `kvm_run`: if it set `immediate_exit` itself, KVM sees it as it is and returns EINTR
-/// at once; the kick machinery's own use of the byte is cleared after each run, so a byte
-/// found set on entry is the program's. A fault the fault service refused ends the run with
+/// at once; the kick machinery's own use of the byte is cleared after a run during which a
+/// kick signal came, so a byte found set on entry is the program's (set before the call, or
+/// during the previous run, as a VMM that pauses its vCPU from another thread does). A fault the fault service refused ends the run with
 /// EFAULT (as KVM reports a guest_memfd fault it cannot serve); a nudge of the fault service
 /// alone is invisible: the run goes on.
 fn run(vcpu: &Mutex<VcpuFd>, kicker: &VcpuKicker, runner: Option<&Runner>) -> Result<i64, Errno> {
@@ -143,11 +144,19 @@ fn run(vcpu: &Mutex<VcpuFd>, kicker: &VcpuKicker, runner: Option<&Runner>) -> Re
         return v.run().map(|_| 0).map_err(|e| Errno(e.errno()));
     }
     loop {
+        let kicks = kicks_received();
         let r = run_kickable(&mut v)
             .map(|_| 0)
             .map_err(|e| Errno(e.errno()));
-        // SAFETY: as above.
-        unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 0) };
+        // The kick machinery sets the byte on entry when a kick is pending (still pending now:
+        // only `take_kick` below consumes it) and in the handler of a kick signal (counted):
+        // clear it then. Otherwise a set byte is the program's (set while the run went on, to
+        // stop the next one, as KVM reads it on entry) and stays.
+        let machinery = kicker.is_pending() || runner.is_some_and(|rn| rn.kicker.is_pending());
+        if machinery || kicks_received() != kicks {
+            // SAFETY: as above.
+            unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 0) };
+        }
         if r != Err(Errno::EINTR) {
             // A kick that arrived after the exit stays pending: the next run returns EINTR at
             // once, as a signal pending at KVM_RUN makes it.

@@ -57,6 +57,26 @@ pub struct BlackoutArgs {
     /// Do not measure: plot the points of an earlier `--json` output (with --plot).
     #[arg(long)]
     pub replot: Option<std::path::PathBuf>,
+    /// `external`: instead of the sweep, an external VMM (the C VMM of tests/vmm, a separate
+    /// process under `handover run`) beside the in-process one: the guest-visible blackout of
+    /// the RFC scenario and the port-I/O exit round trip (default 20 runs; 3 with --quick).
+    #[arg(long, value_enum)]
+    pub vmm: Option<VmmKind>,
+    /// Timed exits per exit measurement (--vmm external).
+    #[arg(long, default_value_t = 20_000)]
+    pub exits: usize,
+    /// The C VMM binary (--vmm external); default: built from tests/vmm/*.c with cc.
+    #[arg(long)]
+    pub vmm_program: Option<std::path::PathBuf>,
+}
+
+/// Which VMM `handover bench --vmm` measures.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmKind {
+    /// The VMM inside the host image (the sweep).
+    InProcess,
+    /// An external VMM process beside the in-process one.
+    External,
 }
 
 #[derive(Subcommand, Debug)]
@@ -346,6 +366,9 @@ fn write_plot(dir: &std::path::Path, points: &[Point]) -> Result<(), String> {
 }
 
 fn sweep(a: BlackoutArgs) -> Result<ExitCode, String> {
+    if a.vmm == Some(VmmKind::External) {
+        return external(&a);
+    }
     if let Some(j) = &a.replot {
         let text =
             std::fs::read_to_string(j).map_err(|e| format!("cannot read {}: {e}", j.display()))?;
@@ -539,4 +562,73 @@ fn print_table(points: &[Point], targets: &[Value], runs: usize) {
             if t["met"] == true { "met" } else { "NOT met" }
         );
     }
+}
+
+/// `handover bench --vmm external`.
+fn external(a: &BlackoutArgs) -> Result<ExitCode, String> {
+    use crate::bench::external::{run, Options};
+    if !crate::vmm::libkvm::kvm_available("handover bench --vmm external") {
+        return Err("the external VMM benchmark needs /dev/kvm".into());
+    }
+    let o = Options {
+        runs: a.runs.unwrap_or(if a.quick { 3 } else { 20 }).max(1),
+        exits: if a.quick { 5_000 } else { a.exits.max(10) },
+        exit_runs: if a.quick { 2 } else { 5 },
+        vmm: a.vmm_program.clone(),
+    };
+    let r = run(&o)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+        );
+    } else {
+        let row = |name: &str, d: &crate::bench::external::Dist, unit: f64, u: &str| {
+            println!(
+                "{name:<36} {:>9.2} {u} {:>9.2} {u} {:>9.2} {u}   ({} runs)",
+                d.p50 / unit,
+                d.p99 / unit,
+                d.max / unit,
+                d.values.len()
+            )
+        };
+        println!("external VMM beside the in-process VMM: the same guest, 16 MiB guest_memfd, 5 MiB written");
+        println!("{:<36} {:>12} {:>12} {:>12}", "", "p50", "p99", "max");
+        row("blackout, in-process VMM", &r.inproc_blackout_us, 1e3, "ms");
+        row("blackout, external VMM", &r.external_blackout_us, 1e3, "ms");
+        row(
+            "exit round trip, VMM on /dev/kvm",
+            &r.native_exit_p50_us,
+            1.0,
+            "us",
+        );
+        row(
+            "exit round trip, under handover",
+            &r.external_exit_p50_us,
+            1.0,
+            "us",
+        );
+        println!(
+            "  (exit rows: the p50 of each measurement of {} exits; worst p99: {:.1} us on /dev/kvm, {:.1} us under handover)",
+            o.exits, r.exit_p99_us.0, r.exit_p99_us.1
+        );
+        println!("phases, in-process (median us): {}", r.inproc_phases_us);
+        println!("phases, external (median us):   {}", r.external_phases_us);
+        for f in &r.failures {
+            println!("FAILED: {f}");
+        }
+        for t in &r.targets {
+            println!(
+                "target {}: {} ({:.2})",
+                t.target,
+                if t.met { "met" } else { "MISSED" },
+                t.value
+            );
+        }
+    }
+    Ok(if r.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -41,21 +41,28 @@ fn cc(args: &[&std::ffi::OsStr]) -> std::process::Output {
     }
 }
 
-/// Compile `tests/vmm/rfc_vmm.c` into `dir/rfc_vmm` with `cc -O1 -Wall -Werror`.
+/// Compile the C VMM (`tests/vmm/*.c`, main in `rfc_vmm.c`) into `dir/rfc_vmm` with
+/// `cc -O1 -Wall -Werror`.
 pub fn compile(dir: &Path) -> PathBuf {
     let out = dir.join("rfc_vmm");
-    let src = sources().join("rfc_vmm.c");
-    let r = cc(&[
+    let mut srcs: Vec<PathBuf> = std::fs::read_dir(sources())
+        .expect("read tests/vmm")
+        .map(|e| e.expect("read tests/vmm").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "c"))
+        .collect();
+    srcs.sort();
+    let mut args: Vec<&std::ffi::OsStr> = vec![
         "-O1".as_ref(),
         "-Wall".as_ref(),
         "-Werror".as_ref(),
         "-o".as_ref(),
         out.as_os_str(),
-        src.as_os_str(),
-    ]);
+    ];
+    args.extend(srcs.iter().map(|p| p.as_os_str()));
+    let r = cc(&args);
     assert!(
         r.status.success(),
-        "cc rfc_vmm.c failed:\n{}",
+        "cc tests/vmm/*.c failed:\n{}",
         String::from_utf8_lossy(&r.stderr)
     );
     out
