@@ -76,6 +76,8 @@ pub struct Report {
     pub external_phases_us: Value,
     /// The in-process runs' phases (µs, medians).
     pub inproc_phases_us: Value,
+    /// Each external run's phases (µs), in run order: where an outlier's time went.
+    pub external_runs_phases_us: Vec<Value>,
     /// Exit round trip, VMM on the machine's /dev/kvm: p50 of each measurement, µs.
     pub native_exit_p50_us: Dist,
     /// Exit round trip, VMM under `handover run`: p50 of each measurement, µs.
@@ -192,6 +194,7 @@ fn external_run(dir: &Path, vmm: &Path, w: &Path, v: &Path) -> Result<(f64, Valu
     let (k, s) = (last("run-kexec"), last("run-start"));
     let us_f = |x: &Value| x.as_f64().map(|u| u * 1e3).map_or(Value::Null, Value::from);
     let phases = json!({
+        "guest_blackout": live["blackout_us"],
         "pause": live["pause_us"],
         "save_state": live["save_us"],
         "stop_programs": us_between(&k["asked"], &k["stopped"]),
@@ -321,6 +324,7 @@ pub fn run(o: &Options) -> Result<Report, String> {
         external_blackout_us: eb,
         external_phases_us: median_phases(&ext_ph),
         inproc_phases_us: median_phases(&inproc_ph),
+        external_runs_phases_us: ext_ph,
         native_exit_p50_us: ne,
         external_exit_p50_us: fe,
         exit_p99_us: p99,

@@ -6,7 +6,8 @@
 //!
 //! The host makes `handover-PID/a` and `handover-PID/b` beside its own cgroup: image `n` puts
 //! its programs in slot `n % 2`, so the previous image's processes are in the other slot, which
-//! the new image kills (without waiting for them) and thaws for the image after it.
+//! the new image kills (a little after its program started, so that their teardown does not
+//! compete with it, and without waiting for them) and thaws for the image after it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -30,7 +31,14 @@ impl Groups {
         let root = mount
             .join(own.trim_start_matches('/'))
             .join(format!("handover-{}", std::process::id()));
+        // After a kexec they are there already (one stat instead of three mkdirs).
+        let made = [root.join("a"), root.join("b")]
+            .iter()
+            .all(|d| d.join("cgroup.freeze").exists());
         for d in [root.clone(), root.join("a"), root.join("b")] {
+            if made {
+                break;
+            }
             match std::fs::create_dir(&d) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -49,20 +57,46 @@ impl Groups {
         Some(g)
     }
 
+    /// The cgroups a previous image of this host made, at `root`: only this process's own
+    /// (`handover-PID`, with both slots), whatever the path says.
+    pub fn reopen(root: &Path) -> Option<Groups> {
+        let ours = format!("handover-{}", std::process::id());
+        if root.file_name()? != ours.as_str() || !root.is_absolute() {
+            return None;
+        }
+        let g = Groups {
+            root: root.to_path_buf(),
+        };
+        [g.slot(0), g.slot(1)]
+            .iter()
+            .all(|s| s.join("cgroup.freeze").exists())
+            .then_some(g)
+    }
+
+    /// Where the two slots are.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The cgroup directory of image `image`'s programs.
     pub fn slot(&self, image: u32) -> PathBuf {
         self.root.join(if image % 2 == 0 { "a" } else { "b" })
     }
 
-    /// At the start of image `image`: kill what the previous image left in the other slot and
-    /// thaw it for the next image; make sure this image's slot is thawed. Waits for nothing.
+    /// At the start of image `image`: make sure its slot is not frozen (it last held the
+    /// processes of image `image - 2`, killed and thawed by image `image - 1`).
     pub fn start_image(&self, image: u32) {
+        let _ = write(&self.slot(image).join("cgroup.freeze"), "0");
+    }
+
+    /// Kill what the previous image left in the other slot (frozen since the update) and thaw
+    /// the slot for the next image. Waits for nothing.
+    pub fn end_previous(&self, image: u32) {
         let old = self.slot(image + 1);
         if let Err(e) = kill_members(&old) {
             tracing::warn!("run: cannot kill the previous image's processes: {e}");
         }
         let _ = write(&old.join("cgroup.freeze"), "0");
-        let _ = write(&self.slot(image).join("cgroup.freeze"), "0");
     }
 
     /// Freeze image `image`'s processes and wait until every one is frozen; after `timeout`,
@@ -144,4 +178,24 @@ fn cgroup2_mount() -> Option<PathBuf> {
         }
         Some(PathBuf::from(left.split_whitespace().nth(4)?))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopen_takes_only_this_processes_own_cgroups() {
+        // Another cgroup, a relative path, another pid: refused before anything is looked at,
+        // so an argument can never make the host kill the members of someone else's cgroup.
+        for p in [
+            "/sys/fs/cgroup/system.slice",
+            "handover-1",
+            "/sys/fs/cgroup/handover-1",
+        ] {
+            assert!(Groups::reopen(Path::new(p)).is_none(), "{p}");
+        }
+        let ours = format!("/nonexistent/handover-{}", std::process::id());
+        assert!(Groups::reopen(Path::new(&ours)).is_none(), "no slots there");
+    }
 }

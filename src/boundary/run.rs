@@ -40,6 +40,9 @@ pub struct RunArgs {
     pub then: Option<Vec<String>>,
     /// Updates to perform when the program exits with status 0.
     pub kexecs: u32,
+    /// The programs' cgroups, found by the previous image (saves looking for the cgroup
+    /// hierarchy again in the blackout); checked before use.
+    pub cgroup: Option<std::path::PathBuf>,
 }
 
 impl RunArgs {
@@ -56,6 +59,7 @@ impl RunArgs {
                     }
                     r.then = Some(words);
                 }
+                Some(("cgroup", v)) => r.cgroup = Some(v.into()),
                 Some(("kexecs", v)) => {
                     r.kexecs = v
                         .parse()
@@ -77,6 +81,9 @@ impl RunArgs {
             v.push(format!("then={}", t.join(" ")));
         }
         v.push(format!("kexecs={}", self.kexecs));
+        if let Some(c) = &self.cgroup {
+            v.push(format!("cgroup={}", c.display()));
+        }
         v
     }
 }
@@ -121,14 +128,23 @@ fn run(shared: &Mutex<Host>) -> InitOutcome {
         }
     };
     // The previous image's objects go, and so does every process of the previous image:
-    // stopped at the update, they end here, as at a kexec. Nothing waits for them: their
-    // teardown (the previous VMs with it) took 5 ms here, inside the programs' blackout.
-    host.release_previous_image(false);
+    // stopped at the update, they end in this image, as at a kexec. Nothing waits for them:
+    // their teardown (the previous VMs with it) took 5 ms here, inside the programs'
+    // blackout. In a cgroup they stay frozen until the new program has had time to start
+    // (`OLD_IMAGE_GRACE_NS`), and so does the previous image's reaper with the old VMs; found
+    // in /proc they are killed now, before anything new runs.
     let image = host.info().kexec_count;
-    let groups = cgroup::Groups::open();
+    let groups = args
+        .cgroup
+        .as_deref()
+        .and_then(cgroup::Groups::reopen)
+        .or_else(cgroup::Groups::open);
     match &groups {
         Some(g) => g.start_image(image),
-        None => spawn::kill_stopped(),
+        None => {
+            host.release_previous_image(false);
+            spawn::kill_stopped();
+        }
     }
     let argv = match (&args.then, host.info().kexec_count) {
         (Some(t), n) if n > 0 => t.clone(),
@@ -224,7 +240,13 @@ struct Server {
     groups: Option<cgroup::Groups>,
     /// This image's number (the host's kexec count): which cgroup slot is its.
     image: u32,
+    /// When the previous image's processes, frozen in their cgroup, are to be killed
+    /// (CLOCK_MONOTONIC ns); `None` once done (or without cgroups: killed at the start).
+    end_previous_at: Option<u64>,
 }
+
+/// How long the previous image's frozen processes are left alone after the program started.
+const OLD_IMAGE_GRACE_NS: u64 = 200_000_000;
 
 impl Server {
     fn start(
@@ -255,6 +277,10 @@ impl Server {
             buf: Vec::new(),
             main_pid,
             main_status: None,
+            end_previous_at: groups
+                .as_ref()
+                .filter(|_| image > 0)
+                .map(|_| crate::time::monotonic_ns() + OLD_IMAGE_GRACE_NS),
             groups,
             image,
         })
@@ -264,6 +290,12 @@ impl Server {
         loop {
             if let Some(st) = self.main_status {
                 return Event::MainExited(st);
+            }
+            if self
+                .end_previous_at
+                .is_some_and(|t| crate::time::monotonic_ns() >= t)
+            {
+                self.end_previous(&mut lock(host));
             }
             let revents = self.poll(50_000_000);
             let hup = PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL;
@@ -530,10 +562,21 @@ impl Server {
         }
     }
 
+    /// Kill the previous image's processes and its reaper if that is still to be done.
+    fn end_previous(&mut self, host: &mut Host) {
+        if self.end_previous_at.take().is_some() {
+            if let Some(g) = &self.groups {
+                g.end_previous(self.image);
+            }
+            host.release_previous_image(false);
+        }
+    }
+
     /// Stop every user process, then kexec. Returns only if the update failed; the processes
     /// run again then.
     fn update(&mut self, host: &mut Host) -> crate::kexec::reboot::KexecError {
         let asked = crate::time::monotonic_ns();
+        self.end_previous(host);
         let frozen = self
             .groups
             .as_ref()
@@ -546,6 +589,13 @@ impl Server {
             let _ = k.kick();
         }
         let times = json!({ "asked": asked, "stopped": crate::time::monotonic_ns() });
+        // The next image finds the cgroups through its arguments.
+        if let Some(g) = &self.groups {
+            let root = format!("cgroup={}", g.root().display());
+            let a = &mut host.params_mut().init_args;
+            a.retain(|x| !x.starts_with("cgroup="));
+            a.push(root);
+        }
         host.report(
             "run-kexec",
             json!({ "processes": self.conns.len(), "times_ns": times }),
@@ -560,6 +610,7 @@ impl Server {
 
     /// End every process, release what they held, report, halt with `code`.
     fn halt(&mut self, host: &mut Host, code: i32) -> InitOutcome {
+        self.end_previous(host);
         spawn::kill_all();
         if let Some(g) = self.groups.take() {
             g.remove();
@@ -601,6 +652,7 @@ mod tests {
             argv: vec!["prog".into(), "a=b".into(), "".into()],
             then: Some(vec!["other".into(), "-x".into()]),
             kexecs: 2,
+            cgroup: Some("/sys/fs/cgroup/handover-1".into()),
         };
         assert_eq!(RunArgs::parse(&a.to_init_args()).unwrap(), a);
         assert!(RunArgs::parse(&["kexecs=1".into()]).is_err());

@@ -42,6 +42,7 @@ pub fn run(a: RunCmd) -> Result<ExitCode, String> {
         argv: a.program,
         then,
         kexecs: a.kexecs,
+        cgroup: None,
     };
     crate::boundary::spawn::check_program(&args.argv[0])?;
     let boot = crate::cli::boot::BootArgs {

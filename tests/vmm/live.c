@@ -33,6 +33,13 @@ struct live_msrs {
 	struct kvm_msr_entry e[N_LIVE_MSRS];
 };
 
+#define MAX_CPUID 256
+
+struct live_cpuid {
+	struct kvm_cpuid2 hdr;
+	struct kvm_cpuid_entry2 e[MAX_CPUID];
+};
+
 /* The vCPU-state memfd: which optional parts were saved, the state, and stage 1's clock. */
 struct live_state {
 	uint64_t magic;
@@ -48,6 +55,7 @@ struct live_state {
 	struct kvm_vcpu_events events;
 	struct kvm_mp_state mp;
 	struct live_msrs msrs;
+	struct live_cpuid cpuid; /* the vCPU's own (KVM_GET_CPUID2), set again as it was */
 };
 
 _Static_assert(sizeof(struct live_state) <= STATE_BYTES, "live_state fits its memfd");
@@ -175,6 +183,33 @@ static void choose_msrs(int vcpu, struct live_msrs *out)
 	}
 }
 
+/*
+ * A vCPU of the retrieved VM with the saved state: the guest must see the CPUID it had, so the
+ * saved one is set (not KVM_GET_SUPPORTED_CPUID, which would also cost two more calls here).
+ */
+static struct vcpu restored_vcpu(int kvm, int vm, struct live_state *s)
+{
+	struct vcpu v;
+	int size;
+	void *p;
+
+	v.fd = ioctl(vm, KVM_CREATE_VCPU, 0UL);
+	if (v.fd < 0)
+		die("KVM_CREATE_VCPU");
+	size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+	if (size < (int)sizeof(struct kvm_run))
+		die("KVM_GET_VCPU_MMAP_SIZE");
+	v.run_size = (size_t)size;
+	p = mmap(NULL, v.run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v.fd, 0);
+	if (p == MAP_FAILED)
+		die("mmap kvm_run");
+	v.run = p;
+	if (s->cpuid.hdr.nent > MAX_CPUID)
+		fail("live stage 2: %u CPUID entries saved, at most %d", s->cpuid.hdr.nent, MAX_CPUID);
+	xioctl(v.fd, KVM_SET_CPUID2, &s->cpuid, "KVM_SET_CPUID2");
+	return v;
+}
+
 /* Load a saved state into a new vCPU (CPUID already set); TSC first, with the MSRs. */
 static void restore_vcpu(int vcpu, struct live_state *s)
 {
@@ -239,6 +274,11 @@ int live_stage1(const struct opts *o, int dev)
 	}
 	set_region(m.vm, SLOT_LOW, 0, 0, LOW_MEM_SIZE, m.low.mem, -1, 0);
 	m.v = create_vcpu(kvm, m.vm, 0);
+	/* Before the vCPU runs: a vCPU ioctl from another thread waits for KVM_RUN to return (on
+	 * Linux too, for the vCPU mutex), and this guest re-enters at once. */
+	choose_msrs(m.v.fd, &st.msrs);
+	st.cpuid.hdr.nent = MAX_CPUID;
+	xioctl(m.v.fd, KVM_GET_CPUID2, &st.cpuid, "KVM_GET_CPUID2");
 
 	memset(&lr, 0, sizeof(lr));
 	lr.m = &m;
@@ -264,7 +304,6 @@ int live_stage1(const struct opts *o, int dev)
 	if (ftruncate(stfd, STATE_BYTES) < 0)
 		die("ftruncate vCPU state");
 	preserve(s, stfd, VCPU_TOKEN, "preserve vCPU state");
-	choose_msrs(m.v.fd, &st.msrs);
 	write_state(dev, o);
 	st.preserve_us = now_us() - t0;
 
@@ -344,7 +383,7 @@ int live_stage2(const struct opts *o, int dev, int state_s, uint64_t t_main)
 	set_region(m.vm, SLOT_LOW, 0, 0, LOW_MEM_SIZE, m.low.mem, -1, 0);
 	bind_gmem(m.vm, m.gmem, m.gmem_map);
 	kvm = open_kvm();
-	m.v = create_vcpu(kvm, m.vm, 0);
+	m.v = restored_vcpu(kvm, m.vm, &st);
 	restore_vcpu(m.v.fd, &st);
 	t_restored = now_us();
 
