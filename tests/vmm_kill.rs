@@ -30,8 +30,9 @@
 //!   "signal": a timer signal 50 ms into `KVM_RUN` must end it with -1/EINTR (one signal, well
 //!   within 2 s). "immediate": `kvm_run->immediate_exit = 1` must make `KVM_RUN` return EINTR at
 //!   once, with no signal (a watchdog signal comes after 500 ms). "probe": 100 calls, each with
-//!   its first signal 1-100 us in; a signal that arrives inside the call must end it (at most one
-//!   may be missed, for a signal landing between the flag and the system call). "late": the guest
+//!   its first signal 1-100 us in and more every 250 ms; a signal that arrives inside the call
+//!   must end it before the next one (at most one may be missed, for a signal landing between
+//!   the flag and the system call). The gap was 20 ms once: under CI's load a kick took longer. "late": the guest
 //!   running its clock loop on a thread, another thread sets `immediate_exit` with no signal; a
 //!   later `KVM_RUN` must return EINTR within 2 s (it ran on for ever under the host once, which
 //!   cleared the program's byte after every run). Each time the
