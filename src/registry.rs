@@ -10,6 +10,7 @@ use crate::host::Host;
 use crate::kexec::boot::BootError;
 use crate::kexec::BootParams;
 use crate::kvm::guest_memfd_luo::{Format, GuestMemfdHandler};
+use crate::kvm::guest_memfd_luo_v3::GuestMemfdV3Handler;
 use crate::kvm::vm_luo::VmHandler;
 use crate::luo::FileHandler;
 
@@ -22,6 +23,7 @@ pub fn file_handlers() -> Vec<Arc<dyn FileHandler<Host>>> {
         // v2 first: it is the format new preservations use; v1 stays readable.
         Arc::new(GuestMemfdHandler { format: Format::V2 }),
         Arc::new(GuestMemfdHandler { format: Format::V1 }),
+        Arc::new(GuestMemfdV3Handler),
     ];
     // Test hook: the handler of `/dev/liveupdate-test` files (LUO core tests).
     #[cfg(feature = "test-hooks")]

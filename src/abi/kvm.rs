@@ -43,7 +43,47 @@ pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
 /// Memslot flag of [`UserMemoryRegion2::flags`]: the slot is backed by `guest_memfd`.
 pub const KVM_MEM_GUEST_MEMFD: u32 = 1 << 2;
 
-/// `struct kvm_create_guest_memfd` (64 bytes).
+// ---- private memory and in-place conversion (the in-flight upstream series, see
+// docs/private-memory.md for the version followed) ----
+
+/// Capability number: bit `1 << type` for each VM type `KVM_CREATE_VM` accepts.
+pub const KVM_CAP_VM_TYPES: u64 = 235;
+/// The default x86 VM type (no private memory).
+pub const KVM_X86_DEFAULT_VM: u64 = 0;
+/// The software-protected x86 VM type: private memory without hardware protection.
+pub const KVM_X86_SW_PROTECTED_VM: u64 = 1;
+/// Capability number ("guest_memfd: In-place conversion support" v6-v8): the memory
+/// attributes `KVM_SET_MEMORY_ATTRIBUTES2` on a guest_memfd accepts (PRIVATE), 0 if none.
+pub const KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: u64 = 250;
+/// Memory attribute: the pages are private to the guest.
+pub const KVM_MEMORY_ATTRIBUTE_PRIVATE: u64 = 1 << 3;
+/// guest_memfd ioctl: set the attributes of a byte range of the file in place; argument
+/// [`MemoryAttributes2`] (`struct kvm_memory_attributes2`, 128 bytes, read and written).
+pub const KVM_SET_MEMORY_ATTRIBUTES2: u64 = iowr(0xd2, 128);
+/// guest_memfd creation flag (ours: the upstream HugeTLB series has not fixed its bit):
+/// folios of `2^page_order` pages from the host's huge-page pool; the file starts private.
+pub const GUEST_MEMFD_FLAG_HUGETLB: u64 = 1 << 2;
+
+/// `struct kvm_memory_attributes2` (128 bytes).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct MemoryAttributes2 {
+    /// Byte offset into the guest_memfd (page-aligned).
+    pub offset: u64,
+    /// Bytes (page-aligned, non-zero).
+    pub size: u64,
+    /// 0 (shared) or [`KVM_MEMORY_ATTRIBUTE_PRIVATE`].
+    pub attributes: u64,
+    /// Must be 0.
+    pub flags: u64,
+    /// Out, on EAGAIN: byte offset of the first page that could not be converted.
+    pub error_offset: u64,
+    /// Must be 0.
+    pub reserved: [u64; 11],
+}
+
+/// `struct kvm_create_guest_memfd` (64 bytes), with the HugeTLB series' `page_order` taken
+/// out of the reserved space.
 #[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
 #[repr(C)]
 pub struct CreateGuestMemfd {
@@ -51,8 +91,13 @@ pub struct CreateGuestMemfd {
     pub size: u64,
     /// `GUEST_MEMFD_FLAG_*` bits; an unsupported bit is EINVAL.
     pub flags: u64,
+    /// With [`GUEST_MEMFD_FLAG_HUGETLB`]: log2 of the folio size in pages (9: 2 MiB, 18:
+    /// 1 GiB); must be 0 without it (EINVAL).
+    pub page_order: u8,
     /// Must be zero (EINVAL otherwise).
-    pub reserved: [u64; 6],
+    pub pad: [u8; 7],
+    /// Must be zero (EINVAL otherwise).
+    pub reserved: [u64; 5],
 }
 
 /// `struct kvm_userspace_memory_region2` (160 bytes).
@@ -191,8 +236,54 @@ pub struct GuestMemfdRunSer {
     pub nr_pages: u64,
 }
 
-/// Offset of `vm_token` in both blob versions.
+/// Offset of `vm_token` in every blob version.
 pub const GUEST_MEMFD_LUO_VM_TOKEN_OFFSET: u64 = 24;
+
+/// Our successor of v2 for what v1 and v2 cannot carry: files of a private-memory VM, with
+/// their shared/private map, and folio orders above 0 (HugeTLB). v1 and v2 stay readable.
+pub const GUEST_MEMFD_LUO_V3_FH_COMPATIBLE: &str = "guest_memfd_luo_v3";
+/// File flag in the blob (v3): the file had `GUEST_MEMFD_FLAG_HUGETLB`.
+pub const GUEST_MEMFD_LUO_FLAG_HUGETLB: u64 = 1 << 2;
+/// Run flags (v3): the run's folio order, in bits 4..10 of the flags above the pfn.
+pub const GUEST_MEMFD_LUO_RUN_ORDER_SHIFT: u64 = 4;
+
+/// `guest_memfd_luo_v3` blob (96 bytes): the v2 header (`vm_token` at the same offset), the
+/// private ranges, the file's folio order and a CRC32 of the blob and both lists.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct GuestMemfdLuoSerV3 {
+    /// File size in bytes (a non-zero multiple of the folio size).
+    pub size: u64,
+    /// `GUEST_MEMFD_LUO_FLAG_*` bits.
+    pub flags: u64,
+    /// Pages present (sum of the runs).
+    pub nr_folios: u64,
+    /// LUO token of the owning VM file in the same session; 0 until `freeze` fills it in.
+    pub vm_token: u64,
+    /// Preserved array of [`GuestMemfdRunSer`] entries (with the run's order in its flags).
+    pub runs: KhoArraySer,
+    /// Number of entries in `runs`.
+    pub nr_runs: u64,
+    /// Preserved array of [`GuestMemfdRangeSer`] entries: the private page ranges.
+    pub private: KhoArraySer,
+    /// Number of entries in `private`.
+    pub nr_private: u64,
+    /// The file's folio order (0, or the HugeTLB `page_order`).
+    pub page_order: u64,
+    /// CRC32 (IEEE) of this blob with `vm_token` and `checksum` zero, then the bytes of the
+    /// run list, then those of the private list.
+    pub checksum: u64,
+}
+
+/// A page range `index..index + nr_pages` (16 bytes).
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct GuestMemfdRangeSer {
+    /// First page index.
+    pub index: u64,
+    /// Pages (at least 1).
+    pub nr_pages: u64,
+}
 
 #[cfg(test)]
 mod tests {
@@ -206,6 +297,12 @@ mod tests {
         assert_eq!(std::mem::size_of::<GuestMemfdFolioSer>(), 16);
         assert_eq!(std::mem::size_of::<KvmLuoSer>(), 8);
         assert_eq!(std::mem::size_of::<GuestMemfdLuoSerV2>(), 56);
+        assert_eq!(std::mem::size_of::<GuestMemfdLuoSerV3>(), 96);
+        assert_eq!(std::mem::offset_of!(GuestMemfdLuoSerV3, vm_token), 24);
+        assert_eq!(std::mem::size_of::<MemoryAttributes2>(), 128);
+        assert_eq!(std::mem::size_of::<CreateGuestMemfd>(), 64);
+        assert_eq!(std::mem::offset_of!(CreateGuestMemfd, page_order), 16);
+        assert_eq!(KVM_SET_MEMORY_ATTRIBUTES2, 0xc080_aed2);
         assert_eq!(std::mem::size_of::<GuestMemfdRunSer>(), 24);
         assert_eq!(std::mem::offset_of!(GuestMemfdLuoSer, vm_token), 24);
         assert_eq!(std::mem::offset_of!(GuestMemfdLuoSerV2, vm_token), 24);

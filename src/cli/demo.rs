@@ -30,6 +30,11 @@ pub struct DemoArgs {
     /// Also write a dump of the handover here (decode it with `handover inspect`).
     #[arg(long)]
     pub dump: Option<std::path::PathBuf>,
+    /// A software-protected VM whose guest writes private memory; the VMM converts the first
+    /// MiB to shared and checks it through mmap, and is refused the private rest, before and
+    /// after the update (docs/private-memory.md).
+    #[arg(long)]
+    pub private: bool,
 }
 
 fn find<'a>(events: &'a [Value], name: &str) -> Option<&'a Value> {
@@ -51,6 +56,9 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
     if a.gmem_first {
         args.extend(["--init-arg".into(), "order=gmem-first".into()]);
     }
+    if a.private {
+        args.extend(["--init-arg".into(), "private=1".into()]);
+    }
     if let Some(d) = &a.dump {
         args.push("--dump-handover".into());
         args.push(d.display().to_string());
@@ -59,7 +67,11 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
     let s1 = find(&events, "rfc-stage1");
     let s2 = find(&events, "rfc-stage2");
     let failed = find(&events, "rfc-failed");
-    let ok = code == 0 && s2.is_some_and(|v| v["ok"] == true);
+    let private: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "rfc-private")
+        .collect();
+    let ok = code == 0 && s2.is_some_and(|v| v["ok"] == true) && (!a.private || private.len() == 2);
     let g = |v: Option<&Value>, k: &str| v.map_or(Value::Null, |v| v[k].clone());
     let summary = json!({
         "ok": ok,
@@ -74,6 +86,7 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
         "vm_name": g(s2, "vm_name"),
         "order": g(s2, "order"),
         "error": failed.map(|f| f["error"].clone()),
+        "private_checks": private,
     });
     if a.json {
         println!("{summary}");
@@ -105,6 +118,12 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
             "  blackout   {:.2} ms, the largest gap the guest saw between two clock reads",
             summary["blackout_us"].as_f64().unwrap_or(0.0) / 1e3
         );
+        for c in &private {
+            println!(
+                "  private    stage {}: the first {} KiB converted to shared read back through mmap, the {} private pages refused to the host",
+                c["stage"], c["shared_bytes_checked"].as_u64().unwrap_or(0) >> 10, c["private_pages"]
+            );
+        }
         println!(
             "  phases     pause {:.0} us, save vCPU {:.0} us, freeze+finalize {:.0} us, exec {:.0} us, boot {:.0} us, retrieve {:.0} us, resume {:.0} us",
             f("pause"), f("save_state"), f("freeze_and_finalize"), f("exec"), f("boot"), f("retrieve"), f("resume")

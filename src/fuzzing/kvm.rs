@@ -171,7 +171,9 @@ fn one_op(h: &mut Host, st: &mut State, c: &mut Input) {
                     let a = CreateGuestMemfd {
                         size,
                         flags,
-                        reserved: [0; 6],
+                        page_order: 0,
+                        pad: [0; 7],
+                        reserved: [0; 5],
                     };
                     (KVM_CREATE_GUEST_MEMFD, a.as_bytes().to_vec())
                 }

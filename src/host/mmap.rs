@@ -5,7 +5,7 @@ use crate::host::files::FileKind;
 use crate::host::Host;
 use crate::mm::{VaWindow, PAGE_SIZE};
 use crate::uapi::mmap::*;
-use crate::uapi::{Errno, Pid, SysResult};
+use crate::uapi::{Errno, Pid, SysResult, KERNEL_PID};
 use std::sync::Arc;
 
 impl Host {
@@ -200,7 +200,8 @@ impl Host {
         let Some(cache) = self.file_cache(m.file) else {
             return;
         };
-        for (idx, pfn, len) in cache.runs_in(a, b) {
+        let parts = self.host_visible(m, a, b);
+        for (idx, pfn, len) in parts.into_iter().flat_map(|(lo, hi)| cache.runs_in(lo, hi)) {
             let off = (idx - m.pgoff) * PAGE_SIZE;
             if let Err(e) = m.window.map(
                 &self.mm.ram,
@@ -210,6 +211,34 @@ impl Host {
                 m.writable,
             ) {
                 tracing::warn!("mmap: cannot map pages: {e}");
+            }
+        }
+    }
+
+    /// The parts of `a..b` mapping `m` may show: all of it, but for a process's mapping of a
+    /// guest_memfd only its shared pages (the kernel's mapping, which memslots use, shows
+    /// private pages too: the guest reaches them).
+    fn host_visible(&self, m: &Mapping, a: u64, b: u64) -> Vec<(u64, u64)> {
+        match self.files.kind(m.file) {
+            Some(FileKind::GuestMemfd(g)) if m.pid != KERNEL_PID => g.attrs.shared_parts(a, b),
+            _ => vec![(a, b)],
+        }
+    }
+
+    /// Take pages `a..b` of `file` out of every process's mapping of it (not the kernel's):
+    /// they became private.
+    pub(crate) fn unmap_user_pages(&mut self, file: FileId, a: u64, b: u64) {
+        for m in self
+            .maps
+            .values()
+            .filter(|m| m.file == file && m.pid != KERNEL_PID)
+        {
+            let n = m.window.len() / PAGE_SIZE;
+            let (lo, hi) = (a.max(m.pgoff), b.min(m.pgoff + n));
+            if lo < hi {
+                let _ = m
+                    .window
+                    .unmap((lo - m.pgoff) * PAGE_SIZE, (hi - lo) * PAGE_SIZE);
             }
         }
     }
@@ -229,7 +258,10 @@ impl Host {
         for m in self.maps.values().filter(|m| m.file == file) {
             let n = m.window.len() / PAGE_SIZE;
             for &idx in indexes {
-                if idx >= m.pgoff && idx - m.pgoff < n {
+                if idx >= m.pgoff
+                    && idx - m.pgoff < n
+                    && !self.host_visible(m, idx, idx + 1).is_empty()
+                {
                     if let Some(pa) = self.file_page(file, idx) {
                         let _ = m.window.map(
                             &self.mm.ram,
@@ -281,6 +313,12 @@ impl Host {
         };
         if write && !writable {
             return Err(Errno::EFAULT);
+        }
+        if let Some(FileKind::GuestMemfd(g)) = self.files.kind(file) {
+            // A process touching a private page: SIGBUS on Linux, EFAULT here.
+            if !g.host_may_access(index) {
+                return Err(Errno::EFAULT);
+            }
         }
         if let Some(pa) = self.file_page(file, index) {
             return Ok(pa);

@@ -357,10 +357,21 @@ impl Host {
         m.ra_next = end;
         m.ra_pages = block;
         let file = m.file;
+        let mut end = end;
         let (pages, size_pages, can_alloc) = match self.files.kind_mut(file) {
             Some(FileKind::Memfd(f)) => (&mut f.pages, f.size.div_ceil(PAGE_SIZE), true),
-            // Host access to a guest_memfd needs INIT_SHARED; a frozen one allocates nothing.
-            Some(FileKind::GuestMemfd(g)) if g.init_shared() => {
+            // Host access to a guest_memfd needs INIT_SHARED or a private-memory VM, and a
+            // shared page (a private one is SIGBUS); a frozen one allocates nothing.
+            Some(FileKind::GuestMemfd(g))
+                if g.init_shared() || crate::kvm::vm::has_private_memory(g.vm.vm_type) =>
+            {
+                if !g.host_may_access(idx) {
+                    return Err(Errno::EFAULT);
+                }
+                // Fault around only up to the next private page.
+                if let Some(p) = g.attrs.first_private(idx, end) {
+                    end = p;
+                }
                 (&mut g.pages, g.size / PAGE_SIZE, !g.frozen)
             }
             _ => return Err(Errno::EFAULT),
@@ -435,12 +446,31 @@ impl Host {
         self.procs.get_mut(&pid)?.deferred.take()
     }
 
+    /// The runs of present pages of `file` in `a..b` a program may map: a guest_memfd's
+    /// private pages are left out (they stay holes, and a touch is SIGBUS).
     fn present_runs(&self, file: FileId, a: u64, b: u64) -> Vec<PageRun> {
-        self.file_cache(file).map_or_else(Vec::new, |c| {
-            c.runs_in(a, b)
-                .into_iter()
-                .map(|(index, pfn, npages)| PageRun { index, pfn, npages })
-                .collect()
-        })
+        let parts = match self.files.kind(file) {
+            Some(FileKind::GuestMemfd(g)) => g.attrs.shared_parts(a, b),
+            _ => vec![(a, b)],
+        };
+        let Some(c) = self.file_cache(file) else {
+            return Vec::new();
+        };
+        parts
+            .into_iter()
+            .flat_map(|(lo, hi)| c.runs_in(lo, hi))
+            .map(|(index, pfn, npages)| PageRun { index, pfn, npages })
+            .collect()
+    }
+
+    /// The first page of `file` in `a..b` that a program maps (its frames cannot be taken out
+    /// of another address space: a conversion to private is EAGAIN there).
+    pub(crate) fn remote_mapped_page(&self, file: FileId, a: u64, b: u64) -> Option<u64> {
+        self.procs
+            .values()
+            .flat_map(|p| p.remote.iter())
+            .filter(|m| m.file == file && m.covers(a, b))
+            .map(|m| a.max(m.pgoff))
+            .min()
     }
 }

@@ -164,6 +164,18 @@ impl Host {
                 let vcpu = v.vcpu.clone();
                 crate::host::kvm::passthrough::vcpu_ioctl(&vcpu, cmd, arg)
             }
+            Some(FileKind::GuestMemfd(_)) if cmd == crate::abi::kvm::KVM_SET_MEMORY_ATTRIBUTES2 => {
+                use zerocopy::{FromBytes, IntoBytes};
+                let buf = arg.get_mut(..128).ok_or(Errno::EFAULT)?;
+                let mut a = crate::abi::kvm::MemoryAttributes2::read_from_bytes(buf)
+                    .map_err(|_| Errno::EFAULT)?;
+                let r = self.gmem_set_attributes(f, &mut a);
+                if r == Err(Errno::EAGAIN) {
+                    // As upstream: on failure the struct goes back with its error_offset.
+                    buf.copy_from_slice(a.as_bytes());
+                }
+                r.map(|()| 0)
+            }
             Some(_) => Err(Errno::ENOTTY),
             None => Err(Errno::EBADF),
         }

@@ -9,6 +9,7 @@ use crate::fs::FileId;
 use crate::mm::PageCache;
 use crate::uapi::MapId;
 
+use super::gmem_attrs::PageAttrs;
 use super::vm::VmInner;
 
 /// Largest guest_memfd (the page cache is dense: 8 bytes per page).
@@ -32,6 +33,11 @@ pub struct GuestMemfd {
     pub frozen: bool,
     /// Our mapping of the whole file, which memslots point at.
     pub kernel_map: Option<MapId>,
+    /// Which pages are private (in-place conversion): the guest reaches them, the host's
+    /// mappings do not (SIGBUS). Only a private-memory VM's files have any.
+    pub attrs: PageAttrs,
+    /// Folio order (0: 4 KiB pages; 9 or 18 with `GUEST_MEMFD_FLAG_HUGETLB`).
+    pub page_order: u32,
 }
 
 impl GuestMemfd {
@@ -39,5 +45,10 @@ impl GuestMemfd {
     /// preserves only such files.
     pub fn init_shared(&self) -> bool {
         self.flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0
+    }
+
+    /// Whether the host may touch page `index` through a mapping: not when it is private.
+    pub fn host_may_access(&self, index: u64) -> bool {
+        !self.attrs.is_private(index)
     }
 }

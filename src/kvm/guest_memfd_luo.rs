@@ -48,6 +48,14 @@ pub trait GuestMemfdLuoCtx: VmLuoCtx {
     fn guest_memfd_mut(&mut self, file: FileId) -> Option<&mut GuestMemfd>;
     /// `KVM_CREATE_GUEST_MEMFD` on the VM file `vm`.
     fn create_guest_memfd(&mut self, vm: FileId, size: u64, flags: u64) -> SysResult<FileId>;
+    /// The same with a folio order (`GUEST_MEMFD_FLAG_HUGETLB`'s `page_order`).
+    fn create_guest_memfd_order(
+        &mut self,
+        vm: FileId,
+        size: u64,
+        flags: u64,
+        page_order: u32,
+    ) -> SysResult<FileId>;
     /// `--gmem-luo v1`: new preservations use the v1 format.
     fn gmem_luo_v1(&self) -> bool;
 }
@@ -67,7 +75,7 @@ enum Preserved {
 }
 
 /// Internal guest_memfd flags to the ABI's (deliberately separate bit spaces upstream).
-fn to_abi(flags: u64) -> u64 {
+pub(super) fn to_abi(flags: u64) -> u64 {
     let mut f = 0;
     if flags & GUEST_MEMFD_FLAG_MMAP != 0 {
         f |= GUEST_MEMFD_LUO_FLAG_MMAP;
@@ -78,7 +86,7 @@ fn to_abi(flags: u64) -> u64 {
     f
 }
 
-fn from_abi(flags: u64) -> u64 {
+pub(super) fn from_abi(flags: u64) -> u64 {
     let mut f = 0;
     if flags & GUEST_MEMFD_LUO_FLAG_MMAP != 0 {
         f |= GUEST_MEMFD_FLAG_MMAP;
@@ -89,7 +97,11 @@ fn from_abi(flags: u64) -> u64 {
     f
 }
 
-fn set_frozen<C: GuestMemfdLuoCtx + ?Sized>(host: &mut C, file: Option<FileId>, frozen: bool) {
+pub(super) fn set_frozen<C: GuestMemfdLuoCtx + ?Sized>(
+    host: &mut C,
+    file: Option<FileId>,
+    frozen: bool,
+) {
     if let Some(g) = file.and_then(|f| host.guest_memfd_mut(f)) {
         g.frozen = frozen;
     }
@@ -424,21 +436,7 @@ impl<C: GuestMemfdLuoCtx + ?Sized> FileHandler<C> for GuestMemfdHandler {
 
     /// The owning VM must be preserved in the same session: record its token.
     fn freeze(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
-        let (vm_file, inner) = match a.file.and_then(|f| host.guest_memfd(f)) {
-            Some(g) => (g.vm_file, g.vm.clone()),
-            None => return Err(Errno::EINVAL),
-        };
-        let alive = host
-            .vm_file(vm_file)
-            .is_some_and(|v| std::sync::Arc::ptr_eq(&v.inner, &inner));
-        if !alive {
-            return Err(Errno::ENOENT);
-        }
-        let token = host.luo_get_token_outgoing(a.session, vm_file)?;
-        host.mm_mut()
-            .ram
-            .write_u64(a.serialized + GUEST_MEMFD_LUO_VM_TOKEN_OFFSET, token)?;
-        Ok(())
+        record_vm_token(host, a)
     }
 
     fn retrieve(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
@@ -523,4 +521,27 @@ impl<C: GuestMemfdLuoCtx + ?Sized> FileHandler<C> for GuestMemfdHandler {
         }
         let _ = kho.restore_free(mm, a.serialized);
     }
+}
+
+/// `freeze` of every version: the owning VM must be preserved in the same session; its token
+/// goes into the blob at [`GUEST_MEMFD_LUO_VM_TOKEN_OFFSET`].
+pub(super) fn record_vm_token<C: GuestMemfdLuoCtx + ?Sized>(
+    host: &mut C,
+    a: &mut FileArgs,
+) -> SysResult<()> {
+    let (vm_file, inner) = match a.file.and_then(|f| host.guest_memfd(f)) {
+        Some(g) => (g.vm_file, g.vm.clone()),
+        None => return Err(Errno::EINVAL),
+    };
+    let alive = host
+        .vm_file(vm_file)
+        .is_some_and(|v| std::sync::Arc::ptr_eq(&v.inner, &inner));
+    if !alive {
+        return Err(Errno::ENOENT);
+    }
+    let token = host.luo_get_token_outgoing(a.session, vm_file)?;
+    host.mm_mut()
+        .ram
+        .write_u64(a.serialized + GUEST_MEMFD_LUO_VM_TOKEN_OFFSET, token)?;
+    Ok(())
 }

@@ -14,8 +14,10 @@
 //! `KVM_RUN` so that [`Host::vcpu_run`](crate::host::Host) returns the fault to the VMM with
 //! EPERM. About 55 µs per fault here; a VMM that wants none allocates up front (fallocate).
 
+pub mod gmem_attrs;
 pub mod guest_memfd;
 pub mod guest_memfd_luo;
+pub mod guest_memfd_luo_v3;
 pub mod run;
 pub mod vcpu;
 pub mod vm;

@@ -149,3 +149,10 @@ pub(crate) fn arg_u64(arg: &[u8]) -> SysResult<u64> {
 pub(crate) fn kvm_err(e: kvm_ioctls::Error) -> Errno {
     Errno(e.errno())
 }
+
+/// Whether VMs of `vm_type` have private memory: here the software-protected type, served on
+/// a default VM of the machine's KVM (which offers no other), its private pages kept from the
+/// host by the host image itself.
+pub fn has_private_memory(vm_type: u64) -> bool {
+    vm_type == crate::abi::kvm::KVM_X86_SW_PROTECTED_VM
+}

@@ -34,12 +34,53 @@ pub fn create_guest_memfd(
     size: u64,
     flags: u64,
 ) -> SysResult<i32> {
+    create_guest_memfd_order(h, pid, vm, size, flags, 0)
+}
+
+/// `KVM_CREATE_GUEST_MEMFD` with a `page_order` (for `GUEST_MEMFD_FLAG_HUGETLB`).
+pub fn create_guest_memfd_order(
+    h: &mut Host,
+    pid: Pid,
+    vm: i32,
+    size: u64,
+    flags: u64,
+    page_order: u8,
+) -> SysResult<i32> {
     let mut a = CreateGuestMemfd {
         size,
         flags,
-        reserved: [0; 6],
+        page_order,
+        ..Default::default()
     };
     Ok(h.ioctl(pid, vm, KVM_CREATE_GUEST_MEMFD, a.as_mut_bytes())? as i32)
+}
+
+/// `KVM_SET_MEMORY_ATTRIBUTES2` on the guest_memfd `gmem`: bytes `offset..offset+size` become
+/// private (`private`) or shared. On EAGAIN, the error's offset is returned with it.
+pub fn set_memory_attributes(
+    h: &mut Host,
+    pid: Pid,
+    gmem: i32,
+    offset: u64,
+    size: u64,
+    private: bool,
+) -> Result<(), (crate::uapi::Errno, u64)> {
+    let mut a = MemoryAttributes2 {
+        offset,
+        size,
+        attributes: if private {
+            KVM_MEMORY_ATTRIBUTE_PRIVATE
+        } else {
+            0
+        },
+        flags: 0,
+        error_offset: 0,
+        reserved: [0; 11],
+    };
+    match h.ioctl(pid, gmem, KVM_SET_MEMORY_ATTRIBUTES2, a.as_mut_bytes()) {
+        Ok(_) => Ok(()),
+        Err(e) => Err((e, a.error_offset)),
+    }
 }
 
 /// A memslot: `size` bytes at `gpa`, backed by a guest_memfd range (`KVM_MEM_GUEST_MEMFD`)

@@ -207,7 +207,9 @@ impl BoundaryFuzzer {
             let g = CreateGuestMemfd {
                 size: 8 * PAGE_SIZE,
                 flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-                reserved: [0; 6],
+                page_order: 0,
+                pad: [0; 7],
+                reserved: [0; 5],
             };
             let q = request(Op::Ioctl, vm, 8, [KVM_CREATE_GUEST_MEMFD, 0, 0, 0]);
             if send(self, q, g.as_bytes()) >= 0 {

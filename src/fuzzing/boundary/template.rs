@@ -252,7 +252,9 @@ pub(super) fn template(h: &Host, procs: &[Proc], pid: Pid, c: &mut Cursor) -> Ve
                             2 => c.u64(),
                             _ => GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
                         },
-                        reserved: [0; 6],
+                        page_order: 0,
+                        pad: [0; 7],
+                        reserved: [0; 5],
                     };
                     (KVM_CREATE_GUEST_MEMFD, g.as_bytes().to_vec(), true)
                 }

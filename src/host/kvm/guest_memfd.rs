@@ -1,39 +1,129 @@
 //! guest_memfd files on the host.
 
 use crate::abi::errno::{Errno, SysResult};
-use crate::abi::kvm::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use crate::abi::kvm::*;
 use crate::fs::FileId;
 use crate::host::files::FileKind;
 use crate::host::Host;
+use crate::kvm::gmem_attrs::PageAttrs;
 use crate::kvm::guest_memfd::*;
+use crate::kvm::vm::has_private_memory;
 use crate::mm::{PageCache, VaWindow, PAGE_SIZE};
 use crate::uapi::{MapId, Mapping, KERNEL_PID};
 use std::sync::Arc;
 
 impl Host {
-    /// The `GUEST_MEMFD_FLAG_*` bits `KVM_CREATE_GUEST_MEMFD` accepts here: MMAP and INIT_SHARED.
-    pub fn gmem_supported_flags(&self) -> u64 {
-        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+    /// The `GUEST_MEMFD_FLAG_*` bits `KVM_CREATE_GUEST_MEMFD` accepts here: MMAP and
+    /// INIT_SHARED everywhere (in-place conversion is on), HUGETLB on a VM type with private
+    /// memory (such a file starts private) when this image has a huge-page pool.
+    pub fn gmem_supported_flags(&self, vm_type: Option<u64>) -> u64 {
+        let mut f = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+        if vm_type.is_none_or(has_private_memory) && self.hugetlb_orders().next().is_some() {
+            f |= GUEST_MEMFD_FLAG_HUGETLB;
+        }
+        f
     }
 
-    /// `KVM_CREATE_GUEST_MEMFD` on `vm`.
+    /// `KVM_CREATE_GUEST_MEMFD` on `vm` with 4 KiB folios.
     pub fn gmem_create(&mut self, vm: FileId, size: u64, flags: u64) -> SysResult<FileId> {
+        self.gmem_create_order(vm, size, flags, 0)
+    }
+
+    /// `KVM_CREATE_GUEST_MEMFD` on `vm`: EINVAL for an unsupported flag, a size that is zero,
+    /// unaligned (to the folio size) or too big, a `page_order` without HUGETLB or one the pool
+    /// has no folios of, and HUGETLB with INIT_SHARED (a huge file starts private). A file of
+    /// a private-memory VM without INIT_SHARED starts private.
+    pub fn gmem_create_order(
+        &mut self,
+        vm: FileId,
+        size: u64,
+        flags: u64,
+        page_order: u32,
+    ) -> SysResult<FileId> {
         let inner = self.vm_inner(vm)?;
-        if flags & !self.gmem_supported_flags() != 0 {
+        if flags & !self.gmem_supported_flags(Some(inner.vm_type)) != 0 {
             return Err(Errno::EINVAL);
         }
-        if size == 0 || size % PAGE_SIZE != 0 || size > MAX_SIZE {
+        let huge = flags & GUEST_MEMFD_FLAG_HUGETLB != 0;
+        if huge != (page_order != 0)
+            || (huge && flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0)
+            || (huge && !self.hugetlb_orders().any(|o| o == page_order))
+        {
             return Err(Errno::EINVAL);
         }
+        let folio = PAGE_SIZE << page_order;
+        if size == 0 || size % folio != 0 || size > MAX_SIZE {
+            return Err(Errno::EINVAL);
+        }
+        let nr = size / PAGE_SIZE;
+        let attrs =
+            if has_private_memory(inner.vm_type) && flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0 {
+                PageAttrs::all_private(nr)
+            } else {
+                PageAttrs::all_shared()
+            };
         Ok(self.files.install(FileKind::GuestMemfd(GuestMemfd {
             vm: inner,
             vm_file: vm,
             size,
             flags,
-            pages: PageCache::with_pages(size / PAGE_SIZE),
+            pages: PageCache::with_pages(nr),
             frozen: false,
             kernel_map: None,
+            attrs,
+            page_order,
         })))
+    }
+
+    /// The folio orders this image's huge-page pool has (none yet: see `mm::hugetlb`).
+    pub fn hugetlb_orders(&self) -> impl Iterator<Item = u32> {
+        std::iter::empty()
+    }
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES2` on the guest_memfd `file` (`a` is read, and on EAGAIN its
+    /// `error_offset` written). The checks and errnos of the upstream series: EINVAL for
+    /// non-zero flags or reserved words, a VM type without private memory, an unknown
+    /// attribute, a zero, unaligned, overflowing or out-of-file range; then EPERM while the
+    /// file is frozen for preservation. Converting to private takes the pages out of this
+    /// image's own mappings of the file first; a page another process maps cannot be taken
+    /// from it (EAGAIN, `error_offset` at the first one). Contents stay in place.
+    pub fn gmem_set_attributes(
+        &mut self,
+        file: FileId,
+        a: &mut crate::abi::kvm::MemoryAttributes2,
+    ) -> SysResult<()> {
+        let (vm_type, size, frozen) = {
+            let g = self.gmem(file)?;
+            (g.vm.vm_type, g.size, g.frozen)
+        };
+        if a.flags != 0 || a.reserved.iter().any(|&r| r != 0) || !has_private_memory(vm_type) {
+            return Err(Errno::EINVAL);
+        }
+        if a.attributes & !KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let end = a.offset.checked_add(a.size).ok_or(Errno::EINVAL)?;
+        if a.size == 0 || a.offset % PAGE_SIZE != 0 || a.size % PAGE_SIZE != 0 || end > size {
+            return Err(Errno::EINVAL);
+        }
+        if frozen {
+            return Err(Errno::EPERM);
+        }
+        let (lo, hi) = (a.offset / PAGE_SIZE, end / PAGE_SIZE);
+        let private = a.attributes & KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;
+        if private {
+            if let Some(busy) = self.remote_mapped_page(file, lo, hi) {
+                a.error_offset = busy * PAGE_SIZE;
+                return Err(Errno::EAGAIN);
+            }
+            self.unmap_user_pages(file, lo, hi);
+        }
+        self.gmem(file)?.attrs.set(lo, hi, private);
+        if !private {
+            // Shared again: present pages reappear in the host's mappings.
+            self.map_file_range(file, lo, hi);
+        }
+        Ok(())
     }
 
     pub(crate) fn gmem(&mut self, file: FileId) -> SysResult<&mut GuestMemfd> {
@@ -155,7 +245,9 @@ impl Host {
                 Some(FileKind::GuestMemfd(g)) => g,
                 _ => return Err(Errno::EFAULT),
             };
-            if index >= g.size / PAGE_SIZE || (host_access && !g.init_shared()) {
+            if index >= g.size / PAGE_SIZE
+                || (host_access && (!g.host_may_access(index) || !shared_file(g)))
+            {
                 return Err(Errno::EFAULT);
             }
             if let Some(p) = g.pages.get(index) {
@@ -192,4 +284,10 @@ impl Host {
             tracing::warn!("guest_memfd release: {e}");
         }
     }
+}
+
+/// Whether the host may fault pages of `g` in at all: INIT_SHARED files, and every file of a
+/// private-memory VM (whose pages the host reaches while they are shared).
+fn shared_file(g: &GuestMemfd) -> bool {
+    g.init_shared() || has_private_memory(g.vm.vm_type)
 }

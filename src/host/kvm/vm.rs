@@ -28,9 +28,17 @@ impl Host {
     }
 
     /// A new VM file of `vm_type` on the real KVM.
+    ///
+    /// A software-protected VM (type 1) is a default VM of the machine's KVM, which offers no
+    /// private-memory type: the host image keeps its private pages from the host itself.
     pub fn kvm_create_vm_file(&mut self, vm_type: u64, name: Option<String>) -> SysResult<FileId> {
         let kvm = self.real_kvm()?;
-        let fd = kvm.create_vm_with_type(vm_type).map_err(kvm_err)?;
+        let real_type = if has_private_memory(vm_type) {
+            KVM_X86_DEFAULT_VM
+        } else {
+            vm_type
+        };
+        let fd = kvm.create_vm_with_type(real_type).map_err(kvm_err)?;
         self.next_vm_id += 1;
         let id = self.next_vm_id;
         let inner = Arc::new(VmInner::new(
@@ -49,7 +57,7 @@ impl Host {
     pub(crate) fn kvm_dev_ioctl(&mut self, pid: Pid, cmd: u64, arg: &mut [u8]) -> SysResult<i64> {
         match cmd {
             KVM_GET_API_VERSION => Ok(12),
-            KVM_CHECK_EXTENSION => self.kvm_check_extension(arg_u64(arg)?),
+            KVM_CHECK_EXTENSION => self.kvm_check_extension(arg_u64(arg)?, None),
             KVM_CREATE_VM => {
                 let f = self.kvm_create_vm_file(arg_u64(arg)?, None)?;
                 Ok(self.fd_install(pid, f, true)? as i64)
@@ -58,11 +66,21 @@ impl Host {
         }
     }
 
-    fn kvm_check_extension(&mut self, cap: u64) -> SysResult<i64> {
+    /// `KVM_CHECK_EXTENSION` on `/dev/kvm` (`vm_type` None) or on a VM of `vm_type`.
+    fn kvm_check_extension(&mut self, cap: u64, vm_type: Option<u64>) -> SysResult<i64> {
         Ok(match cap {
             KVM_CAP_GUEST_MEMFD => 1,
-            KVM_CAP_GUEST_MEMFD_FLAGS => {
-                (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED) as i64
+            KVM_CAP_GUEST_MEMFD_FLAGS => self.gmem_supported_flags(vm_type) as i64,
+            KVM_CAP_VM_TYPES => {
+                let real = self.real_kvm()?.check_extension_raw(cap);
+                (real.max(0) as i64) | (1 << KVM_X86_SW_PROTECTED_VM)
+            }
+            KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES => {
+                if vm_type.is_none_or(has_private_memory) {
+                    KVM_MEMORY_ATTRIBUTE_PRIVATE as i64
+                } else {
+                    0
+                }
             }
             c => {
                 let kvm = self.real_kvm()?;
@@ -80,14 +98,17 @@ impl Host {
         arg: &mut [u8],
     ) -> SysResult<i64> {
         match cmd {
-            KVM_CHECK_EXTENSION => self.kvm_check_extension(arg_u64(arg)?),
+            KVM_CHECK_EXTENSION => {
+                let t = self.vm_inner(vm)?.vm_type;
+                self.kvm_check_extension(arg_u64(arg)?, Some(t))
+            }
             KVM_CREATE_GUEST_MEMFD => {
                 let a = CreateGuestMemfd::read_from_bytes(arg.get(..64).ok_or(Errno::EFAULT)?)
                     .map_err(|_| Errno::EFAULT)?;
-                if a.reserved.iter().any(|&r| r != 0) {
+                if a.reserved.iter().any(|&r| r != 0) || a.pad.iter().any(|&p| p != 0) {
                     return Err(Errno::EINVAL);
                 }
-                let f = self.gmem_create(vm, a.size, a.flags)?;
+                let f = self.gmem_create_order(vm, a.size, a.flags, u32::from(a.page_order))?;
                 // Like the kernel: a guest_memfd fd is not close-on-exec.
                 Ok(self.fd_install(pid, f, false)? as i64)
             }

@@ -113,6 +113,16 @@ impl GuestMemfdLuoCtx for Host {
         self.gmem_create(vm, size, flags)
     }
 
+    fn create_guest_memfd_order(
+        &mut self,
+        vm: FileId,
+        size: u64,
+        flags: u64,
+        page_order: u32,
+    ) -> SysResult<FileId> {
+        self.gmem_create_order(vm, size, flags, page_order)
+    }
+
     fn gmem_luo_v1(&self) -> bool {
         self.params.gmem_luo_v1
     }

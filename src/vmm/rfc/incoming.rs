@@ -134,6 +134,11 @@ pub(super) fn stage2(
         let Host { kho, mm, .. } = &mut *h;
         kho.commit(mm).map_err(e("commit"))?;
     }
+    if o.private {
+        let mut h = lock(shared);
+        let v = super::private::check(&mut h, pid, gmem, &o, 2)?;
+        h.report("rfc-private", v);
+    }
     let bg_us = match bg.map(|t| t.join()) {
         Some(Ok(r)) => Some(r?),
         Some(Err(_)) => return Err("slot binding thread panicked".into()),

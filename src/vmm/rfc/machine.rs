@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::abi::kvm::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use crate::abi::kvm::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_X86_SW_PROTECTED_VM,
+};
 use crate::host::Host;
 use crate::kvm::vcpu::VcpuKicker;
 use crate::kvm::RunExit;
@@ -73,15 +75,15 @@ pub(crate) fn bind(
 
 pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     let kvm = libkvm::open_kvm(h, pid).map_err(e("open /dev/kvm"))?;
-    let vm = libkvm::create_vm(h, pid, kvm, 0).map_err(e("KVM_CREATE_VM"))?;
-    let gmem = libkvm::create_guest_memfd(
-        h,
-        pid,
-        vm,
-        o.guest_mem,
-        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
-    )
-    .map_err(e("KVM_CREATE_GUEST_MEMFD"))?;
+    // `private`: a software-protected VM, its guest_memfd private from the start.
+    let (vm_type, flags) = if o.private {
+        (KVM_X86_SW_PROTECTED_VM, GUEST_MEMFD_FLAG_MMAP)
+    } else {
+        (0, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    };
+    let vm = libkvm::create_vm(h, pid, kvm, vm_type).map_err(e("KVM_CREATE_VM"))?;
+    let gmem = libkvm::create_guest_memfd(h, pid, vm, o.guest_mem, flags)
+        .map_err(e("KVM_CREATE_GUEST_MEMFD"))?;
     if o.populate {
         h.fallocate(pid, gmem, libc::FALLOC_FL_KEEP_SIZE, 0, o.guest_mem)
             .map_err(e("fallocate"))?;

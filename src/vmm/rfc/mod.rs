@@ -31,6 +31,7 @@ mod incoming;
 mod machine;
 mod options;
 mod outgoing;
+mod private;
 mod report;
 
 pub(crate) use devices::io_handler;

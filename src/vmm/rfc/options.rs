@@ -38,6 +38,13 @@ pub struct Options {
     /// Live updates in a row (the soak test): after each one the same guest writes its data
     /// again and the host updates again.
     pub cycles: u32,
+    /// A software-protected VM whose guest_memfd starts private (see `private`).
+    #[serde(default)]
+    pub private: bool,
+    /// With `private`: the bytes at the start converted to shared after the guest wrote
+    /// (`shared`, default 1 MiB).
+    #[serde(default)]
+    pub shared: u64,
 }
 
 impl Options {
@@ -71,6 +78,8 @@ impl Options {
             lazy_slots: a.get("lazy-slots").is_none_or(|v| v != "0"),
             background_slots: a.get("background-slots").is_none_or(|v| v != "0"),
             cycles: a.get("cycles").and_then(|v| v.parse().ok()).unwrap_or(1),
+            private: flag("private"),
+            shared: size("shared", 1 << 20)?,
         };
         Ok(o)
     }
@@ -90,6 +99,17 @@ impl Options {
             return Err(format!(
                 "data ({}) must be 1..=guest-mem ({}), within slot-max ({}) and RAM ({ram_size})",
                 self.data, self.guest_mem, self.slot_max
+            ));
+        }
+        if self.private
+            && (self.shared == 0
+                || self.shared % 4096 != 0
+                || self.shared > self.data
+                || self.shared >= self.guest_mem)
+        {
+            return Err(format!(
+                "shared ({}) must be page aligned, 4K..=data ({}) and below guest-mem",
+                self.shared, self.data
             ));
         }
         let chunk = self.slot_chunk.max(4096);

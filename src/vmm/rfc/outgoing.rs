@@ -96,6 +96,12 @@ pub(super) fn run_and_update(
         || io.clock_reads.load(Ordering::SeqCst) >= 3 || th.is_finished(),
     )?;
 
+    if o.private {
+        let mut h = lock(shared);
+        let v = super::private::convert_and_check(&mut h, pid, vm.gmem, o)?;
+        h.report("rfc-private", v);
+    }
+
     // The baseline preserves nothing: pause, then hand the guest over.
     if let Some(dir) = &o.snapshot_dir {
         let baseline = baseline

@@ -1,0 +1,297 @@
+//! Private guest memory on a software-protected VM and in-place conversion
+//! (`KVM_SET_MEMORY_ATTRIBUTES2` on the guest_memfd), on the machine's real /dev/kvm: the uAPI
+//! rules and errnos, host access refused to private pages, contents kept in place across
+//! conversions, conversions refused while frozen for preservation, and a private guest kept
+//! running through a real kexec (the `gmem-rfc` scenario with `private=1`) in both retrieval
+//! orders, its shared/private map handed over in `guest_memfd_luo_v3`.
+
+mod common;
+
+use handover::abi::kvm::*;
+use handover::host::Host;
+use handover::kexec::BootParams;
+use handover::uapi::{Errno, Pid};
+use handover::vmm::libkvm::*;
+use handover::vmm::libluo::*;
+use zerocopy::IntoBytes;
+
+const MIB: u64 = 1 << 20;
+const RW: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+fn setup() -> (Host, Pid, i32, i32) {
+    let mut h = Host::boot(BootParams {
+        ram_size: 256 << 20,
+        ..Default::default()
+    })
+    .unwrap();
+    let pid = h.spawn();
+    let kvm = open_kvm(&mut h, pid).unwrap();
+    let vm = create_vm(&mut h, pid, kvm, KVM_X86_SW_PROTECTED_VM).unwrap();
+    (h, pid, kvm, vm)
+}
+
+/// `KVM_SET_MEMORY_ATTRIBUTES2` with every field given.
+fn attrs2(h: &mut Host, pid: Pid, gmem: i32, a: &mut MemoryAttributes2) -> Result<i64, Errno> {
+    h.ioctl(pid, gmem, KVM_SET_MEMORY_ATTRIBUTES2, a.as_mut_bytes())
+}
+
+fn req(offset: u64, size: u64, attributes: u64) -> MemoryAttributes2 {
+    MemoryAttributes2 {
+        offset,
+        size,
+        attributes,
+        flags: 0,
+        error_offset: 0,
+        reserved: [0; 11],
+    }
+}
+
+#[test]
+fn capabilities_and_vm_types() {
+    if !kvm_available("capabilities_and_vm_types") {
+        return;
+    }
+    let (mut h, pid, kvm, vm) = setup();
+    let types = check_extension(&mut h, pid, kvm, KVM_CAP_VM_TYPES).unwrap() as u64;
+    assert_eq!(
+        types & 0b11,
+        0b11,
+        "default and software-protected VMs: {types:#x}"
+    );
+    let cap = KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES;
+    assert_eq!(
+        check_extension(&mut h, pid, kvm, cap).unwrap() as u64,
+        KVM_MEMORY_ATTRIBUTE_PRIVATE
+    );
+    assert_eq!(
+        check_extension(&mut h, pid, vm, cap).unwrap() as u64,
+        KVM_MEMORY_ATTRIBUTE_PRIVATE
+    );
+    let plain = create_vm(&mut h, pid, kvm, 0).unwrap();
+    assert_eq!(check_extension(&mut h, pid, plain, cap).unwrap(), 0);
+    let flags = check_extension(&mut h, pid, vm, KVM_CAP_GUEST_MEMFD_FLAGS).unwrap() as u64;
+    assert_eq!(
+        flags & (GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED),
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+    );
+    // A VM type nobody has.
+    assert!(create_vm(&mut h, pid, kvm, 7).is_err());
+}
+
+#[test]
+fn conversion_rules_and_errnos() {
+    if !kvm_available("conversion_rules_and_errnos") {
+        return;
+    }
+    let (mut h, pid, kvm, vm) = setup();
+    let g = create_guest_memfd(&mut h, pid, vm, 4 * MIB, GUEST_MEMFD_FLAG_MMAP).unwrap();
+    let p = KVM_MEMORY_ATTRIBUTE_PRIVATE;
+    let cases: Vec<(&str, MemoryAttributes2)> = vec![
+        ("zero size", req(0, 0, 0)),
+        ("unaligned offset", req(1, 4096, 0)),
+        ("unaligned size", req(0, 4097, 0)),
+        ("past the end", req(4 * MIB - 4096, 8192, 0)),
+        ("overflow", req(u64::MAX - 4095, 8192, 0)),
+        ("unknown attribute", req(0, 4096, 1 << 4)),
+        (
+            "flags",
+            MemoryAttributes2 {
+                flags: 1,
+                ..req(0, 4096, 0)
+            },
+        ),
+        (
+            "reserved",
+            MemoryAttributes2 {
+                reserved: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                ..req(0, 4096, p)
+            },
+        ),
+    ];
+    for (what, mut a) in cases {
+        assert_eq!(attrs2(&mut h, pid, g, &mut a), Err(Errno::EINVAL), "{what}");
+    }
+    assert_eq!(attrs2(&mut h, pid, g, &mut req(0, 4096, 0)), Ok(0));
+    assert_eq!(attrs2(&mut h, pid, g, &mut req(0, 4 * MIB, p)), Ok(0));
+    // A default VM has no private memory: its guest_memfd takes no conversion.
+    let plain = create_vm(&mut h, pid, kvm, 0).unwrap();
+    let pg = create_guest_memfd(
+        &mut h,
+        pid,
+        plain,
+        MIB,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+    )
+    .unwrap();
+    assert_eq!(
+        attrs2(&mut h, pid, pg, &mut req(0, 4096, p)),
+        Err(Errno::EINVAL)
+    );
+    // On any other fd the ioctl does not exist.
+    assert_eq!(
+        attrs2(&mut h, pid, vm, &mut req(0, 4096, p)),
+        Err(Errno::ENOTTY)
+    );
+}
+
+#[test]
+fn private_pages_are_refused_to_the_host_and_keep_their_contents() {
+    if !kvm_available("private_pages_are_refused_to_the_host_and_keep_their_contents") {
+        return;
+    }
+    let (mut h, pid, _, vm) = setup();
+    // No INIT_SHARED on a private-memory VM: every page starts private.
+    let g = create_guest_memfd(&mut h, pid, vm, MIB, GUEST_MEMFD_FLAG_MMAP).unwrap();
+    let m = h.mmap(pid, g, MIB, RW, libc::MAP_SHARED, 0).unwrap();
+    let mut b = [0u8; 3];
+    assert_eq!(h.user_read(pid, m.addr, &mut b), Err(Errno::EFAULT));
+    assert_eq!(h.user_write(pid, m.addr, b"abc"), Err(Errno::EFAULT));
+    set_memory_attributes(&mut h, pid, g, 0, 8192, false).unwrap();
+    h.user_write(pid, m.addr + 4096, b"abc").unwrap();
+    // Private again: refused, and not zeroed ...
+    set_memory_attributes(&mut h, pid, g, 0, 8192, true).unwrap();
+    assert_eq!(h.user_read(pid, m.addr + 4096, &mut b), Err(Errno::EFAULT));
+    // ... as shared again shows.
+    set_memory_attributes(&mut h, pid, g, 4096, 4096, false).unwrap();
+    h.user_read(pid, m.addr + 4096, &mut b).unwrap();
+    assert_eq!(&b, b"abc");
+    assert_eq!(
+        h.user_read(pid, m.addr, &mut b),
+        Err(Errno::EFAULT),
+        "page 0 still private"
+    );
+    // INIT_SHARED on the same VM type: every page starts shared.
+    let s = create_guest_memfd(
+        &mut h,
+        pid,
+        vm,
+        MIB,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+    )
+    .unwrap();
+    let sm = h.mmap(pid, s, MIB, RW, libc::MAP_SHARED, 0).unwrap();
+    h.user_write(pid, sm.addr, b"xyz").unwrap();
+}
+
+#[test]
+fn a_frozen_guest_memfd_refuses_conversions() {
+    if !kvm_available("a_frozen_guest_memfd_refuses_conversions") {
+        return;
+    }
+    let (mut h, pid, _, vm) = setup();
+    let g = create_guest_memfd(&mut h, pid, vm, MIB, GUEST_MEMFD_FLAG_MMAP).unwrap();
+    let dev = h.open(pid, "/dev/liveupdate", 0).unwrap();
+    let s = create_session(&mut h, pid, dev, "private").unwrap();
+    preserve_fd(&mut h, pid, s, vm, 1).unwrap();
+    preserve_fd(&mut h, pid, s, g, 2).unwrap();
+    for private in [false, true] {
+        assert_eq!(
+            set_memory_attributes(&mut h, pid, g, 0, 4096, private),
+            Err((Errno::EPERM, 0)),
+            "frozen (private {private})"
+        );
+    }
+    // Still EINVAL first for a bad argument, as the checks come before the freeze.
+    assert_eq!(
+        attrs2(&mut h, pid, g, &mut req(0, 0, 0)),
+        Err(Errno::EINVAL)
+    );
+    // Closing the session unpreserves and unfreezes.
+    h.close(pid, s).unwrap();
+    set_memory_attributes(&mut h, pid, g, 0, 4096, false).unwrap();
+}
+
+/// The `gmem-rfc` scenario with `private=1` through a real kexec: it fails unless the guest
+/// verified all 5 MiB after the update and both `rfc-private` checks passed (the shared part
+/// read back through mmap, the private page after it refused, the map unchanged).
+fn private_through_kexec(order: &str, shared: &str) {
+    let tag = format!("private-{order}");
+    let mut args = vec!["guest-mem=16M", "data=5M", "private=1"];
+    let o = format!("order={order}");
+    args.push(&o);
+    let sh = format!("shared={shared}");
+    args.push(&sh);
+    let r = common::boot(&tag, "1G", handover::vmm::rfc::PROGRAM, &args, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let s2 = r.one("rfc-stage2");
+    assert_eq!(s2["ok"], true, "{s2}");
+    assert_eq!(s2["verified_bytes"], 5 << 20, "{s2}");
+    let checks = r.events("rfc-private");
+    assert_eq!(checks.len(), 2, "{checks:?}\n{}", r.stderr);
+    let want_private =
+        (16 << 20) / 4096 - handover::kexec::params::parse_size(shared).unwrap() / 4096;
+    for (c, stage) in checks.iter().zip([1, 2]) {
+        assert_eq!(c["stage"], stage, "{c}");
+        assert_eq!(c["private_pages"], want_private, "{c}");
+        assert_eq!(c["private_access"], "refused", "{c}");
+    }
+}
+
+#[test]
+fn private_guest_through_kexec_vm_first() {
+    if !kvm_available("private_guest_through_kexec_vm_first") {
+        return;
+    }
+    private_through_kexec("vm-first", "1M");
+}
+
+#[test]
+fn private_guest_through_kexec_gmem_first() {
+    if !kvm_available("private_guest_through_kexec_gmem_first") {
+        return;
+    }
+    private_through_kexec("gmem-first", "12K");
+}
+
+/// A bit flipped in the v3 blob or in its lists after they were written: the next image
+/// refuses the handover by checksum and rolls back; the guest's data is never used wrong.
+fn flipped(kind: &str) {
+    let dir = common::tempdir(kind);
+    let report = dir.join("report.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_handover"))
+        .args([
+            "boot",
+            "--ram",
+            "1G",
+            "--init",
+            handover::vmm::rfc::PROGRAM,
+            "--report",
+        ])
+        .arg(&report)
+        .args(["--init-arg", "data=5M", "--init-arg", "private=1"])
+        .env("HANDOVER_CORRUPT", format!("flip:{kind}"))
+        .output()
+        .expect("run handover");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains("flipped a bit"),
+        "{kind}: not flipped:\n{stderr}"
+    );
+    let text = std::fs::read_to_string(&report).unwrap_or_default();
+    let failed: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["event"] == "rfc-failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{kind}: {text}\n{stderr}");
+    let why = failed[0]["error"].as_str().unwrap_or("");
+    assert!(why.contains("checksum"), "{kind}: {why}");
+    assert!(stderr.contains("rollback"), "{kind}: {stderr}");
+}
+
+#[test]
+fn flip_guest_memfd_v3_blob() {
+    if !kvm_available("flip_guest_memfd_v3_blob") {
+        return;
+    }
+    flipped("gmem-v3");
+}
+
+#[test]
+fn flip_guest_memfd_v3_lists() {
+    if !kvm_available("flip_guest_memfd_v3_lists") {
+        return;
+    }
+    flipped("gmem-v3-lists");
+}
