@@ -154,7 +154,33 @@ fn decode_file_blob(mem: &dyn PhysRead, compat: &str, pa: u64) {
                 let _ = crate::kho::array::read_chain(mem, &h.list);
             }
         }
+        crate::abi::kvm::GUEST_MEMFD_LUO_V3_FH_COMPATIBLE => gmem_v3(mem, pa),
         _ => {}
+    }
+}
+
+/// A v3 blob: its header, both lists, and what `decode` makes of them (every run inside the
+/// file and aligned to its order, every private range inside the file).
+fn gmem_v3(mem: &dyn PhysRead, pa: u64) {
+    use crate::kvm::guest_memfd_luo_v3::{decode, read_header, MAX_RUN_ORDER};
+    let Ok(h) = read_header(mem, pa) else {
+        return;
+    };
+    let s = h.ser;
+    assert!(s.size != 0 && s.page_order <= u64::from(MAX_RUN_ORDER));
+    let (Ok(runs), Ok(private)) = (
+        crate::kho::array::read_chain(mem, &s.runs),
+        crate::kho::array::read_chain(mem, &s.private),
+    ) else {
+        return;
+    };
+    if let Ok((r, attrs)) = decode(&h, &runs, &private) {
+        let pages = s.size / PAGE_SIZE;
+        for (idx, pfn, n, order) in r {
+            assert!(idx + n <= pages && n > 0);
+            assert!(order <= MAX_RUN_ORDER && idx % (1 << order) == 0 && pfn % (1 << order) == 0);
+        }
+        assert!(attrs.ranges().all(|(a, b)| a < b && b <= pages));
     }
 }
 
@@ -398,6 +424,18 @@ pub fn blobs(data: &[u8]) {
                     assert_eq!(back.previous_image, m.previous_image);
                 }
             }
+        }
+        w @ (1 | 2) if rest.first().is_some_and(|b| b & 2 == 2) => {
+            // v3 half of the time: its header, lists and decode.
+            let mut img = Image::new(SYN_RAM);
+            let (blob, pages) = rest.split_at(rest.len().min(96));
+            let mut cc = Cursor::new(pages);
+            fill_slots(&mut img, &mut cc);
+            img.page_mut(slot_pa(0));
+            img.write(slot_pa(0), blob);
+            let _ = w;
+            let d = img.to_dump(&syn_args());
+            gmem_v3(&d, slot_pa(0));
         }
         w @ (1 | 2) => {
             use crate::kvm::guest_memfd_luo::{read_header, Format};

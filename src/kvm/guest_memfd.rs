@@ -38,6 +38,9 @@ pub struct GuestMemfd {
     pub attrs: PageAttrs,
     /// Folio order (0: 4 KiB pages; 9 or 18 with `GUEST_MEMFD_FLAG_HUGETLB`).
     pub page_order: u32,
+    /// The pages of huge folios split to 4 KiB (HugeTLB files): a folio is split when any of
+    /// its pages becomes shared, and merged again when all of them are private.
+    pub split: PageAttrs,
 }
 
 impl GuestMemfd {
@@ -50,5 +53,92 @@ impl GuestMemfd {
     /// Whether the host may touch page `index` through a mapping: not when it is private.
     pub fn host_may_access(&self, index: u64) -> bool {
         !self.attrs.is_private(index)
+    }
+
+    /// After a conversion of pages `a..b` of a HugeTLB file: split every huge folio there
+    /// that now has a shared page, merge every one that is all private again.
+    pub fn resplit(&mut self, a: u64, b: u64) {
+        if self.page_order == 0 || a >= b {
+            return;
+        }
+        let step = 1u64 << self.page_order;
+        let mut f = a / step * step;
+        while f < b {
+            let whole = self.attrs.all_private_in(f, f + step);
+            self.split.set(f, f + step, !whole);
+            f += step;
+        }
+    }
+
+    /// The present pages as runs `(index, pfn, pages, order)`: see [`folio_runs`].
+    pub fn folio_runs(&self) -> Vec<(u64, u64, u64, u32)> {
+        folio_runs(self.pages.runs(), self.page_order, &self.split)
+    }
+}
+
+/// Runs of present pages `(index, pfn, pages)` cut by folio: whole, aligned folios of `order`
+/// that are not `split` at that order, everything else at order 0; neighbours of the same
+/// order merged.
+pub fn folio_runs(
+    runs: impl Iterator<Item = (u64, u64, u64)>,
+    order: u32,
+    split: &PageAttrs,
+) -> Vec<(u64, u64, u64, u32)> {
+    let mut out: Vec<(u64, u64, u64, u32)> = Vec::new();
+    let mut push = |r: (u64, u64, u64, u32)| match out.last_mut() {
+        Some(l) if l.3 == r.3 && l.0 + l.2 == r.0 && l.1 + l.2 == r.1 => l.2 += r.2,
+        _ => out.push(r),
+    };
+    let step = 1u64 << order;
+    for (idx, pfn, n) in runs {
+        let mut k = 0;
+        while k < n {
+            let (i, p) = (idx + k, pfn + k);
+            let whole = order > 0
+                && i % step == 0
+                && p % step == 0
+                && n - k >= step
+                && !split.any_private(i, i + step);
+            if whole {
+                push((i, p, step, order));
+                k += step;
+            } else {
+                // Up to the next folio boundary (or the run's end) at order 0.
+                let next = if order == 0 {
+                    n
+                } else {
+                    ((i / step + 1) * step - idx).min(n)
+                };
+                push((i, p, next - k, 0));
+                k = next;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_cut_into_whole_folios_and_split_pages() {
+        let none = PageAttrs::all_shared();
+        let one = |r: (u64, u64, u64)| std::iter::once(r);
+        assert_eq!(folio_runs(one((0, 512, 1024)), 9, &none), vec![(0, 512, 1024, 9)]);
+        assert_eq!(
+            folio_runs(one((0, 512, 600)), 9, &none),
+            vec![(0, 512, 512, 9), (512, 1024, 88, 0)]
+        );
+        // Frames not aligned to the folio: no whole folio.
+        assert_eq!(folio_runs(one((0, 1, 512)), 9, &none), vec![(0, 1, 512, 0)]);
+        assert_eq!(folio_runs(one((5, 5, 10)), 0, &none), vec![(5, 5, 10, 0)]);
+        // The second folio split: its pages at order 0.
+        let mut split = PageAttrs::all_shared();
+        split.set(512, 1024, true);
+        assert_eq!(
+            folio_runs(one((0, 1024, 1536)), 9, &split),
+            vec![(0, 1024, 512, 9), (512, 1536, 512, 0), (1024, 2048, 512, 9)]
+        );
     }
 }

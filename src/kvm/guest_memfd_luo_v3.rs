@@ -243,11 +243,7 @@ impl<C: GuestMemfdLuoCtx + ?Sized> FileHandler<C> for GuestMemfdV3Handler {
         let (size, flags, order, runs, private) = match file.and_then(|f| host.guest_memfd_mut(f)) {
             Some(g) => {
                 g.frozen = true;
-                let runs: Vec<(u64, u64, u64, u32)> = g
-                    .pages
-                    .runs()
-                    .flat_map(|(idx, pfn, n)| split_by_order(idx, pfn, n, g.page_order))
-                    .collect();
+                let runs = g.folio_runs();
                 let private: Vec<(u64, u64)> = g.attrs.ranges().collect();
                 (g.size, g.flags, g.page_order, runs, private)
             }
@@ -413,6 +409,15 @@ impl<C: GuestMemfdLuoCtx + ?Sized> FileHandler<C> for GuestMemfdV3Handler {
                 host.create_guest_memfd_order(vm, h.ser.size, flags, h.ser.page_order as u32)?;
             if let Some(g) = host.guest_memfd_mut(file) {
                 g.attrs = attrs;
+                // Huge folios handed over at order 0 were split.
+                if g.page_order > 0 {
+                    let step = 1u64 << g.page_order;
+                    for &(idx, _, n, o) in &runs {
+                        if o == 0 {
+                            g.split.set(idx / step * step, (idx + n).div_ceil(step) * step, true);
+                        }
+                    }
+                }
             }
             let mut bad = None;
             for (idx, pfn, n, order) in runs {
@@ -472,50 +477,9 @@ impl<C: GuestMemfdLuoCtx + ?Sized> FileHandler<C> for GuestMemfdV3Handler {
     }
 }
 
-/// A run of present pages cut into parts of one folio order: with `order` > 0, the parts
-/// aligned to whole folios (index and frame) are of that order, the rest (a split folio) of
-/// order 0.
-fn split_by_order(idx: u64, pfn: u64, n: u64, order: u32) -> Vec<(u64, u64, u64, u32)> {
-    if order == 0 {
-        return vec![(idx, pfn, n, 0)];
-    }
-    let step = 1u64 << order;
-    let mut out: Vec<(u64, u64, u64, u32)> = Vec::new();
-    let mut push = |i: u64, p: u64, len: u64, o: u32| match out.last_mut() {
-        Some(last) if last.3 == o && last.0 + last.2 == i && last.1 + last.2 == p => last.2 += len,
-        _ => out.push((i, p, len, o)),
-    };
-    let mut k = 0;
-    while k < n {
-        let (i, p) = (idx + k, pfn + k);
-        if i % step == 0 && p % step == 0 && n - k >= step {
-            push(i, p, step, order);
-            k += step;
-        } else {
-            let next = (i / step + 1) * step - idx;
-            let len = next.min(n) - k;
-            push(i, p, len, 0);
-            k += len;
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn runs_split_into_whole_folios_and_pages() {
-        assert_eq!(split_by_order(0, 512, 1024, 9), vec![(0, 512, 1024, 9)]);
-        assert_eq!(
-            split_by_order(0, 512, 600, 9),
-            vec![(0, 512, 512, 9), (512, 1024, 88, 0)]
-        );
-        // Misaligned frames: no whole folio.
-        assert_eq!(split_by_order(0, 1, 512, 9), vec![(0, 1, 512, 0)]);
-        assert_eq!(split_by_order(5, 5, 10, 0), vec![(5, 5, 10, 0)]);
-    }
 
     #[test]
     fn checksum_covers_header_and_lists_but_not_the_vm_token() {

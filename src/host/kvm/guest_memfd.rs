@@ -72,6 +72,7 @@ impl Host {
             kernel_map: None,
             attrs,
             page_order,
+            split: PageAttrs::all_shared(),
         })))
     }
 
@@ -118,7 +119,9 @@ impl Host {
             }
             self.unmap_user_pages(file, lo, hi);
         }
-        self.gmem(file)?.attrs.set(lo, hi, private);
+        let g = self.gmem(file)?;
+        g.attrs.set(lo, hi, private);
+        g.resplit(lo, hi);
         if !private {
             // Shared again: present pages reappear in the host's mappings.
             self.map_file_range(file, lo, hi);
