@@ -108,6 +108,26 @@ pub enum MmError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// A frame range cannot be taken as asked (see [`FrameAllocator::take_range`]).
+    #[error("frame range {pfn:#x}+{nr:#x} cannot be taken: {why}")]
+    BadRange {
+        /// First frame of the range.
+        pfn: u64,
+        /// Number of frames.
+        nr: u64,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A frame of a range to take is not free.
+    #[error("frame range {pfn:#x}+{nr:#x} is not free: frame {busy:#x} is in use")]
+    NotFree {
+        /// First frame of the range.
+        pfn: u64,
+        /// Number of frames.
+        nr: u64,
+        /// The first frame found in use.
+        busy: u64,
+    },
     /// A system call on the RAM memfd or a mapping failed.
     #[error("system call failed: {0}")]
     Sys(rustix::io::Errno),
@@ -118,6 +138,7 @@ impl MmError {
     pub fn errno(&self) -> i32 {
         match self {
             MmError::NoMemory { .. } => libc::ENOMEM,
+            MmError::NotFree { .. } => libc::EBUSY,
             MmError::Sys(e) => e.raw_os_error(),
             _ => libc::EINVAL,
         }
@@ -174,6 +195,13 @@ impl Mm {
     /// A block of 2^order zeroed frames from `zone` specifically.
     pub fn alloc_in(&mut self, zone: Zone, order: u32) -> Result<Folio, MmError> {
         self.frames.alloc_in(zone, order)
+    }
+
+    /// Take the exact free frame range `pfn..pfn+nr` out of the allocator (any size, see
+    /// [`FrameAllocator::take_range`]); its frames read as zeros. Give it back with
+    /// [`Mm::free_runs`].
+    pub fn take_range(&mut self, pfn: u64, nr: u64) -> Result<(), MmError> {
+        self.frames.take_range(pfn, nr)
     }
 
     /// Zero and free one block.
