@@ -2,6 +2,7 @@
 //! scratch zone used during early boot after a KHO kexec.
 
 pub mod buddy;
+pub mod hugetlb;
 pub mod mapping;
 pub mod page_cache;
 pub mod ram;
@@ -9,6 +10,7 @@ pub mod ranges;
 pub mod uffd;
 
 pub use buddy::{FrameAllocator, FrameStats, Zone};
+pub use hugetlb::{HugePageRequest, HugePool, HugePoolStats};
 pub use mapping::VaWindow;
 pub use page_cache::PageCache;
 pub use ram::{page_round_up, PhysRead, Ram};
@@ -128,6 +130,29 @@ pub enum MmError {
         /// The first frame found in use.
         busy: u64,
     },
+    /// The huge-page pool could not take as many folios as asked (`mm::hugetlb`).
+    #[error(
+        "huge-page pool: only {got} of {wanted} {} pages fit in free RAM",
+        hugetlb::size_name(*order)
+    )]
+    HugePagesShort {
+        /// Order of the folios (9: 2 MiB, 18: 1 GiB).
+        order: u32,
+        /// Folios asked for.
+        wanted: u64,
+        /// Folios taken.
+        got: u64,
+    },
+    /// A folio given to the huge-page pool is not one it can take (`mm::hugetlb`).
+    #[error("huge-page pool: folio pfn {pfn:#x} order {order}: {why}")]
+    NotInPool {
+        /// First frame of the folio.
+        pfn: u64,
+        /// Its order.
+        order: u32,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A system call on the RAM memfd or a mapping failed.
     #[error("system call failed: {0}")]
     Sys(rustix::io::Errno),
@@ -137,7 +162,7 @@ impl MmError {
     /// The errno user space sees for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            MmError::NoMemory { .. } => libc::ENOMEM,
+            MmError::NoMemory { .. } | MmError::HugePagesShort { .. } => libc::ENOMEM,
             MmError::NotFree { .. } => libc::EBUSY,
             MmError::Sys(e) => e.raw_os_error(),
             _ => libc::EINVAL,
