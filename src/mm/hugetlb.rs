@@ -10,6 +10,8 @@
 //! (so small folios do not break up the large ranges): the buddy serves the lowest addresses
 //! first and the scratch zone sits at the bottom, so the top of RAM is where whole ranges
 //! are. The scheme is deterministic: the same RAM and the same free frames give the same folios.
+//! The pool never takes the last [`MIN_FREE_FRAMES`] (4 MiB) of the normal zone: the host
+//! needs some memory of its own to boot.
 //!
 //! **Accounting.** Per order the pool is exact: `total = free + in_use`, and `total` frames of
 //! `2^order` each are counted as used by the frame allocator. `requested` is the target the
@@ -45,7 +47,7 @@ use std::collections::BTreeSet;
 
 #[cfg(doc)]
 use super::FrameAllocator;
-use super::{Folio, Mm, MmError, Zone, PAGE_SIZE};
+use super::{Folio, Mm, MmError, Zone, MAX_ORDER, PAGE_SIZE};
 
 /// Order of a 2 MiB huge folio.
 pub const ORDER_2M: u32 = 9;
@@ -53,6 +55,9 @@ pub const ORDER_2M: u32 = 9;
 pub const ORDER_1G: u32 = 18;
 /// The orders the pool serves, largest first (the order they are reserved in).
 pub const HUGE_ORDERS: [u32; 2] = [ORDER_1G, ORDER_2M];
+/// Frames of the normal zone the pool always leaves free for the host itself (KHO's tracker,
+/// LUO, files): one block of the buddy's largest order, 4 MiB.
+pub const MIN_FREE_FRAMES: u64 = 1 << MAX_ORDER;
 
 /// The name of a huge-page order on the command line: `2M`, `1G` (`?` for other orders).
 pub fn size_name(order: u32) -> &'static str {
@@ -146,9 +151,9 @@ impl HugePageRequest {
 
     /// Check that RAM of `nr_frames` frames with the scratch zone at `scratch` (PFNs) can hold
     /// the request when nothing else is allocated: enough naturally aligned ranges outside
-    /// scratch for the 1 GiB folios, then for the 2 MiB ones in what is left. A boot can still
-    /// come up short (it allocates a little before the pool); this catches the requests that
-    /// can never fit, with a message that says by how much.
+    /// scratch for the 1 GiB folios, then for the 2 MiB ones in what is left, with
+    /// [`MIN_FREE_FRAMES`] left over. This catches the requests that can never fit, with a
+    /// message that says how many would.
     pub fn check_fits(&self, nr_frames: u64, scratch: std::ops::Range<u64>) -> Result<(), String> {
         let slots = |order: u32| {
             let n = 1u64 << order;
@@ -162,14 +167,19 @@ impl HugePageRequest {
             all - in_scratch
         };
         let per_1g = 1u64 << (ORDER_1G - ORDER_2M);
-        let g = slots(ORDER_1G);
+        let s_end = scratch.end.min(nr_frames);
+        let normal = nr_frames - (s_end - scratch.start.min(s_end));
+        // Frames the pool may have at most.
+        let room = normal.saturating_sub(MIN_FREE_FRAMES);
+        let g = slots(ORDER_1G).min(room >> ORDER_1G);
         if self.count_1g > g {
             return Err(format!(
                 "--hugepages 1G:{} does not fit in RAM: it has room for {g} 1 GiB pages",
                 self.count_1g
             ));
         }
-        let m = slots(ORDER_2M) - self.count_1g * per_1g;
+        let m = (slots(ORDER_2M) - self.count_1g * per_1g)
+            .min((room - (self.count_1g << ORDER_1G)) >> ORDER_2M);
         if self.count_2m > m {
             return Err(format!(
                 "--hugepages 2M:{} does not fit in RAM{}: it has room for {m} 2 MiB pages",
@@ -290,7 +300,8 @@ impl HugePool {
     }
 
     /// Raise the target of `order` (9 or 18) by `count` and take `count` fresh folios of it
-    /// from free RAM, highest address first. If RAM runs out, the folios taken so far stay
+    /// from free RAM, highest address first, leaving [`MIN_FREE_FRAMES`] of the normal zone
+    /// free. If RAM runs out, the folios taken so far stay
     /// in the pool and the error is `HugePagesShort` (how many were wanted and got); the
     /// target is raised by `count` either way. `BadOrder` for another order.
     pub fn reserve(&mut self, mm: &mut Mm, order: u32, count: u64) -> Result<(), MmError> {
@@ -321,13 +332,18 @@ impl HugePool {
     }
 
     /// Take up to `count` free, naturally aligned ranges of `2^order` frames out of the
-    /// normal zone, highest first, as free folios of the pool; returns how many.
+    /// normal zone, highest first, as free folios of the pool, leaving at least
+    /// [`MIN_FREE_FRAMES`] of it free; returns how many.
     fn take_fresh(&mut self, mm: &mut Mm, order: u32, count: u64) -> u64 {
         let i = usize::from(order == ORDER_1G);
         let nr = 1u64 << order;
         let mut got = 0;
         let mut below = mm.frames().nr_frames();
-        while got < count {
+        let normal_free = |mm: &Mm| {
+            let s = mm.stats();
+            s.free - s.scratch_free
+        };
+        while got < count && normal_free(mm) >= nr + MIN_FREE_FRAMES {
             let Some(pfn) = mm.frames().highest_free_range(Zone::Normal, order, below) else {
                 break;
             };
@@ -546,12 +562,31 @@ mod tests {
         assert!(r(0, 3).check_fits(frames, scratch.clone()).is_ok());
         let e = r(0, 4).check_fits(frames, scratch.clone()).unwrap_err();
         assert!(e.contains("room for 3 1 GiB"), "{e}");
-        // 2048 2 MiB ranges, 32 of them in scratch.
-        assert!(r(2016, 0).check_fits(frames, scratch.clone()).is_ok());
-        assert!(r(2017, 0).check_fits(frames, scratch.clone()).is_err());
-        assert!(r(480, 3).check_fits(frames, scratch.clone()).is_ok());
-        let e = r(481, 3).check_fits(frames, scratch).unwrap_err();
-        assert!(e.contains("room for 480 2 MiB"), "{e}");
+        // 2048 2 MiB ranges, 32 of them in scratch, 2 left for the host.
+        assert!(r(2014, 0).check_fits(frames, scratch.clone()).is_ok());
+        let e = r(2015, 0).check_fits(frames, scratch.clone()).unwrap_err();
+        assert!(e.contains("room for 2014 2 MiB"), "{e}");
+        assert!(r(478, 3).check_fits(frames, scratch.clone()).is_ok());
+        let e = r(479, 3).check_fits(frames, scratch.clone()).unwrap_err();
+        assert!(
+            e.contains("beside the 1 GiB pages: it has room for 478 2 MiB"),
+            "{e}"
+        );
+        // Exactly 1 GiB of normal zone: no room for a 1 GiB page beside the host's 4 MiB.
+        let e = r(0, 1).check_fits(G + 1024, 0..1024).unwrap_err();
+        assert!(e.contains("room for 0 1 GiB"), "{e}");
+        assert!(r(0, 1).check_fits(2 * G, 0..1024).is_ok());
+        assert!(r(0, 0).check_fits(0, 0..0).is_ok());
+        assert!(r(1, 1).check_fits(100, 50..200).is_err());
+        assert!(r(1, 1)
+            .check_fits(
+                u64::MAX,
+                std::ops::Range {
+                    start: 200,
+                    end: 50
+                }
+            )
+            .is_ok());
     }
 
     #[test]
@@ -605,7 +640,8 @@ mod tests {
 
     #[test]
     fn short_reservation_keeps_what_fits() {
-        // 1 GiB of RAM with 4 MiB of scratch: no whole 1 GiB range, 510 2 MiB ranges.
+        // 1 GiB of RAM with 4 MiB of scratch: no whole 1 GiB range, 510 2 MiB ranges of which
+        // the pool leaves 4 MiB to the host.
         let mut mm = mm_with(G, &[]);
         let base = mm.stats().used;
         let mut pool = HugePool::new();
@@ -621,9 +657,10 @@ mod tests {
         assert_eq!(e.errno(), libc::ENOMEM);
         assert!(e.to_string().contains("0 of 1 1G"), "{e}");
         let e = pool.reserve(&mut mm, ORDER_2M, 600).unwrap_err();
-        assert!(matches!(e, MmError::HugePagesShort { got: 510, .. }), "{e}");
+        assert!(matches!(e, MmError::HugePagesShort { got: 508, .. }), "{e}");
         let st = pool.stats();
-        assert_eq!((st.huge_2m.requested, st.huge_2m.total), (600, 510));
+        assert_eq!((st.huge_2m.requested, st.huge_2m.total), (600, 508));
+        assert_eq!(mm.stats().free - mm.stats().scratch_free, MIN_FREE_FRAMES);
         assert_eq!(st.huge_1g.requested, 1);
         check(&pool, &mm, base);
         assert_eq!(pool.refill(&mut mm), 0, "still no room");
@@ -733,15 +770,16 @@ mod tests {
 
     #[test]
     fn refill_after_memory_is_freed() {
-        // 64 MiB; a previous image's file holds 4..56 MiB: only 4 × 2 MiB fit, at the top.
+        // 64 MiB; a previous image's file holds 4..56 MiB: 8 MiB are free, of which the pool
+        // takes 2 × 2 MiB at the top (4 MiB stay for the host).
         let frames = 16384;
         let mut mm = mm_with(frames, &[(1024, 14336)]);
         let mut pool = HugePool::new();
         assert!(pool.reserve(&mut mm, ORDER_2M, 6).is_err());
-        assert_eq!(pool.stats().huge_2m.total, 4, "56..64 MiB");
+        assert_eq!(pool.stats().huge_2m.total, 2, "60..64 MiB");
         // The file goes (as 4 KiB pages, not a pool folio): the pool can grow to its target.
         mm.free_runs(&[(1024, 13312)]).unwrap();
-        assert_eq!(pool.refill(&mut mm), 2);
+        assert_eq!(pool.refill(&mut mm), 4);
         let st = pool.stats().huge_2m;
         assert_eq!((st.requested, st.total, st.free), (6, 6, 6));
     }

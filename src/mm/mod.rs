@@ -132,7 +132,7 @@ pub enum MmError {
     },
     /// The huge-page pool could not take as many folios as asked (`mm::hugetlb`).
     #[error(
-        "huge-page pool: only {got} of {wanted} {} pages fit in free RAM",
+        "huge-page pool: only {got} of {wanted} {} pages fit in free RAM (beside 4 MiB kept for the host)",
         hugetlb::size_name(*order)
     )]
     HugePagesShort {
