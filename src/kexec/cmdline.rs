@@ -15,8 +15,8 @@ impl BootParams {
     /// as fd `ram_fd`, KHO's tree and scratch at `kho`) and what the first image's command line
     /// set for the whole chain: LUO on or off, the guest_memfd format, the init program and its
     /// arguments, the report file, the next image, the handover dump and the huge-page pool's
-    /// request. The caller adds what
-    /// only it knows: timings, the previous image, a rollback reason, the reaper's pidfd.
+    /// request. The caller adds what only it knows: timings, the previous image, a rollback
+    /// reason, the reaper's pidfd.
     ///
     /// Every field is named, so a new parameter must be decided on here.
     pub fn next(&self, ram_size: u64, ram_fd: RawFd, kho: KhoBootArgs) -> BootParams {
