@@ -67,3 +67,33 @@ fn failing_freeze_refuses_the_kexec_and_a_second_kexec_succeeds() {
     );
     assert_eq!(r.one("stage2-ok")["detail"]["verified_files"], 1);
 }
+
+/// `--hugepages` reaches the next image through the real kexec's command line: both images
+/// report the same pool, and the frames it holds are all that stays in use beside the tracker
+/// root.
+#[test]
+fn hugepages_are_kept_across_a_real_kexec() {
+    let r = boot(
+        "hugepages",
+        "512M",
+        "luo-kexec-simple",
+        &[],
+        &["--hugepages", "2M:4"],
+    );
+    assert_eq!(r.code, 0, "stderr:\n{}", r.stderr);
+    let pool = serde_json::json!({
+        "2M": { "requested": 4, "total": 4, "free": 4, "in_use": 0 },
+        "1G": { "requested": 0, "total": 0, "free": 0, "in_use": 0 },
+    });
+    assert_eq!(r.one("stage1-done")["status"]["hugepages"], pool);
+    let done = r.one("stage2-exited");
+    assert_eq!(done["kexec_count"], 1);
+    assert_eq!(done["status"]["hugepages"], pool);
+    assert_eq!(done["status"]["frames"]["used"], 1 + 4 * 512);
+    assert_eq!(
+        r.stderr.matches("hugepages: 4 × 2M reserved").count(),
+        2,
+        "{}",
+        r.stderr
+    );
+}

@@ -8,9 +8,10 @@ use clap::Args;
 use crate::bench::snapshot::SnapshotRestore;
 use crate::host::Host;
 use crate::init::{Entry, InitOutcome, InitPrograms, Program};
-use crate::kexec::params::{parse_range, parse_size};
+use crate::kexec::params::{default_scratch_size, parse_range, parse_size};
 use crate::kexec::{BootParams, KexecRequest};
 use crate::kho::KhoBootArgs;
+use crate::mm::{HugePageRequest, PAGE_SIZE};
 use crate::vmm::{rfc, selftests};
 
 #[derive(Args, Debug)]
@@ -42,6 +43,11 @@ pub struct BootArgs {
     /// Write a dump of the outgoing handover here at each kexec (for `handover inspect`).
     #[arg(long)]
     pub dump_handover: Option<PathBuf>,
+    /// Huge-page pool reserved at boot and kept by every image after a kexec: `2M:N,1G:M`
+    /// (2 MiB and 1 GiB pages; either part may be left out). A cold boot fails if RAM cannot
+    /// hold it.
+    #[arg(long, value_parser = HugePageRequest::parse)]
+    pub hugepages: Option<HugePageRequest>,
     // Set by the previous image on a KHO boot.
     /// Number of the inherited RAM memfd.
     #[arg(long, hide = true)]
@@ -91,6 +97,7 @@ impl BootArgs {
             liveupdate: "on".into(),
             gmem_luo: "v2".into(),
             dump_handover: None,
+            hugepages: None,
             ram_fd: None,
             kho_fdt: None,
             kho_scratch: None,
@@ -107,7 +114,9 @@ impl BootArgs {
 }
 
 /// The boot parameters the arguments say; `Err` for a bad `--liveupdate` or `--gmem-luo`
-/// value or only one of `--kho-fdt`/`--kho-scratch`.
+/// value, only one of `--kho-fdt`/`--kho-scratch`, or (cold boot) a `--hugepages` request
+/// that RAM can never hold. After a kexec the request is not checked here: the boot reserves
+/// what fits and never fails for it.
 pub fn params(a: BootArgs) -> Result<BootParams, String> {
     let kho = match (a.kho_fdt, a.kho_scratch) {
         (Some((fdt_pa, fdt_size)), Some((scratch_pa, scratch_size))) => Some(KhoBootArgs {
@@ -125,6 +134,13 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
         "off" | "0" | "n" | "no" | "false" => false,
         other => return Err(format!("liveupdate={other:?} is not a boolean")),
     };
+    let hugepages = a.hugepages.unwrap_or_default();
+    if kho.is_none() {
+        hugepages.check_fits(
+            a.ram / PAGE_SIZE,
+            0..default_scratch_size(a.ram) / PAGE_SIZE,
+        )?;
+    }
     Ok(BootParams {
         ram_size: a.ram,
         ram_fd: a.ram_fd,
@@ -146,6 +162,7 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
         prev_image: a.prev_image,
         rollback: a.rollback,
         dump_handover: a.dump_handover,
+        hugepages,
     })
 }
 
@@ -272,6 +289,10 @@ mod tests {
             reaper_fd: Some(9),
             gmem_luo_v1: true,
             dump_handover: Some(PathBuf::from("h.dump")),
+            hugepages: HugePageRequest {
+                count_2m: 512,
+                count_1g: 1,
+            },
         };
         assert_eq!(round_trip(&every), every);
         let cold = BootParams::default();
@@ -290,6 +311,10 @@ mod tests {
             report: Some("r.jsonl".into()),
             next_image: Some("/opt/next".into()),
             dump_handover: Some("h.dump".into()),
+            hugepages: HugePageRequest {
+                count_2m: 0,
+                count_1g: 2,
+            },
             // Set by the previous image for this one only.
             exec_ns: Some(5),
             prev_image: Some("/opt/prev".into()),
@@ -317,5 +342,62 @@ mod tests {
             }
         );
         assert_eq!(round_trip(&next), next);
+    }
+
+    fn boot_args(argv: &[&str]) -> Result<BootArgs, String> {
+        let argv = ["handover", "boot"].iter().chain(argv).copied();
+        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.cmd {
+            Command::Boot(a) => Ok(*a),
+            other => panic!("not `boot`: {other:?}"),
+        }
+    }
+
+    /// `--hugepages` reaches the params; bad sizes and requests RAM cannot hold are refused
+    /// with a message that says why, the latter only on a cold boot.
+    #[test]
+    fn hugepages_flag() {
+        let p = params(boot_args(&["--ram", "1G", "--hugepages", "2M:4"]).unwrap()).unwrap();
+        assert_eq!(
+            p.hugepages,
+            HugePageRequest {
+                count_2m: 4,
+                count_1g: 0
+            }
+        );
+        assert!(p
+            .to_args()
+            .contains(&std::ffi::OsString::from("--hugepages=2M:4")));
+        let p = params(boot_args(&["--ram", "4G", "--hugepages=1G:3,2M:478"]).unwrap()).unwrap();
+        assert_eq!((p.hugepages.count_1g, p.hugepages.count_2m), (3, 478));
+        let none = params(boot_args(&[]).unwrap()).unwrap();
+        assert!(none.hugepages.is_empty());
+        assert!(!none
+            .to_args()
+            .iter()
+            .any(|a| a.to_string_lossy().contains("hugepages")));
+
+        let e = boot_args(&["--hugepages", "4M:1"]).unwrap_err();
+        assert!(e.contains("not supported (2M or 1G)"), "{e}");
+        let e = boot_args(&["--hugepages", "2M"]).unwrap_err();
+        assert!(e.contains("SIZE:COUNT"), "{e}");
+        // 1 GiB of RAM holds no whole 1 GiB page beside scratch; 16 MiB of scratch and the
+        // 4 MiB the pool leaves to the host leave 502 2 MiB pages.
+        let e = params(boot_args(&["--ram", "1G", "--hugepages", "1G:1"]).unwrap()).unwrap_err();
+        assert!(e.contains("room for 0 1 GiB"), "{e}");
+        assert!(params(boot_args(&["--ram", "1G", "--hugepages", "2M:502"]).unwrap()).is_ok());
+        let e = params(boot_args(&["--ram", "1G", "--hugepages", "2M:503"]).unwrap()).unwrap_err();
+        assert!(e.contains("room for 502 2 MiB"), "{e}");
+        // After a kexec the boot reserves what fits instead.
+        let kexec = [
+            "--ram",
+            "1G",
+            "--hugepages",
+            "1G:1",
+            "--kho-fdt",
+            "0x1000:4096",
+            "--kho-scratch",
+            "0:0x1000000",
+        ];
+        assert!(params(boot_args(&kexec).unwrap()).is_ok());
     }
 }

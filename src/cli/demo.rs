@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use crate::bench::harness::run_host;
 use crate::kexec::params::parse_size;
+use crate::mm::HugePageRequest;
 
 #[derive(Args, Debug)]
 /// Arguments of `handover demo`.
@@ -35,6 +36,10 @@ pub struct DemoArgs {
     /// after the update (docs/private-memory.md).
     #[arg(long)]
     pub private: bool,
+    /// Huge-page pool of the host image (`2M:N,1G:M`), reserved at boot and kept across the
+    /// update.
+    #[arg(long, value_parser = HugePageRequest::parse)]
+    pub hugepages: Option<HugePageRequest>,
 }
 
 fn find<'a>(events: &'a [Value], name: &str) -> Option<&'a Value> {
@@ -62,6 +67,9 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
     if let Some(d) = &a.dump {
         args.push("--dump-handover".into());
         args.push(d.display().to_string());
+    }
+    if let Some(h) = a.hugepages {
+        args.push(format!("--hugepages={h}"));
     }
     let (code, events, stderr) = run_host(&args)?;
     let s1 = find(&events, "rfc-stage1");

@@ -7,6 +7,7 @@ use clap::Args;
 
 use crate::boundary::run::RunArgs;
 use crate::kexec::params::parse_size;
+use crate::mm::HugePageRequest;
 
 /// Arguments of `handover run`.
 #[derive(Args, Debug)]
@@ -24,6 +25,10 @@ pub struct RunCmd {
     /// Append JSON-lines events of every image to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Huge-page pool of the host image (`2M:N,1G:M`), reserved at boot and kept across
+    /// updates.
+    #[arg(long, value_parser = HugePageRequest::parse)]
+    pub hugepages: Option<HugePageRequest>,
     /// The program and its arguments.
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub program: Vec<String>,
@@ -49,6 +54,7 @@ pub fn run(a: RunCmd) -> Result<ExitCode, String> {
         init: Some(crate::boundary::run::NAME.into()),
         init_args: args.to_init_args(),
         report: a.report,
+        hugepages: a.hugepages,
         ..crate::cli::boot::BootArgs::cold(a.ram)
     };
     crate::cli::boot::run(boot)

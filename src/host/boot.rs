@@ -13,7 +13,9 @@ use crate::kexec::reaper::Reaper;
 use crate::kexec::{BootInfo, BootParams};
 use crate::kho::{self, Kho};
 use crate::luo::{FileHandler, Luo};
-use crate::mm::{pfn_to_pa, Folio, FrameAllocator, Mm, Ram, Ranges, PAGE_SIZE};
+use crate::mm::hugetlb::{size_name, HUGE_ORDERS};
+use crate::mm::{pfn_to_pa, Folio, FrameAllocator, HugePageRequest, HugePool, Mm, Ram, Ranges};
+use crate::mm::{MmError, PAGE_SIZE};
 use crate::time::monotonic_ns;
 
 impl Host {
@@ -126,6 +128,10 @@ impl Host {
 
         let mut mm = Mm::new(ram, frames);
         mm.online_normal(&reserved)?;
+        // The huge-page pool, as soon as the normal zone is online (before anything else is
+        // allocated there); after a kexec the frames the previous image preserved are not
+        // free and cannot be taken.
+        let hugepool = reserve_hugepages(&mut mm, &params.hugepages, params.kho.is_some())?;
         let nodes: Vec<u64> = incoming
             .as_ref()
             .map(|i| i.tracker.node_pages().to_vec())
@@ -201,6 +207,7 @@ impl Host {
             restored_vms: 0,
             reaper,
             guest_faults: None,
+            hugepool,
             params,
             info,
             #[cfg(feature = "test-hooks")]
@@ -217,6 +224,32 @@ impl Host {
         host.info.boot_us = t0.elapsed().as_micros() as u64;
         Ok(host)
     }
+}
+
+/// The huge-page pool of `req`, 1 GiB folios first (see `mm::hugetlb`). If RAM cannot hold
+/// it, a cold boot fails; a boot after a kexec (`after_kexec`, also a rollback or a refused
+/// handover) keeps what fits and logs a warning: a kexec never fails for the pool.
+fn reserve_hugepages(
+    mm: &mut Mm,
+    req: &HugePageRequest,
+    after_kexec: bool,
+) -> Result<HugePool, BootError> {
+    let mut pool = HugePool::new();
+    for order in HUGE_ORDERS {
+        let n = req.count(order);
+        if n == 0 {
+            continue;
+        }
+        match pool.reserve(mm, order, n) {
+            Ok(()) => tracing::info!("hugepages: {n} × {} reserved", size_name(order)),
+            Err(e @ MmError::HugePagesShort { .. }) if after_kexec => tracing::warn!(
+                "hugepages: {e}; booting with the smaller pool (folios adopted from the \
+                 previous image count towards it)"
+            ),
+            Err(e) => return Err(BootError::HugePages(e)),
+        }
+    }
+    Ok(pool)
 }
 
 impl Host {

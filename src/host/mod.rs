@@ -6,6 +6,8 @@
 mod boot;
 pub mod files;
 pub use kvm::passthrough::vcpu_ioctl;
+#[cfg(test)]
+mod hugepool_tests;
 mod kexec;
 #[cfg(test)]
 mod kho_tests;
@@ -24,7 +26,7 @@ use crate::host::files::FileTable;
 use crate::kexec::{BootInfo, BootParams};
 use crate::kho::Kho;
 use crate::luo::Luo;
-use crate::mm::{FrameStats, Mm};
+use crate::mm::{FrameStats, HugePool, HugePoolStats, Mm};
 use crate::uapi::{MapId, Mapping, Pid, Process};
 
 /// One host image (the "kernel"): RAM and its allocator, KHO, LUO, the open-file table, user
@@ -50,6 +52,8 @@ pub struct Host {
     /// Guest faults on guest_memfd holes (userfaultfd and its service thread), set up when the
     /// first guest_memfd is bound to a memslot; see `kvm::run`.
     pub(crate) guest_faults: Option<crate::kvm::run::FaultService>,
+    /// The huge-page pool reserved at boot (`--hugepages`, `mm::hugetlb`).
+    pub(crate) hugepool: HugePool,
     pub(crate) params: BootParams,
     pub(crate) info: BootInfo,
     /// Test hook: damage the handover this way right before the next kexec.
@@ -68,6 +72,8 @@ pub struct HostStatus {
     pub incoming_outstanding: u64,
     /// RAM used by the outgoing tracker's nodes.
     pub tracker_bytes: u64,
+    /// The huge-page pool per size (its frames count as used in `frames`).
+    pub hugepages: HugePoolStats,
 }
 
 impl Host {
@@ -111,6 +117,17 @@ impl Host {
         &self.info
     }
 
+    /// The huge-page pool (`--hugepages`).
+    pub fn hugepool(&self) -> &HugePool {
+        &self.hugepool
+    }
+
+    /// The huge-page pool and the memory it gives folios back to, borrowed together
+    /// ([`HugePool::free`] and [`HugePool::adopt`] take both).
+    pub fn hugepool_mm(&mut self) -> (&mut HugePool, &mut crate::mm::Mm) {
+        (&mut self.hugepool, &mut self.mm)
+    }
+
     /// KHO and the memory it preserves from, borrowed together (most KHO calls take both).
     pub fn kho_mm(&mut self) -> (&mut Kho, &mut crate::mm::Mm) {
         (&mut self.kho, &mut self.mm)
@@ -123,6 +140,7 @@ impl Host {
             preserved: self.kho.tracker().preserved_pages(),
             incoming_outstanding: self.kho.incoming().map_or(0, |i| i.tracker.outstanding().1),
             tracker_bytes: self.kho.tracker().node_bytes(),
+            hugepages: self.hugepool.stats(),
         }
     }
 

@@ -19,6 +19,10 @@ pub enum BootError {
     /// KHO could not be set up (a refused handover is not an error: the image boots clean).
     #[error("cannot set up KHO: {0}")]
     Kho(#[from] kho::KhoError),
+    /// A cold boot's RAM cannot hold the `--hugepages` request (after a kexec the pool takes
+    /// what fits instead: see `mm::hugetlb`).
+    #[error("cannot reserve the huge-page pool (--hugepages): {0}")]
+    HugePages(MmError),
     /// The `--ram-fd` number is not the RAM memfd (see [`adopt_ram_fd`]).
     #[error("--ram-fd {fd} refused: {why}")]
     RamFd {

@@ -14,8 +14,9 @@ impl BootParams {
     /// The parameters of the image this one execs: the handover (RAM of `ram_size` bytes passed
     /// as fd `ram_fd`, KHO's tree and scratch at `kho`) and what the first image's command line
     /// set for the whole chain: LUO on or off, the guest_memfd format, the init program and its
-    /// arguments, the report file, the next image and the handover dump. The caller adds what
-    /// only it knows: timings, the previous image, a rollback reason, the reaper's pidfd.
+    /// arguments, the report file, the next image, the handover dump and the huge-page pool's
+    /// request. The caller adds what only it knows: timings, the previous image, a rollback
+    /// reason, the reaper's pidfd.
     ///
     /// Every field is named, so a new parameter must be decided on here.
     pub fn next(&self, ram_size: u64, ram_fd: RawFd, kho: KhoBootArgs) -> BootParams {
@@ -30,6 +31,7 @@ impl BootParams {
             report: self.report.clone(),
             next_image: self.next_image.clone(),
             dump_handover: self.dump_handover.clone(),
+            hugepages: self.hugepages,
             kexec_start_ns: None,
             exec_ns: None,
             prev_handover_bytes: None,
@@ -70,6 +72,9 @@ impl BootParams {
         }
         if p.gmem_luo_v1 {
             v.push("--gmem-luo=v1".into());
+        }
+        if !p.hugepages.is_empty() {
+            v.push(flag("--hugepages", p.hugepages.to_string()));
         }
         for (name, n) in [
             ("--kexec-start-ns", p.kexec_start_ns),

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use crate::kho::KhoBootArgs;
-use crate::mm::PAGE_SIZE;
+use crate::mm::{HugePageRequest, PAGE_SIZE};
 
 /// Default RAM of a host image: sparse, so this costs nothing until used.
 pub const DEFAULT_RAM: u64 = 4 << 30;
@@ -47,6 +47,9 @@ pub struct BootParams {
     pub gmem_luo_v1: bool,
     /// Write a dump of the outgoing handover here at each kexec.
     pub dump_handover: Option<PathBuf>,
+    /// The huge-page pool to reserve at boot (`--hugepages 2M:N,1G:M`; see `mm::hugetlb`),
+    /// the same for every image of a chain.
+    pub hugepages: HugePageRequest,
 }
 
 impl Default for BootParams {
@@ -68,6 +71,7 @@ impl Default for BootParams {
             rollback: None,
             prev_handover_bytes: None,
             dump_handover: None,
+            hugepages: HugePageRequest::default(),
         }
     }
 }

@@ -82,7 +82,62 @@ impl ZoneState {
 
     /// True if `pfn` lies inside a free block of any order.
     fn is_free(&self, pfn: u64) -> bool {
-        (0..=MAX_ORDER).any(|o| self.free[o as usize].contains(&(pfn & !((1u64 << o) - 1))))
+        self.block_containing(pfn).is_some()
+    }
+
+    /// The free block `(first pfn, order)` that contains `pfn`, if any.
+    fn block_containing(&self, pfn: u64) -> Option<(u64, u32)> {
+        (0..=MAX_ORDER)
+            .map(|o| (pfn & !((1u64 << o) - 1), o))
+            .find(|(b, o)| self.free[*o as usize].contains(b))
+    }
+
+    /// The free blocks covering `start..end` in address order, or `Err(first frame that is not
+    /// free)`. One lookup per block, not per frame.
+    fn blocks_covering(&self, start: u64, end: u64) -> Result<Vec<(u64, u32)>, u64> {
+        let mut out = Vec::new();
+        let mut p = start;
+        while p < end {
+            let (b, o) = self.block_containing(p).ok_or(p)?;
+            out.push((b, o));
+            p = b + (1 << o);
+        }
+        Ok(out)
+    }
+
+    /// True if any frame of `start..end` lies in a free block.
+    fn any_free_in(&self, start: u64, end: u64) -> bool {
+        (0..=MAX_ORDER).any(|o| {
+            let from = (start + 1).saturating_sub(1 << o);
+            self.free[o as usize].range(from..end).next().is_some()
+        })
+    }
+
+    /// One past the highest free frame below `below` (0 if none): the top of the highest free
+    /// block that starts below it, clipped to it.
+    fn highest_free_end(&self, below: u64) -> Option<u64> {
+        (0..=MAX_ORDER)
+            .filter_map(|o| {
+                let b = *self.free[o as usize].range(..below).next_back()?;
+                Some((b + (1u64 << o)).min(below))
+            })
+            .max()
+    }
+
+    /// Remove exactly `start..end`, which `blocks` (from [`ZoneState::blocks_covering`])
+    /// covers, from the free lists; the parts of those blocks outside the range stay free.
+    fn take(&mut self, start: u64, end: u64, blocks: &[(u64, u32)]) {
+        for &(b, o) in blocks {
+            self.free[o as usize].remove(&b);
+            self.nr_free -= 1 << o;
+            let b_end = b + (1 << o);
+            if b < start {
+                self.add_run(b, start);
+            }
+            if end < b_end {
+                self.add_run(end, b_end);
+            }
+        }
     }
 
     fn free(&mut self, mut pfn: u64, mut order: u32) -> Result<(), MmError> {
@@ -233,6 +288,79 @@ impl FrameAllocator {
         }
     }
 
+    /// Take the exact frame range `pfn..pfn+nr` out of the free lists, splitting the free blocks
+    /// it starts or ends in (their other parts stay free): for allocations above MAX_ORDER or at
+    /// a chosen place, such as the huge-page pool's 1 GiB folios (`mm::hugetlb`). All or
+    /// nothing: `NotFree` (naming the first busy frame) if any frame of the range is not free,
+    /// `BadRange` if it is empty, leaves RAM, straddles the scratch boundary or lies in the
+    /// normal zone before it is online. The caller owns the frames afterwards and gives them
+    /// back with [`FrameAllocator::free`] in naturally aligned blocks of at most MAX_ORDER (as
+    /// [`super::Mm::free_runs`] does).
+    pub fn take_range(&mut self, pfn: u64, nr: u64) -> Result<(), MmError> {
+        let bad = |why| MmError::BadRange { pfn, nr, why };
+        if nr == 0 {
+            return Err(bad("empty"));
+        }
+        let end = match pfn.checked_add(nr) {
+            Some(e) if e <= self.nr_frames => e,
+            _ => return Err(bad("outside RAM")),
+        };
+        let zone = self.zone_of(pfn);
+        if zone != self.zone_of(end - 1)
+            || (zone == Zone::Normal
+                && pfn < self.scratch.range.end
+                && self.scratch.range.start < end)
+        {
+            return Err(bad("straddles the scratch zone"));
+        }
+        let z = match zone {
+            Zone::Scratch => &mut self.scratch,
+            Zone::Normal if self.normal_online => &mut self.normal,
+            Zone::Normal => return Err(bad("the normal zone is not online")),
+        };
+        let blocks = z
+            .blocks_covering(pfn, end)
+            .map_err(|busy| MmError::NotFree { pfn, nr, busy })?;
+        z.take(pfn, end, &blocks);
+        Ok(())
+    }
+
+    /// The highest naturally aligned range of 2^order frames of `zone` that is entirely free
+    /// and ends at or below frame `below`: its first frame. Walks down from the highest free
+    /// frame, skipping candidates by what the free lists say, so the cost follows the number
+    /// of free blocks looked at, not the size of RAM. `None` if there is none (always for an
+    /// offline normal zone).
+    pub fn highest_free_range(&self, zone: Zone, order: u32, mut below: u64) -> Option<u64> {
+        if order >= 63 {
+            return None;
+        }
+        let n = 1u64 << order;
+        let z = match zone {
+            Zone::Scratch => &self.scratch,
+            Zone::Normal if self.normal_online => &self.normal,
+            Zone::Normal => return None,
+        };
+        loop {
+            let top = z.highest_free_end(below)?;
+            if top < n {
+                return None;
+            }
+            let a = (top - n) & !(n - 1);
+            match z.blocks_covering(a, a + n) {
+                Ok(_) => return Some(a),
+                // Every candidate above `a` failed or did not fit under `top`.
+                Err(_) => below = a,
+            }
+        }
+    }
+
+    /// True if any frame of `pfn..pfn+nr` lies inside a free block (of either zone); a few
+    /// lookups per order, whatever `nr`.
+    pub fn any_free(&self, pfn: u64, nr: u64) -> bool {
+        let end = pfn.saturating_add(nr);
+        self.scratch.any_free_in(pfn, end) || self.normal.any_free_in(pfn, end)
+    }
+
     /// True if frame `pfn` lies inside a free block.
     pub fn is_free(&self, pfn: u64) -> bool {
         match self.zone_of(pfn) {
@@ -315,5 +443,190 @@ mod tests {
             .is_err());
         assert!(a.alloc(MAX_ORDER + 1).is_err());
         assert!(FrameAllocator::new(8192, 100..1024).is_err());
+    }
+
+    fn free_map(a: &FrameAllocator) -> Vec<bool> {
+        (0..a.nr_frames()).map(|p| a.is_free(p)).collect()
+    }
+
+    #[test]
+    fn take_range_exact_block() {
+        let mut a = alloc_with_scratch();
+        let before = a.stats();
+        a.take_range(2048, 1024).unwrap();
+        assert_eq!(a.stats().free, before.free - 1024);
+        assert!(!a.is_free(2048) && !a.is_free(3071));
+        assert!(a.is_free(2047) && a.is_free(3072));
+        // Given back as a block, it is as before.
+        a.free(Folio {
+            pfn: 2048,
+            order: MAX_ORDER,
+        })
+        .unwrap();
+        assert_eq!(a.stats(), before);
+    }
+
+    #[test]
+    fn take_range_splits_blocks_and_gives_back() {
+        let mut a = alloc_with_scratch();
+        let before = a.stats();
+        // Inside one 4 MiB block, and across two of them.
+        a.take_range(1030, 5).unwrap();
+        a.take_range(3000, 200).unwrap();
+        assert_eq!(a.stats().free, before.free - 205);
+        let map = free_map(&a);
+        for p in 1024..8192u64 {
+            let taken = (1030..1035).contains(&p) || (3000..3200).contains(&p);
+            assert_eq!(map[p as usize], !taken, "frame {p}");
+        }
+        // Everything else can still be allocated, and none of it from the taken ranges.
+        let mut got = 0;
+        while let Ok(f) = a.alloc(0) {
+            assert!(!(1030..1035).contains(&f.pfn) && !(3000..3200).contains(&f.pfn));
+            got += 1;
+        }
+        assert_eq!(
+            got,
+            before.free - 1024 - 205,
+            "scratch is not served once online"
+        );
+        let mut b = FrameAllocator::new(8192, 0..1024).unwrap();
+        b.online_normal(&[(1024, 8192)]);
+        b.take_range(1030, 5).unwrap();
+        b.take_range(3000, 200).unwrap();
+        for (p, o) in super::super::split_blocks(1030, 5, MAX_ORDER)
+            .chain(super::super::split_blocks(3000, 200, MAX_ORDER))
+        {
+            b.free(Folio { pfn: p, order: o }).unwrap();
+        }
+        assert_eq!(b.stats(), before);
+        assert_eq!(
+            b.normal.free[MAX_ORDER as usize].len(),
+            7,
+            "coalesced again"
+        );
+    }
+
+    #[test]
+    fn take_range_refuses_and_changes_nothing() {
+        let mut a = alloc_with_scratch();
+        let f = a.alloc(0).unwrap();
+        let st = a.stats();
+        let map = free_map(&a);
+        assert!(matches!(
+            a.take_range(f.pfn, 16),
+            Err(MmError::NotFree { busy, .. }) if busy == f.pfn
+        ));
+        assert_eq!(a.take_range(f.pfn, 1).unwrap_err().errno(), libc::EBUSY);
+        a.take_range(5000, 10).unwrap();
+        assert!(matches!(
+            a.take_range(5009, 2),
+            Err(MmError::NotFree { busy: 5009, .. })
+        ));
+        a.free(Folio {
+            pfn: 5000,
+            order: 1,
+        })
+        .unwrap();
+        for bad in [(2000, 0), (8000, 193), (u64::MAX, 2), (1000, 48)] {
+            assert!(
+                matches!(a.take_range(bad.0, bad.1), Err(MmError::BadRange { .. })),
+                "{bad:?}"
+            );
+        }
+        // The refusals left the free lists as they were (but for 5002..5010, still taken).
+        assert_eq!(a.stats().free, st.free - 8);
+        let now = free_map(&a);
+        for p in 0..8192usize {
+            assert_eq!(now[p], map[p] && !(5002..5010).contains(&p), "frame {p}");
+        }
+        // Scratch ranges can be taken too; the normal zone only once online.
+        a.take_range(0, 3).unwrap();
+        let mut off = FrameAllocator::new(8192, 0..1024).unwrap();
+        assert!(matches!(
+            off.take_range(2048, 1),
+            Err(MmError::BadRange { .. })
+        ));
+        assert_eq!(off.highest_free_range(Zone::Normal, 0, 8192), None);
+    }
+
+    #[test]
+    fn take_range_1g_aligned() {
+        const G: u64 = 1 << 18; // 1 GiB in frames
+        let mut a = FrameAllocator::new(2 * G, 0..4096).unwrap();
+        a.online_normal(&[(4096, 2 * G)]);
+        let before = a.stats();
+        // The first 1 GiB holds scratch: only the second one is a whole free 1 GiB range.
+        assert_eq!(a.highest_free_range(Zone::Normal, 18, 2 * G), Some(G));
+        assert_eq!(a.highest_free_range(Zone::Normal, 18, 2 * G - 1), None);
+        a.take_range(G, G).unwrap();
+        assert_eq!(a.stats().free, before.free - G);
+        assert!(!a.is_free(G) && !a.is_free(2 * G - 1) && a.is_free(G - 1));
+        assert_eq!(a.highest_free_range(Zone::Normal, 18, 2 * G), None);
+        // 2 MiB ranges come from the top of what is left.
+        assert_eq!(a.highest_free_range(Zone::Normal, 9, 2 * G), Some(G - 512));
+        for (p, o) in super::super::split_blocks(G, G, MAX_ORDER) {
+            a.free(Folio { pfn: p, order: o }).unwrap();
+        }
+        assert_eq!(a.stats(), before);
+
+        // One busy frame anywhere in the top 1 GiB rules it out.
+        let mut b = FrameAllocator::new(3 * G, 0..4096).unwrap();
+        b.online_normal(&[(4096, 2 * G + 77), (2 * G + 78, 3 * G)]);
+        assert_eq!(b.highest_free_range(Zone::Normal, 18, 3 * G), Some(G));
+        assert!(matches!(
+            b.take_range(2 * G, G),
+            Err(MmError::NotFree { busy, .. }) if busy == 2 * G + 77
+        ));
+        assert_eq!(
+            b.highest_free_range(Zone::Normal, 9, 3 * G),
+            Some(3 * G - 512)
+        );
+        assert_eq!(
+            b.highest_free_range(Zone::Normal, 9, 2 * G + 512),
+            Some(2 * G - 512),
+            "the 2 MiB range with the busy frame is skipped"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// After any allocations, a taken range is exactly taken (or, if a frame was busy,
+        /// nothing changes), and the highest free aligned range is free and the highest.
+        #[test]
+        fn take_range_is_exact(
+            allocs in proptest::collection::vec(0u32..=4, 0..40),
+            start in 1024u64..8192,
+            len in 1u64..2048,
+            order in 0u32..=12,
+        ) {
+            let mut a = alloc_with_scratch();
+            for o in allocs {
+                let _ = a.alloc(o);
+            }
+            let before = free_map(&a);
+            let st = a.stats();
+            let end = (start + len).min(8192);
+            let all_free = (start..end).all(|p| before[p as usize]);
+            let r = a.take_range(start, end - start);
+            proptest::prop_assert_eq!(r.is_ok(), all_free);
+            let after = free_map(&a);
+            for p in 0..8192u64 {
+                let taken = all_free && (start..end).contains(&p);
+                proptest::prop_assert_eq!(after[p as usize], before[p as usize] && !taken);
+            }
+            let taken = if all_free { end - start } else { 0 };
+            proptest::prop_assert_eq!(a.stats().free, st.free - taken);
+            proptest::prop_assert_eq!(
+                a.any_free(start, end - start),
+                (start..end).any(|p| after[p as usize])
+            );
+            let n = 1u64 << order;
+            let best = (1024 / n.min(1024)..8192 / n)
+                .rev()
+                .map(|i| i * n)
+                .find(|&c| c >= 1024 && (c..c + n).all(|p| after[p as usize]));
+            proptest::prop_assert_eq!(a.highest_free_range(Zone::Normal, order, 8192), best);
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! scratch zone used during early boot after a KHO kexec.
 
 pub mod buddy;
+pub mod hugetlb;
 pub mod mapping;
 pub mod page_cache;
 pub mod ram;
@@ -9,6 +10,7 @@ pub mod ranges;
 pub mod uffd;
 
 pub use buddy::{FrameAllocator, FrameStats, Zone};
+pub use hugetlb::{HugePageRequest, HugePool, HugePoolStats};
 pub use mapping::VaWindow;
 pub use page_cache::PageCache;
 pub use ram::{page_round_up, PhysRead, Ram};
@@ -108,6 +110,49 @@ pub enum MmError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// A frame range cannot be taken as asked (see [`FrameAllocator::take_range`]).
+    #[error("frame range {pfn:#x}+{nr:#x} cannot be taken: {why}")]
+    BadRange {
+        /// First frame of the range.
+        pfn: u64,
+        /// Number of frames.
+        nr: u64,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A frame of a range to take is not free.
+    #[error("frame range {pfn:#x}+{nr:#x} is not free: frame {busy:#x} is in use")]
+    NotFree {
+        /// First frame of the range.
+        pfn: u64,
+        /// Number of frames.
+        nr: u64,
+        /// The first frame found in use.
+        busy: u64,
+    },
+    /// The huge-page pool could not take as many folios as asked (`mm::hugetlb`).
+    #[error(
+        "huge-page pool: only {got} of {wanted} {} pages fit in free RAM (beside 4 MiB kept for the host)",
+        hugetlb::size_name(*order)
+    )]
+    HugePagesShort {
+        /// Order of the folios (9: 2 MiB, 18: 1 GiB).
+        order: u32,
+        /// Folios asked for.
+        wanted: u64,
+        /// Folios taken.
+        got: u64,
+    },
+    /// A folio given to the huge-page pool is not one it can take (`mm::hugetlb`).
+    #[error("huge-page pool: folio pfn {pfn:#x} order {order}: {why}")]
+    NotInPool {
+        /// First frame of the folio.
+        pfn: u64,
+        /// Its order.
+        order: u32,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// A system call on the RAM memfd or a mapping failed.
     #[error("system call failed: {0}")]
     Sys(rustix::io::Errno),
@@ -117,7 +162,8 @@ impl MmError {
     /// The errno user space sees for this error.
     pub fn errno(&self) -> i32 {
         match self {
-            MmError::NoMemory { .. } => libc::ENOMEM,
+            MmError::NoMemory { .. } | MmError::HugePagesShort { .. } => libc::ENOMEM,
+            MmError::NotFree { .. } => libc::EBUSY,
             MmError::Sys(e) => e.raw_os_error(),
             _ => libc::EINVAL,
         }
@@ -174,6 +220,13 @@ impl Mm {
     /// A block of 2^order zeroed frames from `zone` specifically.
     pub fn alloc_in(&mut self, zone: Zone, order: u32) -> Result<Folio, MmError> {
         self.frames.alloc_in(zone, order)
+    }
+
+    /// Take the exact free frame range `pfn..pfn+nr` out of the allocator (any size, see
+    /// [`FrameAllocator::take_range`]); its frames read as zeros. Give it back with
+    /// [`Mm::free_runs`].
+    pub fn take_range(&mut self, pfn: u64, nr: u64) -> Result<(), MmError> {
+        self.frames.take_range(pfn, nr)
     }
 
     /// Zero and free one block.
