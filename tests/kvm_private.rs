@@ -295,3 +295,185 @@ fn flip_guest_memfd_v3_lists() {
     }
     flipped("gmem-v3-lists");
 }
+
+// ---- HugeTLB guest_memfd: folios from the host's huge-page pool ----
+
+const TWO_MIB: u64 = 2 << 20;
+
+fn setup_huge(pool: &str) -> (Host, Pid, i32, i32) {
+    let mut h = Host::boot(BootParams {
+        ram_size: 256 << 20,
+        hugepages: handover::mm::HugePageRequest::parse(pool).unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let pid = h.spawn();
+    let kvm = open_kvm(&mut h, pid).unwrap();
+    let vm = create_vm(&mut h, pid, kvm, KVM_X86_SW_PROTECTED_VM).unwrap();
+    (h, pid, kvm, vm)
+}
+
+fn pool_2m(h: &Host) -> (u64, u64) {
+    let s = h.hugepool().stats();
+    let o = s.order(9).unwrap();
+    (o.free, o.in_use)
+}
+
+const HUGE: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_HUGETLB;
+
+#[test]
+fn hugetlb_creation_rules() {
+    if !kvm_available("hugetlb_creation_rules") {
+        return;
+    }
+    // No pool: the flag is not offered and not taken.
+    let (mut h, pid, _, vm) = setup();
+    let flags = check_extension(&mut h, pid, vm, KVM_CAP_GUEST_MEMFD_FLAGS).unwrap() as u64;
+    assert_eq!(flags & GUEST_MEMFD_FLAG_HUGETLB, 0);
+    assert_eq!(
+        create_guest_memfd_order(&mut h, pid, vm, TWO_MIB, HUGE, 9),
+        Err(Errno::EINVAL)
+    );
+    let (mut h, pid, kvm, vm) = setup_huge("2M:4");
+    let flags = check_extension(&mut h, pid, vm, KVM_CAP_GUEST_MEMFD_FLAGS).unwrap() as u64;
+    assert_ne!(flags & GUEST_MEMFD_FLAG_HUGETLB, 0);
+    for (what, size, flags, order) in [
+        (
+            "with INIT_SHARED",
+            TWO_MIB,
+            HUGE | GUEST_MEMFD_FLAG_INIT_SHARED,
+            9,
+        ),
+        ("order without the flag", TWO_MIB, GUEST_MEMFD_FLAG_MMAP, 9),
+        ("flag without an order", TWO_MIB, HUGE, 0),
+        ("an order the pool has none of", 1 << 30, HUGE, 18),
+        ("an unsupported order", TWO_MIB, HUGE, 10),
+        ("size not a multiple of the folio", TWO_MIB + 4096, HUGE, 9),
+    ] {
+        assert_eq!(
+            create_guest_memfd_order(&mut h, pid, vm, size, flags, order),
+            Err(Errno::EINVAL),
+            "{what}"
+        );
+    }
+    // A default VM has no HugeTLB guest_memfd.
+    let plain = create_vm(&mut h, pid, kvm, 0).unwrap();
+    assert_eq!(
+        create_guest_memfd_order(&mut h, pid, plain, TWO_MIB, HUGE, 9),
+        Err(Errno::EINVAL)
+    );
+}
+
+#[test]
+fn hugetlb_folios_come_from_the_pool_and_go_back() {
+    if !kvm_available("hugetlb_folios_come_from_the_pool_and_go_back") {
+        return;
+    }
+    let (mut h, pid, _, vm) = setup_huge("2M:4");
+    assert_eq!(pool_2m(&h), (4, 0));
+    let g = create_guest_memfd_order(&mut h, pid, vm, 8 * MIB, HUGE, 9).unwrap();
+    let keep = libc::FALLOC_FL_KEEP_SIZE;
+    let punch = keep | libc::FALLOC_FL_PUNCH_HOLE;
+    assert_eq!(h.fallocate(pid, g, keep, 4096, TWO_MIB), Err(Errno::EINVAL));
+    assert_eq!(h.fallocate(pid, g, keep, 0, MIB), Err(Errno::EINVAL));
+    h.fallocate(pid, g, keep, 0, 2 * TWO_MIB).unwrap();
+    assert_eq!(pool_2m(&h), (2, 2));
+    assert_eq!(h.fallocate(pid, g, punch, 0, MIB), Err(Errno::EINVAL));
+    h.fallocate(pid, g, punch, 0, TWO_MIB).unwrap();
+    assert_eq!(pool_2m(&h), (3, 1));
+    // More than the pool holds: ENOMEM once it is empty.
+    let g2 = create_guest_memfd_order(&mut h, pid, vm, 8 * MIB, HUGE, 9).unwrap();
+    assert_eq!(h.fallocate(pid, g2, keep, 0, 8 * MIB), Err(Errno::ENOMEM));
+    // Closing the files gives every folio back.
+    h.close(pid, g).unwrap();
+    h.close(pid, g2).unwrap();
+    assert_eq!(pool_2m(&h), (4, 0));
+}
+
+#[test]
+fn converting_part_of_a_huge_folio_splits_it_and_all_private_merges_it() {
+    if !kvm_available("converting_part_of_a_huge_folio_splits_it_and_all_private_merges_it") {
+        return;
+    }
+    let (mut h, pid, _, vm) = setup_huge("2M:4");
+    let g = create_guest_memfd_order(&mut h, pid, vm, 4 * MIB, HUGE, 9).unwrap();
+    h.fallocate(pid, g, libc::FALLOC_FL_KEEP_SIZE, 0, 4 * MIB)
+        .unwrap();
+    let file = h.fd_file(pid, g).unwrap();
+    let split = |h: &Host| match h.files().kind(file) {
+        Some(handover::host::files::FileKind::GuestMemfd(g)) => (
+            g.split.ranges().collect::<Vec<_>>(),
+            g.folio_runs()
+                .iter()
+                .map(|r| (r.2, r.3))
+                .collect::<Vec<_>>(),
+        ),
+        _ => panic!("not a guest_memfd"),
+    };
+    assert_eq!(split(&h), (vec![], vec![(1024, 9)]));
+    // One page of the second folio shared: that folio goes to 4 KiB pages.
+    set_memory_attributes(&mut h, pid, g, 3 * MIB, 4096, false).unwrap();
+    assert_eq!(split(&h), (vec![(512, 1024)], vec![(512, 9), (512, 0)]));
+    let m = h.mmap(pid, g, 4 * MIB, RW, libc::MAP_SHARED, 0).unwrap();
+    h.user_write(pid, m.addr + 3 * MIB as usize, b"huge")
+        .unwrap();
+    // Private again, the whole folio: merged back.
+    set_memory_attributes(&mut h, pid, g, 3 * MIB, 4096, true).unwrap();
+    assert_eq!(split(&h), (vec![], vec![(1024, 9)]));
+    let mut b = [0u8; 4];
+    assert_eq!(
+        h.user_read(pid, m.addr + 3 * MIB as usize, &mut b),
+        Err(Errno::EFAULT)
+    );
+}
+
+/// A private guest backed by 2 MiB folios through a real kexec: the folios the guest wrote
+/// come back whole (order 9), the one with a shared part split, the pool accounts for them in
+/// the new image as in the old one, and the guest verifies its data.
+fn huge_through_kexec(order: &str) {
+    let tag = format!("huge-{order}");
+    let o = format!("order={order}");
+    let args = [
+        "guest-mem=16M",
+        "data=5M",
+        "private=1",
+        "huge=9",
+        "shared=1M",
+        &o,
+    ];
+    let r = common::boot(
+        &tag,
+        "1G",
+        handover::vmm::rfc::PROGRAM,
+        &args,
+        &["--hugepages", "2M:16"],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.one("rfc-stage2")["ok"], true);
+    let checks = r.events("rfc-private");
+    assert_eq!(checks.len(), 2, "{}", r.stderr);
+    for c in checks {
+        // 5 MiB of data touches three 2 MiB folios; the first holds the shared MiB.
+        assert_eq!(c["huge_folio_pages"], 1024, "{c}");
+        assert_eq!(c["split_pages"], 512, "{c}");
+        assert_eq!(c["small_pages"], 512, "{c}");
+        assert_eq!(c["hugepages"]["2M"]["in_use"], 3, "{c}");
+        assert_eq!(c["hugepages"]["2M"]["total"], 16, "{c}");
+    }
+}
+
+#[test]
+fn huge_private_guest_through_kexec_vm_first() {
+    if !kvm_available("huge_private_guest_through_kexec_vm_first") {
+        return;
+    }
+    huge_through_kexec("vm-first");
+}
+
+#[test]
+fn huge_private_guest_through_kexec_gmem_first() {
+    if !kvm_available("huge_private_guest_through_kexec_gmem_first") {
+        return;
+    }
+    huge_through_kexec("gmem-first");
+}

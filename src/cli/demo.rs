@@ -61,8 +61,21 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
     if a.gmem_first {
         args.extend(["--init-arg".into(), "order=gmem-first".into()]);
     }
-    if a.private {
+    // `--hugepages` backs the guest with huge folios, which needs a private-memory VM.
+    let huge = a.hugepages.map_or(0, |h| {
+        if h.count(9) > 0 {
+            9
+        } else if h.count(18) > 0 {
+            18
+        } else {
+            0
+        }
+    });
+    if a.private || huge > 0 {
         args.extend(["--init-arg".into(), "private=1".into()]);
+    }
+    if huge > 0 {
+        args.extend(["--init-arg".into(), format!("huge={huge}")]);
     }
     if let Some(d) = &a.dump {
         args.push("--dump-handover".into());
@@ -79,7 +92,9 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
         .iter()
         .filter(|e| e["event"] == "rfc-private")
         .collect();
-    let ok = code == 0 && s2.is_some_and(|v| v["ok"] == true) && (!a.private || private.len() == 2);
+    let ok = code == 0
+        && s2.is_some_and(|v| v["ok"] == true)
+        && ((!a.private && huge == 0) || private.len() == 2);
     let g = |v: Option<&Value>, k: &str| v.map_or(Value::Null, |v| v[k].clone());
     let summary = json!({
         "ok": ok,
@@ -131,6 +146,12 @@ pub fn run(a: DemoArgs) -> Result<ExitCode, String> {
                 "  private    stage {}: the first {} KiB converted to shared read back through mmap, the {} private pages refused to the host",
                 c["stage"], c["shared_bytes_checked"].as_u64().unwrap_or(0) >> 10, c["private_pages"]
             );
+            if huge > 0 {
+                println!(
+                    "  hugepages  stage {}: {} pages in whole order-{huge} folios, {} in folios split to 4 KiB; pool {}",
+                    c["stage"], c["huge_folio_pages"], c["split_pages"], c["hugepages"]
+                );
+            }
         }
         println!(
             "  phases     pause {:.0} us, save vCPU {:.0} us, freeze+finalize {:.0} us, exec {:.0} us, boot {:.0} us, retrieve {:.0} us, resume {:.0} us",

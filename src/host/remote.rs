@@ -358,6 +358,12 @@ impl Host {
         m.ra_pages = block;
         let file = m.file;
         let mut end = end;
+        // A HugeTLB guest_memfd allocates whole folios from the pool: through its own fault.
+        let huge =
+            matches!(self.files.kind(file), Some(FileKind::GuestMemfd(g)) if g.page_order > 0);
+        if huge {
+            self.gmem_fault(file, idx, true)?;
+        }
         let (pages, size_pages, can_alloc) = match self.files.kind_mut(file) {
             Some(FileKind::Memfd(f)) => (&mut f.pages, f.size.div_ceil(PAGE_SIZE), true),
             // Host access to a guest_memfd needs INIT_SHARED or a private-memory VM, and a
@@ -372,7 +378,7 @@ impl Host {
                 if let Some(p) = g.attrs.first_private(idx, end) {
                     end = p;
                 }
-                (&mut g.pages, g.size / PAGE_SIZE, !g.frozen)
+                (&mut g.pages, g.size / PAGE_SIZE, !g.frozen && !huge)
             }
             _ => return Err(Errno::EFAULT),
         };

@@ -125,7 +125,10 @@ mod tests {
     fn runs_cut_into_whole_folios_and_split_pages() {
         let none = PageAttrs::all_shared();
         let one = |r: (u64, u64, u64)| std::iter::once(r);
-        assert_eq!(folio_runs(one((0, 512, 1024)), 9, &none), vec![(0, 512, 1024, 9)]);
+        assert_eq!(
+            folio_runs(one((0, 512, 1024)), 9, &none),
+            vec![(0, 512, 1024, 9)]
+        );
         assert_eq!(
             folio_runs(one((0, 512, 600)), 9, &none),
             vec![(0, 512, 512, 9), (512, 1024, 88, 0)]

@@ -48,6 +48,8 @@ pub trait GuestMemfdLuoCtx: VmLuoCtx {
     fn guest_memfd_mut(&mut self, file: FileId) -> Option<&mut GuestMemfd>;
     /// `KVM_CREATE_GUEST_MEMFD` on the VM file `vm`.
     fn create_guest_memfd(&mut self, vm: FileId, size: u64, flags: u64) -> SysResult<FileId>;
+    /// A huge folio a retrieved HugeTLB file holds: the pool counts it as its own, in use.
+    fn adopt_huge_folio(&mut self, folio: Folio) -> SysResult<()>;
     /// The same with a folio order (`GUEST_MEMFD_FLAG_HUGETLB`'s `page_order`).
     fn create_guest_memfd_order(
         &mut self,

@@ -107,6 +107,8 @@ pub fn decode(
     }
     let mut out = Vec::with_capacity(nr);
     let mut total = 0u64;
+    // A HugeTLB file holds whole folios only, split or not.
+    let file_align = 1u64 << s.page_order.min(63);
     for e in runs.chunks_exact(24) {
         let r = GuestMemfdRunSer::read_from_bytes(e).map_err(|_| Errno::EINVAL)?;
         let pfn = r.pfn_flags & ((1 << 52) - 1);
@@ -118,6 +120,9 @@ pub fn decode(
             || r.index % align != 0
             || pfn % align != 0
             || r.nr_pages % align != 0
+            || r.index % file_align != 0
+            || pfn % file_align != 0
+            || r.nr_pages % file_align != 0
             || r.index.checked_add(r.nr_pages).is_none_or(|e| e > nr_pages)
         {
             return Err(Errno::EINVAL);
@@ -414,18 +419,34 @@ impl<C: GuestMemfdLuoCtx + ?Sized> FileHandler<C> for GuestMemfdV3Handler {
                     let step = 1u64 << g.page_order;
                     for &(idx, _, n, o) in &runs {
                         if o == 0 {
-                            g.split.set(idx / step * step, (idx + n).div_ceil(step) * step, true);
+                            g.split
+                                .set(idx / step * step, (idx + n).div_ceil(step) * step, true);
                         }
                     }
                 }
             }
             let mut bad = None;
+            let file_order = h.ser.page_order as u32;
             for (idx, pfn, n, order) in runs {
                 match restore_run(host, pfn, n, order) {
                     Ok(())
                         if host
                             .guest_memfd_mut(file)
-                            .is_some_and(|g| g.pages.insert_run(idx, pfn, n)) => {}
+                            .is_some_and(|g| g.pages.insert_run(idx, pfn, n)) =>
+                    {
+                        // The file's folios belong to this image's pool from now on.
+                        let mut k = 0;
+                        while file_order > 0 && k < n {
+                            let f = Folio {
+                                pfn: pfn + k,
+                                order: file_order,
+                            };
+                            if let Err(e) = host.adopt_huge_folio(f) {
+                                bad.get_or_insert(e);
+                            }
+                            k += 1 << file_order;
+                        }
+                    }
                     Ok(()) => {
                         let _ = host.mm_mut().free_runs(&[(pfn, n)]);
                         bad.get_or_insert(Errno::EINVAL);

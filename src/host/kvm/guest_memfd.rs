@@ -76,9 +76,57 @@ impl Host {
         })))
     }
 
-    /// The folio orders this image's huge-page pool has (none yet: see `mm::hugetlb`).
-    pub fn hugetlb_orders(&self) -> impl Iterator<Item = u32> {
-        std::iter::empty()
+    /// The folio orders this image's huge-page pool has folios of (`--hugepages`).
+    pub fn hugetlb_orders(&self) -> impl Iterator<Item = u32> + '_ {
+        let st = self.hugepool().stats();
+        crate::mm::hugetlb::HUGE_ORDERS
+            .into_iter()
+            .filter(move |&o| st.order(o).is_some_and(|s| s.total > 0))
+    }
+
+    /// Allocate the huge folios of a HugeTLB file that cover pages `a..b` and are not there
+    /// yet, from the pool (ENOMEM when it runs out); the new folios' `(index, pages)`.
+    fn gmem_fill_huge(&mut self, file: FileId, a: u64, b: u64) -> SysResult<Vec<(u64, u64)>> {
+        let order = self.gmem(file)?.page_order;
+        let step = 1u64 << order;
+        let mut new = Vec::new();
+        let mut f = a / step * step;
+        while f < b {
+            if self.gmem(file)?.pages.get(f).is_none() {
+                let folio = self.hugepool.alloc(order).ok_or(Errno::ENOMEM)?;
+                let g = self.gmem(file)?;
+                if !g.pages.insert_run(f, folio.pfn, step) {
+                    let (pool, mm) = self.hugepool_mm();
+                    let _ = pool.free(mm, folio);
+                    return Err(Errno::EINVAL);
+                }
+                new.push((f, step));
+            }
+            f += step;
+        }
+        Ok(new)
+    }
+
+    /// Give the frames of a HugeTLB file's pages back to the pool, folio by folio (the runs
+    /// are whole folios: such files allocate nothing else).
+    fn gmem_free_huge(&mut self, order: u32, runs: &[(u64, u64)]) {
+        let step = 1u64 << order;
+        let (pool, mm) = self.hugepool_mm();
+        for &(pfn, n) in runs {
+            let mut k = 0;
+            while k < n {
+                if let Err(e) = pool.free(
+                    mm,
+                    crate::mm::Folio {
+                        pfn: pfn + k,
+                        order,
+                    },
+                ) {
+                    tracing::warn!("guest_memfd: huge folio {:#x} not freed: {e}", pfn + k);
+                }
+                k += step;
+            }
+        }
     }
 
     /// `KVM_SET_MEMORY_ATTRIBUTES2` on the guest_memfd `file` (`a` is read, and on EAGAIN its
@@ -194,7 +242,9 @@ impl Host {
             {
                 return Err(Errno::EOPNOTSUPP);
             }
-            if off % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+            // A HugeTLB file allocates and punches whole folios only.
+            let unit = PAGE_SIZE << g.page_order;
+            if off % unit != 0 || len % unit != 0 || len == 0 {
                 return Err(Errno::EINVAL);
             }
             let end = off.checked_add(len).ok_or(Errno::EINVAL)?;
@@ -212,12 +262,24 @@ impl Host {
             // window, no guest or user access can reach a frame that is back on the free list.
             // The host lock is held throughout, so the fault service cannot map them again.
             self.unmap_file_pages(file, a, b);
+            let order = self.gmem(file)?.page_order;
+            if order > 0 {
+                let runs = self.gmem(file)?.pages.take_runs(a, b);
+                self.gmem_free_huge(order, &runs);
+                return Ok(());
+            }
             let Host { mm, files, .. } = self;
             let Some(FileKind::GuestMemfd(g)) = files.kind_mut(file) else {
                 return Err(Errno::EINVAL);
             };
             let mut gone = g.pages.take_range(a, b);
             mm.free_many(&mut gone)?;
+            return Ok(());
+        }
+        if self.gmem(file)?.page_order > 0 {
+            for (idx, n) in self.gmem_fill_huge(file, off / PAGE_SIZE, end / PAGE_SIZE)? {
+                self.map_file_range(file, idx, idx + n);
+            }
             return Ok(());
         }
         let new = {
@@ -259,7 +321,18 @@ impl Host {
             if g.frozen {
                 return Err(Errno::EPERM);
             }
-            g.pages.fault_in(mm, index).map_err(|_| Errno::ENOMEM)?
+            if g.page_order == 0 {
+                Some(g.pages.fault_in(mm, index).map_err(|_| Errno::ENOMEM)?)
+            } else {
+                None
+            }
+        };
+        let Some(pfn) = pfn else {
+            // A HugeTLB file: the whole folio around the page, from the pool.
+            for (idx, n) in self.gmem_fill_huge(file, index, index + 1)? {
+                self.map_file_range(file, idx, idx + n);
+            }
+            return self.gmem(file)?.pages.pa(index).ok_or(Errno::ENOMEM);
         };
         self.map_file_pages(file, &[index]);
         Ok(pfn * PAGE_SIZE)
@@ -283,6 +356,11 @@ impl Host {
     }
 
     pub(crate) fn gmem_release(&mut self, mut g: GuestMemfd) {
+        if g.page_order > 0 {
+            let runs = g.pages.take_runs(0, g.pages.nr_slots());
+            self.gmem_free_huge(g.page_order, &runs);
+            return;
+        }
         if let Err(e) = g.pages.release(&mut self.mm) {
             tracing::warn!("guest_memfd release: {e}");
         }

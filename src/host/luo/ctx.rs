@@ -113,6 +113,11 @@ impl GuestMemfdLuoCtx for Host {
         self.gmem_create(vm, size, flags)
     }
 
+    fn adopt_huge_folio(&mut self, folio: crate::mm::Folio) -> SysResult<()> {
+        let (pool, mm) = self.hugepool_mm();
+        pool.adopt(mm, folio).map_err(Into::into)
+    }
+
     fn create_guest_memfd_order(
         &mut self,
         vm: FileId,

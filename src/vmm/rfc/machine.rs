@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::abi::kvm::{
-    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, KVM_X86_SW_PROTECTED_VM,
+    GUEST_MEMFD_FLAG_HUGETLB, GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
+    KVM_X86_SW_PROTECTED_VM,
 };
 use crate::host::Host;
 use crate::kvm::vcpu::VcpuKicker;
@@ -76,13 +77,19 @@ pub(crate) fn bind(
 pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     let kvm = libkvm::open_kvm(h, pid).map_err(e("open /dev/kvm"))?;
     // `private`: a software-protected VM, its guest_memfd private from the start.
+    // `huge`: HugeTLB folios from the host's pool (such a file starts private too).
     let (vm_type, flags) = if o.private {
-        (KVM_X86_SW_PROTECTED_VM, GUEST_MEMFD_FLAG_MMAP)
+        let huge = if o.huge > 0 {
+            GUEST_MEMFD_FLAG_HUGETLB
+        } else {
+            0
+        };
+        (KVM_X86_SW_PROTECTED_VM, GUEST_MEMFD_FLAG_MMAP | huge)
     } else {
         (0, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
     };
     let vm = libkvm::create_vm(h, pid, kvm, vm_type).map_err(e("KVM_CREATE_VM"))?;
-    let gmem = libkvm::create_guest_memfd(h, pid, vm, o.guest_mem, flags)
+    let gmem = libkvm::create_guest_memfd_order(h, pid, vm, o.guest_mem, flags, o.huge as u8)
         .map_err(e("KVM_CREATE_GUEST_MEMFD"))?;
     if o.populate {
         h.fallocate(pid, gmem, libc::FALLOC_FL_KEEP_SIZE, 0, o.guest_mem)
@@ -93,7 +100,7 @@ pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
             gmem,
             libc::FALLOC_FL_KEEP_SIZE,
             0,
-            o.data.div_ceil(4096) * 4096,
+            o.data.div_ceil(4096 << o.huge) * (4096 << o.huge),
         )
         .map_err(e("fallocate"))?;
     }

@@ -45,6 +45,10 @@ pub struct Options {
     /// (`shared`, default 1 MiB).
     #[serde(default)]
     pub shared: u64,
+    /// With `private`: a HugeTLB guest_memfd of folios of this order (`huge`, 9 or 18; 0:
+    /// 4 KiB pages), from the host's `--hugepages` pool.
+    #[serde(default)]
+    pub huge: u32,
 }
 
 impl Options {
@@ -80,6 +84,9 @@ impl Options {
             cycles: a.get("cycles").and_then(|v| v.parse().ok()).unwrap_or(1),
             private: flag("private"),
             shared: size("shared", 1 << 20)?,
+            huge: a
+                .get("huge")
+                .map_or(Ok(0), |v| v.parse().map_err(|_| format!("huge={v:?}")))?,
         };
         Ok(o)
     }
@@ -110,6 +117,16 @@ impl Options {
             return Err(format!(
                 "shared ({}) must be page aligned, 4K..=data ({}) and below guest-mem",
                 self.shared, self.data
+            ));
+        }
+        if self.huge != 0
+            && (!self.private
+                || !crate::mm::hugetlb::HUGE_ORDERS.contains(&self.huge)
+                || self.guest_mem % (4096 << self.huge) != 0)
+        {
+            return Err(format!(
+                "huge={} needs private=1, an order of 9 or 18, and guest-mem a multiple of it",
+                self.huge
             ));
         }
         let chunk = self.slot_chunk.max(4096);

@@ -40,12 +40,19 @@ pub(super) fn check(
     stage: u32,
 ) -> Result<Value, String> {
     let f = h.fd_file(pid, gmem).map_err(e("guest_memfd"))?;
-    let (private_pages, ranges) = match h.files().kind(f) {
-        Some(crate::host::files::FileKind::GuestMemfd(g)) => {
-            (g.attrs.nr_private(), g.attrs.ranges().collect::<Vec<_>>())
-        }
+    let (private_pages, ranges, runs, split) = match h.files().kind(f) {
+        Some(crate::host::files::FileKind::GuestMemfd(g)) => (
+            g.attrs.nr_private(),
+            g.attrs.ranges().collect::<Vec<_>>(),
+            g.folio_runs(),
+            g.split.nr_private(),
+        ),
         _ => return Err("not a guest_memfd".into()),
     };
+    // Present pages in whole huge folios, and in folios split to 4 KiB (or 4 KiB files).
+    let huge_pages: u64 = runs.iter().filter(|r| r.3 > 0).map(|r| r.2).sum();
+    let small_pages: u64 = runs.iter().filter(|r| r.3 == 0).map(|r| r.2).sum();
+    let pool = h.hugepool().stats();
     let want = vec![(o.shared / 4096, o.guest_mem / 4096)];
     if ranges != want {
         return Err(format!(
@@ -75,5 +82,10 @@ pub(super) fn check(
         "shared_bytes_checked": o.shared,
         "private_pages": private_pages,
         "private_access": "refused",
+        "page_order": o.huge,
+        "huge_folio_pages": huge_pages,
+        "small_pages": small_pages,
+        "split_pages": split,
+        "hugepages": pool,
     }))
 }
