@@ -219,6 +219,7 @@ impl Host {
         } else {
             // Without LUO nothing can ask for a rollback later.
             host.kho.commit(&mut host.mm)?;
+            host.refill_hugepages();
         }
         host.kho.booted = true;
         host.info.boot_us = t0.elapsed().as_micros() as u64;
@@ -238,6 +239,13 @@ fn reserve_hugepages(
     for order in HUGE_ORDERS {
         let n = req.count(order);
         if n == 0 {
+            continue;
+        }
+        // After a kexec the pool is filled later (`Host::refill_hugepages`, at commit): taking
+        // thousands of folios here would be inside the blackout, and the previous image's
+        // folios still in use are not free yet.
+        if after_kexec {
+            pool.defer(order, n).map_err(BootError::HugePages)?;
             continue;
         }
         match pool.reserve(mm, order, n) {

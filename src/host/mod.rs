@@ -122,6 +122,16 @@ impl Host {
         &self.hugepool
     }
 
+    /// Fill the huge-page pool up to its target from free RAM (after an update, once it is
+    /// committed: the blackout is over and what the handover held is free); the folios taken.
+    pub fn refill_hugepages(&mut self) -> u64 {
+        let n = self.hugepool.refill(&mut self.mm);
+        if n > 0 {
+            tracing::info!("hugepages: {n} folios taken into the pool after the update");
+        }
+        n
+    }
+
     /// The huge-page pool and the memory it gives folios back to, borrowed together
     /// ([`HugePool::free`] and [`HugePool::adopt`] take both).
     pub fn hugepool_mm(&mut self) -> (&mut HugePool, &mut crate::mm::Mm) {

@@ -318,6 +318,16 @@ impl HugePool {
         Ok(())
     }
 
+    /// Set `order`'s target to `count` more folios without taking any now (after a kexec: the
+    /// folios the previous image's files hold come back by [`HugePool::adopt`], and
+    /// [`HugePool::refill`] takes the rest once the update is committed, outside the
+    /// blackout).
+    pub fn defer(&mut self, order: u32, count: u64) -> Result<(), MmError> {
+        let i = slot(order)?;
+        self.orders[i].requested = self.orders[i].requested.saturating_add(count);
+        Ok(())
+    }
+
     /// Take fresh folios of every order from free RAM until each order's total reaches its
     /// target (after a boot that came up short, once memory has been freed). Returns the
     /// number of folios taken.

@@ -76,12 +76,13 @@ impl Host {
         })))
     }
 
-    /// The folio orders this image's huge-page pool has folios of (`--hugepages`).
+    /// The folio orders this image's huge-page pool has or is to have folios of
+    /// (`--hugepages`; after an update the pool fills up only once the update is committed).
     pub fn hugetlb_orders(&self) -> impl Iterator<Item = u32> + '_ {
         let st = self.hugepool().stats();
         crate::mm::hugetlb::HUGE_ORDERS
             .into_iter()
-            .filter(move |&o| st.order(o).is_some_and(|s| s.total > 0))
+            .filter(move |&o| st.order(o).is_some_and(|s| s.total > 0 || s.requested > 0))
     }
 
     /// Allocate the huge folios of a HugeTLB file that cover pages `a..b` and are not there

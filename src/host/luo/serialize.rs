@@ -190,6 +190,7 @@ impl Host {
             if let Err(e) = self.kho.commit(&mut self.mm) {
                 tracing::warn!("KHO commit: {e}");
             }
+            self.refill_hugepages();
         }
     }
 

@@ -133,6 +133,7 @@ pub(super) fn stage2(
         h.release_previous_image(false);
         let Host { kho, mm, .. } = &mut *h;
         kho.commit(mm).map_err(e("commit"))?;
+        h.refill_hugepages();
     }
     if o.private {
         let mut h = lock(shared);
