@@ -21,6 +21,11 @@ pub enum Kind {
     LiveV1,
     /// Snapshot to a file and restore into a new VM.
     Snapshot,
+    /// Live update of a software-protected guest backed by 2 MiB HugeTLB folios
+    /// (`guest_memfd_luo_v3`); its first MiB is shared, the rest private.
+    LiveHuge2M,
+    /// The same with 1 GiB folios.
+    LiveHuge1G,
 }
 
 impl Kind {
@@ -30,6 +35,17 @@ impl Kind {
             Kind::LiveV2 => "live-v2",
             Kind::LiveV1 => "live-v1",
             Kind::Snapshot => "snapshot",
+            Kind::LiveHuge2M => "live-v3-2m",
+            Kind::LiveHuge1G => "live-v3-1g",
+        }
+    }
+
+    /// The folio order of a HugeTLB kind (0 for the others).
+    pub fn huge_order(self) -> u32 {
+        match self {
+            Kind::LiveHuge2M => 9,
+            Kind::LiveHuge1G => 18,
+            _ => 0,
         }
     }
 }
@@ -93,6 +109,10 @@ pub struct Plan {
     pub snapshot_dir: String,
     /// Bytes the guest writes before and verifies after the update.
     pub data: u64,
+    /// Guest sizes also measured with 2 MiB and 1 GiB HugeTLB folios (`--huge-sizes`).
+    pub huge_sizes: Vec<u64>,
+    /// Metadata-only sizes with 1 GiB folios (guest sees the first 16 GiB).
+    pub huge_metadata_only: Vec<u64>,
 }
 
 impl Plan {
@@ -106,6 +126,8 @@ impl Plan {
             v1_max: 16 << 30,
             snapshot_dir: "/var/tmp".into(),
             data: 1 << 20,
+            huge_sizes: vec![],
+            huge_metadata_only: vec![],
         }
     }
 
@@ -119,6 +141,8 @@ impl Plan {
             v1_max: 16 << 20,
             snapshot_dir: "/var/tmp".into(),
             data: 1 << 20,
+            huge_sizes: vec![],
+            huge_metadata_only: vec![],
         }
     }
 
@@ -137,6 +161,19 @@ impl Plan {
         for &s in &self.metadata_only {
             v.push((Kind::LiveV2, s, s.min(slot_cap)));
         }
+        for &s in &self.huge_sizes {
+            if s % (2 << 20) == 0 {
+                v.push((Kind::LiveHuge2M, s, s));
+            }
+            if s % (1 << 30) == 0 {
+                v.push((Kind::LiveHuge1G, s, s));
+            }
+        }
+        for &s in &self.huge_metadata_only {
+            if s % (1 << 30) == 0 {
+                v.push((Kind::LiveHuge1G, s, s.min(slot_cap)));
+            }
+        }
         for &s in &self.sizes {
             if s <= self.baseline_max {
                 v.push((Kind::Snapshot, s, s));
@@ -152,7 +189,11 @@ fn f(v: &Value) -> f64 {
 
 /// One run of one point, in a fresh host image.
 pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
-    let ram = size + (size / 16).max(256 << 20) + (512 << 20);
+    let mut ram = size + (size / 16).max(256 << 20) + (512 << 20);
+    if kind == Kind::LiveHuge1G {
+        // Room for 1 GiB-aligned folios above the scratch zone and low memory.
+        ram = (ram + (1 << 30)).div_ceil(1 << 30) * (1 << 30);
+    }
     let mut args = vec![
         "--ram".to_string(),
         ram.to_string(),
@@ -175,6 +216,15 @@ pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
             format!("snapshot-dir={}", plan.snapshot_dir),
         ]),
         Kind::LiveV2 => {}
+        Kind::LiveHuge2M | Kind::LiveHuge1G => {
+            let order = kind.huge_order();
+            let (name, folio) = if order == 9 { ("2M", 2u64 << 20) } else { ("1G", 1 << 30) };
+            for a in ["private=1".to_string(), format!("huge={order}")] {
+                args.push("--init-arg".into());
+                args.push(a);
+            }
+            args.push(format!("--hugepages={name}:{}", size / folio));
+        }
     }
     let failed = |e: String| Run {
         ok: false,
@@ -292,6 +342,8 @@ pub fn svg(points: &[Point]) -> String {
         (Kind::LiveV2, "#1f77b4"),
         (Kind::LiveV1, "#2ca02c"),
         (Kind::Snapshot, "#d62728"),
+        (Kind::LiveHuge2M, "#9467bd"),
+        (Kind::LiveHuge1G, "#8c564b"),
     ]
     .iter()
     .enumerate()
@@ -327,6 +379,8 @@ pub fn svg(points: &[Point]) -> String {
             Kind::LiveV2 => "live update (v2 runs)",
             Kind::LiveV1 => "live update (RFC v1)",
             Kind::Snapshot => "snapshot/restore",
+            Kind::LiveHuge2M => "live update (v3, 2 MiB folios)",
+            Kind::LiveHuge1G => "live update (v3, 1 GiB folios)",
         };
         let ly = t + 20.0 + 22.0 * i as f64;
         s += &format!("<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{2}\" y=\"{3}\">{label}</text>\n", w - r + 10.0, w - r + 34.0, w - r + 40.0, ly + 4.0);

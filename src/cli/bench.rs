@@ -39,6 +39,13 @@ pub struct BlackoutArgs {
     /// Largest size for the snapshot baseline (it writes the whole guest to a file).
     #[arg(long, value_parser = parse_size)]
     pub baseline_max: Option<u64>,
+    /// Guest sizes also measured with 2 MiB and 1 GiB HugeTLB folios on a software-protected
+    /// VM (guest_memfd_luo_v3), comma separated; none by default.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    pub huge_sizes: Option<Vec<u64>>,
+    /// Metadata-only sizes with 1 GiB folios (guest sees the first 16 GiB); none by default.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    pub huge_metadata_only: Option<Vec<u64>>,
     /// Largest size for the RFC's per-folio v1 format.
     #[arg(long, value_parser = parse_size)]
     pub v1_max: Option<u64>,
@@ -295,6 +302,12 @@ fn plan(a: &BlackoutArgs) -> Plan {
     }
     if let Some(m) = a.v1_max {
         p.v1_max = m;
+    }
+    if let Some(s) = &a.huge_sizes {
+        p.huge_sizes = s.clone();
+    }
+    if let Some(s) = &a.huge_metadata_only {
+        p.huge_metadata_only = s.clone();
     }
     p.snapshot_dir = a.snapshot_dir.clone();
     p
