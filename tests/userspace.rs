@@ -373,34 +373,51 @@ fn statically_linked_program_is_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn boundary_abuse_is_refused_and_leaves_nothing() {
-    let dir = test_dir("boundary_abuse");
-    let bin = compile(&dir, "boundary_abuse");
-    let r = handover_run(&dir, "boundary_abuse", 0, &bin, &[]);
+/// A TAP program's run: it passed, every check it planned reported `ok`, and the host was
+/// left clean. Its `#` lines go to the test's output.
+fn assert_tap(r: &Run, name: &str) {
     assert!(
         !r.stdout.lines().any(|l| l.starts_with("not ok")),
-        "boundary_abuse: a check failed\n{}",
+        "{name}: a check failed\n{}",
         r.dump()
     );
-    r.assert_success("boundary_abuse");
+    r.assert_success(name);
     let plan: usize = r
         .stdout
         .lines()
         .find_map(|l| l.strip_prefix("1.."))
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("boundary_abuse printed no plan\n{}", r.dump()));
+        .unwrap_or_else(|| panic!("{name} printed no plan\n{}", r.dump()));
     let oks = r.stdout.lines().filter(|l| l.starts_with("ok ")).count();
-    assert_eq!(
-        oks,
-        plan,
-        "boundary_abuse: a check reported nothing\n{}",
-        r.dump()
-    );
+    assert_eq!(oks, plan, "{name}: a check reported nothing\n{}", r.dump());
     for note in r.stdout.lines().filter(|l| l.starts_with('#')) {
-        eprintln!("boundary_abuse: {note}");
+        eprintln!("{name}: {note}");
     }
     r.assert_clean_halt();
+}
+
+#[test]
+fn boundary_abuse_is_refused_and_leaves_nothing() {
+    let dir = test_dir("boundary_abuse");
+    let bin = compile(&dir, "boundary_abuse");
+    let r = handover_run(&dir, "boundary_abuse", 0, &bin, &[]);
+    assert_tap(&r, "boundary_abuse");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A software-protected VM's private guest_memfd from a C program with plain ioctls
+/// (`tests/userspace/gmem_private.c`): a private page through mmap is SIGBUS, pages convert in
+/// place with `KVM_SET_MEMORY_ATTRIBUTES2`, converting a page the program maps to private is
+/// EAGAIN with `error_offset`, and bytes written while shared survive private and back.
+#[test]
+fn private_guest_memfd_from_a_program() {
+    if !handover::vmm::libkvm::kvm_available("private_guest_memfd_from_a_program") {
+        return;
+    }
+    let dir = test_dir("gmem_private");
+    let bin = compile(&dir, "gmem_private");
+    let r = handover_run(&dir, "gmem_private", 0, &bin, &[]);
+    assert_tap(&r, "gmem_private");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

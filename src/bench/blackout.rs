@@ -218,7 +218,11 @@ pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
         Kind::LiveV2 => {}
         Kind::LiveHuge2M | Kind::LiveHuge1G => {
             let order = kind.huge_order();
-            let (name, folio) = if order == 9 { ("2M", 2u64 << 20) } else { ("1G", 1 << 30) };
+            let (name, folio) = if order == 9 {
+                ("2M", 2u64 << 20)
+            } else {
+                ("1G", 1 << 30)
+            };
             for a in ["private=1".to_string(), format!("huge={order}")] {
                 args.push("--init-arg".into());
                 args.push(a);
