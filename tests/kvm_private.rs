@@ -246,38 +246,16 @@ fn private_guest_through_kexec_gmem_first() {
 /// A bit flipped in the v3 blob or in its lists after they were written: the next image
 /// refuses the handover by checksum and rolls back; the guest's data is never used wrong.
 fn flipped(kind: &str) {
-    let dir = common::tempdir(kind);
-    let report = dir.join("report.jsonl");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_handover"))
-        .args([
-            "boot",
-            "--ram",
-            "1G",
-            "--init",
-            handover::vmm::rfc::PROGRAM,
-            "--report",
-        ])
-        .arg(&report)
-        .args(["--init-arg", "data=5M", "--init-arg", "private=1"])
-        .env("HANDOVER_CORRUPT", format!("flip:{kind}"))
-        .output()
-        .expect("run handover");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    assert!(
-        stderr.contains("flipped a bit"),
-        "{kind}: not flipped:\n{stderr}"
+    let flip = format!("flip:{kind}");
+    let r = common::boot_env(
+        kind,
+        "1G",
+        handover::vmm::rfc::PROGRAM,
+        &["data=5M", "private=1"],
+        &[],
+        &[("HANDOVER_CORRUPT", &flip)],
     );
-    let text = std::fs::read_to_string(&report).unwrap_or_default();
-    let failed: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["event"] == "rfc-failed")
-        .collect();
-    assert_eq!(failed.len(), 1, "{kind}: {text}\n{stderr}");
-    let why = failed[0]["error"].as_str().unwrap_or("");
-    assert!(why.contains("checksum"), "{kind}: {why}");
-    assert!(stderr.contains("rollback"), "{kind}: {stderr}");
+    common::assert_refused_by_checksum(&r, kind);
 }
 
 #[test]

@@ -44,6 +44,18 @@ pub fn tempdir(tag: &str) -> PathBuf {
 
 /// Run `handover boot --init NAME` with init args, collecting the JSON-lines report.
 pub fn boot(tag: &str, ram: &str, init: &str, init_args: &[&str], extra: &[&str]) -> Run {
+    boot_env(tag, ram, init, init_args, extra, &[])
+}
+
+/// [`boot`] with environment variables for the host image (`HANDOVER_FAIL`, `HANDOVER_CORRUPT`).
+pub fn boot_env(
+    tag: &str,
+    ram: &str,
+    init: &str,
+    init_args: &[&str],
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Run {
     let dir = tempdir(tag);
     let report = dir.join("report.jsonl");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_handover"));
@@ -53,6 +65,7 @@ pub fn boot(tag: &str, ram: &str, init: &str, init_args: &[&str], extra: &[&str]
         cmd.args(["--init-arg", a]);
     }
     cmd.args(extra);
+    cmd.envs(env.iter().copied());
     cmd.current_dir(&dir);
     let out = cmd.output().expect("run handover");
     let text = std::fs::read_to_string(&report).unwrap_or_default();
@@ -66,4 +79,21 @@ pub fn boot(tag: &str, ram: &str, init: &str, init_args: &[&str], extra: &[&str]
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         dir,
     }
+}
+
+/// A run whose handover had a bit flipped in one kind of blob (`HANDOVER_CORRUPT=flip:KIND`):
+/// the flip happened, nothing panicked, the next image refused the handover by checksum (or,
+/// for the tracker, by its walk's own checks) and rolled back.
+pub fn assert_refused_by_checksum(r: &Run, kind: &str) {
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("flipped a bit"),
+        "{kind}: not flipped:\n{}",
+        r.stderr
+    );
+    let f = r.one("rfc-failed");
+    let why = f["error"].as_str().unwrap_or("");
+    let walk = kind == "tracker" && (why.contains("tracker") || why.contains("preserved block"));
+    assert!(why.contains("checksum") || walk, "{kind}: {why}");
+    assert!(r.stderr.contains("rollback"), "{kind}: {}", r.stderr);
 }

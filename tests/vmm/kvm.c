@@ -348,25 +348,31 @@ void set_cpuid(int kvm, int vcpu)
 	fail("KVM_GET_SUPPORTED_CPUID: more than 1024 entries");
 }
 
+/* Map the vCPU's kvm_run (all KVM_GET_VCPU_MMAP_SIZE bytes). */
+void map_run(int kvm, struct vcpu *v)
+{
+	int size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+	void *p;
+
+	if (size < (int)sizeof(struct kvm_run))
+		die("KVM_GET_VCPU_MMAP_SIZE");
+	v->run_size = (size_t)size;
+	p = mmap(NULL, v->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
+	if (p == MAP_FAILED)
+		die("mmap kvm_run");
+	v->run = p;
+}
+
 struct vcpu create_vcpu(int kvm, int vm, unsigned long id)
 {
 	struct vcpu v;
 	struct kvm_sregs s;
 	struct kvm_regs r;
-	int size;
-	void *p;
 
 	v.fd = ioctl(vm, KVM_CREATE_VCPU, id);
 	if (v.fd < 0)
 		die("KVM_CREATE_VCPU");
-	size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
-	if (size < (int)sizeof(struct kvm_run))
-		die("KVM_GET_VCPU_MMAP_SIZE");
-	v.run_size = (size_t)size;
-	p = mmap(NULL, v.run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v.fd, 0);
-	if (p == MAP_FAILED)
-		die("mmap kvm_run");
-	v.run = p;
+	map_run(kvm, &v);
 	printf("rfc_vmm: vCPU %lu: kvm_run mapping %zu bytes\n", id, v.run_size);
 	set_cpuid(kvm, v.fd);
 	/* Start from the vCPU's own state (apic_base and the like), as initial_sregs does. */

@@ -190,20 +190,11 @@ static void choose_msrs(int vcpu, struct live_msrs *out)
 static struct vcpu restored_vcpu(int kvm, int vm, struct live_state *s)
 {
 	struct vcpu v;
-	int size;
-	void *p;
 
 	v.fd = ioctl(vm, KVM_CREATE_VCPU, 0UL);
 	if (v.fd < 0)
 		die("KVM_CREATE_VCPU");
-	size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
-	if (size < (int)sizeof(struct kvm_run))
-		die("KVM_GET_VCPU_MMAP_SIZE");
-	v.run_size = (size_t)size;
-	p = mmap(NULL, v.run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v.fd, 0);
-	if (p == MAP_FAILED)
-		die("mmap kvm_run");
-	v.run = p;
+	map_run(kvm, &v);
 	if (s->cpuid.hdr.nent > MAX_CPUID)
 		fail("live stage 2: %u CPUID entries saved, at most %d", s->cpuid.hdr.nent, MAX_CPUID);
 	xioctl(v.fd, KVM_SET_CPUID2, &s->cpuid, "KVM_SET_CPUID2");

@@ -232,6 +232,7 @@ void free_low(struct low_mem *l);
 void load_image(const char *path, unsigned char *low, uint64_t want_mode);
 void print_vcpu_state(void);
 void set_cpuid(int kvm, int vcpu);
+void map_run(int kvm, struct vcpu *v);
 struct vcpu create_vcpu(int kvm, int vm, unsigned long id);
 void destroy_vcpu(struct vcpu *v);
 void dump_regs(int vcpu);
