@@ -129,6 +129,11 @@ int main(void)
 	r = convert(g, 4096, 4096, 1, &off);
 	check(r == -EAGAIN && off == 4096,
 	      "a page this program maps cannot become private: EAGAIN, error_offset at it");
+	errno = 0;
+	check(fallocate(g, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 4096, 4096) < 0 &&
+		      errno == EBUSY,
+	      "nor can it be punched while mapped: EBUSY (its frame would stay mapped here)");
+	check(memcmp(p + 4096, "hello", 5) == 0, "and its bytes are still there");
 	munmap(p, SIZE);
 	check(convert(g, 0, 8192, 1, NULL) == 0, "unmapped, the pages become private");
 	p = mmap(NULL, SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, g, 0);

@@ -259,6 +259,12 @@ impl Host {
             if a >= b {
                 return Ok(());
             }
+            // A program under `handover run` that maps the pages keeps them mapped in its own
+            // address space, which the host cannot reach: freeing them would hand it frames
+            // that go to other files. As for memfds, the punch is EBUSY then.
+            if self.remote_mapped_page(file, a, b).is_some() {
+                return Err(Errno::EBUSY);
+            }
             // Unmap, then free (as truncate_pagecache_range): once the pages are out of every
             // window, no guest or user access can reach a frame that is back on the free list.
             // The host lock is held throughout, so the fault service cannot map them again.
