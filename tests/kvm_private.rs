@@ -227,22 +227,6 @@ fn private_through_kexec(order: &str, shared: &str) {
     }
 }
 
-#[test]
-fn private_guest_through_kexec_vm_first() {
-    if !kvm_available("private_guest_through_kexec_vm_first") {
-        return;
-    }
-    private_through_kexec("vm-first", "1M");
-}
-
-#[test]
-fn private_guest_through_kexec_gmem_first() {
-    if !kvm_available("private_guest_through_kexec_gmem_first") {
-        return;
-    }
-    private_through_kexec("gmem-first", "12K");
-}
-
 /// A bit flipped in the v3 blob or in its lists after they were written: the next image
 /// refuses the handover by checksum and rolls back; the guest's data is never used wrong.
 fn flipped(kind: &str) {
@@ -256,22 +240,6 @@ fn flipped(kind: &str) {
         &[("HANDOVER_CORRUPT", &flip)],
     );
     common::assert_refused_by_checksum(&r, kind);
-}
-
-#[test]
-fn flip_guest_memfd_v3_blob() {
-    if !kvm_available("flip_guest_memfd_v3_blob") {
-        return;
-    }
-    flipped("gmem-v3");
-}
-
-#[test]
-fn flip_guest_memfd_v3_lists() {
-    if !kvm_available("flip_guest_memfd_v3_lists") {
-        return;
-    }
-    flipped("gmem-v3-lists");
 }
 
 // ---- HugeTLB guest_memfd: folios from the host's huge-page pool ----
@@ -440,18 +408,24 @@ fn huge_through_kexec(order: &str) {
     }
 }
 
-#[test]
-fn huge_private_guest_through_kexec_vm_first() {
-    if !kvm_available("huge_private_guest_through_kexec_vm_first") {
-        return;
-    }
-    huge_through_kexec("vm-first");
+/// The scenarios through a real kexec, each skipped loudly without /dev/kvm.
+macro_rules! kvm_scenarios {
+    ($($name:ident: $call:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            if !kvm_available(stringify!($name)) {
+                return;
+            }
+            $call;
+        }
+    )*};
 }
 
-#[test]
-fn huge_private_guest_through_kexec_gmem_first() {
-    if !kvm_available("huge_private_guest_through_kexec_gmem_first") {
-        return;
-    }
-    huge_through_kexec("gmem-first");
+kvm_scenarios! {
+    private_guest_through_kexec_vm_first: private_through_kexec("vm-first", "1M");
+    private_guest_through_kexec_gmem_first: private_through_kexec("gmem-first", "12K");
+    flip_guest_memfd_v3_blob: flipped("gmem-v3");
+    flip_guest_memfd_v3_lists: flipped("gmem-v3-lists");
+    huge_private_guest_through_kexec_vm_first: huge_through_kexec("vm-first");
+    huge_private_guest_through_kexec_gmem_first: huge_through_kexec("gmem-first");
 }

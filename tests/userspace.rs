@@ -8,13 +8,19 @@
 //! binaries and reports go to a directory of their own (kept when a test fails).
 
 use std::fs::File;
-use std::io::ErrorKind;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod common;
+use common::cc;
+
+fn test_dir(test: &str) -> PathBuf {
+    common::test_dir("userspace", test)
+}
 
 /// The longest a `handover run` may take before it counts as hung.
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -23,38 +29,21 @@ fn sources() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/userspace")
 }
 
-/// A fresh directory for one test: the temp dir, this process's id and the test name.
-fn test_dir(test: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("handover-userspace-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create the test directory");
-    dir
-}
-
-/// `cc ARGS`; panics loudly if there is no `cc`.
-fn cc(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    match Command::new("cc").args(args).output() {
-        Ok(out) => out,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            panic!("cc not found: the userspace tests compile C programs with cc (install gcc)")
-        }
-        Err(e) => panic!("cannot run cc: {e}"),
-    }
-}
-
 /// Compile `tests/userspace/<name>.c` into `dir/<name>` with `cc -O1 -Wall -Werror`.
 fn compile(dir: &Path, name: &str) -> PathBuf {
     let out = dir.join(name);
     let src = sources().join(format!("{name}.c"));
-    let r = cc(&[
-        "-O1".as_ref(),
-        "-Wall".as_ref(),
-        "-Werror".as_ref(),
-        "-o".as_ref(),
-        out.as_os_str(),
-        src.as_os_str(),
-    ]);
+    let r = cc(
+        &[
+            "-O1".as_ref(),
+            "-Wall".as_ref(),
+            "-Werror".as_ref(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            src.as_os_str(),
+        ],
+        "the userspace tests",
+    );
     assert!(
         r.status.success(),
         "cc {name}.c failed:\n{}",
@@ -341,12 +330,15 @@ fn statically_linked_program_is_refused() {
     let src = dir.join("static.c");
     std::fs::write(&src, "int main(void) { return 0; }\n").expect("write static.c");
     let bin = dir.join("static_prog");
-    let r = cc(&[
-        "-static".as_ref(),
-        "-o".as_ref(),
-        bin.as_os_str(),
-        src.as_os_str(),
-    ]);
+    let r = cc(
+        &[
+            "-static".as_ref(),
+            "-o".as_ref(),
+            bin.as_os_str(),
+            src.as_os_str(),
+        ],
+        "the userspace tests",
+    );
     if !r.status.success() {
         eprintln!(
             "SKIP: cc -static failed (no static libc?); the refusal of static programs was not tested:\n{}",

@@ -90,8 +90,9 @@ pub struct Report {
     pub targets: Vec<Target>,
 }
 
-/// Build the C VMM from the source tree into `dir`.
-fn build_vmm(dir: &Path) -> Result<PathBuf, String> {
+/// Build the C VMM (`tests/vmm/*.c` of the source tree) into `dir/rfc_vmm` with `cc FLAGS`
+/// (the benchmark: `-O2 -Wall`; the tests add `-Werror`).
+pub fn build_vmm(dir: &Path, flags: &[&str]) -> Result<PathBuf, String> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vmm");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&src)
         .map_err(|e| format!("{}: {e} (give --vmm-program)", src.display()))?
@@ -102,7 +103,8 @@ fn build_vmm(dir: &Path) -> Result<PathBuf, String> {
     files.sort();
     let out = dir.join("rfc_vmm");
     let r = Command::new("cc")
-        .args(["-O2", "-Wall", "-o"])
+        .args(flags)
+        .arg("-o")
         .arg(&out)
         .args(&files)
         .output()
@@ -251,7 +253,7 @@ pub fn run(o: &Options) -> Result<Report, String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let vmm = match &o.vmm {
         Some(p) => p.clone(),
-        None => build_vmm(&dir)?,
+        None => build_vmm(&dir, &["-O2", "-Wall"])?,
     };
     let (w, v) = images(&dir)?;
     let plan = Plan {

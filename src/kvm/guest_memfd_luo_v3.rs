@@ -145,6 +145,15 @@ pub fn decode(
     Ok((out, attrs))
 }
 
+/// The folios of order `order` that make up `n` pages from `pfn` (aligned, checked by
+/// `decode` and by construction at preserve).
+fn folios(pfn: u64, n: u64, order: u32) -> impl Iterator<Item = Folio> {
+    (0..n).step_by(1usize << order).map(move |k| Folio {
+        pfn: pfn + k,
+        order,
+    })
+}
+
 fn preserve_run<C: GuestMemfdLuoCtx + ?Sized>(
     host: &mut C,
     pfn: u64,
@@ -155,30 +164,13 @@ fn preserve_run<C: GuestMemfdLuoCtx + ?Sized>(
     if order == 0 {
         return kho.preserve_pages(mm, pfn, n).map_err(Into::into);
     }
-    let step = 1u64 << order;
-    let mut done = 0;
-    while done < n {
-        if let Err(e) = kho.preserve_folio(
-            mm,
-            Folio {
-                pfn: pfn + done,
-                order,
-            },
-        ) {
-            let mut k = 0;
-            while k < done {
-                let _ = kho.unpreserve_folio(
-                    mm,
-                    Folio {
-                        pfn: pfn + k,
-                        order,
-                    },
-                );
-                k += step;
+    for (i, f) in folios(pfn, n, order).enumerate() {
+        if let Err(e) = kho.preserve_folio(mm, f) {
+            for g in folios(pfn, n, order).take(i) {
+                let _ = kho.unpreserve_folio(mm, g);
             }
             return Err(e.into());
         }
-        done += step;
     }
     Ok(())
 }
@@ -189,16 +181,8 @@ fn unpreserve_runs<C: GuestMemfdLuoCtx + ?Sized>(host: &mut C, runs: &[(u64, u64
         if order == 0 {
             let _ = kho.unpreserve_pages(mm, pfn, n);
         } else {
-            let mut k = 0;
-            while k < n {
-                let _ = kho.unpreserve_folio(
-                    mm,
-                    Folio {
-                        pfn: pfn + k,
-                        order,
-                    },
-                );
-                k += 1 << order;
+            for f in folios(pfn, n, order) {
+                let _ = kho.unpreserve_folio(mm, f);
             }
         }
     }
@@ -218,15 +202,11 @@ fn restore_run<C: GuestMemfdLuoCtx + ?Sized>(
             .restore_pages(pfn * PAGE_SIZE, n)
             .map_err(|_| Errno::EIO);
     }
-    let mut k = 0;
-    while k < n {
-        let f = kho
-            .restore_folio((pfn + k) * PAGE_SIZE)
-            .map_err(|_| Errno::EIO)?;
-        if f.order != order {
+    for f in folios(pfn, n, order) {
+        let got = kho.restore_folio(f.pa()).map_err(|_| Errno::EIO)?;
+        if got.order != order {
             return Err(Errno::EINVAL);
         }
-        k += 1 << order;
     }
     Ok(())
 }
@@ -435,16 +415,12 @@ impl<C: GuestMemfdLuoCtx + ?Sized> FileHandler<C> for GuestMemfdV3Handler {
                             .is_some_and(|g| g.pages.insert_run(idx, pfn, n)) =>
                     {
                         // The file's folios belong to this image's pool from now on.
-                        let mut k = 0;
-                        while file_order > 0 && k < n {
-                            let f = Folio {
-                                pfn: pfn + k,
-                                order: file_order,
-                            };
-                            if let Err(e) = host.adopt_huge_folio(f) {
-                                bad.get_or_insert(e);
+                        if file_order > 0 {
+                            for f in folios(pfn, n, file_order) {
+                                if let Err(e) = host.adopt_huge_folio(f) {
+                                    bad.get_or_insert(e);
+                                }
                             }
-                            k += 1 << file_order;
                         }
                     }
                     Ok(()) => {

@@ -1,6 +1,7 @@
 //! Helpers for scenario tests that run real host images (`handover boot`) through kexecs.
 #![allow(dead_code)]
 
+use std::io::ErrorKind;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -40,6 +41,26 @@ pub fn tempdir(tag: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&d).expect("temp dir");
     d
+}
+
+/// A fresh directory for one test, named after its file's `group` and the test (kept when the
+/// test fails; the test removes it when it passes).
+pub fn test_dir(group: &str, test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("handover-{group}-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create the test directory");
+    dir
+}
+
+/// `cc ARGS`; panics loudly if there is no `cc` (`what` says which tests need it).
+pub fn cc(args: &[&std::ffi::OsStr], what: &str) -> std::process::Output {
+    match Command::new("cc").args(args).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            panic!("cc not found: {what} compile C programs with cc (install gcc)")
+        }
+        Err(e) => panic!("cannot run cc: {e}"),
+    }
 }
 
 /// Run `handover boot --init NAME` with init args, collecting the JSON-lines report.

@@ -4,13 +4,16 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::io::{ErrorKind, Write};
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+#[path = "../common/mod.rs"]
+mod common;
 
 /// The longest one run may take before it counts as hung.
 pub const DEADLINE: Duration = Duration::from_secs(120);
@@ -22,50 +25,16 @@ pub fn sources() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vmm")
 }
 
-/// A fresh directory for one test: the temp dir, this process's id and the test name.
+/// A fresh directory for one test (see `common::test_dir`).
 pub fn test_dir(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("handover-vmm-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create the test directory");
-    dir
-}
-
-/// `cc ARGS`; panics loudly if there is no `cc`.
-fn cc(args: &[&std::ffi::OsStr]) -> std::process::Output {
-    match Command::new("cc").args(args).output() {
-        Ok(out) => out,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            panic!("cc not found: the external VMM tests compile a C program with cc (install gcc)")
-        }
-        Err(e) => panic!("cannot run cc: {e}"),
-    }
+    common::test_dir("vmm", test)
 }
 
 /// Compile the C VMM (`tests/vmm/*.c`, main in `rfc_vmm.c`) into `dir/rfc_vmm` with
-/// `cc -O1 -Wall -Werror`.
+/// `cc -O1 -Wall -Werror` (the benchmark's own build, `bench::external::build_vmm`).
 pub fn compile(dir: &Path) -> PathBuf {
-    let out = dir.join("rfc_vmm");
-    let mut srcs: Vec<PathBuf> = std::fs::read_dir(sources())
-        .expect("read tests/vmm")
-        .map(|e| e.expect("read tests/vmm").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "c"))
-        .collect();
-    srcs.sort();
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "-O1".as_ref(),
-        "-Wall".as_ref(),
-        "-Werror".as_ref(),
-        "-o".as_ref(),
-        out.as_os_str(),
-    ];
-    args.extend(srcs.iter().map(|p| p.as_os_str()));
-    let r = cc(&args);
-    assert!(
-        r.status.success(),
-        "cc tests/vmm/*.c failed:\n{}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    out
+    handover::bench::external::build_vmm(dir, &["-O1", "-Wall", "-Werror"])
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `handover ARGS`, which must succeed; its stdout.
