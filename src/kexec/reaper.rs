@@ -6,36 +6,58 @@ use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use rustix::process::{waitid, WaitId, WaitIdOptions};
 
 /// A real kexec abandons the old kernel's objects; our `execve` would instead tear them down
-/// (VMs with their memslot metadata above all) synchronously, inside the guests' blackout. A
-/// forked reaper keeps them referenced until the new image, once its guests run again, releases
-/// it (`Host::release_previous_image`); it gives up by itself after 10 s. If the fork fails, the
-/// teardown simply happens in the exec.
+/// (VMs with their memslot metadata above all, and the old address space with its page tables)
+/// synchronously, inside the guests' blackout. A reaper child keeps them referenced until the
+/// new image, once its guests run again, releases it (`Host::release_previous_image`); it gives
+/// up by itself after 10 s. If the clone fails, the teardown simply happens in the exec.
 ///
-/// The reaper is known by a pidfd, opened right after the fork while the child cannot have been
-/// reaped yet (nothing in this process reaps children it does not know), and passed across the
-/// exec like the RAM fd: every signal and wait goes to that very process, never to another one
-/// that reuses its pid.
+/// The reaper is a `clone(CLONE_VM)` child, not a fork: it shares this image's address space,
+/// so creating it copies no page tables (a fork's `copy_page_range` also made KVM zap every gfn
+/// of the VMs' memslots through the MMU notifier: a cost proportional to guest memory, inside
+/// the blackout), and the exec then merely lets go of the old address space instead of tearing
+/// it down; the reaper's exit does that later. It has its own copy of the fd table, which keeps
+/// the old VMs and files open. It runs only `reaper_main` on a stack of its own, with every
+/// signal blocked, making raw system calls only (no libc state, no errno, no Rust state).
+///
+/// The reaper is known by a pidfd, opened right after the clone while the child cannot have
+/// been reaped yet (nothing in this process reaps children it does not know), and passed across
+/// the exec like the RAM fd: every signal and wait goes to that very process, never to another
+/// one that reuses its pid.
 pub(crate) fn spawn_reaper() -> Option<Reaper> {
-    // SAFETY: fork in a possibly multi-threaded process: the child calls only async-signal-safe
-    // functions (close, nanosleep, _exit) and touches no Rust state.
-    let pid = unsafe {
-        let pid = libc::fork();
-        if pid == 0 {
-            // Let go of stdio at once: whoever waits for the host image's output must not wait
-            // for the reaper.
-            for fd in 0..3 {
-                libc::close(fd);
-            }
-            let ts = libc::timespec {
-                tv_sec: 10,
-                tv_nsec: 0,
-            };
-            libc::nanosleep(&ts, std::ptr::null_mut());
-            libc::_exit(0);
+    let stack = ReaperStack::new()?;
+    let pid = {
+        // Every signal blocked in the child from its first instruction (it inherits the mask):
+        // a handler of this image run on the reaper would share our memory.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: plain libc calls on local sigsets; the thread's mask is restored below.
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         }
+        // SAFETY: the child runs `reaper_main` on `stack` (ours, mapped until the reaper is
+        // gone: see `ReaperStack`), which makes only raw system calls and touches no memory
+        // but its own stack frame. SIGCHLD as the exit signal makes it an ordinary child that
+        // pidfd and waitid see.
+        let pid = unsafe {
+            libc::clone(
+                reaper_main,
+                stack.top(),
+                libc::CLONE_VM | libc::SIGCHLD,
+                std::ptr::null_mut(),
+            )
+        };
+        // SAFETY: restores the mask saved above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
         pid
     };
-    let pid = rustix::process::Pid::from_raw(pid)?;
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        tracing::warn!(
+            "cannot clone the reaper ({}): teardown happens in the exec",
+            std::io::Error::last_os_error()
+        );
+        return None;
+    };
     let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
         // Above stdio, so the next image can refuse 0..=2 outright.
         .and_then(|fd| rustix::io::fcntl_dupfd_cloexec(&fd, 3));
@@ -43,17 +65,113 @@ pub(crate) fn spawn_reaper() -> Option<Reaper> {
         Ok(pidfd) => Some(Reaper {
             pidfd,
             killed: false,
+            stack: Some(stack),
         }),
         Err(e) => {
             tracing::warn!("no pidfd for the reaper ({e}): teardown happens in the exec");
             // SAFETY: `pid` is our own child, not waited for yet, so the pid cannot have been
-            // reused: signal and reap it.
+            // reused: signal and reap it. Its stack is unmapped after that, when `stack` drops.
             unsafe {
                 libc::kill(pid.as_raw_nonzero().get(), libc::SIGKILL);
-                libc::waitpid(pid.as_raw_nonzero().get(), std::ptr::null_mut(), 0);
+                libc::waitpid(
+                    pid.as_raw_nonzero().get(),
+                    std::ptr::null_mut(),
+                    libc::__WALL,
+                );
             }
             None
         }
+    }
+}
+
+/// The reaper's body: let go of stdio (whoever waits for the host image's output must not wait
+/// for the reaper), sleep 10 s, exit (glibc's clone exits with the return value by a raw
+/// `exit`). Raw system calls only: this runs in our address space with our thread pointer, so
+/// libc's errno would be the spawning thread's.
+extern "C" fn reaper_main(_: *mut libc::c_void) -> libc::c_int {
+    for fd in 0..3 {
+        // SAFETY: closes the child's own copy of stdio; no memory is involved.
+        unsafe { raw_syscall3(libc::SYS_close, fd, 0, 0) };
+    }
+    let ts = libc::timespec {
+        tv_sec: 10,
+        tv_nsec: 0,
+    };
+    // SAFETY: nanosleep reads `ts` on this stack frame; no output pointer.
+    unsafe { raw_syscall3(libc::SYS_nanosleep, &ts as *const _ as i64, 0, 0) };
+    0
+}
+
+/// A system call with up to three arguments, by the `syscall` instruction: no libc, no errno.
+///
+/// # Safety
+/// The arguments must be valid for `nr` (pointers to memory the call may access).
+#[cfg(target_arch = "x86_64")]
+unsafe fn raw_syscall3(nr: i64, a: i64, b: i64, c: i64) -> i64 {
+    let ret: i64;
+    // SAFETY: the x86-64 Linux system call convention; rcx and r11 are clobbered by `syscall`.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") nr => ret,
+            in("rdi") a,
+            in("rsi") b,
+            in("rdx") c,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret
+}
+
+/// The reaper's stack: an anonymous mapping in the shared address space. After a successful
+/// exec it lives on in the old address space, which the reaper owns; in this image it is
+/// unmapped only once the reaper has been reaped.
+#[derive(Debug)]
+struct ReaperStack {
+    base: *mut libc::c_void,
+}
+
+// SAFETY: the mapping is only a raw address range; nothing in this image reads or writes it.
+unsafe impl Send for ReaperStack {}
+// SAFETY: see Send.
+unsafe impl Sync for ReaperStack {}
+
+/// Bytes of the reaper's stack.
+const REAPER_STACK: usize = 64 << 10;
+
+impl ReaperStack {
+    fn new() -> Option<ReaperStack> {
+        // SAFETY: a new private anonymous mapping at a kernel-chosen address.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                REAPER_STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            tracing::warn!("no stack for the reaper: teardown happens in the exec");
+            return None;
+        }
+        Some(ReaperStack { base })
+    }
+
+    /// The initial stack pointer (the stack grows down), 16-byte aligned.
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of our own mapping.
+        unsafe { self.base.cast::<u8>().add(REAPER_STACK).cast() }
+    }
+}
+
+impl Drop for ReaperStack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; dropped only after the reaper that ran on it was reaped.
+        unsafe { libc::munmap(self.base, REAPER_STACK) };
     }
 }
 
@@ -62,6 +180,10 @@ pub(crate) fn spawn_reaper() -> Option<Reaper> {
 pub struct Reaper {
     pidfd: OwnedFd,
     killed: bool,
+    /// The stack it runs on, when this image cloned it (not when adopted after an exec); held
+    /// only to be unmapped after the reaper is reaped (fields drop after `Drop::drop`).
+    #[allow(dead_code)]
+    stack: Option<ReaperStack>,
 }
 
 impl Reaper {
@@ -98,6 +220,7 @@ impl Reaper {
         Ok(Reaper {
             pidfd,
             killed: false,
+            stack: None,
         })
     }
 
