@@ -50,6 +50,46 @@ impl Kind {
     }
 }
 
+/// How a point's guest memory is filled before the update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Fill {
+    /// Every page holds data: the host writes the guest's pattern into the whole guest_memfd
+    /// (`populate=write`), the guest writes it again and verifies all of it after the update.
+    Written,
+    /// Every page allocated (fallocate) but never written; the guest writes and verifies
+    /// `Plan::data` (the sweep before issue 14; still used by the HugeTLB points, whose private
+    /// pages the host cannot write).
+    #[default]
+    Allocated,
+    /// A guest_memfd of the full size, bound whole, holding only the `Plan::data` the guest
+    /// writes: the rest is never allocated.
+    Sparse,
+}
+
+impl Fill {
+    /// Short name used in tables and CSV.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fill::Written => "written",
+            Fill::Allocated => "allocated",
+            Fill::Sparse => "sparse",
+        }
+    }
+}
+
+/// One point of a plan: what, at which size, seen how far by the guest, filled how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spec {
+    /// What is measured.
+    pub kind: Kind,
+    /// Size of the guest_memfd, bytes.
+    pub size: u64,
+    /// Bytes of it bound as the guest's memory.
+    pub slot: u64,
+    /// How it is filled.
+    pub fill: Fill,
+}
+
 /// The result of one run (one host image) of a point.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
@@ -63,6 +103,12 @@ pub struct Run {
     pub handover_bytes: f64,
     /// Retrieval of the VM and guest_memfd in the new image (phase `retrieve`), µs.
     pub retrieve_us: f64,
+    /// The guest's read pass over all its data before the update (KVM's mappings warm), µs.
+    #[serde(default)]
+    pub touch_before_us: f64,
+    /// The same pass right after the resume (a new VM: every page faults in again), µs.
+    #[serde(default)]
+    pub touch_after_us: f64,
     /// Every host-side phase the scenario reported, as a JSON object of µs.
     pub phases_us: Value,
     /// Why the run failed (`ok` false).
@@ -74,10 +120,13 @@ pub struct Run {
 pub struct Point {
     /// What was measured.
     pub kind: Kind,
-    /// Size of the guest_memfd, bytes (fully populated).
+    /// Size of the guest_memfd, bytes.
     pub guest_bytes: u64,
     /// Guest sees only the first `slot_bytes` (metadata-only points).
     pub slot_bytes: u64,
+    /// How the guest's memory was filled.
+    #[serde(default)]
+    pub fill: Fill,
     /// Every run, failed ones included.
     pub runs: Vec<Run>,
     /// Spread of [`Run::blackout_us`] over the successful runs.
@@ -88,6 +137,12 @@ pub struct Point {
     pub retrieve_us: Spread,
     /// Spread of [`Run::handover_bytes`] over the successful runs.
     pub handover_bytes: Spread,
+    /// Spread of [`Run::touch_before_us`].
+    #[serde(default)]
+    pub touch_before_us: Spread,
+    /// Spread of [`Run::touch_after_us`] (the brownout).
+    #[serde(default)]
+    pub touch_after_us: Spread,
     /// Each host-side phase inside the blackout, median over runs.
     pub phases_median_us: Value,
 }
@@ -95,19 +150,25 @@ pub struct Point {
 /// What a sweep measures (see [`Plan::points`]).
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Guest sizes in bytes, the guest's memslot covering all of it.
+    /// Guest sizes in bytes, every page written, the guest's memslots covering all of it.
     pub sizes: Vec<u64>,
-    /// Guest sizes in bytes whose memslot covers only the first 16 GiB (live-v2 only).
+    /// Guest sizes in bytes of sparse guest_memfds bound whole (only `data` is written).
+    pub sparse: Vec<u64>,
+    /// Guest sizes in bytes, fully allocated, whose memslots cover only the first 16 GiB
+    /// (live-v2 only; none by default).
     pub metadata_only: Vec<u64>,
-    /// Runs per point.
+    /// Runs per live-update point.
     pub runs: usize,
-    /// Largest guest size (bytes) measured with the snapshot baseline.
+    /// Runs per snapshot-baseline point (each takes seconds to minutes).
+    pub baseline_runs: usize,
+    /// Largest guest size (bytes) measured with the eager snapshot baseline.
     pub baseline_max: u64,
     /// Largest guest size (bytes) measured with the RFC's v1 format.
     pub v1_max: u64,
     /// Directory for the baseline's snapshot files.
     pub snapshot_dir: String,
-    /// Bytes the guest writes before and verifies after the update.
+    /// Bytes the guest writes before and verifies after the update at sparse, allocated and
+    /// HugeTLB points.
     pub data: u64,
     /// Guest sizes also measured with 2 MiB and 1 GiB HugeTLB folios (`--huge-sizes`).
     pub huge_sizes: Vec<u64>,
@@ -116,16 +177,19 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The published sweep: 16 MiB to 16 GiB, metadata-only up to 1 TiB, 5 runs per point.
+    /// The published sweep: 16 MiB to 16 GiB written, sparse 64 GiB to 1 TiB, 20 runs per
+    /// live point, 5 per baseline point.
     pub fn full() -> Plan {
         Plan {
             sizes: vec![16 << 20, 256 << 20, 1 << 30, 4 << 30, 16 << 30],
-            metadata_only: vec![64 << 30, 256 << 30, 1 << 40],
-            runs: 5,
-            baseline_max: 16 << 30,
-            v1_max: 16 << 30,
+            sparse: vec![64 << 30, 256 << 30, 1 << 40],
+            metadata_only: vec![],
+            runs: 20,
+            baseline_runs: 5,
+            baseline_max: 4 << 30,
+            v1_max: 1 << 30,
             snapshot_dir: "/var/tmp".into(),
-            data: 1 << 20,
+            data: 5 << 20,
             huge_sizes: vec![],
             huge_metadata_only: vec![],
         }
@@ -135,8 +199,10 @@ impl Plan {
     pub fn quick() -> Plan {
         Plan {
             sizes: vec![16 << 20, 64 << 20],
+            sparse: vec![],
             metadata_only: vec![],
             runs: 2,
+            baseline_runs: 2,
             baseline_max: 64 << 20,
             v1_max: 16 << 20,
             snapshot_dir: "/var/tmp".into(),
@@ -146,37 +212,54 @@ impl Plan {
         }
     }
 
-    /// Every (kind, size, slot) point, in the order they run.
-    pub fn points(&self) -> Vec<(Kind, u64, u64)> {
+    /// Runs of a point of this kind.
+    pub fn runs_of(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Snapshot => self.baseline_runs,
+            _ => self.runs,
+        }
+    }
+
+    /// Every point, in the order they run.
+    pub fn points(&self) -> Vec<Spec> {
         // Live updates first: the baseline writes whole guests to disk, and the writeback that
         // follows would disturb millisecond measurements.
         let slot_cap = 16u64 << 30;
+        let spec = |kind, size, slot, fill| Spec {
+            kind,
+            size,
+            slot,
+            fill,
+        };
         let mut v = Vec::new();
         for &s in &self.sizes {
-            v.push((Kind::LiveV2, s, s));
+            v.push(spec(Kind::LiveV2, s, s, Fill::Written));
             if s <= self.v1_max {
-                v.push((Kind::LiveV1, s, s));
+                v.push(spec(Kind::LiveV1, s, s, Fill::Written));
             }
         }
+        for &s in &self.sparse {
+            v.push(spec(Kind::LiveV2, s, s, Fill::Sparse));
+        }
         for &s in &self.metadata_only {
-            v.push((Kind::LiveV2, s, s.min(slot_cap)));
+            v.push(spec(Kind::LiveV2, s, s.min(slot_cap), Fill::Allocated));
         }
         for &s in &self.huge_sizes {
             if s % (2 << 20) == 0 {
-                v.push((Kind::LiveHuge2M, s, s));
+                v.push(spec(Kind::LiveHuge2M, s, s, Fill::Allocated));
             }
             if s % (1 << 30) == 0 {
-                v.push((Kind::LiveHuge1G, s, s));
+                v.push(spec(Kind::LiveHuge1G, s, s, Fill::Allocated));
             }
         }
         for &s in &self.huge_metadata_only {
             if s % (1 << 30) == 0 {
-                v.push((Kind::LiveHuge1G, s, s.min(slot_cap)));
+                v.push(spec(Kind::LiveHuge1G, s, s.min(slot_cap), Fill::Allocated));
             }
         }
         for &s in &self.sizes {
             if s <= self.baseline_max {
-                v.push((Kind::Snapshot, s, s));
+                v.push(spec(Kind::Snapshot, s, s, Fill::Written));
             }
         }
         v
@@ -188,7 +271,13 @@ fn f(v: &Value) -> f64 {
 }
 
 /// One run of one point, in a fresh host image.
-pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
+pub fn run_one(p: Spec, plan: &Plan) -> Run {
+    let Spec {
+        kind,
+        size,
+        slot,
+        fill,
+    } = p;
     let mut ram = size + (size / 16).max(256 << 20) + (512 << 20);
     if kind == Kind::LiveHuge1G {
         // Room for 1 GiB-aligned folios above the scratch zone and low memory.
@@ -200,12 +289,20 @@ pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
         "--init".into(),
         crate::vmm::rfc::PROGRAM.into(),
     ];
-    for a in [
+    let (populate, data) = match fill {
+        Fill::Written => (Some("write"), slot),
+        Fill::Allocated => (Some("1"), plan.data.min(slot)),
+        Fill::Sparse => (None, plan.data.min(slot)),
+    };
+    let mut init = vec![
         format!("guest-mem={size}"),
-        format!("data={}", plan.data.min(slot)),
-        "populate=1".into(),
+        format!("data={data}"),
         format!("slot-max={slot}"),
-    ] {
+    ];
+    if let Some(v) = populate {
+        init.push(format!("populate={v}"));
+    }
+    for a in init {
         args.push("--init-arg".into());
         args.push(a);
     }
@@ -236,6 +333,8 @@ pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
         preserve_us: 0.0,
         handover_bytes: 0.0,
         retrieve_us: 0.0,
+        touch_before_us: 0.0,
+        touch_after_us: 0.0,
         phases_us: Value::Null,
         error: Some(e),
     };
@@ -261,13 +360,15 @@ pub fn run_one(kind: Kind, size: u64, slot: u64, plan: &Plan) -> Run {
         preserve_us: f(&p["preserve_while_running"]),
         handover_bytes: f(&end["handover_bytes"]),
         retrieve_us: f(&p["retrieve"]),
+        touch_before_us: f(&end["brownout"]["touch_before_us"]),
+        touch_after_us: f(&end["brownout"]["touch_after_us"]),
         phases_us: p.clone(),
         error: None,
     }
 }
 
 /// A point from its runs: the spreads are taken over the successful runs only.
-pub fn summarize(kind: Kind, guest_bytes: u64, slot_bytes: u64, runs: Vec<Run>) -> Point {
+pub fn summarize(spec: Spec, runs: Vec<Run>) -> Point {
     let ok: Vec<&Run> = runs.iter().filter(|r| r.ok).collect();
     let sp = |g: fn(&Run) -> f64| Spread::of(&ok.iter().map(|r| g(r)).collect::<Vec<_>>());
     let mut phases = serde_json::Map::new();
@@ -278,9 +379,12 @@ pub fn summarize(kind: Kind, guest_bytes: u64, slot_bytes: u64, runs: Vec<Run>) 
         }
     }
     Point {
-        kind,
-        guest_bytes,
-        slot_bytes,
+        kind: spec.kind,
+        guest_bytes: spec.size,
+        slot_bytes: spec.slot,
+        fill: spec.fill,
+        touch_before_us: sp(|r| r.touch_before_us),
+        touch_after_us: sp(|r| r.touch_after_us),
         blackout_us: sp(|r| r.blackout_us),
         preserve_us: sp(|r| r.preserve_us),
         retrieve_us: sp(|r| r.retrieve_us),

@@ -18,7 +18,7 @@ use std::process::Command;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::blackout::{run_one, Kind, Plan};
+use super::blackout::{run_one, Fill, Kind, Plan, Spec};
 use super::syscall::{percentile, Target};
 
 /// The blackout target: external within this factor of in-process (p50).
@@ -263,7 +263,13 @@ pub fn run(o: &Options) -> Result<Report, String> {
     let (mut inproc, mut ext, mut inproc_ph, mut ext_ph, mut failures) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..o.runs {
-        let r = run_one(Kind::LiveV2, 16 << 20, 16 << 20, &plan);
+        let spec = Spec {
+            kind: Kind::LiveV2,
+            size: 16 << 20,
+            slot: 16 << 20,
+            fill: Fill::Allocated,
+        };
+        let r = run_one(spec, &plan);
         match r.error {
             None => {
                 inproc.push(r.blackout_us);

@@ -7,15 +7,22 @@ pub mod kho;
 pub mod snapshot;
 pub mod syscall;
 
-/// Median, min and max of a sample.
+/// Median (p50), p99, min and max of a sample.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Spread {
-    /// The middle value (the upper of the two middle ones for an even count).
+    /// The middle value, p50 (the upper of the two middle ones for an even count).
     pub median: f64,
+    /// The 99th percentile by nearest rank: the smallest value with at least 99% of the sample
+    /// at or below it (the maximum for fewer than 100 values, the second largest from 100 on).
+    #[serde(default)]
+    pub p99: f64,
     /// The smallest value.
     pub min: f64,
     /// The largest value.
     pub max: f64,
+    /// How many values.
+    #[serde(default)]
+    pub n: usize,
 }
 
 impl Spread {
@@ -26,10 +33,32 @@ impl Spread {
         }
         let mut s = v.to_vec();
         s.sort_by(|a, b| a.total_cmp(b));
+        let rank = (s.len() * 99).div_ceil(100).max(1);
         Spread {
             median: s[s.len() / 2],
+            p99: s[rank - 1],
             min: s[0],
             max: s[s.len() - 1],
+            n: s.len(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Spread;
+
+    #[test]
+    fn spread_percentiles_by_nearest_rank() {
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        let s = Spread::of(&v);
+        assert_eq!(
+            (s.median, s.p99, s.min, s.max, s.n),
+            (11.0, 20.0, 1.0, 20.0, 20)
+        );
+        let v: Vec<f64> = (1..=200).rev().map(f64::from).collect();
+        let s = Spread::of(&v);
+        assert_eq!((s.median, s.p99, s.max), (101.0, 198.0, 200.0));
+        assert_eq!(Spread::of(&[]).n, 0);
     }
 }

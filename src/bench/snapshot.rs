@@ -160,6 +160,7 @@ fn snapshot_restore(
     io.proceed.store(true, Ordering::SeqCst);
     let mut handler = io_handler(&io, GuestMode::RunUpdate, None);
     let exit = Host::vcpu_run(shared, pid, vcpu, &mut handler).map_err(e("KVM_RUN"))?;
+    let touch_after_us = io.since_last_clock_ns() as f64 / 1e3;
     let mut h = lock(shared);
     let vmh = Vm {
         pid,
@@ -179,6 +180,11 @@ fn snapshot_restore(
         "verified_bytes": if ok { o.data } else { 0 },
         "blackout_us": rep.max_gap_us,
         "snapshot_bytes": o.guest_mem + guest::LOW_MEM_SIZE as u64,
+        "brownout": {
+            "touch_before_us": io.touch_before_ns.load(Ordering::SeqCst) as f64 / 1e3,
+            "touch_after_us": touch_after_us,
+            "bytes": o.data,
+        },
         "phases_us": {
             "pause": us(pause_ns, paused_at_ns),
             "save": us(t_save, t_saved),

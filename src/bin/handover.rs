@@ -2,10 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    let cli = handover::cli::Cli::parse();
+    handover::time::mark_main();
+    let cli = handover::cli::Cli::parse_args();
     handover::cli::init_logging(cli.verbose);
     match handover::cli::run(cli) {
         Ok(code) => code,

@@ -4,9 +4,8 @@
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
 
-use crate::bench::blackout::{self, human, Kind, Plan, Point};
+use crate::bench::blackout::human;
 use crate::kexec::params::parse_size;
 
 #[derive(Args, Debug)]
@@ -27,15 +26,22 @@ pub struct BlackoutArgs {
     /// A small sweep (16 and 64 MiB, 2 runs) that finishes in well under two minutes.
     #[arg(long)]
     pub quick: bool,
-    /// Runs per point (default 5; 2 with --quick).
+    /// Runs per live-update point (default 20; 2 with --quick).
     #[arg(long)]
     pub runs: Option<usize>,
-    /// Guest sizes, comma separated (default 16M,256M,1G,4G,16G).
+    /// Guest sizes with every page written, comma separated (default 16M,256M,1G,4G,16G).
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     pub sizes: Option<Vec<u64>>,
-    /// Metadata-only sizes (guest sees the first 16 GiB), default 64G,256G,1T; 0 for none.
+    /// Sparse guest_memfds of these sizes, bound whole, holding only the 5 MiB the guest
+    /// writes (default 64G,256G,1T; 0 for none).
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    pub sparse: Option<Vec<u64>>,
+    /// Metadata-only sizes: allocated whole, the guest sees the first 16 GiB (none by default).
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     pub metadata_only: Option<Vec<u64>>,
+    /// Runs per snapshot-baseline point (default 5; 2 with --quick).
+    #[arg(long)]
+    pub baseline_runs: Option<usize>,
     /// Largest size for the snapshot baseline (it writes the whole guest to a file).
     #[arg(long, value_parser = parse_size)]
     pub baseline_max: Option<u64>,
@@ -168,7 +174,8 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
             Ok(ExitCode::SUCCESS)
         }
-        None => sweep(a.blackout),
+        None if a.blackout.vmm == Some(VmmKind::External) => external(&a.blackout),
+        None => super::bench_sweep::sweep(a.blackout),
     }
 }
 
@@ -284,297 +291,6 @@ fn syscall(o: &crate::bench::syscall::Options, json: bool) -> Result<ExitCode, S
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn plan(a: &BlackoutArgs) -> Plan {
-    let mut p = if a.quick { Plan::quick() } else { Plan::full() };
-    if let Some(r) = a.runs {
-        p.runs = r.max(1);
-    }
-    if let Some(s) = &a.sizes {
-        p.sizes = s.clone();
-    }
-    if let Some(s) = &a.metadata_only {
-        p.metadata_only = s.iter().copied().filter(|&x| x > 0).collect();
-    }
-    if let Some(m) = a.baseline_max {
-        p.baseline_max = m;
-    }
-    if let Some(m) = a.v1_max {
-        p.v1_max = m;
-    }
-    if let Some(s) = &a.huge_sizes {
-        p.huge_sizes = s.clone();
-    }
-    if let Some(s) = &a.huge_metadata_only {
-        p.huge_metadata_only = s.clone();
-    }
-    p.snapshot_dir = a.snapshot_dir.clone();
-    p
-}
-
-fn baseline_for(points: &[Point], size: u64) -> Option<f64> {
-    points
-        .iter()
-        .find(|p| p.kind == Kind::Snapshot && p.guest_bytes == size && p.blackout_us.median > 0.0)
-        .map(|p| p.blackout_us.median)
-}
-
-fn targets(points: &[Point]) -> Vec<Value> {
-    let live = |s: u64| {
-        points.iter().find(|p| {
-            p.kind == Kind::LiveV2
-                && p.guest_bytes == s
-                && p.slot_bytes == s
-                && p.blackout_us.median > 0.0
-        })
-    };
-    let gib = 1u64 << 30;
-    let mut t = Vec::new();
-    if let Some(p) = live(16 * gib) {
-        t.push(json!({"target": "blackout <= 10 ms at 16 GiB", "value_ms": p.blackout_us.median / 1e3, "met": p.blackout_us.median <= 10_000.0}));
-        if let Some(q) = live(16 << 20) {
-            let r = p.blackout_us.median / q.blackout_us.median;
-            t.push(json!({"target": "blackout at 16 GiB within 2x of 16 MiB", "ratio": r, "met": r <= 2.0}));
-        }
-        let gibs = (16 * gib) as f64 / (1u64 << 30) as f64 / (p.preserve_us.median / 1e6);
-        t.push(json!({"target": "preserve >= 200 GiB/s", "value_gib_per_s": gibs, "met": gibs >= 200.0}));
-        let kib = p.handover_bytes.median / 1024.0 / 16.0;
-        t.push(json!({"target": "handover metadata <= 64 KiB per GiB", "value_kib_per_gib": kib, "met": kib <= 64.0}));
-        if let Some(b) = baseline_for(points, 16 * gib) {
-            let r = b / p.blackout_us.median;
-            t.push(json!({"target": ">= 100x shorter blackout than snapshot at 16 GiB", "ratio": r, "met": r >= 100.0}));
-        }
-    }
-    t
-}
-
-fn write_plot(dir: &std::path::Path, points: &[Point]) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let svg = dir.join("blackout.svg");
-    std::fs::write(&svg, blackout::svg(points))
-        .map_err(|e| format!("cannot write {}: {e}", svg.display()))?;
-    let png = dir.join("blackout.png");
-    let made = std::process::Command::new("rsvg-convert")
-        .arg("-o")
-        .arg(&png)
-        .arg(&svg)
-        .status()
-        .is_ok_and(|s| s.success())
-        || std::process::Command::new("convert")
-            .arg(&svg)
-            .arg(&png)
-            .status()
-            .is_ok_and(|s| s.success());
-    eprintln!(
-        "plot: {}{}",
-        svg.display(),
-        if made {
-            format!(" and {}", png.display())
-        } else {
-            " (no rsvg-convert/convert for PNG)".into()
-        }
-    );
-    Ok(())
-}
-
-fn sweep(a: BlackoutArgs) -> Result<ExitCode, String> {
-    if a.vmm == Some(VmmKind::External) {
-        return external(&a);
-    }
-    if let Some(j) = &a.replot {
-        let text =
-            std::fs::read_to_string(j).map_err(|e| format!("cannot read {}: {e}", j.display()))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", j.display()))?;
-        let points: Vec<Point> = serde_json::from_value(v["points"].clone())
-            .map_err(|e| format!("{}: points: {e}", j.display()))?;
-        let dir = a.plot.clone().ok_or("--replot needs --plot DIR")?;
-        write_plot(&dir, &points)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    if !crate::vmm::libkvm::kvm_available("handover bench") {
-        return Err("the blackout benchmark needs /dev/kvm".into());
-    }
-    let plan = plan(&a);
-    let pts = plan.points();
-    let bar = indicatif::ProgressBar::new((pts.len() * plan.runs) as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    let mut points = Vec::new();
-    for (kind, size, slot) in pts {
-        let mut runs = Vec::new();
-        for i in 0..plan.runs {
-            bar.set_message(format!("{} {} run {}", kind.name(), human(size), i + 1));
-            let r = blackout::run_one(kind, size, slot, &plan);
-            if let Some(e) = &r.error {
-                bar.println(format!(
-                    "{} {}: run {} failed: {e}",
-                    kind.name(),
-                    human(size),
-                    i + 1
-                ));
-            }
-            runs.push(r);
-            bar.inc(1);
-        }
-        points.push(blackout::summarize(kind, size, slot, runs));
-    }
-    bar.finish_and_clear();
-
-    let sizes: Vec<Value> = points
-        .iter()
-        .filter(|p| p.kind == Kind::LiveV2)
-        .map(|p| {
-            let base = baseline_for(&points, p.guest_bytes);
-            json!({
-                "guest_bytes": p.guest_bytes,
-                "metadata_only": p.slot_bytes < p.guest_bytes,
-                "blackout_us": p.blackout_us.median,
-                "baseline_blackout_us": base,
-                "ratio": base.map(|b| b / p.blackout_us.median),
-                "handover_bytes": p.handover_bytes.median,
-                "preserve_us": p.preserve_us.median,
-                "retrieve_us": p.retrieve_us.median,
-            })
-        })
-        .collect();
-    let out = json!({
-        "machine": { "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "kernel": kernel_release() },
-        "runs_per_point": plan.runs,
-        "sizes": sizes,
-        "targets": targets(&points),
-        "points": points,
-    });
-    if let Some(dir) = &a.plot {
-        write_plot(dir, &points)?;
-    }
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?
-        );
-    } else if a.csv {
-        println!("kind,guest_bytes,slot_bytes,runs_ok,blackout_median_us,blackout_min_us,blackout_max_us,preserve_median_us,retrieve_median_us,handover_bytes,baseline_blackout_us,ratio");
-        for p in &points {
-            let base = baseline_for(&points, p.guest_bytes).filter(|_| p.kind != Kind::Snapshot);
-            println!(
-                "{},{},{},{},{:.0},{:.0},{:.0},{:.1},{:.1},{:.0},{},{}",
-                p.kind.name(),
-                p.guest_bytes,
-                p.slot_bytes,
-                p.runs.iter().filter(|r| r.ok).count(),
-                p.blackout_us.median,
-                p.blackout_us.min,
-                p.blackout_us.max,
-                p.preserve_us.median,
-                p.retrieve_us.median,
-                p.handover_bytes.median,
-                base.map_or(String::new(), |b| format!("{b:.0}")),
-                base.map_or(String::new(), |b| format!(
-                    "{:.1}",
-                    b / p.blackout_us.median
-                ))
-            );
-        }
-    } else {
-        print_table(&points, &targets(&points), plan.runs);
-    }
-    let all_ok = points.iter().all(|p| p.runs.iter().all(|r| r.ok));
-    Ok(if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
-}
-
-fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-fn print_table(points: &[Point], targets: &[Value], runs: usize) {
-    println!("blackout sweep, {runs} runs per point; times are median [min..max]");
-    println!(
-        "{:9} {:>8} {:>24} {:>16} {:>12} {:>11} {:>10}  phases inside the blackout (median us)",
-        "kind", "guest", "blackout ms", "preserve ms", "handover", "retrieve ms", "vs snap"
-    );
-    for p in points {
-        let base = baseline_for(points, p.guest_bytes).filter(|_| p.kind != Kind::Snapshot);
-        let ok = p.runs.iter().filter(|r| r.ok).count();
-        let size = if p.slot_bytes < p.guest_bytes {
-            format!("{}*", human(p.guest_bytes))
-        } else {
-            human(p.guest_bytes)
-        };
-        let phases = match &p.phases_median_us {
-            Value::Object(m) => [
-                "pause",
-                "save_state",
-                "freeze_and_finalize",
-                "exec",
-                "boot",
-                "retrieve",
-                "resume",
-                "save",
-                "load",
-            ]
-            .iter()
-            .filter_map(|k| {
-                m.get(*k)
-                    .map(|v| format!("{k} {:.0}", v.as_f64().unwrap_or(0.0)))
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
-            _ => String::new(),
-        };
-        println!(
-            "{:9} {:>8} {:>24} {:>16} {:>12} {:>11} {:>10}  {}{}",
-            p.kind.name(),
-            size,
-            format!(
-                "{:.2} [{:.2}..{:.2}]",
-                p.blackout_us.median / 1e3,
-                p.blackout_us.min / 1e3,
-                p.blackout_us.max / 1e3
-            ),
-            if p.kind == Kind::Snapshot {
-                "-".into()
-            } else {
-                format!("{:.2}", p.preserve_us.median / 1e3)
-            },
-            if p.kind == Kind::Snapshot {
-                "-".into()
-            } else {
-                format!("{:.0} KiB", p.handover_bytes.median / 1024.0)
-            },
-            if p.kind == Kind::Snapshot {
-                "-".into()
-            } else {
-                format!("{:.2}", p.retrieve_us.median / 1e3)
-            },
-            base.map_or("-".into(), |b| format!("{:.0}x", b / p.blackout_us.median)),
-            phases,
-            if ok < p.runs.len() {
-                format!("  ({} of {} runs failed)", p.runs.len() - ok, p.runs.len())
-            } else {
-                String::new()
-            }
-        );
-    }
-    if points.iter().any(|p| p.slot_bytes < p.guest_bytes) {
-        println!("* metadata-only: the whole guest_memfd is populated, preserved and handed over; the guest's memslot covers the first 16 GiB");
-    }
-    for t in targets {
-        println!(
-            "target: {} -> {}",
-            t["target"].as_str().unwrap_or(""),
-            if t["met"] == true { "met" } else { "NOT met" }
-        );
-    }
 }
 
 /// `handover bench --vmm external`.

@@ -37,7 +37,9 @@
 //! - [`MODE_WRITE`]: fill the data with the pattern, then report [`STATUS_WRITTEN`].
 //! - [`MODE_VERIFY`]: check every byte; report [`STATUS_VERIFY_OK`] or [`STATUS_VERIFY_FAILED`]
 //!   with the first bad offset in the mailbox.
-//! - [`MODE_RUN_UPDATE`]: fill, `OUT` [`STATUS_WRITTEN`], then loop: `IN` [`PORT_CLOCK`] (the VMM
+//! - [`MODE_RUN_UPDATE`]: fill, `IN` [`PORT_CLOCK`] once, verify once (a read pass over the whole
+//!   data region that the VMM times between that clock read and the next status; its result is
+//!   not reported), `OUT` [`STATUS_WRITTEN`], then loop: `IN` [`PORT_CLOCK`] (the VMM
 //!   answers host monotonic microseconds, low 32 bits), track the largest gap between consecutive
 //!   clock reads, `IN` [`PORT_PROCEED`]; after the first non-zero proceed read the clock once
 //!   more (so a pause anywhere in the loop falls between two clock reads and is measured), then

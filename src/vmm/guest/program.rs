@@ -8,7 +8,7 @@
 /// Port numbers, the mailbox address and the mailbox offsets are immediates; the unit tests
 /// check them against the layout and mailbox constants.
 #[rustfmt::skip]
-pub const GUEST_CODE: [u8; 0x149] = [
+pub const GUEST_CODE: [u8; 0x159] = [
     // start:
     0x41, 0xbf, 0x00, 0x10, 0x00, 0x00, // 0x000: mov $0x1000,%r15d
     0x49, 0x8b, 0x7f, 0x08, // 0x006: mov 0x8(%r15),%rdi
@@ -32,8 +32,9 @@ pub const GUEST_CODE: [u8; 0x149] = [
     // mode_verify:
     0xe8, 0x9d, 0x00, 0x00, 0x00, // 0x055: call 0x0f7
     0xeb, 0x58, // 0x05a: jmp 0x0b4
-    // mode_run_update:
-    0xe8, 0x5f, 0x00, 0x00, 0x00, // 0x05c: call 0x0c0
+    // mode_run_update: fill, read the clock, verify (timed by the VMM: the clock read and the
+    // WRITTEN status bracket the pass; its result is overwritten), report WRITTEN
+    0xe8, 0xe8, 0x00, 0x00, 0x00, // 0x05c: call 0x149
     0xb8, 0x01, 0x00, 0x00, 0x00, // 0x061: mov $0x1,%eax
     0x49, 0x89, 0x47, 0x20, // 0x066: mov %rax,0x20(%r15)
     0xba, 0x80, 0x0e, 0x00, 0x00, // 0x06a: mov $0xe80,%edx
@@ -126,6 +127,12 @@ pub const GUEST_CODE: [u8; 0x149] = [
     0x49, 0x89, 0x4f, 0x28, // 0x13f: mov %rcx,0x28(%r15)
     0xb8, 0x03, 0x00, 0x00, 0x00, // 0x143: mov $0x3,%eax
     0xc3, // 0x148: ret
+    // fill_then_verify: the run-update mode's first pass over the data, then a timed read pass
+    // (the touch of the whole data region that the brownout after an update is compared with)
+    0xe8, 0x72, 0xff, 0xff, 0xff, // 0x149: call 0x0c0
+    0xba, 0x84, 0x0e, 0x00, 0x00, // 0x14e: mov $0xe84,%edx
+    0xed, // 0x153: in (%dx),%eax
+    0xe9, 0x9e, 0xff, 0xff, 0xff, // 0x154: jmp 0x0f7 (verify returns to our caller)
 ];
 
 #[cfg(test)]
@@ -164,6 +171,7 @@ mod tests {
             (0x81, PORT_CLOCK),
             (0xa5, PORT_PROCEED),
             (0xb8, PORT_STATUS),
+            (0x14e, PORT_CLOCK),
         ] {
             assert_eq!(GUEST_CODE[off], 0xba, "mov imm32, %edx at {off:#x}");
             assert_eq!(imm32_at(off + 1), u32::from(port), "port at {off:#x}");
@@ -180,6 +188,11 @@ mod tests {
         assert_eq!(c(0x14), 0x0101_0101_0101_0101);
         assert_eq!(c(0x1e), 0x0706_0504_0302_0100);
         assert_eq!(c(0x28), 0x5a5a_5a5a_5a5a_5a5a);
+        // rel32 branch targets of the appended pre-pass
+        let rel = |off: usize| (off as i64 + 5 + i64::from(imm32_at(off + 1) as i32)) as usize;
+        assert_eq!((GUEST_CODE[0x5c], rel(0x5c)), (0xe8, 0x149));
+        assert_eq!((GUEST_CODE[0x149], rel(0x149)), (0xe8, 0x0c0));
+        assert_eq!((GUEST_CODE[0x154], rel(0x154)), (0xe9, 0x0f7));
         assert!(CODE_GPA as usize + GUEST_CODE.len() <= STACK_TOP as usize - 0x2000);
     }
 }

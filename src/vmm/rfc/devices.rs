@@ -12,10 +12,6 @@ use crate::time::monotonic_ns;
 use crate::vmm::guest::{self, GuestMode};
 use crate::vmm::slots::GuestMemSlots;
 
-fn now_us() -> u64 {
-    monotonic_ns() / 1000
-}
-
 /// Shared between the VMM thread and the vCPU thread.
 #[derive(Default)]
 pub(crate) struct GuestIo {
@@ -25,6 +21,19 @@ pub(crate) struct GuestIo {
     pub(crate) status: AtomicU64,
     /// Clock reads answered: a pause only shows in the guest's gap once it has read the clock.
     pub(crate) clock_reads: AtomicU64,
+    /// When the last clock read was answered (CLOCK_MONOTONIC ns).
+    pub(crate) last_clock_ns: AtomicU64,
+    /// The guest's read pass over its data before it reported WRITTEN (from the clock read
+    /// that starts it to the status), ns; 0 until then.
+    pub(crate) touch_before_ns: AtomicU64,
+}
+
+impl GuestIo {
+    /// Nanoseconds since the last clock read (the guest's pass over its data after its final
+    /// clock read, when called at its final status).
+    pub(crate) fn since_last_clock_ns(&self) -> u64 {
+        monotonic_ns().saturating_sub(self.last_clock_ns.load(Ordering::SeqCst))
+    }
 }
 
 /// The memslots whose MMIO exits bind the chunk the guest touched (`None`: all are bound).
@@ -47,9 +56,11 @@ pub(crate) fn io_handler<'a>(
             port: guest::PORT_CLOCK,
             data,
         } => {
-            let v = (now_us() as u32).to_le_bytes();
+            let now = monotonic_ns();
+            let v = ((now / 1000) as u32).to_le_bytes();
             let n = data.len().min(4);
             data[..n].copy_from_slice(&v[..n]);
+            io.last_clock_ns.store(now, Ordering::SeqCst);
             io.clock_reads.fetch_add(1, Ordering::SeqCst);
             IoAction::Continue
         }
@@ -70,6 +81,10 @@ pub(crate) fn io_handler<'a>(
             let n = data.len().min(4);
             b[..n].copy_from_slice(&data[..n]);
             let st = u32::from_le_bytes(b) as u64;
+            if st == guest::STATUS_WRITTEN && io.touch_before_ns.load(Ordering::SeqCst) == 0 {
+                io.touch_before_ns
+                    .store(io.since_last_clock_ns().max(1), Ordering::SeqCst);
+            }
             io.status.store(st, Ordering::SeqCst);
             if guest::is_final_status(mode, st) {
                 IoAction::Stop

@@ -126,6 +126,7 @@ pub(super) fn stage2(
     );
     let exit = Host::vcpu_run(shared, pid, vcpu, &mut handler).map_err(e("KVM_RUN"))?;
     let t_done = monotonic_ns();
+    let touch_after_us = io.since_last_clock_ns() as f64 / 1e3;
     // The guest runs again: the previous image's VMs can go now, and what was read of the
     // handover.
     {
@@ -154,6 +155,7 @@ pub(super) fn stage2(
     let times = Stage2Times {
         kexec_start: start,
         exec: params.exec_ns.unwrap_or(start),
+        main: crate::time::main_ns(),
         boot_start: boot.boot_start_ns,
         boot_us: boot.boot_us,
         stage2: t_stage2,
@@ -171,6 +173,7 @@ pub(super) fn stage2(
         chunks: slots.nr(),
         bound_at_end: slots_bound,
         background_bind_us: bg_us,
+        touch_after_us,
         times,
     }
     .to_json();

@@ -94,6 +94,9 @@ pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     if o.populate {
         h.fallocate(pid, gmem, libc::FALLOC_FL_KEEP_SIZE, 0, o.guest_mem)
             .map_err(e("fallocate"))?;
+        if o.populate_write {
+            write_pattern(h, pid, gmem, o.guest_mem)?;
+        }
     } else if o.prefault {
         h.fallocate(
             pid,
@@ -195,4 +198,26 @@ pub(super) fn restart_guest(shared: &Arc<Mutex<Host>>, vm: Vm, o: &Options) -> R
     v.set_regs(&guest::initial_regs()).map_err(e("set regs"))?;
     drop(v);
     Ok(vm)
+}
+
+/// `populate=write`: the guest's pattern in all `len` bytes of `gmem`, written by the host
+/// through a mapping of the file in 1 MiB copies (the pattern repeats every 256 bytes, so one
+/// buffer serves every chunk).
+fn write_pattern(h: &mut Host, pid: Pid, gmem: i32, len: u64) -> Result<(), String> {
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    guest::fill_pattern(&mut buf, 0);
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let map = h
+        .mmap(pid, gmem, len, rw, libc::MAP_SHARED, 0)
+        .map_err(e("mmap guest_memfd"))?;
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(CHUNK) as usize;
+        h.user_write(pid, map.addr + off as usize, &buf[..n])
+            .map_err(e("write the pattern"))?;
+        off += n as u64;
+    }
+    h.munmap(pid, map).map_err(e("munmap"))?;
+    Ok(())
 }

@@ -89,6 +89,7 @@ pub(super) fn run_and_update(
         ));
     }
     let write_ms = t_run.elapsed().as_secs_f64() * 1e3;
+    let touch_before_us = io.touch_before_ns.load(Ordering::SeqCst) as f64 / 1e3;
     // The guest measures the blackout between two clock reads: let it take a few first.
     wait_for(
         "the guest to read its clock",
@@ -138,7 +139,7 @@ pub(super) fn run_and_update(
         &kicker,
         &mut th,
         &mut sessions,
-        write_ms,
+        (write_ms, touch_before_us),
     );
     let err = match r {
         Ok(never) => match never {},
@@ -178,7 +179,7 @@ fn update(
     kicker: &VcpuKicker,
     th: &mut Option<std::thread::JoinHandle<Result<RunExit, String>>>,
     sessions: &mut Vec<i32>,
-    write_ms: f64,
+    (write_ms, touch_before_us): (f64, f64),
 ) -> Result<std::convert::Infallible, (String, i32)> {
     let fail = |what: &'static str| move |err: Errno| (format!("{what}: {err}"), err.0);
     // Preserve while the guest keeps running: the guest_memfd freezes here.
@@ -258,6 +259,7 @@ fn update(
         pause_us: (paused_at_ns - pause_ns) as f64 / 1e3,
         save_us,
         preserved_folios: folios,
+        touch_before_us,
     };
     let text = serde_json::to_vec(&ss).map_err(|err| (format!("state: {err}"), libc::EINVAL))?;
     h.pwrite(pid, m, &text, 0).map_err(fail("write state"))?;

@@ -54,6 +54,8 @@ pub(super) struct Stage2Times {
     pub(super) kexec_start: u64,
     /// ... and called `execve`.
     pub(super) exec: u64,
+    /// This image's `main` started (`time::mark_main`), if recorded.
+    pub(super) main: Option<u64>,
     /// This image started to boot, and took this long (µs).
     pub(super) boot_start: u64,
     pub(super) boot_us: u64,
@@ -80,6 +82,9 @@ pub(super) struct Stage2Report<'a> {
     pub(super) chunks: usize,
     pub(super) bound_at_end: usize,
     pub(super) background_bind_us: Option<u64>,
+    /// The guest's read pass over all of its data right after the resume (from its last clock
+    /// read to its final status), µs: the brownout, beside `touch_before_us` of stage 1.
+    pub(super) touch_after_us: f64,
     pub(super) times: Stage2Times,
 }
 
@@ -98,6 +103,7 @@ impl Stage2Report<'_> {
             "preserved_folios": ss.preserved_folios,
             "vm_name": self.vm_name,
             "memslots": { "chunks": self.chunks, "bound_at_end": self.bound_at_end, "background_bind_us": self.background_bind_us },
+            "brownout": { "touch_before_us": ss.touch_before_us, "touch_after_us": self.touch_after_us, "bytes": o.data },
             "order": if o.gmem_first { "gmem-first" } else { "vm-first" },
             "phases_us": {
                 "preserve_while_running": ss.preserve_us,
@@ -105,6 +111,8 @@ impl Stage2Report<'_> {
                 "save_state": ss.save_us,
                 "freeze_and_finalize": us(t.kexec_start, t.exec),
                 "exec": us(t.exec, t.boot_start),
+                "exec_to_main": us(t.exec, t.main.unwrap_or(t.boot_start)),
+                "main_to_boot": us(t.main.unwrap_or(t.boot_start), t.boot_start),
                 "boot": t.boot_us as f64,
                 "retrieve": us(t.stage2, t.retrieved),
                 "resume": us(t.retrieved, t.resume),
