@@ -205,6 +205,52 @@ fn guest_writes_pattern_at_4gib() {
 }
 
 #[test]
+fn prefilled_run_update_times_a_read_pass_and_verifies_without_writing() {
+    let Some(kvm) =
+        kvm_or_skip("prefilled_run_update_times_a_read_pass_and_verifies_without_writing")
+    else {
+        return;
+    };
+    let ram = Ram::new(LOW_MEM_SIZE + SLOT_SIZE);
+    let vm = linear_vm(&kvm, &ram);
+    ram.update(0, LOW_MEM_SIZE, |low| {
+        build_image(low, &params(GuestMode::RunUpdatePrefilled))
+    })
+    .unwrap();
+    let mut vcpu = new_vcpu(&kvm, &vm);
+    // The host's pattern, with one byte off: the guest must not write over it.
+    let bad = 1_234_567usize;
+    ram.update(LOW_MEM_SIZE, DATA_LEN as usize, |d| {
+        fill_pattern(d, 0);
+        d[bad] ^= 0x10;
+    });
+    // First exit: the clock read that starts the read pass, before any status.
+    match vcpu.run() {
+        Ok(VcpuExit::IoIn(PORT_CLOCK, d)) => d.copy_from_slice(&(now_us() as u32).to_le_bytes()),
+        Ok(exit) => panic!(
+            "expected the pre-pass clock read, got {}",
+            describe_exit(&exit)
+        ),
+        Err(e) => panic!("KVM_RUN: {e}"),
+    }
+    assert_eq!(run_to_status(&mut vcpu, 0), STATUS_WRITTEN);
+    // The pre-pass saw the bad byte (its result is not reported as a status).
+    assert_eq!(report(&ram).first_bad, Some(bad as u64));
+    assert_eq!(
+        ram.read(LOW_MEM_SIZE + bad, 1)[0],
+        pattern_byte(bad as u64) ^ 0x10
+    );
+    // Proceed: the final verify fails at that byte; fixed, a new run verifies OK.
+    assert_eq!(run_to_status(&mut vcpu, 1), STATUS_VERIFY_FAILED);
+    assert_eq!(report(&ram).first_bad, Some(bad as u64));
+    ram.update(LOW_MEM_SIZE, DATA_LEN as usize, |d| d[bad] ^= 0x10);
+    restart(&ram, &vcpu, &params(GuestMode::RunUpdatePrefilled));
+    assert_eq!(run_to_status(&mut vcpu, 0), STATUS_WRITTEN);
+    assert_eq!(run_to_status(&mut vcpu, 1), STATUS_VERIFY_OK);
+    assert_eq!(report(&ram).first_bad, None);
+}
+
+#[test]
 fn guest_verify_reports_first_bad_offset() {
     let Some(kvm) = kvm_or_skip("guest_verify_reports_first_bad_offset") else {
         return;

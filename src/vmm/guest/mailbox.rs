@@ -10,6 +10,8 @@ pub const MODE_WRITE: u64 = 1;
 pub const MODE_VERIFY: u64 = 2;
 /// Mode: write, report, loop on the clock until told to proceed, verify.
 pub const MODE_RUN_UPDATE: u64 = 3;
+/// Mode: as [`MODE_RUN_UPDATE`] without the write: the host wrote the pattern already.
+pub const MODE_RUN_UPDATE_PREFILLED: u64 = 5;
 
 /// Status: nothing reported yet (the value [`write_params`] leaves in the mailbox).
 pub const STATUS_NONE: u64 = 0;
@@ -54,6 +56,8 @@ pub enum GuestMode {
     Verify,
     /// [`MODE_RUN_UPDATE`]
     RunUpdate,
+    /// [`MODE_RUN_UPDATE_PREFILLED`]
+    RunUpdatePrefilled,
 }
 
 impl GuestMode {
@@ -63,6 +67,7 @@ impl GuestMode {
             GuestMode::Write => MODE_WRITE,
             GuestMode::Verify => MODE_VERIFY,
             GuestMode::RunUpdate => MODE_RUN_UPDATE,
+            GuestMode::RunUpdatePrefilled => MODE_RUN_UPDATE_PREFILLED,
         }
     }
 
@@ -72,6 +77,7 @@ impl GuestMode {
             MODE_WRITE => Ok(GuestMode::Write),
             MODE_VERIFY => Ok(GuestMode::Verify),
             MODE_RUN_UPDATE => Ok(GuestMode::RunUpdate),
+            MODE_RUN_UPDATE_PREFILLED => Ok(GuestMode::RunUpdatePrefilled),
             other => Err(GuestError::BadMode(other)),
         }
     }
@@ -113,7 +119,7 @@ impl GuestReport {
 pub fn is_final_status(mode: GuestMode, status: u64) -> bool {
     match status {
         STATUS_NONE => false,
-        STATUS_WRITTEN => mode != GuestMode::RunUpdate,
+        STATUS_WRITTEN => !matches!(mode, GuestMode::RunUpdate | GuestMode::RunUpdatePrefilled),
         _ => true,
     }
 }

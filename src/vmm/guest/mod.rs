@@ -46,6 +46,8 @@
 //!   verify and report as in VERIFY. Max gap and loop count (= clock reads after the first) are
 //!   stored in the mailbox on every iteration. The gap includes the VMM's own time to answer two
 //!   I/O exits (tens of µs here); the pause is the outlier.
+//! - [`MODE_RUN_UPDATE_PREFILLED`]: as RUN_UPDATE without the fill (the host wrote the pattern):
+//!   `IN` [`PORT_CLOCK`], verify once, `OUT` [`STATUS_WRITTEN`], loop, verify.
 //! - Anything else: report [`STATUS_BAD_MODE`].
 //!
 //! "Report" = store the status in the mailbox, then `OUT` it (32-bit) to [`PORT_STATUS`], forever:

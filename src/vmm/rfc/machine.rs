@@ -112,7 +112,7 @@ pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     let params = GuestParams {
         data_gpa: GMEM_GPA,
         data_len: o.data,
-        mode: GuestMode::RunUpdate,
+        mode: o.guest_mode(),
     };
     guest::build_image(&mut img, &params).map_err(e("guest image"))?;
     h.pwrite(pid, low, &img, 0)
@@ -184,7 +184,7 @@ pub(super) fn restart_guest(shared: &Arc<Mutex<Host>>, vm: Vm, o: &Options) -> R
     let params = GuestParams {
         data_gpa: GMEM_GPA,
         data_len: o.data,
-        mode: GuestMode::RunUpdate,
+        mode: o.guest_mode(),
     };
     guest::write_params(&mut mb, &params).map_err(e("guest params"))?;
     h.user_write(vm.pid, vm.low_map.addr + guest::MAILBOX_GPA as usize, &mb)

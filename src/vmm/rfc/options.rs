@@ -57,6 +57,17 @@ pub struct Options {
 }
 
 impl Options {
+    /// The guest's mode: with `populate=write` the host has written the pattern over the whole
+    /// guest_memfd, and the guest does not write it again.
+    pub fn guest_mode(&self) -> crate::vmm::guest::GuestMode {
+        use crate::vmm::guest::GuestMode;
+        if self.populate_write {
+            GuestMode::RunUpdatePrefilled
+        } else {
+            GuestMode::RunUpdate
+        }
+    }
+
     /// Bytes of the guest_memfd the guest sees as memory: `guest_mem`, capped by `slot_max`.
     pub fn slot_size(&self) -> u64 {
         self.guest_mem.min(self.slot_max)
