@@ -181,6 +181,7 @@ fn update(
     write_ms: f64,
 ) -> Result<std::convert::Infallible, (String, i32)> {
     let fail = |what: &'static str| move |err: Errno| (format!("{what}: {err}"), err.0);
+    let gmem_runs = super::fragment::gmem_run_stats(&lock(shared), pid, vm.gmem);
     // Preserve while the guest keeps running: the guest_memfd freezes here.
     let t = Instant::now();
     let (st, m, folios) = {
@@ -258,6 +259,7 @@ fn update(
         pause_us: (paused_at_ns - pause_ns) as f64 / 1e3,
         save_us,
         preserved_folios: folios,
+        gmem_runs,
     };
     let text = serde_json::to_vec(&ss).map_err(|err| (format!("state: {err}"), libc::EINVAL))?;
     h.pwrite(pid, m, &text, 0).map_err(fail("write state"))?;
