@@ -115,7 +115,21 @@ impl PageCache {
         if index >= self.nr {
             return Err(MmError::OutOfRam { pa: index, len: 0 });
         }
-        let pfn = mm.alloc_file_page(owner, index)?;
+        // A block is reserved only for a range of offsets with nothing present yet (a range
+        // partly filled otherwise, e.g. restored after an update, gets single frames).
+        use super::file_blocks::BLOCK_PAGES;
+        let lo = index / BLOCK_PAGES * BLOCK_PAGES;
+        let empty = self.extent_at(lo).is_none()
+            && self
+                .ext
+                .range(lo..lo.saturating_add(BLOCK_PAGES))
+                .next()
+                .is_none();
+        let pfn = if empty || mm.has_file_block(owner, index) {
+            mm.alloc_file_page(owner, index)?
+        } else {
+            mm.alloc_zeroed(0)?.pfn
+        };
         if !self.insert(index, pfn) {
             // Not reachable (a hole within the size): do not leak the frame.
             mm.free(Folio { pfn, order: 0 })?;
