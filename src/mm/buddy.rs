@@ -7,10 +7,13 @@
 //! * **Normal** — the rest of RAM. It stays offline until [`FrameAllocator::online_normal`] is told
 //!   which frames the previous image preserved; only then does it hand anything out.
 //!
-//! Free blocks are kept per order in ordered sets, lowest address first, so a run of
-//! allocations of one order tends to be physically contiguous (which keeps guest mappings few).
+//! Free blocks below MAX_ORDER are kept per order in ordered sets, lowest address first, so a
+//! run of allocations of one order tends to be physically contiguous (which keeps guest
+//! mappings few). Free MAX_ORDER blocks are kept as extents: maximal ranges of consecutive free
+//! MAX_ORDER-aligned blocks, carved one block at a time when allocated and merged again when
+//! freed, so that bringing a zone online costs per free range, not per 4 MiB of RAM.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 use super::{Folio, MmError, MAX_ORDER};
@@ -37,24 +40,79 @@ pub struct FrameStats {
     pub scratch_total: u64,
     /// Free frames in the scratch zone.
     pub scratch_free: u64,
+    /// Of `free`, frames reserved for files in file blocks and not handed out yet
+    /// ([`super::file_blocks`]; always 0 from the buddy itself).
+    pub file_reserved: u64,
 }
 
 struct ZoneState {
     range: Range<u64>,
+    /// Free blocks of orders below MAX_ORDER, by first frame (the MAX_ORDER set stays empty).
     free: Vec<BTreeSet<u64>>,
+    /// Free MAX_ORDER blocks as extents: start -> end, both MAX_ORDER aligned, disjoint, never
+    /// touching (neighbours are merged).
+    big: BTreeMap<u64, u64>,
     nr_free: u64,
 }
+
+const BIG: u64 = 1 << MAX_ORDER;
 
 impl ZoneState {
     fn new(range: Range<u64>) -> Self {
         Self {
             range,
             free: (0..=MAX_ORDER).map(|_| BTreeSet::new()).collect(),
+            big: BTreeMap::new(),
             nr_free: 0,
         }
     }
 
-    /// Add the free run `start..end` as maximal naturally aligned blocks.
+    /// Insert a block of `order` (free, not in any list yet) into its list.
+    fn insert_block(&mut self, pfn: u64, order: u32) {
+        if order >= MAX_ORDER {
+            self.insert_big(pfn, pfn + (1u64 << order));
+        } else {
+            self.free[order as usize].insert(pfn);
+        }
+    }
+
+    /// Add the aligned range `a..b` of MAX_ORDER blocks to the extents, merging neighbours.
+    fn insert_big(&mut self, mut a: u64, mut b: u64) {
+        if let Some((&ps, &pe)) = self.big.range(..=a).next_back() {
+            if pe == a {
+                self.big.remove(&ps);
+                a = ps;
+            }
+        }
+        if let Some(ne) = self.big.remove(&b) {
+            b = ne;
+        }
+        self.big.insert(a, b);
+    }
+
+    /// The extent containing frame `pfn`, if any.
+    fn big_containing(&self, pfn: u64) -> Option<(u64, u64)> {
+        let (&a, &b) = self.big.range(..=pfn).next_back()?;
+        (pfn < b).then_some((a, b))
+    }
+
+    /// Remove the MAX_ORDER block at `pfn` (inside an extent) from the extents.
+    fn remove_big(&mut self, pfn: u64) -> bool {
+        let Some((a, b)) = self.big_containing(pfn) else {
+            return false;
+        };
+        self.big.remove(&a);
+        if a < pfn {
+            self.big.insert(a, pfn);
+        }
+        if pfn + BIG < b {
+            self.big.insert(pfn + BIG, b);
+        }
+        true
+    }
+
+    /// Add the free run `start..end` as maximal naturally aligned blocks: the MAX_ORDER
+    /// aligned middle as one extent, the edges in the per-order sets.
     fn add_run(&mut self, mut start: u64, end: u64) {
         while start < end {
             let align = if start == 0 {
@@ -62,17 +120,30 @@ impl ZoneState {
             } else {
                 start.trailing_zeros().min(MAX_ORDER)
             };
+            if align == MAX_ORDER && end - start >= BIG {
+                let mid_end = end & !(BIG - 1);
+                self.insert_big(start, mid_end);
+                self.nr_free += mid_end - start;
+                start = mid_end;
+                continue;
+            }
             let fit = 63 - (end - start).leading_zeros();
             let order = align.min(fit);
-            self.free[order as usize].insert(start);
+            self.insert_block(start, order);
             self.nr_free += 1 << order;
             start += 1 << order;
         }
     }
 
     fn alloc(&mut self, order: u32) -> Option<u64> {
-        let from = (order..=MAX_ORDER).find(|&o| !self.free[o as usize].is_empty())?;
-        let pfn = self.free[from as usize].pop_first()?;
+        let (from, pfn) = match (order..MAX_ORDER).find(|&o| !self.free[o as usize].is_empty()) {
+            Some(from) => (from, self.free[from as usize].pop_first()?),
+            None => {
+                let (&a, _) = self.big.iter().next()?;
+                self.remove_big(a);
+                (MAX_ORDER, a)
+            }
+        };
         for o in (order..from).rev() {
             self.free[o as usize].insert(pfn + (1 << o));
         }
@@ -87,9 +158,13 @@ impl ZoneState {
 
     /// The free block `(first pfn, order)` that contains `pfn`, if any.
     fn block_containing(&self, pfn: u64) -> Option<(u64, u32)> {
-        (0..=MAX_ORDER)
+        (0..MAX_ORDER)
             .map(|o| (pfn & !((1u64 << o) - 1), o))
             .find(|(b, o)| self.free[*o as usize].contains(b))
+            .or_else(|| {
+                self.big_containing(pfn)
+                    .map(|_| (pfn & !(BIG - 1), MAX_ORDER))
+            })
     }
 
     /// The free blocks covering `start..end` in address order, or `Err(first frame that is not
@@ -107,20 +182,33 @@ impl ZoneState {
 
     /// True if any frame of `start..end` lies in a free block.
     fn any_free_in(&self, start: u64, end: u64) -> bool {
-        (0..=MAX_ORDER).any(|o| {
+        if start >= end {
+            return false;
+        }
+        (0..MAX_ORDER).any(|o| {
             let from = (start + 1).saturating_sub(1 << o);
             self.free[o as usize].range(from..end).next().is_some()
-        })
+        }) || self
+            .big
+            .range(..end)
+            .next_back()
+            .is_some_and(|(_, &b)| b > start)
     }
 
     /// One past the highest free frame below `below` (0 if none): the top of the highest free
     /// block that starts below it, clipped to it.
     fn highest_free_end(&self, below: u64) -> Option<u64> {
-        (0..=MAX_ORDER)
+        let big = self
+            .big
+            .range(..below)
+            .next_back()
+            .map(|(_, &b)| b.min(below));
+        (0..MAX_ORDER)
             .filter_map(|o| {
                 let b = *self.free[o as usize].range(..below).next_back()?;
                 Some((b + (1u64 << o)).min(below))
             })
+            .chain(big)
             .max()
     }
 
@@ -128,7 +216,11 @@ impl ZoneState {
     /// covers, from the free lists; the parts of those blocks outside the range stay free.
     fn take(&mut self, start: u64, end: u64, blocks: &[(u64, u32)]) {
         for &(b, o) in blocks {
-            self.free[o as usize].remove(&b);
+            if o >= MAX_ORDER {
+                self.remove_big(b);
+            } else {
+                self.free[o as usize].remove(&b);
+            }
             self.nr_free -= 1 << o;
             let b_end = b + (1 << o);
             if b < start {
@@ -157,7 +249,7 @@ impl ZoneState {
             pfn = pfn.min(buddy);
             order += 1;
         }
-        self.free[order as usize].insert(pfn);
+        self.insert_block(pfn, order);
         Ok(())
     }
 }
@@ -378,7 +470,16 @@ impl FrameAllocator {
             used: self.nr_frames - free,
             scratch_total: self.scratch.range.end - self.scratch.range.start,
             scratch_free: self.scratch.nr_free,
+            file_reserved: 0,
         }
+    }
+}
+
+#[cfg(test)]
+impl ZoneState {
+    /// Free MAX_ORDER blocks in the extents.
+    fn big_blocks(&self) -> u64 {
+        self.big.iter().map(|(a, b)| (b - a) / BIG).sum()
     }
 }
 
@@ -411,7 +512,38 @@ mod tests {
         }
         assert_eq!(a.stats(), before);
         // Everything coalesced back into MAX_ORDER blocks.
-        assert_eq!(a.normal.free[MAX_ORDER as usize].len(), 7);
+        assert_eq!(a.normal.big_blocks(), 7);
+    }
+
+    #[test]
+    fn online_keeps_extents_and_carves_lazily() {
+        // 4 TiB of frames: onlining costs per free range, not per 4 MiB block.
+        let n = 1u64 << 30;
+        let mut a = FrameAllocator::new(n, 0..1024).unwrap();
+        a.online_normal(&[(1024, 5000), (5003, n)]);
+        assert_eq!(a.stats().used, 3);
+        assert!(a.normal.big.len() <= 2);
+        assert!(!a.is_free(5001) && a.is_free(5003) && a.is_free(n - 1));
+        assert!(a.any_free(n - 1, 1) && !a.any_free(5000, 3));
+        let f = a.alloc(MAX_ORDER).unwrap();
+        assert_eq!(f.pfn, 1024, "the lowest free block");
+        assert!(!a.is_free(1024) && !a.is_free(2047) && a.is_free(2048));
+        a.take_range(1 << 20, 3 << 20).unwrap();
+        assert!(!a.is_free((1 << 20) + 5) && a.is_free((1 << 20) - 1) && a.is_free(4 << 20));
+        assert_eq!(
+            a.highest_free_range(Zone::Normal, 18, n),
+            Some(n - (1 << 18))
+        );
+        a.free(f).unwrap();
+        for (p, o) in super::super::split_blocks(1 << 20, 3 << 20, MAX_ORDER) {
+            a.free(Folio { pfn: p, order: o }).unwrap();
+        }
+        assert_eq!(a.stats().used, 3);
+        assert!(
+            a.normal.big.len() <= 2,
+            "merged again: {:?}",
+            a.normal.big.len()
+        );
     }
 
     #[test]
@@ -500,11 +632,7 @@ mod tests {
             b.free(Folio { pfn: p, order: o }).unwrap();
         }
         assert_eq!(b.stats(), before);
-        assert_eq!(
-            b.normal.free[MAX_ORDER as usize].len(),
-            7,
-            "coalesced again"
-        );
+        assert_eq!(b.normal.big_blocks(), 7, "coalesced again");
     }
 
     #[test]

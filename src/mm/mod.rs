@@ -2,6 +2,8 @@
 //! scratch zone used during early boot after a KHO kexec.
 
 pub mod buddy;
+pub mod file_blocks;
+pub mod fragment;
 pub mod hugetlb;
 pub mod mapping;
 pub mod page_cache;
@@ -185,12 +187,17 @@ pub struct Mm {
     /// The RAM memfd and its direct map.
     pub ram: Ram,
     frames: FrameAllocator,
+    blocks: file_blocks::FileBlocks,
 }
 
 impl Mm {
     /// Memory over `ram`, allocating with `frames`.
     pub fn new(ram: Ram, frames: FrameAllocator) -> Self {
-        Self { ram, frames }
+        Self {
+            ram,
+            frames,
+            blocks: Default::default(),
+        }
     }
 
     /// The frame allocator, read-only (zones, free checks).
@@ -214,24 +221,132 @@ impl Mm {
 
     /// A block of 2^order zeroed frames.
     pub fn alloc_zeroed(&mut self, order: u32) -> Result<Folio, MmError> {
-        self.frames.alloc(order)
+        match self.frames.alloc(order) {
+            Err(MmError::NoMemory { .. }) if self.reclaim_file_blocks() => self.frames.alloc(order),
+            r => r,
+        }
     }
 
     /// A block of 2^order zeroed frames from `zone` specifically.
     pub fn alloc_in(&mut self, zone: Zone, order: u32) -> Result<Folio, MmError> {
-        self.frames.alloc_in(zone, order)
+        match self.frames.alloc_in(zone, order) {
+            Err(MmError::NoMemory { .. }) if self.reclaim_file_blocks() => {
+                self.frames.alloc_in(zone, order)
+            }
+            r => r,
+        }
+    }
+
+    /// Give every file block's unused frames back to the buddy (they are zero already); true
+    /// if there were any. Called when an allocation finds no memory.
+    pub fn reclaim_file_blocks(&mut self) -> bool {
+        if self.blocks.is_empty() {
+            return false;
+        }
+        for (pfn, n) in self.blocks.drain_unused() {
+            for (p, order) in split_blocks(pfn, n, MAX_ORDER) {
+                if let Err(e) = self.frames.free(Folio { pfn: p, order }) {
+                    tracing::warn!("file blocks: frames {p:#x} order {order} not freed: {e}");
+                }
+            }
+        }
+        true
+    }
+
+    /// A zeroed frame for page `index` of the file `owner` (a guest_memfd), from the file's
+    /// block for that range of offsets (see [`file_blocks`]): reserved on the first fault in
+    /// the range when the buddy has a block of [`file_blocks::BLOCK_ORDER`], else a single
+    /// frame. Its frame number.
+    pub fn alloc_file_page(&mut self, owner: u64, index: u64) -> Result<u64, MmError> {
+        if let Some(pfn) = self.blocks.take(owner, index) {
+            return Ok(pfn);
+        }
+        if !self.blocks.has_block(owner, index) {
+            if let Ok(f) = self.frames.alloc(file_blocks::BLOCK_ORDER) {
+                let pfn = f.pfn + index % file_blocks::BLOCK_PAGES;
+                if self.blocks.insert(owner, index, f.pfn) {
+                    return Ok(pfn);
+                }
+                // Cannot happen (the block is fresh from the buddy): give it back.
+                self.frames.free(f)?;
+            }
+        }
+        Ok(self.alloc_zeroed(0)?.pfn)
+    }
+
+    /// True if file `owner` has a block reserved for page `index`'s range of offsets.
+    pub fn has_file_block(&self, owner: u64, index: u64) -> bool {
+        self.blocks.has_block(owner, index)
+    }
+
+    /// Frames reserved in file blocks and not handed out (counted as free in [`Mm::stats`]).
+    pub fn file_blocks_reserved(&self) -> u64 {
+        self.blocks.reserved()
+    }
+
+    /// Give frames `pfn..pfn+nr` (already discarded) back: those of file blocks to their
+    /// block (a block all of whose frames are back goes to the buddy whole), the rest to the
+    /// buddy in naturally aligned blocks.
+    fn release_frames(&mut self, pfn: u64, nr: u64) -> Result<(), MmError> {
+        if !self.blocks.any_in(pfn, nr) {
+            for (p, order) in split_blocks(pfn, nr, MAX_ORDER) {
+                self.frames.free(Folio { pfn: p, order })?;
+            }
+            return Ok(());
+        }
+        let end = pfn.saturating_add(nr);
+        let mut p = pfn;
+        while p < end {
+            let block_end = ((p >> file_blocks::BLOCK_ORDER) + 1) << file_blocks::BLOCK_ORDER;
+            let piece_end = block_end.min(end);
+            if !self.blocks.any_in(p, 1) {
+                for (q, order) in split_blocks(p, piece_end - p, MAX_ORDER) {
+                    self.frames.free(Folio { pfn: q, order })?;
+                }
+            } else {
+                for q in p..piece_end {
+                    match self.blocks.put(q) {
+                        file_blocks::Put::Kept => {}
+                        file_blocks::Put::BlockFree(b) => self.frames.free(Folio {
+                            pfn: b,
+                            order: file_blocks::BLOCK_ORDER,
+                        })?,
+                        file_blocks::Put::NotInUse => {
+                            return Err(MmError::DoubleFree { pfn: q, order: 0 })
+                        }
+                        file_blocks::Put::NotReserved => {
+                            self.frames.free(Folio { pfn: q, order: 0 })?
+                        }
+                    }
+                }
+            }
+            p = piece_end;
+        }
+        Ok(())
     }
 
     /// Take the exact free frame range `pfn..pfn+nr` out of the allocator (any size, see
     /// [`FrameAllocator::take_range`]); its frames read as zeros. Give it back with
     /// [`Mm::free_runs`].
     pub fn take_range(&mut self, pfn: u64, nr: u64) -> Result<(), MmError> {
-        self.frames.take_range(pfn, nr)
+        match self.frames.take_range(pfn, nr) {
+            Err(MmError::NotFree { .. }) if self.blocks.any_in(pfn, nr) => {
+                self.reclaim_file_blocks();
+                self.frames.take_range(pfn, nr)
+            }
+            r => r,
+        }
     }
 
     /// Zero and free one block.
     pub fn free(&mut self, folio: Folio) -> Result<(), MmError> {
+        if folio.order > MAX_ORDER {
+            return Err(MmError::BadOrder(folio.order));
+        }
         self.ram.discard(folio.pa(), folio.size())?;
+        if self.blocks.any_in(folio.pfn, folio.nr_pages()) {
+            return self.release_frames(folio.pfn, folio.nr_pages());
+        }
         self.frames.free(folio)
     }
 
@@ -248,8 +363,14 @@ impl Mm {
                 j += 1;
             }
             self.ram.discard(pfn_to_pa(start), pfn_to_pa(end - start))?;
-            for f in &folios[i..j] {
-                self.frames.free(*f)?;
+            if self.blocks.any_in(start, end - start) {
+                for f in &folios[i..j] {
+                    self.release_frames(f.pfn, f.nr_pages())?;
+                }
+            } else {
+                for f in &folios[i..j] {
+                    self.frames.free(*f)?;
+                }
             }
             i = j;
         }
@@ -261,9 +382,7 @@ impl Mm {
     pub fn free_runs(&mut self, runs: &[(u64, u64)]) -> Result<(), MmError> {
         for &(pfn, n) in runs {
             self.ram.discard(pfn_to_pa(pfn), pfn_to_pa(n))?;
-            for (p, order) in split_blocks(pfn, n, MAX_ORDER) {
-                self.frames.free(Folio { pfn: p, order })?;
-            }
+            self.release_frames(pfn, n)?;
         }
         Ok(())
     }
@@ -282,12 +401,21 @@ impl Mm {
                 Err(e) => last = Some(e),
             }
         }
+        if self.reclaim_file_blocks() {
+            return self.alloc_run(max_pages);
+        }
         Err(last.unwrap_or(MmError::BadOrder(0)))
     }
 
-    /// Frame accounting of the allocator.
+    /// Frame accounting of the allocator. Frames reserved in file blocks and not handed out
+    /// count as free (any allocation gets them back): `file_reserved` says how many.
     pub fn stats(&self) -> FrameStats {
-        self.frames.stats()
+        let mut s = self.frames.stats();
+        let r = self.blocks.reserved();
+        s.free += r;
+        s.used -= r.min(s.used);
+        s.file_reserved = r;
+        s
     }
 }
 

@@ -106,6 +106,94 @@ impl PageCache {
         Ok(f.pfn)
     }
 
+    /// Allocate a zeroed frame for hole `index` of the file `owner` from the file's block for
+    /// that range of offsets ([`Mm::alloc_file_page`]); returns its pfn.
+    pub fn fault_in_file(&mut self, mm: &mut Mm, owner: u64, index: u64) -> Result<u64, MmError> {
+        if let Some(p) = self.get(index) {
+            return Ok(p);
+        }
+        if index >= self.nr {
+            return Err(MmError::OutOfRam { pa: index, len: 0 });
+        }
+        // A block is reserved only for a range of offsets with nothing present yet (a range
+        // partly filled otherwise, e.g. restored after an update, gets single frames).
+        use super::file_blocks::BLOCK_PAGES;
+        let lo = index / BLOCK_PAGES * BLOCK_PAGES;
+        let empty = self.extent_at(lo).is_none()
+            && self
+                .ext
+                .range(lo..lo.saturating_add(BLOCK_PAGES))
+                .next()
+                .is_none();
+        let pfn = if empty || mm.has_file_block(owner, index) {
+            mm.alloc_file_page(owner, index)?
+        } else {
+            mm.alloc_zeroed(0)?.pfn
+        };
+        if !self.insert(index, pfn) {
+            // Not reachable (a hole within the size): do not leak the frame.
+            mm.free(Folio { pfn, order: 0 })?;
+        }
+        Ok(pfn)
+    }
+
+    /// [`PageCache::fill`] for the file `owner` that allocates with file blocks: whole aligned
+    /// blocks of offsets without a reservation are filled in runs as large as the allocator
+    /// has, the pages of a partly filled range one by one from its block
+    /// ([`Mm::alloc_file_page`]), so that they continue its run.
+    pub fn fill_file(
+        &mut self,
+        mm: &mut Mm,
+        owner: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<(u64, u64)>, MmError> {
+        use super::file_blocks::BLOCK_PAGES;
+        let end = end.min(self.nr);
+        let mut filled: Vec<(u64, u64)> = Vec::new();
+        let mut i = start;
+        while i < end {
+            if let Some((s, _, len)) = self.extent_at(i) {
+                i = s + len;
+                continue;
+            }
+            let hole_end = self.ext.range(i..end).next().map_or(end, |(&s, _)| s);
+            while i < hole_end {
+                let whole_end = hole_end / BLOCK_PAGES * BLOCK_PAGES;
+                if i % BLOCK_PAGES == 0
+                    && i + BLOCK_PAGES <= whole_end
+                    && !mm.has_file_block(owner, i)
+                {
+                    // Up to the next block with a reservation (or the hole's last whole block).
+                    let mut stop = i + BLOCK_PAGES;
+                    while stop < whole_end && !mm.has_file_block(owner, stop) {
+                        stop += BLOCK_PAGES;
+                    }
+                    let (pfn, n) = mm.alloc_run(stop - i)?;
+                    self.insert_run(i, pfn, n);
+                    filled.push((i, n));
+                    i += n;
+                    continue;
+                }
+                let piece_end = ((i / BLOCK_PAGES + 1) * BLOCK_PAGES).min(hole_end);
+                let first = i;
+                while i < piece_end {
+                    let pfn = mm.alloc_file_page(owner, i)?;
+                    if !self.insert(i, pfn) {
+                        mm.free(Folio { pfn, order: 0 })?;
+                        return Err(MmError::BadBlock { pfn, order: 0 });
+                    }
+                    i += 1;
+                }
+                match filled.last_mut() {
+                    Some(l) if l.0 + l.1 == first => l.1 += piece_end - first,
+                    _ => filled.push((first, piece_end - first)),
+                }
+            }
+        }
+        Ok(filled)
+    }
+
     /// Fill every hole in `start..end` with zeroed frames, in blocks as large as the allocator
     /// has; returns the indexes' runs that were filled.
     pub fn fill(&mut self, mm: &mut Mm, start: u64, end: u64) -> Result<Vec<(u64, u64)>, MmError> {

@@ -294,8 +294,10 @@ impl Host {
             let Some(FileKind::GuestMemfd(g)) = files.kind_mut(file) else {
                 return Err(Errno::EINVAL);
             };
-            // Whole runs at a time: a guest_memfd allocated in one go is a few extents.
-            g.pages.fill(mm, off / PAGE_SIZE, end / PAGE_SIZE)?
+            // Whole runs at a time: a guest_memfd allocated in one go is a few extents; pages
+            // of a partly allocated 2 MiB range come from the file's block there.
+            g.pages
+                .fill_file(mm, file, off / PAGE_SIZE, end / PAGE_SIZE)?
         };
         for (idx, n) in new {
             self.map_file_range(file, idx, idx + n);
@@ -329,7 +331,13 @@ impl Host {
                 return Err(Errno::EPERM);
             }
             if g.page_order == 0 {
-                Some(g.pages.fault_in(mm, index).map_err(|_| Errno::ENOMEM)?)
+                // From the file's block for the page's 2 MiB range of offsets, so the file's
+                // frames stay in long runs whatever order the guest touches them in.
+                Some(
+                    g.pages
+                        .fault_in_file(mm, file, index)
+                        .map_err(|_| Errno::ENOMEM)?,
+                )
             } else {
                 None
             }

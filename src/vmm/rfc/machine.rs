@@ -91,7 +91,10 @@ pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     let vm = libkvm::create_vm(h, pid, kvm, vm_type).map_err(e("KVM_CREATE_VM"))?;
     let gmem = libkvm::create_guest_memfd_order(h, pid, vm, o.guest_mem, flags, o.huge as u8)
         .map_err(e("KVM_CREATE_GUEST_MEMFD"))?;
-    if o.populate {
+    if let Some(seed) = o.fragment {
+        let v = super::fragment::populate(h, pid, vm, gmem, o, seed)?;
+        h.report("rfc-fragment", v);
+    } else if o.populate {
         h.fallocate(pid, gmem, libc::FALLOC_FL_KEEP_SIZE, 0, o.guest_mem)
             .map_err(e("fallocate"))?;
         if o.populate_write {

@@ -27,6 +27,7 @@ use crate::uapi::Errno;
 use super::libluo::*;
 
 mod devices;
+mod fragment;
 mod incoming;
 mod machine;
 mod options;

@@ -54,6 +54,23 @@ pub struct Options {
     /// 4 KiB pages), from the host's `--hugepages` pool.
     #[serde(default)]
     pub huge: u32,
+    /// Populate the guest_memfd the way a long-running host would (`fragment=SEED`): churn
+    /// first, then every page faulted in a seeded random order, interleaved with the faults
+    /// of other guests (see `vmm::rfc::fragment`). Implies `populate`.
+    #[serde(default)]
+    pub fragment: Option<u64>,
+    /// With `fragment`: guests faulting in turn, the benchmark's included (`fragment-guests`,
+    /// default 4).
+    #[serde(default)]
+    pub fragment_guests: u32,
+    /// With `fragment`: bytes of the other guests together (`fragment-other`, default
+    /// guest-mem / 32).
+    #[serde(default)]
+    pub fragment_other: u64,
+    /// With `fragment`: bytes the churn allocates before the guests fault, about half of them
+    /// freed again (`fragment-churn`, default guest-mem / 64).
+    #[serde(default)]
+    pub fragment_churn: u64,
 }
 
 impl Options {
@@ -104,6 +121,22 @@ impl Options {
             huge: a
                 .get("huge")
                 .map_or(Ok(0), |v| v.parse().map_err(|_| format!("huge={v:?}")))?,
+            fragment: a
+                .get("fragment")
+                .map(|v| v.parse().map_err(|_| format!("fragment={v:?}")))
+                .transpose()?,
+            fragment_guests: a.get("fragment-guests").map_or(Ok(4), |v| {
+                v.parse().map_err(|_| format!("fragment-guests={v:?}"))
+            })?,
+            fragment_other: 0,
+            fragment_churn: 0,
+        };
+        let guest_mem = o.guest_mem;
+        let o = Options {
+            fragment_other: size("fragment-other", guest_mem / 32 / 4096 * 4096)?,
+            fragment_churn: size("fragment-churn", guest_mem / 64 / 4096 * 4096)?,
+            populate: o.populate || o.fragment.is_some(),
+            ..o
         };
         let mut o = o;
         if !a.contains_key("slot-chunk") {
@@ -150,6 +183,19 @@ impl Options {
                 self.huge
             ));
         }
+        if self.fragment.is_some()
+            && (self.private
+                || !(1..=MAX_FRAGMENT_GUESTS).contains(&self.fragment_guests)
+                || self.fragment_other % 4096 != 0
+                || self.fragment_other > ram_size
+                || self.fragment_churn > ram_size
+                || self.guest_mem > ram_size)
+        {
+            return Err(format!(
+                "fragment needs a shared guest_memfd within RAM, fragment-guests 1..={MAX_FRAGMENT_GUESTS} \
+                 and fragment-other (page aligned) and fragment-churn within RAM ({ram_size})"
+            ));
+        }
         let chunk = self.slot_chunk.max(4096);
         let chunks = self.slot_size().div_ceil(chunk);
         if chunks > MAX_CHUNKS {
@@ -176,6 +222,8 @@ pub fn auto_chunk(slot: u64) -> u64 {
         .max(MIN_AUTO_CHUNK)
 }
 
+/// Most guests `fragment` interleaves (the benchmark's included).
+pub const MAX_FRAGMENT_GUESTS: u32 = 16;
 /// Largest guest_memfd the scenario takes (the benchmark's metadata-only points reach 1 TiB).
 pub const MAX_GUEST_MEM: u64 = 1 << 46;
 /// Most memslots the guest_memfd is cut into: KVM's x86 limit of user memslots (32764), less
@@ -206,6 +254,9 @@ pub(super) struct StageState {
     /// The guest's read pass over all of its data before the update, µs (see `GuestIo`).
     #[serde(default)]
     pub(super) touch_before_us: f64,
+    /// Run-length distribution of the guest_memfd's frames when it was preserved.
+    #[serde(default)]
+    pub(super) gmem_runs: Option<crate::mm::fragment::RunStats>,
 }
 
 #[cfg(test)]
@@ -265,6 +316,7 @@ mod tests {
             save_us: 0.0,
             preserved_folios: 0,
             touch_before_us: 0.0,
+            gmem_runs: None,
         };
         let mut text = serde_json::to_vec(&ss).unwrap();
         text.extend_from_slice(&[0; 16]);
@@ -292,6 +344,21 @@ mod tests {
                 }),
             ),
             ("zero data", patch(&|o| o.data = 0)),
+            (
+                "fragment guests",
+                patch(&|o| {
+                    o.fragment = Some(1);
+                    o.fragment_guests = 1000
+                }),
+            ),
+            (
+                "fragment churn",
+                patch(&|o| {
+                    o.fragment = Some(1);
+                    o.fragment_guests = 4;
+                    o.fragment_churn = u64::MAX
+                }),
+            ),
         ] {
             let r = read_stage_state(&t, ram);
             assert!(

@@ -182,6 +182,7 @@ fn update(
     (write_ms, touch_before_us): (f64, f64),
 ) -> Result<std::convert::Infallible, (String, i32)> {
     let fail = |what: &'static str| move |err: Errno| (format!("{what}: {err}"), err.0);
+    let gmem_runs = super::fragment::gmem_run_stats(&lock(shared), pid, vm.gmem);
     // Preserve while the guest keeps running: the guest_memfd freezes here.
     let t = Instant::now();
     let (st, m, folios) = {
@@ -260,6 +261,7 @@ fn update(
         save_us,
         preserved_folios: folios,
         touch_before_us,
+        gmem_runs,
     };
     let text = serde_json::to_vec(&ss).map_err(|err| (format!("state: {err}"), libc::EINVAL))?;
     h.pwrite(pid, m, &text, 0).map_err(fail("write state"))?;

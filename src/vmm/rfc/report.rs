@@ -101,6 +101,7 @@ impl Stage2Report<'_> {
             "guest_loops": rep.loops,
             "handover_bytes": self.handover_bytes,
             "preserved_folios": ss.preserved_folios,
+            "gmem_runs": ss.gmem_runs,
             "vm_name": self.vm_name,
             "memslots": { "chunks": self.chunks, "bound_at_end": self.bound_at_end, "background_bind_us": self.background_bind_us },
             "brownout": { "touch_before_us": ss.touch_before_us, "touch_after_us": self.touch_after_us, "bytes": o.data },
