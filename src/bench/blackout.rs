@@ -64,6 +64,10 @@ pub enum Fill {
     /// A guest_memfd of the full size, bound whole, holding only the `Plan::data` the guest
     /// writes: the rest is never allocated.
     Sparse,
+    /// As `Written`, but allocated the way a host that has run for a while allocates: churn,
+    /// then several guests faulting in turn in random order (`fragment=SEED`, a new seed per
+    /// run; `mm::fragment`).
+    Fragmented,
 }
 
 impl Fill {
@@ -73,6 +77,7 @@ impl Fill {
             Fill::Written => "written",
             Fill::Allocated => "allocated",
             Fill::Sparse => "sparse",
+            Fill::Fragmented => "fragmented",
         }
     }
 }
@@ -154,6 +159,8 @@ pub struct Plan {
     pub sizes: Vec<u64>,
     /// Guest sizes in bytes of sparse guest_memfds bound whole (only `data` is written).
     pub sparse: Vec<u64>,
+    /// Guest sizes in bytes, every page written, allocated fragmented ([`Fill::Fragmented`]).
+    pub fragmented: Vec<u64>,
     /// Guest sizes in bytes, fully allocated, whose memslots cover only the first 16 GiB
     /// (live-v2 only; none by default).
     pub metadata_only: Vec<u64>,
@@ -183,6 +190,7 @@ impl Plan {
         Plan {
             sizes: vec![16 << 20, 256 << 20, 1 << 30, 4 << 30, 16 << 30],
             sparse: vec![64 << 30, 256 << 30, 1 << 40],
+            fragmented: vec![1 << 30, 16 << 30],
             metadata_only: vec![],
             runs: 20,
             baseline_runs: 5,
@@ -200,6 +208,7 @@ impl Plan {
         Plan {
             sizes: vec![16 << 20, 64 << 20],
             sparse: vec![],
+            fragmented: vec![64 << 20],
             metadata_only: vec![],
             runs: 2,
             baseline_runs: 2,
@@ -238,6 +247,9 @@ impl Plan {
                 v.push(spec(Kind::LiveV1, s, s, Fill::Written));
             }
         }
+        for &s in &self.fragmented {
+            v.push(spec(Kind::LiveV2, s, s, Fill::Fragmented));
+        }
         for &s in &self.sparse {
             v.push(spec(Kind::LiveV2, s, s, Fill::Sparse));
         }
@@ -272,6 +284,11 @@ fn f(v: &Value) -> f64 {
 
 /// One run of one point, in a fresh host image.
 pub fn run_one(p: Spec, plan: &Plan) -> Run {
+    run_one_seeded(p, plan, 1)
+}
+
+/// One run of one point; `seed` (non-zero) picks the allocation order of a fragmented point.
+pub fn run_one_seeded(p: Spec, plan: &Plan, seed: u64) -> Run {
     let Spec {
         kind,
         size,
@@ -293,6 +310,7 @@ pub fn run_one(p: Spec, plan: &Plan) -> Run {
         Fill::Written => (Some("write"), slot),
         Fill::Allocated => (Some("1"), plan.data.min(slot)),
         Fill::Sparse => (None, plan.data.min(slot)),
+        Fill::Fragmented => (Some("write"), slot),
     };
     let mut init = vec![
         format!("guest-mem={size}"),
@@ -301,6 +319,9 @@ pub fn run_one(p: Spec, plan: &Plan) -> Run {
     ];
     if let Some(v) = populate {
         init.push(format!("populate={v}"));
+    }
+    if fill == Fill::Fragmented {
+        init.push(format!("fragment={}", seed.max(1)));
     }
     for a in init {
         args.push("--init-arg".into());

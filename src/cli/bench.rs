@@ -36,6 +36,10 @@ pub struct BlackoutArgs {
     /// writes (default 64G,256G,1T; 0 for none).
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     pub sparse: Option<Vec<u64>>,
+    /// Sizes of written guests allocated fragmented (churn, several guests faulting in random
+    /// order), default 1G,16G; 0 for none.
+    #[arg(long, value_delimiter = ',', value_parser = parse_size)]
+    pub fragmented: Option<Vec<u64>>,
     /// Metadata-only sizes: allocated whole, the guest sees the first 16 GiB (none by default).
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     pub metadata_only: Option<Vec<u64>>,

@@ -22,6 +22,9 @@ pub(super) fn plan(a: &BlackoutArgs) -> Plan {
     if let Some(s) = &a.sparse {
         p.sparse = s.iter().copied().filter(|&x| x > 0).collect();
     }
+    if let Some(s) = &a.fragmented {
+        p.fragmented = s.iter().copied().filter(|&x| x > 0).collect();
+    }
     if let Some(s) = &a.metadata_only {
         p.metadata_only = s.iter().copied().filter(|&x| x > 0).collect();
     }
@@ -125,6 +128,22 @@ pub(super) fn targets(points: &[Point]) -> Vec<Value> {
             "KiB/GiB",
             kib <= 64.0,
         ));
+        if let Some(fr) = at(Fill::Fragmented, 16 * gib) {
+            let kib = fr.handover_bytes.median / 1024.0 / 16.0;
+            t.push(verdict(
+                "handover metadata <= 64 KiB per GiB at 16 GiB fragmented",
+                kib,
+                "KiB/GiB",
+                kib <= 64.0,
+            ));
+            let r = fr.blackout_us.median / p.blackout_us.median;
+            t.push(verdict(
+                "blackout p50 at 16 GiB fragmented within 2x of contiguous",
+                r,
+                "x",
+                r <= 2.0,
+            ));
+        }
         for kind in [Kind::Snapshot] {
             if let Some(b) = baseline_for(points, kind, 16 * gib) {
                 let r = b / p.blackout_us.median;
@@ -208,7 +227,7 @@ pub(super) fn sweep(a: BlackoutArgs) -> Result<ExitCode, String> {
         );
         for i in 0..plan.runs_of(spec.kind) {
             bar.set_message(format!("{label} run {}", i + 1));
-            let r = blackout::run_one(spec, &plan);
+            let r = blackout::run_one_seeded(spec, &plan, i as u64 + 1);
             if let Some(e) = &r.error {
                 bar.println(format!("{label}: run {} failed: {e}", i + 1));
             }

@@ -191,7 +191,7 @@ impl Host {
 
     /// Map the present pages of file indexes `a..b` into mapping `m`, one mmap per run of
     /// physically contiguous pages.
-    fn map_runs_into(&self, m: &Mapping, a: u64, b: u64) {
+    pub(crate) fn map_runs_into(&self, m: &Mapping, a: u64, b: u64) {
         let n = m.window.len() / PAGE_SIZE;
         let (a, b) = (a.max(m.pgoff), b.min(m.pgoff + n));
         if a >= b {

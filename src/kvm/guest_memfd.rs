@@ -33,6 +33,10 @@ pub struct GuestMemfd {
     pub frozen: bool,
     /// Our mapping of the whole file, which memslots point at.
     pub kernel_map: Option<MapId>,
+    /// The page indexes whose present pages the kernel mapping has mapped (a set page is
+    /// "mapped"; see `Host::kernel_map_range`): filled per memslot as memslots are bound, not
+    /// all at once, so binding one chunk costs what that chunk holds.
+    pub kernel_mapped: PageAttrs,
     /// Which pages are private (in-place conversion): the guest reaches them, the host's
     /// mappings do not (SIGBUS). Only a private-memory VM's files have any.
     pub attrs: PageAttrs,

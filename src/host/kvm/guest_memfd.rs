@@ -70,6 +70,7 @@ impl Host {
             pages: PageCache::with_pages(nr),
             frozen: false,
             kernel_map: None,
+            kernel_mapped: PageAttrs::all_shared(),
             attrs,
             page_order,
             split: PageAttrs::all_shared(),
@@ -219,9 +220,24 @@ impl Host {
                 window: Arc::new(window),
             },
         );
-        self.gmem(file)?.kernel_map = Some(id);
-        self.map_present(id);
+        let g = self.gmem(file)?;
+        g.kernel_map = Some(id);
+        g.kernel_mapped = PageAttrs::all_shared();
         Ok(id)
+    }
+
+    /// Map the present pages of page indexes `a..b` of `file` into its kernel mapping `map`,
+    /// where not mapped yet (a memslot over that range is about to be bound). Pages allocated
+    /// later are mapped into every mapping of the file as they come, this one included.
+    pub(crate) fn kernel_map_range(&mut self, file: FileId, map: MapId, a: u64, b: u64) {
+        let Ok(g) = self.gmem(file) else { return };
+        let gaps = g.kernel_mapped.shared_parts(a, b);
+        g.kernel_mapped.set(a, b, true);
+        if let Some(m) = self.maps.get(&map) {
+            for (lo, hi) in gaps {
+                self.map_runs_into(m, lo, hi);
+            }
+        }
     }
 
     /// fallocate on a guest_memfd: KEEP_SIZE allocate or PUNCH_HOLE, page aligned, in range.

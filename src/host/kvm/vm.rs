@@ -214,6 +214,8 @@ impl Host {
                 return Err(Errno::EINVAL);
             }
             let m = self.kernel_map(gfile)?;
+            let first = r.guest_memfd_offset / PAGE_SIZE;
+            self.kernel_map_range(gfile, m, first, first + r.memory_size / PAGE_SIZE);
             let w = self
                 .maps
                 .get(&m)

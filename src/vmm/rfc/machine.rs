@@ -97,9 +97,6 @@ pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     } else if o.populate {
         h.fallocate(pid, gmem, libc::FALLOC_FL_KEEP_SIZE, 0, o.guest_mem)
             .map_err(e("fallocate"))?;
-        if o.populate_write {
-            write_pattern(h, pid, gmem, o.guest_mem)?;
-        }
     } else if o.prefault {
         h.fallocate(
             pid,
@@ -109,6 +106,9 @@ pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
             o.data.div_ceil(4096 << o.huge) * (4096 << o.huge),
         )
         .map_err(e("fallocate"))?;
+    }
+    if o.populate_write {
+        write_pattern(h, pid, gmem, o.guest_mem)?;
     }
     let low = h.memfd_create(pid, "guest-low", 0).map_err(e("memfd"))?;
     let mut img = vec![0u8; guest::LOW_MEM_SIZE];
