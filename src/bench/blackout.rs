@@ -424,10 +424,62 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-/// An SVG plot of median blackout against guest size (log-log), one line per kind, with
-/// min..max bars.
+/// The plot's series: one line per (kind, fill), in legend order, with its color and label.
+const SERIES: &[(Kind, Fill, &str, &str)] = &[
+    (
+        Kind::LiveV2,
+        Fill::Written,
+        "#1f77b4",
+        "live update, v2 (written)",
+    ),
+    (
+        Kind::LiveV2,
+        Fill::Fragmented,
+        "#17becf",
+        "live update, v2 (fragmented)",
+    ),
+    (
+        Kind::LiveV2,
+        Fill::Sparse,
+        "#7f7f7f",
+        "live update, v2 (sparse, bound whole)",
+    ),
+    (
+        Kind::LiveV2,
+        Fill::Allocated,
+        "#aec7e8",
+        "live update, v2 (allocated)",
+    ),
+    (
+        Kind::LiveV1,
+        Fill::Written,
+        "#2ca02c",
+        "live update, RFC v1 (written)",
+    ),
+    (
+        Kind::LiveHuge2M,
+        Fill::Allocated,
+        "#9467bd",
+        "live update, v3 2 MiB folios",
+    ),
+    (
+        Kind::LiveHuge1G,
+        Fill::Allocated,
+        "#8c564b",
+        "live update, v3 1 GiB folios",
+    ),
+    (
+        Kind::Snapshot,
+        Fill::Written,
+        "#d62728",
+        "eager snapshot/restore",
+    ),
+];
+
+/// An SVG plot of blackout against guest size (log-log): one line per series through the
+/// p50s, a bar from min to max and a tick at p99.
 pub fn svg(points: &[Point]) -> String {
-    let (w, h, l, r, t, b) = (900.0, 520.0, 100.0, 200.0, 40.0, 60.0);
+    let (w, h, l, r, t, b) = (1000.0, 560.0, 100.0, 300.0, 40.0, 60.0);
     let ok: Vec<&Point> = points
         .iter()
         .filter(|p| p.blackout_us.median > 0.0)
@@ -449,8 +501,9 @@ pub fn svg(points: &[Point]) -> String {
     let (x1, y1) = (x1.max(x0 + 1.0), y1.max(y0 + 1.0));
     let px = |x: f64| l + (x - x0) / (x1 - x0) * (w - l - r);
     let py = |y: f64| h - b - (y - y0) / (y1 - y0) * (h - t - b);
+    let ms = |us: f64| (us.max(1.0) / 1000.0).log10();
     let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"13\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"16\">Guest-visible blackout vs guest memory (median, min..max)</text>\n",
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"13\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"{}\" y=\"24\" text-anchor=\"middle\" font-size=\"16\">Guest-visible blackout vs guest memory (line: p50; bar: min..max; tick: p99)</text>\n",
         (w - r + l) / 2.0
     );
     let mut y = y0;
@@ -466,18 +519,17 @@ pub fn svg(points: &[Point]) -> String {
         }
         x += 1.0;
     }
-    s += &format!("<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">guest memory (fully populated, 4 KiB folios)</text>\n", (w - r + l) / 2.0, h - 14.0);
-    for (i, (kind, color)) in [
-        (Kind::LiveV2, "#1f77b4"),
-        (Kind::LiveV1, "#2ca02c"),
-        (Kind::Snapshot, "#d62728"),
-        (Kind::LiveHuge2M, "#9467bd"),
-        (Kind::LiveHuge1G, "#8c564b"),
-    ]
-    .iter()
-    .enumerate()
-    {
-        let mine: Vec<&&Point> = ok.iter().filter(|p| p.kind == *kind).collect();
+    s += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">guest memory (guest_memfd size)</text>\n",
+        (w - r + l) / 2.0,
+        h - 14.0
+    );
+    let mut row = 0;
+    for &(kind, fill, color, label) in SERIES {
+        let mine: Vec<&&Point> = ok
+            .iter()
+            .filter(|p| p.kind == kind && p.fill == fill && p.slot_bytes == p.guest_bytes)
+            .collect();
         if mine.is_empty() {
             continue;
         }
@@ -487,7 +539,7 @@ pub fn svg(points: &[Point]) -> String {
                 format!(
                     "{:.1},{:.1}",
                     px((p.guest_bytes as f64).log2()),
-                    py((p.blackout_us.median / 1000.0).log10())
+                    py(ms(p.blackout_us.median))
                 )
             })
             .collect();
@@ -497,21 +549,20 @@ pub fn svg(points: &[Point]) -> String {
         );
         for p in &mine {
             let xx = px((p.guest_bytes as f64).log2());
+            let (lo, hi) = (py(ms(p.blackout_us.min)), py(ms(p.blackout_us.max)));
+            let (mid, p99) = (py(ms(p.blackout_us.median)), py(ms(p.blackout_us.p99)));
             s += &format!(
-                "<line x1=\"{xx}\" y1=\"{}\" x2=\"{xx}\" y2=\"{}\" stroke=\"{color}\"/><circle cx=\"{xx}\" cy=\"{}\" r=\"3.5\" fill=\"{color}\"/>\n",
-                py((p.blackout_us.min.max(1.0) / 1000.0).log10()),
-                py((p.blackout_us.max.max(1.0) / 1000.0).log10()),
-                py((p.blackout_us.median / 1000.0).log10())
+                "<line x1=\"{xx}\" y1=\"{lo}\" x2=\"{xx}\" y2=\"{hi}\" stroke=\"{color}\"/>"
+            );
+            s += &format!("<circle cx=\"{xx}\" cy=\"{mid}\" r=\"3.5\" fill=\"{color}\"/>");
+            s += &format!(
+                "<line x1=\"{}\" y1=\"{p99}\" x2=\"{}\" y2=\"{p99}\" stroke=\"{color}\" stroke-width=\"2\"/>\n",
+                xx - 5.0,
+                xx + 5.0
             );
         }
-        let label = match kind {
-            Kind::LiveV2 => "live update (v2 runs)",
-            Kind::LiveV1 => "live update (RFC v1)",
-            Kind::Snapshot => "snapshot/restore",
-            Kind::LiveHuge2M => "live update (v3, 2 MiB folios)",
-            Kind::LiveHuge1G => "live update (v3, 1 GiB folios)",
-        };
-        let ly = t + 20.0 + 22.0 * i as f64;
+        let ly = t + 20.0 + 22.0 * row as f64;
+        row += 1;
         s += &format!("<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"2\"/><text x=\"{2}\" y=\"{3}\">{label}</text>\n", w - r + 10.0, w - r + 34.0, w - r + 40.0, ly + 4.0);
     }
     s += "</svg>\n";
