@@ -122,6 +122,29 @@ pub enum BenchWhat {
         #[command(flatten)]
         opts: SyscallOpts,
     },
+    /// The live-snapshot baseline on plain KVM: pre-copy with dirty logging, pause, exec,
+    /// lazy restore from a MAP_PRIVATE file mapping; p50/p99/max of blackout, total, brownout.
+    LiveSnapshot {
+        /// Guest memory per run.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+        /// Runs (one at a time).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Directory for the snapshot files.
+        #[arg(long, default_value = "/var/tmp")]
+        dir: std::path::PathBuf,
+        /// Drop the snapshot file's page cache after the pre-copy, so the restore faults the
+        /// guest in from disk (a real kexec loses the page cache; our exec keeps it).
+        #[arg(long)]
+        cold_cache: bool,
+        /// Print JSON (every run).
+        #[arg(long)]
+        json: bool,
+    },
+    /// One live-snapshot VMM process (run by `bench live-snapshot`); writes its JSON result.
+    #[command(hide = true)]
+    LiveSnapshotVmm(Box<super::live_snapshot::VmmArgs>),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -168,6 +191,14 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
             Ok(ExitCode::SUCCESS)
         }
+        Some(BenchWhat::LiveSnapshot {
+            size,
+            runs,
+            dir,
+            cold_cache,
+            json,
+        }) => super::live_snapshot::bench(size, runs, &dir, cold_cache, json),
+        Some(BenchWhat::LiveSnapshotVmm(a)) => super::live_snapshot::vmm(&a),
         None => sweep(a.blackout),
     }
 }
