@@ -119,6 +119,24 @@ fn copy_dirty(vm: &VmFd, file: &File, slots: &Slots<'_>) -> Result<(Round, u64),
     ))
 }
 
+/// Bytes reserved for the vCPU state after guest memory (a larger state still works: the
+/// file grows in the blackout then).
+const STATE_AREA: usize = 64 << 10;
+
+/// `pwrite` all of `buf` at `off`.
+fn pwrite_all(file: &File, buf: &[u8], off: u64) -> Result<(), String> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n =
+            rustix::io::pwrite(file, &buf[done..], off + done as u64).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("wrote nothing".into());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 fn fdatasync(file: &File) -> Result<(), String> {
     file.sync_data()
         .map_err(|e| format!("fdatasync snapshot: {e}"))
@@ -241,6 +259,12 @@ fn snapshot_then_exec(o: &VmmOptions) -> Result<std::convert::Infallible, String
             break;
         }
     }
+    // Allocate and write the state area now, so that the fdatasync in the blackout finds only
+    // overwritten data blocks and no size or extent change to commit.
+    let state_off = LOW_MEM_SIZE as u64 + o.size;
+    pwrite_all(&file, &[0u8; STATE_AREA], state_off)
+        .map_err(|e| format!("reserve the vCPU state area: {e}"))?;
+    bytes_written += STATE_AREA as u64;
     let precopied_ns = monotonic_ns();
     ph.precopy = us(logging_ns, precopied_ns);
     fdatasync(&file)?;
@@ -274,16 +298,7 @@ fn snapshot_then_exec(o: &VmmOptions) -> Result<std::convert::Infallible, String
     let t_state = monotonic_ns();
     ph.final_copy = us(t_final, t_state);
     let state = state.to_bytes();
-    let state_off = LOW_MEM_SIZE as u64 + o.size;
-    let mut off = 0;
-    while off < state.len() {
-        let n = rustix::io::pwrite(&file, &state[off..], state_off + off as u64)
-            .map_err(|e| format!("write vCPU state: {e}"))?;
-        if n == 0 {
-            return Err("write vCPU state: wrote nothing".into());
-        }
-        off += n;
-    }
+    pwrite_all(&file, &state, state_off).map_err(|e| format!("write vCPU state: {e}"))?;
     bytes_written += state.len() as u64;
     let t_sync = monotonic_ns();
     ph.write_state = us(t_state, t_sync);
