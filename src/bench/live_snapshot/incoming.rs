@@ -85,9 +85,11 @@ pub fn restore(
     }
     let state = VcpuState::from_bytes(&state).map_err(|e| format!("vCPU state: {e}"))?;
 
+    let t_vm = monotonic_ns();
     let kvm = Kvm::new().map_err(|e| format!("open /dev/kvm: {e}"))?;
     init_xsave_size(&kvm);
     let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    let t_slots = monotonic_ns();
     let low = GuestMap::file_private(&file, 0, LOW_MEM_SIZE)?;
     let data = GuestMap::file_private(&file, LOW_MEM_SIZE as u64, o.size as usize)?;
     for (slot, gpa, map) in [(0u32, 0u64, &low), (1, DATA_GPA, &data)] {
@@ -102,6 +104,7 @@ pub fn restore(
         unsafe { vm.set_user_memory_region(region) }
             .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION slot {slot}: {e}"))?;
     }
+    let t_vcpu = monotonic_ns();
     let vcpu = vm
         .create_vcpu(0)
         .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
@@ -137,6 +140,10 @@ pub fn restore(
     let mut phases = carry.phases;
     phases.exec = us(carry.exec_ns, main_ns);
     phases.restore_setup = us(main_ns, ready_ns);
+    phases.restore_read_state = us(main_ns, t_vm);
+    phases.restore_create_vm = us(t_vm, t_slots);
+    phases.restore_memslots = us(t_slots, t_vcpu);
+    phases.restore_vcpu = us(t_vcpu, ready_ns);
     phases.brownout = us(resumed.resume_ns, resumed.final_ns);
     Ok(LiveSnapshotRun {
         ok,

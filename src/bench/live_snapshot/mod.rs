@@ -134,8 +134,19 @@ pub struct Phases {
     pub fsync: f64,
     /// Reaper clone, exec, until the new process's `main` runs.
     pub exec: f64,
-    /// In the new process: VM, file mappings, memslots, vCPU with its state.
+    /// Of `exec`: cloning the reaper.
+    pub reaper_spawn: f64,
+    /// In the new process: VM, file mappings, memslots, vCPU with its state (the sum of the
+    /// four `restore_*` below).
     pub restore_setup: f64,
+    /// Of `restore_setup`: adopting the reaper, opening the file, reading the vCPU state.
+    pub restore_read_state: f64,
+    /// Of `restore_setup`: opening `/dev/kvm`, `KVM_CREATE_VM`.
+    pub restore_create_vm: f64,
+    /// Of `restore_setup`: mapping the file, both memslots.
+    pub restore_memslots: f64,
+    /// Of `restore_setup`: `KVM_CREATE_VCPU`, restoring its state.
+    pub restore_vcpu: f64,
     /// Resume to the guest's final status: one clock read and the verify pass over all
     /// memory, faulting it in from the file.
     pub brownout: f64,

@@ -307,6 +307,8 @@ fn snapshot_then_exec(o: &VmmOptions) -> Result<std::convert::Infallible, String
     ph.fsync = us(t_sync, exec_ns);
 
     // The host update: a reaper keeps the old VM and address space, then exec.
+    let reaper = spawn_reaper();
+    ph.reaper_spawn = us(exec_ns, monotonic_ns());
     let carry = Carry {
         state_off,
         state_len: state.len() as u64,
@@ -336,7 +338,6 @@ fn snapshot_then_exec(o: &VmmOptions) -> Result<std::convert::Infallible, String
     if o.cold_cache {
         cmd.arg("--cold-cache");
     }
-    let reaper = spawn_reaper();
     let mut keep = Vec::new();
     if let Some(r) = &reaper {
         let fd = r.fd().as_raw_fd();
