@@ -90,8 +90,11 @@ pub fn restore(
     init_xsave_size(&kvm);
     let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
     let t_slots = monotonic_ns();
-    let low = GuestMap::file_private(&file, 0, LOW_MEM_SIZE)?;
-    let data = GuestMap::file_private(&file, LOW_MEM_SIZE as u64, o.size as usize)?;
+    // Low memory (page tables, code, GDT, TSS, mailbox: what the guest needs to run at all)
+    // eagerly, 2 MiB in one go (populating a private writable mapping copies it, so the guest's
+    // mailbox writes fault no more); guest memory lazily, as the guest touches it.
+    let low = GuestMap::file_private(&file, 0, LOW_MEM_SIZE, true)?;
+    let data = GuestMap::file_private(&file, LOW_MEM_SIZE as u64, o.size as usize, false)?;
     for (slot, gpa, map) in [(0u32, 0u64, &low), (1, DATA_GPA, &data)] {
         let region = kvm_bindings::kvm_userspace_memory_region {
             slot,

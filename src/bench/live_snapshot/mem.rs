@@ -56,11 +56,18 @@ impl GuestMap {
 
     /// `len` bytes of `file` from `off`, `MAP_PRIVATE`: reads fault in the file's page-cache
     /// pages, the first write to a page copies it (the file is never written through it).
-    pub fn file_private(file: &File, off: u64, len: usize) -> Result<GuestMap, String> {
+    /// With `populate`, every page is read and mapped now (`MAP_POPULATE`), not on first access.
+    pub fn file_private(
+        file: &File,
+        off: u64,
+        len: usize,
+        populate: bool,
+    ) -> Result<GuestMap, String> {
+        let eager = if populate { libc::MAP_POPULATE } else { 0 };
         Self::map(
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE | eager,
             file.as_raw_fd(),
             off,
         )

@@ -15,7 +15,8 @@
 //!    round and the vCPU state, `fdatasync`s again;
 //! 4. "updates the host" as our live update models it: a reaper child keeps the old VM and
 //!    address space (`kexec::reaper`), and the process `execve`s this binary;
-//! 5. the new process maps the snapshot file `MAP_PRIVATE` as guest memory (low memory too),
+//! 5. the new process maps the snapshot file `MAP_PRIVATE` as guest memory (the 2 MiB of low
+//!    memory populated at once, the guest's memory lazily),
 //!    creates a VM and vCPU with the saved state, lets the guest proceed and kills the reaper.
 //!    The guest reads its clock once more (the gap is the blackout it saw) and verifies every
 //!    byte; each page faults in from the file's page cache on first access. From the resume to
