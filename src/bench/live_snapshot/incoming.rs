@@ -91,8 +91,9 @@ pub fn restore(
     let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
     let t_slots = monotonic_ns();
     // Low memory (page tables, code, GDT, TSS, mailbox: what the guest needs to run at all)
-    // eagerly, 2 MiB in one go (populating a private writable mapping copies it, so the guest's
-    // mailbox writes fault no more); guest memory lazily, as the guest touches it.
+    // eagerly, 2 MiB read in one go (from disk when the page cache is cold: faulting it in page
+    // by page after the resume costs the guest tens of ms then); guest memory lazily, as the
+    // guest touches it.
     let low = GuestMap::file_private(&file, 0, LOW_MEM_SIZE, true)?;
     let data = GuestMap::file_private(&file, LOW_MEM_SIZE as u64, o.size as usize, false)?;
     for (slot, gpa, map) in [(0u32, 0u64, &low), (1, DATA_GPA, &data)] {

@@ -56,21 +56,28 @@ impl GuestMap {
 
     /// `len` bytes of `file` from `off`, `MAP_PRIVATE`: reads fault in the file's page-cache
     /// pages, the first write to a page copies it (the file is never written through it).
-    /// With `populate`, every page is read and mapped now (`MAP_POPULATE`), not on first access.
+    /// With `populate`, every page is read and mapped now, read-only (`MADV_POPULATE_READ`:
+    /// no copies; a write still copies its page), not on first access.
     pub fn file_private(
         file: &File,
         off: u64,
         len: usize,
         populate: bool,
     ) -> Result<GuestMap, String> {
-        let eager = if populate { libc::MAP_POPULATE } else { 0 };
-        Self::map(
+        let m = Self::map(
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE | eager,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
             file.as_raw_fd(),
             off,
-        )
+        )?;
+        if populate {
+            // SAFETY: advice on our own mapping; it changes no contents.
+            if unsafe { libc::madvise(m.ptr.cast(), m.len, libc::MADV_POPULATE_READ) } != 0 {
+                return Err(os_err("madvise(MADV_POPULATE_READ)"));
+            }
+        }
+        Ok(m)
     }
 
     /// The host address KVM gets for this memory.
