@@ -337,6 +337,7 @@ pub struct Summary {
 /// and summarize them; fails on the first failed run or a run whose guest did not verify.
 pub fn sweep(size: u64, runs: usize, dir: &Path, cold_cache: bool) -> Result<Summary, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    check_size(size)?;
     if runs == 0 {
         return Err("--runs must be at least 1".into());
     }
