@@ -224,7 +224,8 @@ fn prefilled_run_update_times_a_read_pass_and_verifies_without_writing() {
         fill_pattern(d, 0);
         d[bad] ^= 0x10;
     });
-    // First exit: the clock read that starts the read pass, before any status.
+    // First exit: the clock read that starts the first read pass, before any status (a second
+    // one starts the warm pass).
     match vcpu.run() {
         Ok(VcpuExit::IoIn(PORT_CLOCK, d)) => d.copy_from_slice(&(now_us() as u32).to_le_bytes()),
         Ok(exit) => panic!(

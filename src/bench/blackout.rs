@@ -21,6 +21,11 @@ pub enum Kind {
     LiveV1,
     /// Snapshot to a file and restore into a new VM.
     Snapshot,
+    /// The strongest alternative without KHO: a live snapshot on plain KVM (pre-copy with dirty
+    /// logging while the guest runs, pause, last dirty pages, exec, lazy restore from a
+    /// `MAP_PRIVATE` mapping of the file; `bench::live_snapshot`). The file's page cache
+    /// survives our exec (a real kexec would lose it).
+    LiveSnapshot,
     /// Live update of a software-protected guest backed by 2 MiB HugeTLB folios
     /// (`guest_memfd_luo_v3`); its first MiB is shared, the rest private.
     LiveHuge2M,
@@ -35,6 +40,7 @@ impl Kind {
             Kind::LiveV2 => "live-v2",
             Kind::LiveV1 => "live-v1",
             Kind::Snapshot => "snapshot",
+            Kind::LiveSnapshot => "live-snapshot",
             Kind::LiveHuge2M => "live-v3-2m",
             Kind::LiveHuge1G => "live-v3-1g",
         }
@@ -118,6 +124,10 @@ pub struct Run {
     pub phases_us: Value,
     /// Why the run failed (`ok` false).
     pub error: Option<String>,
+    /// The live-snapshot baseline's whole result (rounds, bytes written, extra memory, total
+    /// update time); null for the other kinds.
+    #[serde(default)]
+    pub detail: Value,
 }
 
 /// One point of the sweep: a kind at a guest size, over all its runs.
@@ -170,6 +180,8 @@ pub struct Plan {
     pub baseline_runs: usize,
     /// Largest guest size (bytes) measured with the eager snapshot baseline.
     pub baseline_max: u64,
+    /// Largest guest size (bytes) measured with the live-snapshot baseline.
+    pub live_snapshot_max: u64,
     /// Largest guest size (bytes) measured with the RFC's v1 format.
     pub v1_max: u64,
     /// Directory for the baseline's snapshot files.
@@ -195,6 +207,7 @@ impl Plan {
             runs: 20,
             baseline_runs: 5,
             baseline_max: 4 << 30,
+            live_snapshot_max: 16 << 30,
             v1_max: 1 << 30,
             snapshot_dir: "/var/tmp".into(),
             data: 5 << 20,
@@ -213,6 +226,7 @@ impl Plan {
             runs: 2,
             baseline_runs: 2,
             baseline_max: 64 << 20,
+            live_snapshot_max: 64 << 20,
             v1_max: 16 << 20,
             snapshot_dir: "/var/tmp".into(),
             data: 1 << 20,
@@ -224,7 +238,7 @@ impl Plan {
     /// Runs of a point of this kind.
     pub fn runs_of(&self, kind: Kind) -> usize {
         match kind {
-            Kind::Snapshot => self.baseline_runs,
+            Kind::Snapshot | Kind::LiveSnapshot => self.baseline_runs,
             _ => self.runs,
         }
     }
@@ -270,6 +284,11 @@ impl Plan {
             }
         }
         for &s in &self.sizes {
+            if s <= self.live_snapshot_max {
+                v.push(spec(Kind::LiveSnapshot, s, s, Fill::Written));
+            }
+        }
+        for &s in &self.sizes {
             if s <= self.baseline_max {
                 v.push(spec(Kind::Snapshot, s, s, Fill::Written));
             }
@@ -289,6 +308,9 @@ pub fn run_one(p: Spec, plan: &Plan) -> Run {
 
 /// One run of one point; `seed` (non-zero) picks the allocation order of a fragmented point.
 pub fn run_one_seeded(p: Spec, plan: &Plan, seed: u64) -> Run {
+    if p.kind == Kind::LiveSnapshot {
+        return live_snapshot_run(p.size, plan);
+    }
     let Spec {
         kind,
         size,
@@ -333,7 +355,7 @@ pub fn run_one_seeded(p: Spec, plan: &Plan, seed: u64) -> Run {
             "--init-arg".into(),
             format!("snapshot-dir={}", plan.snapshot_dir),
         ]),
-        Kind::LiveV2 => {}
+        Kind::LiveV2 | Kind::LiveSnapshot => {}
         Kind::LiveHuge2M | Kind::LiveHuge1G => {
             let order = kind.huge_order();
             let (name, folio) = if order == 9 {
@@ -358,6 +380,7 @@ pub fn run_one_seeded(p: Spec, plan: &Plan, seed: u64) -> Run {
         touch_after_us: 0.0,
         phases_us: Value::Null,
         error: Some(e),
+        detail: Value::Null,
     };
     let (code, events, stderr) = match super::harness::run_host(&args) {
         Ok(x) => x,
@@ -385,6 +408,47 @@ pub fn run_one_seeded(p: Spec, plan: &Plan, seed: u64) -> Run {
         touch_after_us: f(&end["brownout"]["touch_after_us"]),
         phases_us: p.clone(),
         error: None,
+        detail: Value::Null,
+    }
+}
+
+/// One run of the live-snapshot baseline, as a sweep run: its "preserve" is the pre-copy, its
+/// "handover bytes" the bytes written to the snapshot file.
+fn live_snapshot_run(size: u64, plan: &Plan) -> Run {
+    let dir = std::path::Path::new(&plan.snapshot_dir);
+    match super::live_snapshot::run_point(size, dir) {
+        Ok(r) => {
+            let ph = &r.phases_us;
+            Run {
+                ok: r.ok,
+                blackout_us: r.blackout_us as f64,
+                preserve_us: ph.precopy,
+                handover_bytes: r.bytes_written as f64,
+                retrieve_us: ph.restore_setup,
+                touch_before_us: ph.touch_before,
+                touch_after_us: ph.touch_after,
+                phases_us: serde_json::to_value(ph)
+                    .map(|mut v| {
+                        v["total_update"] = r.total_update_us.into();
+                        v
+                    })
+                    .unwrap_or(Value::Null),
+                error: (!r.ok).then(|| format!("guest status {}", r.guest_status)),
+                detail: serde_json::to_value(&r).unwrap_or(Value::Null),
+            }
+        }
+        Err(e) => Run {
+            ok: false,
+            blackout_us: 0.0,
+            preserve_us: 0.0,
+            handover_bytes: 0.0,
+            retrieve_us: 0.0,
+            touch_before_us: 0.0,
+            touch_after_us: 0.0,
+            phases_us: Value::Null,
+            error: Some(e),
+            detail: Value::Null,
+        },
     }
 }
 

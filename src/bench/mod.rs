@@ -4,6 +4,7 @@ pub mod blackout;
 pub mod external;
 pub mod harness;
 pub mod kho;
+pub mod live_snapshot;
 pub mod snapshot;
 pub mod syscall;
 

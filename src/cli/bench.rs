@@ -43,7 +43,10 @@ pub struct BlackoutArgs {
     /// Metadata-only sizes: allocated whole, the guest sees the first 16 GiB (none by default).
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     pub metadata_only: Option<Vec<u64>>,
-    /// Runs per snapshot-baseline point (default 5; 2 with --quick).
+    /// Largest size for the live-snapshot baseline (pre-copy with dirty logging, lazy restore).
+    #[arg(long, value_parser = parse_size)]
+    pub live_snapshot_max: Option<u64>,
+    /// Runs per snapshot-baseline point, eager and live (default 5; 2 with --quick).
     #[arg(long)]
     pub baseline_runs: Option<usize>,
     /// Largest size for the snapshot baseline (it writes the whole guest to a file).
@@ -132,6 +135,29 @@ pub enum BenchWhat {
         #[command(flatten)]
         opts: SyscallOpts,
     },
+    /// The live-snapshot baseline on plain KVM: pre-copy with dirty logging, pause, exec,
+    /// lazy restore from a MAP_PRIVATE file mapping; p50/p99/max of blackout, total, brownout.
+    LiveSnapshot {
+        /// Guest memory per run.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+        /// Runs (one at a time).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Directory for the snapshot files.
+        #[arg(long, default_value = "/var/tmp")]
+        dir: std::path::PathBuf,
+        /// Drop the snapshot file's page cache after the pre-copy, so the restore faults the
+        /// guest in from disk (a real kexec loses the page cache; our exec keeps it).
+        #[arg(long)]
+        cold_cache: bool,
+        /// Print JSON (every run).
+        #[arg(long)]
+        json: bool,
+    },
+    /// One live-snapshot VMM process (run by `bench live-snapshot`); writes its JSON result.
+    #[command(hide = true)]
+    LiveSnapshotVmm(Box<super::live_snapshot::VmmArgs>),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -178,6 +204,14 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
             Ok(ExitCode::SUCCESS)
         }
+        Some(BenchWhat::LiveSnapshot {
+            size,
+            runs,
+            dir,
+            cold_cache,
+            json,
+        }) => super::live_snapshot::bench(size, runs, &dir, cold_cache, json),
+        Some(BenchWhat::LiveSnapshotVmm(a)) => super::live_snapshot::vmm(&a),
         None if a.blackout.vmm == Some(VmmKind::External) => external(&a.blackout),
         None => super::bench_sweep::sweep(a.blackout),
     }

@@ -31,6 +31,9 @@ pub(super) fn plan(a: &BlackoutArgs) -> Plan {
     if let Some(m) = a.baseline_max {
         p.baseline_max = m;
     }
+    if let Some(m) = a.live_snapshot_max {
+        p.live_snapshot_max = m;
+    }
     if let Some(m) = a.v1_max {
         p.v1_max = m;
     }
@@ -244,6 +247,7 @@ pub(super) fn sweep(a: BlackoutArgs) -> Result<ExitCode, String> {
         .filter(|p| p.kind == Kind::LiveV2)
         .map(|p| {
             let base = baseline_for(&points, Kind::Snapshot, p.guest_bytes);
+            let live_snap = baseline_for(&points, Kind::LiveSnapshot, p.guest_bytes);
             json!({
                 "guest_bytes": p.guest_bytes,
                 "fill": p.fill,
@@ -253,6 +257,8 @@ pub(super) fn sweep(a: BlackoutArgs) -> Result<ExitCode, String> {
                 "blackout_max_us": p.blackout_us.max,
                 "baseline_blackout_us": base,
                 "ratio": base.map(|b| b / p.blackout_us.median),
+                "live_snapshot_blackout_us": live_snap,
+                "live_snapshot_ratio": live_snap.map(|b| b / p.blackout_us.median),
                 "handover_bytes": p.handover_bytes.median,
                 "preserve_us": p.preserve_us.median,
                 "retrieve_us": p.retrieve_us.median,
@@ -364,7 +370,7 @@ fn print_table(points: &[Point], targets: &[Value], plan: &Plan) {
             _ => String::new(),
         };
         let b = &p.blackout_us;
-        let live = p.kind != Kind::Snapshot;
+        let live = !matches!(p.kind, Kind::Snapshot | Kind::LiveSnapshot);
         println!(
             "{:10} {:>9} {:9} {:>24} {:>10} {:>10} {:>19}  {}{}",
             p.kind.name(),

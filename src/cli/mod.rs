@@ -6,6 +6,7 @@ pub mod boot;
 pub mod demo;
 pub mod guest_image;
 pub mod inspect;
+pub mod live_snapshot;
 pub mod run;
 pub mod soak;
 

@@ -10,7 +10,8 @@ pub const MODE_WRITE: u64 = 1;
 pub const MODE_VERIFY: u64 = 2;
 /// Mode: write, report, loop on the clock until told to proceed, verify.
 pub const MODE_RUN_UPDATE: u64 = 3;
-/// Mode: as [`MODE_RUN_UPDATE`] without the write: the host wrote the pattern already.
+/// Mode: as [`MODE_RUN_UPDATE`] without the write (the host wrote the pattern already), and
+/// with two read passes before the status instead of one.
 pub const MODE_RUN_UPDATE_PREFILLED: u64 = 5;
 
 /// Status: nothing reported yet (the value [`write_params`] leaves in the mailbox).

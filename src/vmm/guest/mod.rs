@@ -47,7 +47,9 @@
 //!   stored in the mailbox on every iteration. The gap includes the VMM's own time to answer two
 //!   I/O exits (tens of µs here); the pause is the outlier.
 //! - [`MODE_RUN_UPDATE_PREFILLED`]: as RUN_UPDATE without the fill (the host wrote the pattern):
-//!   `IN` [`PORT_CLOCK`], verify once, `OUT` [`STATUS_WRITTEN`], loop, verify.
+//!   twice `IN` [`PORT_CLOCK`] and verify (the first pass faults every page into the VM's
+//!   mappings, the second is the warm pass the VMM times), `OUT` [`STATUS_WRITTEN`], loop,
+//!   verify.
 //! - Anything else: report [`STATUS_BAD_MODE`].
 //!
 //! "Report" = store the status in the mailbox, then `OUT` it (32-bit) to [`PORT_STATUS`], forever:

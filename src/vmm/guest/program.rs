@@ -8,7 +8,7 @@
 /// Port numbers, the mailbox address and the mailbox offsets are immediates; the unit tests
 /// check them against the layout and mailbox constants.
 #[rustfmt::skip]
-pub const GUEST_CODE: [u8; 0x179] = [
+pub const GUEST_CODE: [u8; 0x184] = [
     // start:
     0x41, 0xbf, 0x00, 0x10, 0x00, 0x00, // 0x000: mov $0x1000,%r15d
     0x49, 0x8b, 0x7f, 0x08, // 0x006: mov 0x8(%r15),%rdi
@@ -133,16 +133,20 @@ pub const GUEST_CODE: [u8; 0x179] = [
     0xba, 0x84, 0x0e, 0x00, 0x00, // 0x14e: mov $0xe84,%edx
     0xed, // 0x153: in (%dx),%eax
     0xe9, 0x9e, 0xff, 0xff, 0xff, // 0x154: jmp 0x0f7 (verify returns to our caller)
-    // more modes: run-update with the data already written by the host (no fill)
+    // more modes: run-update with the data already written by the host (no fill): two timed
+    // read passes, the first faulting every page into the VM's mappings, the second warm
     0x48, 0x83, 0xf8, 0x05, // 0x159: cmp $0x5,%rax
-    0x75, 0x10, // 0x15d: jne 0x16f
+    0x75, 0x1b, // 0x15d: jne 0x17a
     0xba, 0x84, 0x0e, 0x00, 0x00, // 0x15f: mov $0xe84,%edx
     0xed, // 0x164: in (%dx),%eax
     0xe8, 0x8d, 0xff, 0xff, 0xff, // 0x165: call 0x0f7
-    0xe9, 0xf2, 0xfe, 0xff, 0xff, // 0x16a: jmp 0x061 (report WRITTEN, clock loop)
+    0xba, 0x84, 0x0e, 0x00, 0x00, // 0x16a: mov $0xe84,%edx
+    0xed, // 0x16f: in (%dx),%eax
+    0xe8, 0x82, 0xff, 0xff, 0xff, // 0x170: call 0x0f7
+    0xe9, 0xe7, 0xfe, 0xff, 0xff, // 0x175: jmp 0x061 (report WRITTEN, clock loop)
     // bad mode
-    0xb8, 0x04, 0x00, 0x00, 0x00, // 0x16f: mov $0x4,%eax
-    0xe9, 0x3b, 0xff, 0xff, 0xff, // 0x174: jmp 0x0b4
+    0xb8, 0x04, 0x00, 0x00, 0x00, // 0x17a: mov $0x4,%eax
+    0xe9, 0x30, 0xff, 0xff, 0xff, // 0x17f: jmp 0x0b4
 ];
 
 #[cfg(test)]
@@ -171,7 +175,7 @@ mod tests {
         assert_eq!(u64::from(GUEST_CODE[0x39]), MODE_VERIFY);
         assert_eq!(u64::from(GUEST_CODE[0x3f]), MODE_RUN_UPDATE);
         assert_eq!(u64::from(GUEST_CODE[0x15c]), MODE_RUN_UPDATE_PREFILLED);
-        assert_eq!(u64::from(imm32_at(0x170)), STATUS_BAD_MODE);
+        assert_eq!(u64::from(imm32_at(0x17b)), STATUS_BAD_MODE);
         assert_eq!(u64::from(imm32_at(0x4f)), STATUS_WRITTEN);
         assert_eq!(u64::from(imm32_at(0x62)), STATUS_WRITTEN);
         assert_eq!(usize::from(GUEST_CODE[0x69]), MB_STATUS);
@@ -184,6 +188,7 @@ mod tests {
             (0xb8, PORT_STATUS),
             (0x14e, PORT_CLOCK),
             (0x15f, PORT_CLOCK),
+            (0x16a, PORT_CLOCK),
         ] {
             assert_eq!(GUEST_CODE[off], 0xba, "mov imm32, %edx at {off:#x}");
             assert_eq!(imm32_at(off + 1), u32::from(port), "port at {off:#x}");
@@ -207,12 +212,13 @@ mod tests {
         assert_eq!((GUEST_CODE[0x154], rel(0x154)), (0xe9, 0x0f7));
         assert_eq!((GUEST_CODE[0x42], rel(0x42)), (0xe9, 0x159));
         assert_eq!((GUEST_CODE[0x165], rel(0x165)), (0xe8, 0x0f7));
-        assert_eq!((GUEST_CODE[0x16a], rel(0x16a)), (0xe9, 0x061));
-        assert_eq!((GUEST_CODE[0x174], rel(0x174)), (0xe9, 0x0b4));
+        assert_eq!((GUEST_CODE[0x170], rel(0x170)), (0xe8, 0x0f7));
+        assert_eq!((GUEST_CODE[0x175], rel(0x175)), (0xe9, 0x061));
+        assert_eq!((GUEST_CODE[0x17f], rel(0x17f)), (0xe9, 0x0b4));
         // jne rel8 to the bad-mode tail
         assert_eq!(
             (GUEST_CODE[0x15d], 0x15f + usize::from(GUEST_CODE[0x15e])),
-            (0x75, 0x16f)
+            (0x75, 0x17a)
         );
         assert!(CODE_GPA as usize + GUEST_CODE.len() <= STACK_TOP as usize - 0x2000);
     }
