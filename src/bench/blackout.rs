@@ -533,6 +533,12 @@ const SERIES: &[(Kind, Fill, &str, &str)] = &[
         "live update, v3 1 GiB folios",
     ),
     (
+        Kind::LiveSnapshot,
+        Fill::Written,
+        "#ff7f0e",
+        "live snapshot, lazy restore",
+    ),
+    (
         Kind::Snapshot,
         Fill::Written,
         "#d62728",
