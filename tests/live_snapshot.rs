@@ -4,36 +4,18 @@
 //! Skips with a loud `SKIP:` line when `/dev/kvm` cannot be opened, unless
 //! `HANDOVER_REQUIRE_KVM=1`, in which case it fails.
 
-use std::io::Write;
 use std::path::Path;
 
 use handover::bench::live_snapshot::{dirty_ranges, run_point_opts, run_point_with, DATA_GPA};
 use handover::vmm::guest::*;
+use handover::vmm::libkvm::kvm_available;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{MmapRegion, VolatileMemory};
 
-fn kvm_or_skip(test: &str) -> bool {
-    match kvm_ioctls::Kvm::new() {
-        Ok(_) => true,
-        Err(e) => {
-            if std::env::var("HANDOVER_REQUIRE_KVM").as_deref() == Ok("1") {
-                panic!("{test}: /dev/kvm is required (HANDOVER_REQUIRE_KVM=1) but cannot be opened: {e}");
-            }
-            // Straight to fd 2: libtest captures `eprintln!` of passing tests, and a skip must
-            // be seen.
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "SKIP: /dev/kvm not available ({e}); {test} did not run (set HANDOVER_REQUIRE_KVM=1 to fail instead)"
-            );
-            false
-        }
-    }
-}
-
 #[test]
 fn live_snapshot_restores_lazily_and_verifies() {
-    if !kvm_or_skip("live_snapshot_restores_lazily_and_verifies") {
+    if !kvm_available("live_snapshot_restores_lazily_and_verifies") {
         return;
     }
     const SIZE: u64 = 64 << 20;
@@ -78,7 +60,7 @@ fn live_snapshot_restores_lazily_and_verifies() {
 /// disk and still verifies.
 #[test]
 fn cold_cache_restore_verifies() {
-    if !kvm_or_skip("cold_cache_restore_verifies") {
+    if !kvm_available("cold_cache_restore_verifies") {
         return;
     }
     const SIZE: u64 = 16 << 20;
@@ -115,7 +97,7 @@ fn run_to_status(vcpu: &mut VcpuFd) -> u64 {
 /// (the same pages written again are reported again; nothing else is).
 #[test]
 fn dirty_log_reports_every_guest_write_each_round() {
-    if !kvm_or_skip("dirty_log_reports_every_guest_write_each_round") {
+    if !kvm_available("dirty_log_reports_every_guest_write_each_round") {
         return;
     }
     const LEN: usize = 4 << 20;

@@ -130,6 +130,24 @@ pub struct Run {
     pub detail: Value,
 }
 
+impl Run {
+    /// A run that failed with `error`: no figures.
+    pub fn failed(error: String) -> Run {
+        Run {
+            ok: false,
+            blackout_us: 0.0,
+            preserve_us: 0.0,
+            handover_bytes: 0.0,
+            retrieve_us: 0.0,
+            touch_before_us: 0.0,
+            touch_after_us: 0.0,
+            phases_us: Value::Null,
+            error: Some(error),
+            detail: Value::Null,
+        }
+    }
+}
+
 /// One point of the sweep: a kind at a guest size, over all its runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Point {
@@ -370,18 +388,7 @@ pub fn run_one_seeded(p: Spec, plan: &Plan, seed: u64) -> Run {
             args.push(format!("--hugepages={name}:{}", size / folio));
         }
     }
-    let failed = |e: String| Run {
-        ok: false,
-        blackout_us: 0.0,
-        preserve_us: 0.0,
-        handover_bytes: 0.0,
-        retrieve_us: 0.0,
-        touch_before_us: 0.0,
-        touch_after_us: 0.0,
-        phases_us: Value::Null,
-        error: Some(e),
-        detail: Value::Null,
-    };
+    let failed = Run::failed;
     let (code, events, stderr) = match super::harness::run_host(&args) {
         Ok(x) => x,
         Err(e) => return failed(e),
@@ -437,18 +444,7 @@ fn live_snapshot_run(size: u64, plan: &Plan) -> Run {
                 detail: serde_json::to_value(&r).unwrap_or(Value::Null),
             }
         }
-        Err(e) => Run {
-            ok: false,
-            blackout_us: 0.0,
-            preserve_us: 0.0,
-            handover_bytes: 0.0,
-            retrieve_us: 0.0,
-            touch_before_us: 0.0,
-            touch_after_us: 0.0,
-            phases_us: Value::Null,
-            error: Some(e),
-            detail: Value::Null,
-        },
+        Err(e) => Run::failed(e),
     }
 }
 
