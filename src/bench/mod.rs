@@ -8,6 +8,19 @@ pub mod live_snapshot;
 pub mod snapshot;
 pub mod syscall;
 
+/// Percentile `p` (0..=100) of a sample by nearest rank: the smallest value with at least
+/// `p`% of the sample at or below it (`ceil(p/100 * n)`-th smallest, at least the first).
+/// `None` for an empty sample or `p` outside 0..=100 or NaN.
+pub fn nearest_rank(v: &[f64], p: f64) -> Option<f64> {
+    if v.is_empty() || !(0.0..=100.0).contains(&p) {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    Some(s[rank.clamp(1, s.len()) - 1])
+}
+
 /// Median (p50), p99, min and max of a sample.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Spread {
@@ -34,10 +47,9 @@ impl Spread {
         }
         let mut s = v.to_vec();
         s.sort_by(|a, b| a.total_cmp(b));
-        let rank = (s.len() * 99).div_ceil(100).max(1);
         Spread {
             median: s[s.len() / 2],
-            p99: s[rank - 1],
+            p99: nearest_rank(&s, 99.0).unwrap_or(0.0),
             min: s[0],
             max: s[s.len() - 1],
             n: s.len(),

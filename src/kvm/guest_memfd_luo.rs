@@ -489,13 +489,7 @@ impl<C: GuestMemfdLuoCtx + ?Sized> FileHandler<C> for GuestMemfdHandler {
             }
             Ok(file)
         })();
-        // The VM file stays with LUO (and the user); the guest_memfd holds the VM itself.
-        host.fput(vm);
-        let file = r?;
-        let (kho, mm) = host.kho_mm();
-        kho.restore_free(mm, a.serialized).map_err(|_| Errno::EIO)?;
-        a.file = Some(file);
-        Ok(())
+        complete_retrieve(host, vm, r, a)
     }
 
     fn finish(&self, host: &mut C, a: &mut FileArgs) {
@@ -523,6 +517,23 @@ impl<C: GuestMemfdLuoCtx + ?Sized> FileHandler<C> for GuestMemfdHandler {
         }
         let _ = kho.restore_free(mm, a.serialized);
     }
+}
+
+/// The end of `retrieve` of every version: drop the reference to the VM file taken for the
+/// lookup (the VM file stays with LUO and the user; the guest_memfd holds the VM itself), and
+/// on success give the blob back and hand the new file to LUO.
+pub(super) fn complete_retrieve<C: GuestMemfdLuoCtx + ?Sized>(
+    host: &mut C,
+    vm: crate::fs::FileId,
+    r: SysResult<crate::fs::FileId>,
+    a: &mut FileArgs,
+) -> SysResult<()> {
+    host.fput(vm);
+    let file = r?;
+    let (kho, mm) = host.kho_mm();
+    kho.restore_free(mm, a.serialized).map_err(|_| Errno::EIO)?;
+    a.file = Some(file);
+    Ok(())
 }
 
 /// `freeze` of every version: the owning VM must be preserved in the same session; its token

@@ -438,12 +438,7 @@ impl<C: GuestMemfdLuoCtx + ?Sized> FileHandler<C> for GuestMemfdV3Handler {
             }
             Ok(file)
         })();
-        host.fput(vm);
-        let file = r?;
-        let (kho, mm) = host.kho_mm();
-        kho.restore_free(mm, a.serialized).map_err(|_| Errno::EIO)?;
-        a.file = Some(file);
-        Ok(())
+        super::guest_memfd_luo::complete_retrieve(host, vm, r, a)
     }
 
     fn finish(&self, host: &mut C, a: &mut FileArgs) {

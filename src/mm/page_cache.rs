@@ -149,15 +149,8 @@ impl PageCache {
         end: u64,
     ) -> Result<Vec<(u64, u64)>, MmError> {
         use super::file_blocks::BLOCK_PAGES;
-        let end = end.min(self.nr);
         let mut filled: Vec<(u64, u64)> = Vec::new();
-        let mut i = start;
-        while i < end {
-            if let Some((s, _, len)) = self.extent_at(i) {
-                i = s + len;
-                continue;
-            }
-            let hole_end = self.ext.range(i..end).next().map_or(end, |(&s, _)| s);
+        for (mut i, hole_end) in self.holes(start, end) {
             while i < hole_end {
                 let whole_end = hole_end / BLOCK_PAGES * BLOCK_PAGES;
                 if i % BLOCK_PAGES == 0
@@ -197,15 +190,8 @@ impl PageCache {
     /// Fill every hole in `start..end` with zeroed frames, in blocks as large as the allocator
     /// has; returns the indexes' runs that were filled.
     pub fn fill(&mut self, mm: &mut Mm, start: u64, end: u64) -> Result<Vec<(u64, u64)>, MmError> {
-        let end = end.min(self.nr);
         let mut filled = Vec::new();
-        let mut i = start;
-        while i < end {
-            if let Some((s, _, len)) = self.extent_at(i) {
-                i = s + len;
-                continue;
-            }
-            let hole_end = self.ext.range(i..end).next().map_or(end, |(&s, _)| s);
+        for (mut i, hole_end) in self.holes(start, end) {
             while i < hole_end {
                 let (pfn, n) = mm.alloc_run(hole_end - i)?;
                 self.insert_run(i, pfn, n);
@@ -214,6 +200,23 @@ impl PageCache {
             }
         }
         Ok(filled)
+    }
+
+    /// The holes (indexes without a frame) in `start..end`, as ranges `(from, to)`.
+    fn holes(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let end = end.min(self.nr);
+        let mut out = Vec::new();
+        let mut i = start;
+        while i < end {
+            if let Some((s, _, len)) = self.extent_at(i) {
+                i = s + len;
+                continue;
+            }
+            let hole_end = self.ext.range(i..end).next().map_or(end, |(&s, _)| s);
+            out.push((i, hole_end));
+            i = hole_end;
+        }
+        out
     }
 
     /// Remove the frames in `start..end` and return them as runs `(pfn, pages)`.

@@ -289,18 +289,7 @@ pub fn run_point_opts(
     Ok(run)
 }
 
-/// Percentile `p` (0..=100) of a sample by nearest rank: the smallest value with at least
-/// `p`% of the sample at or below it (`ceil(p/100 * n)`-th smallest, at least the first).
-/// `None` for an empty sample or `p` outside 0..=100 or NaN.
-pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
-    if v.is_empty() || !(0.0..=100.0).contains(&p) {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
-    Some(s[rank.clamp(1, s.len()) - 1])
-}
+pub use super::nearest_rank as percentile;
 
 /// p50, p99 (nearest rank, see [`percentile`]) and max of a sample.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
