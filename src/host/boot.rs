@@ -223,6 +223,8 @@ impl Host {
         }
         host.kho.booted = true;
         host.info.boot_us = t0.elapsed().as_micros() as u64;
+        // The kexec that started this image is over: user space runs at ordinary priority.
+        crate::kexec::priority::relax();
         Ok(host)
     }
 }

@@ -116,6 +116,9 @@ impl Host {
     /// failure, with the host intact.
     pub fn kexec(&mut self, req: KexecRequest) -> Result<Infallible, KexecError> {
         let start_ns = monotonic_ns();
+        // From here to the next image's boot the kexec owns a CPU, as a real one owns the
+        // machine (`kexec::priority`); a failure below drops the boost.
+        let _boost = crate::kexec::priority::boost();
         // Test hook: damage the handover (`HANDOVER_CORRUPT=flip:<kind>` and the kinds of
         // `kexec::corrupt`), only from a first image that was not itself rolled back to.
         #[cfg(feature = "test-hooks")]

@@ -13,6 +13,7 @@ mod cmdline;
 pub mod corrupt;
 pub(crate) mod exec;
 pub mod params;
+pub(crate) mod priority;
 pub mod reaper;
 pub mod reboot;
 
