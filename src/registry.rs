@@ -11,6 +11,7 @@ use crate::kexec::boot::BootError;
 use crate::kexec::BootParams;
 use crate::kvm::guest_memfd_luo::{Format, GuestMemfdHandler};
 use crate::kvm::guest_memfd_luo_v3::GuestMemfdV3Handler;
+use crate::kvm::vcpu_luo::VcpuHandler;
 use crate::kvm::vm_luo::VmHandler;
 use crate::luo::FileHandler;
 
@@ -20,6 +21,7 @@ pub fn file_handlers() -> Vec<Arc<dyn FileHandler<Host>>> {
     let mut hs: Vec<Arc<dyn FileHandler<Host>>> = vec![
         Arc::new(MemfdHandler),
         Arc::new(VmHandler),
+        Arc::new(VcpuHandler),
         // v2 first: it is the format new preservations use; v1 stays readable.
         Arc::new(GuestMemfdHandler { format: Format::V2 }),
         Arc::new(GuestMemfdHandler { format: Format::V1 }),

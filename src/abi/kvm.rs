@@ -145,6 +145,30 @@ pub struct KvmLuoSer {
     pub vm_type: u64,
 }
 
+/// Compatible string of the vCPU file handler (after the "Orphaned Virtual Machines" RFC's
+/// `kvm_vcpu_luo_v1`); its blob is [`KvmVcpuLuoSer`].
+pub const KVM_VCPU_LUO_FH_COMPATIBLE: &str = "kvm_vcpu_luo_v1";
+
+/// `kvm_vcpu_luo_v1` blob (32 bytes): which vCPU of which VM, and where its saved state is.
+/// Written at preserve (`vcpu_id`) and completed at freeze (the rest).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct KvmVcpuLuoSer {
+    /// LUO token of the vCPU's VM file in the same session; 0 until freeze.
+    pub vm_token: u64,
+    /// The id given to `KVM_CREATE_VCPU`; retrieve creates the vCPU with the same id.
+    pub vcpu_id: u64,
+    /// Physical address of the preserved state: a `crate::abi::vcpu_state` encoding (magic,
+    /// version, tagged sections, CRC-32); 0 until freeze.
+    pub state_pa: u64,
+    /// Its length in bytes.
+    pub state_len: u64,
+}
+
+/// Largest vCPU state blob a retrieve accepts (the encoding of a vCPU with the largest XSAVE
+/// area, every MSR and every CPUID entry is well below).
+pub const KVM_VCPU_LUO_MAX_STATE: u64 = 4 << 20;
+
 /// Folio flag in a folio or run entry: the folio's contents are valid (it was initialised).
 pub const GUEST_MEMFD_LUO_FOLIO_UPTODATE: u64 = 1 << 0;
 /// File flag in the blob: the file had `GUEST_MEMFD_FLAG_MMAP`. ABI bits are kept apart from
@@ -296,6 +320,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<GuestMemfdLuoSer>(), 48);
         assert_eq!(std::mem::size_of::<GuestMemfdFolioSer>(), 16);
         assert_eq!(std::mem::size_of::<KvmLuoSer>(), 8);
+        assert_eq!(std::mem::size_of::<KvmVcpuLuoSer>(), 32);
         assert_eq!(std::mem::size_of::<GuestMemfdLuoSerV2>(), 56);
         assert_eq!(std::mem::size_of::<GuestMemfdLuoSerV3>(), 96);
         assert_eq!(std::mem::offset_of!(GuestMemfdLuoSerV3, vm_token), 24);

@@ -20,6 +20,7 @@ pub mod guest_memfd_luo;
 pub mod guest_memfd_luo_v3;
 pub mod run;
 pub mod vcpu;
+pub mod vcpu_luo;
 pub mod vm;
 pub mod vm_luo;
 

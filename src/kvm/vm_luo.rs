@@ -9,7 +9,8 @@ use crate::fs::FileId;
 use crate::luo::{FileArgs, FileHandler, LuoCtx};
 use crate::mm::{Folio, PhysRead};
 
-use super::VmFile;
+use super::vcpu::VcpuState;
+use super::{VcpuFile, VmFile};
 
 /// The LUO file handler for VM files, `kvm_vm_luo_v1`; listed in
 /// [`crate::registry::file_handlers`].
@@ -23,6 +24,12 @@ pub trait VmLuoCtx: LuoCtx {
     /// Create the VM of a retrieved VM file: a new, empty VM of `vm_type`, named as the
     /// next restored VM.
     fn create_restored_vm(&mut self, vm_type: u64) -> SysResult<FileId>;
+    /// The vCPU file `file`, if it is one.
+    fn vcpu_file(&self, file: FileId) -> Option<&VcpuFile>;
+    /// Create the vCPU of a retrieved vCPU file: vCPU `id` of the VM file `vm`, with `state`
+    /// loaded.
+    fn create_restored_vcpu(&mut self, vm: FileId, id: u64, state: &VcpuState)
+        -> SysResult<FileId>;
 }
 
 impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VmHandler {

@@ -138,18 +138,36 @@ impl Host {
                 Ok(0)
             }
             KVM_CREATE_VCPU => {
-                let id = arg_u64(arg)?;
-                let inner = self.vm_inner(vm)?;
-                let vcpu = inner.fd.create_vcpu(id).map_err(kvm_err)?;
-                let f = self.files.install(FileKind::Vcpu(VcpuFile {
-                    vcpu: Arc::new(Mutex::new(vcpu)),
-                    vm,
-                    id,
-                }));
+                let f = self.kvm_create_vcpu_file(vm, arg_u64(arg)?, None)?;
                 Ok(self.fd_install(pid, f, true)? as i64)
             }
             _ => self.kvm_vm_passthrough(vm, cmd, arg),
         }
+    }
+
+    /// A new vCPU file: vCPU `id` of the VM file `vm`, with `state` loaded if given (a vCPU
+    /// retrieved by LUO). If KVM refuses the state, the vCPU is dropped again: `EINVAL`.
+    pub fn kvm_create_vcpu_file(
+        &mut self,
+        vm: FileId,
+        id: u64,
+        state: Option<&crate::kvm::vcpu::VcpuState>,
+    ) -> SysResult<FileId> {
+        let inner = self.vm_inner(vm)?;
+        let vcpu = inner.fd.create_vcpu(id).map_err(kvm_err)?;
+        if let Some(s) = state {
+            // Opening the machine's KVM asks the XSAVE size the state needs (once per image).
+            self.real_kvm()?;
+            s.restore(&vcpu).map_err(|e| {
+                tracing::warn!("vCPU {id} of {}: state refused: {e}", inner.name);
+                Errno::EINVAL
+            })?;
+        }
+        Ok(self.files.install(FileKind::Vcpu(VcpuFile {
+            vcpu: Arc::new(Mutex::new(vcpu)),
+            vm,
+            id,
+        })))
     }
 
     /// The VM behind the VM file `vm`, shared; EBADF if `vm` is not a VM file.

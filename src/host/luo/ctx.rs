@@ -8,8 +8,9 @@ use crate::host::files::FileKind;
 use crate::host::Host;
 use crate::kho::Kho;
 use crate::kvm::guest_memfd_luo::GuestMemfdLuoCtx;
+use crate::kvm::vcpu::VcpuState;
 use crate::kvm::vm_luo::VmLuoCtx;
-use crate::kvm::{GuestMemfd, VmFile};
+use crate::kvm::{GuestMemfd, VcpuFile, VmFile};
 use crate::luo::{LuoCtx, SessionId};
 use crate::mm::Mm;
 
@@ -91,6 +92,22 @@ impl VmLuoCtx for Host {
         self.restored_vms += 1;
         let name = format!("restored-{}", self.restored_vms);
         self.kvm_create_vm_file(vm_type, Some(name))
+    }
+
+    fn vcpu_file(&self, file: FileId) -> Option<&VcpuFile> {
+        match self.files.kind(file) {
+            Some(FileKind::Vcpu(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    fn create_restored_vcpu(
+        &mut self,
+        vm: FileId,
+        id: u64,
+        state: &VcpuState,
+    ) -> SysResult<FileId> {
+        self.kvm_create_vcpu_file(vm, id, Some(state))
     }
 }
 

@@ -16,7 +16,7 @@ use crate::vmm::guest::{self, GuestMode};
 use crate::vmm::libluo::*;
 
 use super::devices::{io_handler, GuestIo};
-use super::machine::{bind, read_mailbox, restart_guest, Vm};
+use super::machine::{bind, read_mailbox, restart_guest, Unbound, Vm};
 use super::options::read_stage_state;
 use super::outgoing::{run_and_update, Baseline};
 use super::report::{self, Stage2Report, Stage2Times};
@@ -61,6 +61,11 @@ pub(super) fn stage2(
         }
         return Ok(report::finish_early(vm_after.err(), o.data, bad));
     }
+    // `order=vcpu-first`: the vCPU before anything else; its handler retrieves the VM.
+    let mut vcpu = None;
+    if o.vcpu_first {
+        vcpu = Some(retrieve_fd(&mut h, pid, s, VCPU_TOKEN).map_err(e("retrieve vCPU"))?);
+    }
     let (vm, gmem) = if o.gmem_first {
         let g = retrieve_fd(&mut h, pid, s, GMEM_TOKEN).map_err(e("retrieve guest_memfd"))?;
         (
@@ -75,19 +80,37 @@ pub(super) fn stage2(
         )
     };
     let low = retrieve_fd(&mut h, pid, s, LOW_TOKEN).map_err(e("retrieve low memory"))?;
-    let st = retrieve_fd(&mut h, pid, s, VCPU_TOKEN).map_err(e("retrieve vCPU state"))?;
-    let bytes = read_all(&mut h, pid, st, STATE_BYTES as usize).map_err(e("read vCPU state"))?;
-    let len = bytes
-        .get(..8)
-        .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default())) as usize;
-    let bytes = bytes
-        .get(8..8usize.saturating_add(len))
-        .ok_or("vCPU state: bad length")?;
+    // The vCPU: retrieved with its state loaded (`vcpu=kernel`), or created by `bind` and
+    // loaded here from the state the VMM saved in a memfd (the RFC's flow).
+    let mut saved = None;
+    if o.vcpu_luo {
+        if vcpu.is_none() {
+            vcpu = Some(retrieve_fd(&mut h, pid, s, VCPU_TOKEN).map_err(e("retrieve vCPU"))?);
+        }
+    } else {
+        saved = Some(retrieve_vmm_saved_state(&mut h, pid, s)?);
+    }
     let t_retrieved = monotonic_ns();
-    let state = VcpuState::from_bytes(bytes).map_err(e("vCPU state"))?;
-    let (low_map, vcpu, slots) = bind(&mut h, pid, vm, gmem, low, &o, !o.lazy_slots)?;
+    let state = saved
+        .map(|(fd, bytes)| VcpuState::from_bytes(&bytes).map(|st| (fd, st)))
+        .transpose()
+        .map_err(e("vCPU state"))?;
+    let (low_map, vcpu, slots) = bind(
+        &mut h,
+        pid,
+        Unbound {
+            vm,
+            gmem,
+            low,
+            vcpu,
+        },
+        &o,
+        !o.lazy_slots,
+    )?;
     let t_bound = monotonic_ns();
-    {
+    let mut state_fd = None;
+    if let Some((fd, state)) = state {
+        state_fd = Some(fd);
         // The XSAVE size through the host's open /dev/kvm (one ioctl, not an open).
         let kvm_sys = h.real_kvm().map_err(e("kvm"))?;
         crate::kvm::vcpu::init_xsave_size(&kvm_sys);
@@ -178,7 +201,7 @@ pub(super) fn stage2(
     }
     .to_json();
     // Close what this cycle read (they would otherwise pile up over a soak).
-    for fd in [m, st] {
+    for fd in std::iter::once(m).chain(state_fd) {
         let _ = h.close(pid, fd);
     }
     let cycle = h.info.kexec_count;
@@ -199,4 +222,18 @@ pub(super) fn stage2(
         obj.insert("rollback".into(), lock(shared).info.rollback.clone().into());
     }
     Ok(result)
+}
+
+/// The vCPU state the VMM saved in its preserved memfd (`vcpu=vmm`): the fd and the encoded
+/// state, checked for length (the encoding's own checks come with its decoding).
+fn retrieve_vmm_saved_state(h: &mut Host, pid: Pid, s: i32) -> Result<(i32, Vec<u8>), String> {
+    let st = retrieve_fd(h, pid, s, VCPU_TOKEN).map_err(e("retrieve vCPU state"))?;
+    let bytes = read_all(h, pid, st, STATE_BYTES as usize).map_err(e("read vCPU state"))?;
+    let len = bytes
+        .get(..8)
+        .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default())) as usize;
+    let bytes = bytes
+        .get(8..8usize.saturating_add(len))
+        .ok_or("vCPU state: bad length")?;
+    Ok((st, bytes.to_vec()))
 }

@@ -34,17 +34,30 @@ pub(crate) struct Vm {
     pub(crate) vcpu: i32,
 }
 
+/// The fds of a VM before [`bind`]: the VM, its guest_memfd, low memory, and the vCPU if it
+/// exists already (retrieved by LUO).
+pub(crate) struct Unbound {
+    pub(crate) vm: i32,
+    pub(crate) gmem: i32,
+    pub(crate) low: i32,
+    pub(crate) vcpu: Option<i32>,
+}
+
 /// Bind low memory (slot 0) and the guest_memfd (chunked slots, all of them if `eager`, else
-/// only the first), and create the vCPU.
+/// only the first), and create the vCPU unless it exists.
 pub(crate) fn bind(
     h: &mut Host,
     pid: Pid,
-    vm: i32,
-    gmem: i32,
-    low: i32,
+    u: Unbound,
     o: &Options,
     eager: bool,
 ) -> Result<(UserMapping, i32, Arc<GuestMemSlots>), String> {
+    let Unbound {
+        vm,
+        gmem,
+        low,
+        vcpu,
+    } = u;
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     let low_map = h
         .mmap(
@@ -70,7 +83,10 @@ pub(crate) fn bind(
     } else {
         slots.bind(h, 0)?;
     }
-    let vcpu = libkvm::create_vcpu(h, pid, vm, 0).map_err(e("create vCPU"))?;
+    let vcpu = match vcpu {
+        Some(v) => v,
+        None => libkvm::create_vcpu(h, pid, vm, 0).map_err(e("create vCPU"))?,
+    };
     Ok((low_map, vcpu, slots))
 }
 
@@ -120,7 +136,18 @@ pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     guest::build_image(&mut img, &params).map_err(e("guest image"))?;
     h.pwrite(pid, low, &img, 0)
         .map_err(e("write guest image"))?;
-    let (low_map, vcpu, _slots) = bind(h, pid, vm, gmem, low, o, true)?;
+    let (low_map, vcpu, _slots) = bind(
+        h,
+        pid,
+        Unbound {
+            vm,
+            gmem,
+            low,
+            vcpu: None,
+        },
+        o,
+        true,
+    )?;
     let kvm_sys = h.real_kvm().map_err(e("kvm"))?;
     // Ask the XSAVE size now, not in the first save inside the blackout.
     crate::kvm::vcpu::init_xsave_size(&kvm_sys);

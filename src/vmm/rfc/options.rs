@@ -15,6 +15,15 @@ pub struct Options {
     pub data: u64,
     /// Retrieve the guest_memfd before the VM.
     pub gmem_first: bool,
+    /// Retrieve the vCPU before the VM and the guest_memfd (`order=vcpu-first`; with
+    /// `vcpu_luo`): the vCPU handler retrieves its VM through the cross-file API.
+    #[serde(default)]
+    pub vcpu_first: bool,
+    /// Preserve the vCPU fd itself (`vcpu=kernel`, the `kvm_vcpu_luo_v1` handler saves and
+    /// restores its state) instead of saving the state in the VMM into a preserved memfd
+    /// (`vcpu=vmm`, the default: the RFC's flow).
+    #[serde(default)]
+    pub vcpu_luo: bool,
     /// Do not preserve the VM file: the kexec must be refused and the guest keep running.
     pub no_vm: bool,
     /// In stage 2, retrieve only the guest_memfd and FINISH before retrieving the VM file.
@@ -105,6 +114,12 @@ impl Options {
             guest_mem: size("guest-mem", 16 << 20)?,
             data: size("data", 5 << 20)?,
             gmem_first: a.get("order").is_some_and(|v| v == "gmem-first"),
+            vcpu_first: a.get("order").is_some_and(|v| v == "vcpu-first"),
+            vcpu_luo: match a.get("vcpu").map(String::as_str) {
+                None | Some("vmm") => false,
+                Some("kernel") => true,
+                Some(v) => return Err(format!("vcpu={v:?}: vmm or kernel")),
+            },
             no_vm: flag("no-vm"),
             finish_early: flag("finish-early"),
             prefault: flag("prefault"),
@@ -150,6 +165,9 @@ impl Options {
     /// like any other): the sizes bound what the VMM allocates (`data` bytes to verify, one
     /// flag per memslot chunk) and must fit the host's RAM and KVM's memslots.
     pub fn validate(&self, ram_size: u64) -> Result<(), String> {
+        if self.vcpu_first && !self.vcpu_luo {
+            return Err("order=vcpu-first needs vcpu=kernel".into());
+        }
         if self.guest_mem == 0 || self.guest_mem % 4096 != 0 || self.guest_mem > MAX_GUEST_MEM {
             return Err(format!(
                 "guest-mem ({}) must be page aligned and 4K..={MAX_GUEST_MEM}",

@@ -197,12 +197,20 @@ fn update(
         // The memfds the vCPU state and the VMM's own state go into are sized and preserved
         // now, so that after the pause only their bytes are written (a preserved memfd keeps
         // its size but stays writable).
-        let st = h
-            .memfd_create(pid, "vcpu-state", 0)
-            .map_err(fail("memfd"))?;
-        h.ftruncate(pid, st, STATE_BYTES)
-            .map_err(fail("size vCPU state"))?;
-        preserve_fd(&mut h, pid, s, st, VCPU_TOKEN).map_err(fail("preserve vCPU state"))?;
+        // The vCPU: its fd, whose state the kernel saves at freeze (`vcpu=kernel`), or a
+        // memfd the VMM writes the state into once the vCPU is paused (the RFC's flow).
+        let st = if o.vcpu_luo {
+            preserve_fd(&mut h, pid, s, vm.vcpu, VCPU_TOKEN).map_err(fail("preserve vCPU"))?;
+            None
+        } else {
+            let st = h
+                .memfd_create(pid, "vcpu-state", 0)
+                .map_err(fail("memfd"))?;
+            h.ftruncate(pid, st, STATE_BYTES)
+                .map_err(fail("size vCPU state"))?;
+            preserve_fd(&mut h, pid, s, st, VCPU_TOKEN).map_err(fail("preserve vCPU state"))?;
+            Some(st)
+        };
         let state_s =
             create_session(&mut h, pid, dev, STATE).map_err(fail("create state session"))?;
         sessions.push(state_s);
@@ -239,17 +247,19 @@ fn update(
     let paused_at_ns = monotonic_ns();
     let t = Instant::now();
     let mut h = lock(shared);
-    let state = {
-        let v = h.vcpu(pid, vm.vcpu).map_err(fail("vcpu"))?;
-        let v = v.lock().map_err(|_| ("vcpu lock".to_string(), libc::EIO))?;
-        VcpuState::save(&v)
-            .map_err(|err| (format!("save vCPU: {err}"), libc::EIO))?
-            .to_bytes()
-    };
-    let mut framed = (state.len() as u64).to_le_bytes().to_vec();
-    framed.extend_from_slice(&state);
-    h.pwrite(pid, st, &framed, 0)
-        .map_err(fail("write vCPU state"))?;
+    if let Some(st) = st {
+        let state = {
+            let v = h.vcpu(pid, vm.vcpu).map_err(fail("vcpu"))?;
+            let v = v.lock().map_err(|_| ("vcpu lock".to_string(), libc::EIO))?;
+            VcpuState::save(&v)
+                .map_err(|err| (format!("save vCPU: {err}"), libc::EIO))?
+                .to_bytes()
+        };
+        let mut framed = (state.len() as u64).to_le_bytes().to_vec();
+        framed.extend_from_slice(&state);
+        h.pwrite(pid, st, &framed, 0)
+            .map_err(fail("write vCPU state"))?;
+    }
     let save_us = t.elapsed().as_secs_f64() * 1e6;
 
     let ss = StageState {

@@ -105,7 +105,8 @@ impl Stage2Report<'_> {
             "vm_name": self.vm_name,
             "memslots": { "chunks": self.chunks, "bound_at_end": self.bound_at_end, "background_bind_us": self.background_bind_us },
             "brownout": { "touch_before_us": ss.touch_before_us, "touch_after_us": self.touch_after_us, "bytes": o.data },
-            "order": if o.gmem_first { "gmem-first" } else { "vm-first" },
+            "order": if o.vcpu_first { "vcpu-first" } else if o.gmem_first { "gmem-first" } else { "vm-first" },
+            "vcpu_state_by": if o.vcpu_luo { "kvm_vcpu_luo_v1" } else { "vmm" },
             "phases_us": {
                 "preserve_while_running": ss.preserve_us,
                 "pause": ss.pause_us,

@@ -1,0 +1,207 @@
+//! The vCPU file handler, `kvm_vcpu_luo_v1` (after the "Orphaned Virtual Machines" RFC): a VMM
+//! preserves its vCPU fds beside the VM's; the kernel, not the VMM, saves each vCPU's whole
+//! architectural state at freeze, and retrieve gives a vCPU of the retrieved VM with that state
+//! loaded.
+//!
+//! - **preserve** (workload running): the file must be a live vCPU; a one-page blob
+//!   ([`KvmVcpuLuoSer`]) records its id.
+//! - **freeze** (in the kexec): the vCPU must not be in `KVM_RUN` (`EBUSY` otherwise, and the
+//!   kexec is refused); its VM must be preserved in the same session (its token goes into the
+//!   blob). The state ([`VcpuState::save`]: registers, segments, FPU/XSAVE, XCRs, debug
+//!   registers, events, MP state, LAPIC with an irqchip, MSRs with TSC and kvmclock, CPUID) is
+//!   encoded with its own CRC-32 into a second preserved allocation.
+//! - **retrieve** (any order with the VM and the guest_memfds): the VM comes through the
+//!   cross-file API (`luo_get_file_incoming`), retrieved now if it was not yet; a vCPU of the
+//!   same id is created on it and the state loaded. A state that does not decode (checksum,
+//!   version, lengths) or that KVM refuses fails the retrieve with `EINVAL`.
+
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::abi::errno::{Errno, SysResult};
+use crate::abi::kvm::{KvmVcpuLuoSer, KVM_VCPU_LUO_FH_COMPATIBLE, KVM_VCPU_LUO_MAX_STATE};
+use crate::fs::FileId;
+use crate::luo::{FileArgs, FileHandler};
+use crate::mm::{Folio, PhysRead, PAGE_SIZE};
+
+use super::vcpu::VcpuState;
+use super::vm_luo::VmLuoCtx;
+
+/// The LUO file handler for vCPU files; listed in [`crate::registry::file_handlers`].
+pub struct VcpuHandler;
+
+/// What the handler keeps between its calls: the blob, and the state allocation once frozen.
+struct Private {
+    blob: Folio,
+    state: Option<Folio>,
+}
+
+fn header(mem: &dyn PhysRead, pa: u64) -> SysResult<KvmVcpuLuoSer> {
+    let mut b = [0u8; std::mem::size_of::<KvmVcpuLuoSer>()];
+    mem.read_phys(pa, &mut b).map_err(|_| Errno::EIO)?;
+    KvmVcpuLuoSer::read_from_bytes(&b).map_err(|_| Errno::EINVAL)
+}
+
+impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
+    fn compatible(&self) -> &'static str {
+        KVM_VCPU_LUO_FH_COMPATIBLE
+    }
+
+    fn can_preserve(&self, host: &C, file: FileId) -> bool {
+        host.vcpu_file(file).is_some()
+    }
+
+    fn preserve(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
+        let (vm, id) = match a.file.and_then(|f| host.vcpu_file(f)) {
+            Some(v) => (v.vm, v.id),
+            None => return Err(Errno::EINVAL),
+        };
+        if host.vm_file(vm).is_none_or(|v| v.dead) {
+            return Err(Errno::EINVAL);
+        }
+        let (kho, mm) = host.kho_mm();
+        let blob = kho.alloc_preserve(mm, PAGE_SIZE)?;
+        let ser = KvmVcpuLuoSer {
+            vcpu_id: id,
+            ..Default::default()
+        };
+        if let Err(e) = mm.ram.write_phys(blob.pa(), ser.as_bytes()) {
+            let _ = kho.unpreserve_free(mm, blob);
+            return Err(e.into());
+        }
+        kho.label(blob.pa(), "kvm-vcpu");
+        a.serialized = blob.pa();
+        a.private = Some(Box::new(Private { blob, state: None }));
+        Ok(())
+    }
+
+    fn unpreserve(&self, host: &mut C, a: &mut FileArgs) {
+        let Some(p) = a.private.take().and_then(|p| p.downcast::<Private>().ok()) else {
+            return;
+        };
+        let (kho, mm) = host.kho_mm();
+        if let Some(s) = p.state {
+            let _ = kho.unpreserve_free(mm, s);
+        }
+        let _ = kho.unpreserve_free(mm, p.blob);
+    }
+
+    fn freeze(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
+        let (vm, vcpu) = match a.file.and_then(|f| host.vcpu_file(f)) {
+            Some(v) => (v.vm, v.vcpu.clone()),
+            None => return Err(Errno::EINVAL),
+        };
+        let vm_token = host.luo_get_token_outgoing(a.session, vm)?;
+        let state = {
+            // A vCPU inside KVM_RUN holds its lock: it is not paused, so no consistent state.
+            let v = match vcpu.try_lock() {
+                Ok(v) => v,
+                Err(std::sync::TryLockError::WouldBlock) => return Err(Errno::EBUSY),
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            };
+            VcpuState::save(&v)
+                .map_err(|e| {
+                    tracing::warn!("kvm_vcpu_luo: cannot save the vCPU: {e}");
+                    Errno::EIO
+                })?
+                .to_bytes()
+        };
+        let Some(p) = a.private.as_mut().and_then(|p| p.downcast_mut::<Private>()) else {
+            return Err(Errno::EINVAL);
+        };
+        let (kho, mm) = host.kho_mm();
+        let f = kho.alloc_preserve(mm, state.len() as u64)?;
+        let ser = KvmVcpuLuoSer {
+            vm_token,
+            vcpu_id: header(&mm.ram, p.blob.pa())?.vcpu_id,
+            state_pa: f.pa(),
+            state_len: state.len() as u64,
+        };
+        let written = mm
+            .ram
+            .write_phys(f.pa(), &state)
+            .and_then(|()| mm.ram.write_phys(p.blob.pa(), ser.as_bytes()));
+        if let Err(e) = written {
+            let _ = kho.unpreserve_free(mm, f);
+            return Err(e.into());
+        }
+        kho.label(f.pa(), "kvm-vcpu-state");
+        p.state = Some(f);
+        Ok(())
+    }
+
+    fn unfreeze(&self, host: &mut C, a: &mut FileArgs) {
+        let Some(p) = a.private.as_mut().and_then(|p| p.downcast_mut::<Private>()) else {
+            return;
+        };
+        let blob = p.blob.pa();
+        let state = p.state.take();
+        let (kho, mm) = host.kho_mm();
+        if let Some(s) = state {
+            let _ = kho.unpreserve_free(mm, s);
+        }
+        if let Ok(h) = header(&mm.ram, blob) {
+            let back = KvmVcpuLuoSer {
+                vcpu_id: h.vcpu_id,
+                ..Default::default()
+            };
+            let _ = mm.ram.write_phys(blob, back.as_bytes());
+        }
+    }
+
+    fn retrieve(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
+        if !host.kho().is_restorable(a.serialized) {
+            return Err(Errno::EINVAL);
+        }
+        let h = header(&host.mm().ram, a.serialized)?;
+        if h.state_len == 0
+            || h.state_len > KVM_VCPU_LUO_MAX_STATE
+            || !host.kho().is_restorable(h.state_pa)
+        {
+            return Err(Errno::EINVAL);
+        }
+        let mut bytes = vec![0u8; h.state_len as usize];
+        host.mm()
+            .ram
+            .read_phys(h.state_pa, &mut bytes)
+            .map_err(|_| Errno::EINVAL)?;
+        let state = VcpuState::from_bytes(&bytes).map_err(|e| {
+            tracing::warn!("kvm_vcpu_luo: vCPU {} state refused: {e}", h.vcpu_id);
+            Errno::EINVAL
+        })?;
+        let vm = host.luo_get_file_incoming(a.session, h.vm_token)?;
+        if host.vm_file(vm).is_none() {
+            return Err(Errno::EINVAL);
+        }
+        a.file = Some(host.create_restored_vcpu(vm, h.vcpu_id, &state)?);
+        let (kho, mm) = host.kho_mm();
+        kho.restore_free(mm, h.state_pa).map_err(|_| Errno::EIO)?;
+        kho.restore_free(mm, a.serialized).map_err(|_| Errno::EIO)?;
+        Ok(())
+    }
+
+    fn finish(&self, host: &mut C, a: &mut FileArgs) {
+        if a.retrieve_status != 0 {
+            return;
+        }
+        // Never retrieved: give back both allocations.
+        let state = header(&host.mm().ram, a.serialized).map(|h| h.state_pa);
+        let (kho, mm) = host.kho_mm();
+        if let Ok(pa) = state {
+            if kho.is_restorable(pa) {
+                let _ = kho.restore_free(mm, pa);
+            }
+        }
+        let _ = kho.restore_free(mm, a.serialized);
+    }
+}
+
+/// Describe a handed-over vCPU blob (for inspect).
+pub fn describe(mem: &dyn PhysRead, pa: u64) -> String {
+    match header(mem, pa) {
+        Ok(h) => format!(
+            "vCPU {} of VM token {:#x}, {} B of state at {:#x}",
+            h.vcpu_id, h.vm_token, h.state_len, h.state_pa
+        ),
+        Err(e) => format!("unreadable: {e}"),
+    }
+}
