@@ -12,7 +12,7 @@ use crate::kexec::BootParams;
 use crate::kvm::guest_memfd_luo::{Format, GuestMemfdHandler};
 use crate::kvm::guest_memfd_luo_v3::GuestMemfdV3Handler;
 use crate::kvm::vcpu_luo::VcpuHandler;
-use crate::kvm::vm_luo::VmHandler;
+use crate::kvm::vm_luo::{VmFormat, VmHandler};
 use crate::luo::FileHandler;
 
 /// The file handlers this image has, in registration order.
@@ -20,7 +20,13 @@ pub fn file_handlers() -> Vec<Arc<dyn FileHandler<Host>>> {
     #[allow(unused_mut)]
     let mut hs: Vec<Arc<dyn FileHandler<Host>>> = vec![
         Arc::new(MemfdHandler),
-        Arc::new(VmHandler),
+        // v2 first, as for guest_memfd: new preservations use it; v1 stays readable.
+        Arc::new(VmHandler {
+            format: VmFormat::V2,
+        }),
+        Arc::new(VmHandler {
+            format: VmFormat::V1,
+        }),
         Arc::new(VcpuHandler),
         // v2 first: it is the format new preservations use; v1 stays readable.
         Arc::new(GuestMemfdHandler { format: Format::V2 }),

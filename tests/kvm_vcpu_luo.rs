@@ -28,6 +28,19 @@ fn setup() -> (Host, Pid, i32, i32, i32) {
     (h, pid, vm, vcpu, dev)
 }
 
+/// The vCPU's TSC (`IA32_TSC`) and its frequency in kHz.
+fn tsc(h: &mut Host, pid: Pid, vcpu: i32) -> (u64, u64) {
+    let v = h.vcpu(pid, vcpu).unwrap();
+    let v = v.lock().unwrap();
+    let mut m = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: 0x10,
+        ..Default::default()
+    }])
+    .unwrap();
+    assert_eq!(v.get_msrs(&mut m).unwrap(), 1);
+    (m.as_slice()[0].data, u64::from(v.get_tsc_khz().unwrap()))
+}
+
 fn regs(h: &mut Host, pid: Pid, vcpu: i32) -> kvm_bindings::kvm_regs {
     let v = h.vcpu(pid, vcpu).unwrap();
     let v = v.lock().unwrap();
@@ -58,6 +71,8 @@ fn vcpu_state_round_trip_in_either_order() {
             v.set_sregs(&s).unwrap();
         }
         let before = regs(&mut h, pid, vcpu);
+        let (tsc_before, khz) = tsc(&mut h, pid, vcpu);
+        let t = std::time::Instant::now();
         let s = create_session(&mut h, pid, dev, "vcpu").unwrap();
         preserve_fd(&mut h, pid, s, vm, VM_TOKEN).unwrap();
         preserve_fd(&mut h, pid, s, vcpu, VCPU_TOKEN).unwrap();
@@ -72,6 +87,14 @@ fn vcpu_state_round_trip_in_either_order() {
             let m = retrieve_fd(&mut h, pid, s, VM_TOKEN).unwrap();
             (m, retrieve_fd(&mut h, pid, s, VCPU_TOKEN).unwrap())
         };
+        let (tsc_after, _) = tsc(&mut h, pid, vcpu);
+        let elapsed_ns = t.elapsed().as_nanos() as u64;
+        assert!(tsc_after >= tsc_before, "the TSC never goes back");
+        assert!(
+            (tsc_after - tsc_before) * 1_000_000 / khz <= elapsed_ns + 1_000_000,
+            "TSC advanced {} ticks at {khz} kHz in {elapsed_ns} ns",
+            tsc_after - tsc_before
+        );
         let after = regs(&mut h, pid, vcpu);
         assert_eq!(after.rax, before.rax, "vcpu_first={vcpu_first}");
         assert_eq!(after.r15, before.r15);

@@ -91,7 +91,8 @@ fault_tests! {
     fail_boot_refuse_rolls_back: rolled_back("boot.refuse");
     fail_deserialize_rolls_back: rolled_back("luo.deserialize");
     fail_retrieve_guest_memfd_rolls_back: rolled_back("luo.retrieve:guest_memfd_luo_v2");
-    fail_retrieve_vm_rolls_back: rolled_back("luo.retrieve:kvm_vm_luo_v1");
+    fail_retrieve_vm_rolls_back: rolled_back("luo.retrieve:kvm_vm_luo_v2");
+    fail_freeze_vm: refused_before_exec("luo.freeze:kvm_vm_luo_v2");
     fail_restore_rolls_back: rolled_back("kho.restore");
 }
 
@@ -127,7 +128,8 @@ flip_tests! {
     flip_memfd_folios: "memfd-folios";
     flip_guest_memfd_blob: "gmem";
     flip_guest_memfd_runs: "gmem-folios";
-    flip_vm_blob: "kvm-vm";
+    flip_vm_blob: "kvm-vm-v2";
+    flip_vm_state: "kvm-vm-state";
 }
 
 #[test]

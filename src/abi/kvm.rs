@@ -145,6 +145,28 @@ pub struct KvmLuoSer {
     pub vm_type: u64,
 }
 
+/// Compatible string of our VM file handler that carries the VM's state (irqchip, PIT, routing,
+/// clock, real-mode addresses); its blob is [`KvmVmLuoSerV2`]. v1 stays readable.
+pub const KVM_VM_LUO_V2_FH_COMPATIBLE: &str = "kvm_vm_luo_v2";
+
+/// `kvm_vm_luo_v2` blob (32 bytes): the VM type (written at preserve) and where the VM's
+/// saved state is (a `crate::abi::vm_state` encoding, written at freeze).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct KvmVmLuoSerV2 {
+    /// The VM type passed to `KVM_CREATE_VM` (as v1).
+    pub vm_type: u64,
+    /// Physical address of the preserved state; 0 until freeze.
+    pub state_pa: u64,
+    /// Its length in bytes.
+    pub state_len: u64,
+    /// Zero.
+    pub reserved: u64,
+}
+
+/// Largest VM state blob a retrieve accepts (a full routing table is 256 KiB).
+pub const KVM_VM_LUO_MAX_STATE: u64 = 1 << 20;
+
 /// Compatible string of the vCPU file handler (after the "Orphaned Virtual Machines" RFC's
 /// `kvm_vcpu_luo_v1`); its blob is [`KvmVcpuLuoSer`].
 pub const KVM_VCPU_LUO_FH_COMPATIBLE: &str = "kvm_vcpu_luo_v1";
@@ -321,6 +343,7 @@ mod tests {
         assert_eq!(std::mem::size_of::<GuestMemfdFolioSer>(), 16);
         assert_eq!(std::mem::size_of::<KvmLuoSer>(), 8);
         assert_eq!(std::mem::size_of::<KvmVcpuLuoSer>(), 32);
+        assert_eq!(std::mem::size_of::<KvmVmLuoSerV2>(), 32);
         assert_eq!(std::mem::size_of::<GuestMemfdLuoSerV2>(), 56);
         assert_eq!(std::mem::size_of::<GuestMemfdLuoSerV3>(), 96);
         assert_eq!(std::mem::offset_of!(GuestMemfdLuoSerV3, vm_token), 24);
@@ -409,6 +432,23 @@ const MSR_LIST: ArgKind = ArgKind::Counted {
     header: 4,
     entry: 4,
 };
+/// `struct kvm_irq_routing`: nr, flags, then `kvm_irq_routing_entry`s of 48 bytes.
+const ROUTING: ArgKind = ArgKind::Counted {
+    header: 8,
+    entry: 48,
+};
+
+/// VM ioctls the host records as well as passing them on: what KVM cannot be asked for later
+/// and `kvm_vm_luo_v2` carries (see `kvm::vm_state::VmConfig`).
+pub const KVM_SET_TSS_ADDR: u64 = io(0x47);
+/// See [`KVM_SET_TSS_ADDR`]; argument a u64 address.
+pub const KVM_SET_IDENTITY_MAP_ADDR: u64 = iow(0x48, 8);
+/// See [`KVM_SET_TSS_ADDR`]; no argument.
+pub const KVM_CREATE_IRQCHIP: u64 = io(0x60);
+/// See [`KVM_SET_TSS_ADDR`]; argument `struct kvm_pit_config` (flags first).
+pub const KVM_CREATE_PIT2: u64 = iow(0x77, 64);
+/// See [`KVM_SET_TSS_ADDR`]; argument `struct kvm_irq_routing`.
+pub const KVM_SET_GSI_ROUTING: u64 = iow(0x6a, 8);
 
 /// The KVM ioctls served by passing them to the real KVM as they are, with their argument
 /// layout: none of them carries a pointer (so the program cannot make the host's kernel touch
@@ -420,46 +460,47 @@ pub const PASSTHROUGH: &[(Scope, u64, ArgKind)] = &[
     (Scope::System, iowr(0x02, 4), MSR_LIST), // KVM_GET_MSR_INDEX_LIST
     (Scope::System, iowr(0x0a, 4), MSR_LIST), // KVM_GET_MSR_FEATURE_INDEX_LIST
     (Scope::System, iowr(0x88, 8), MSRS),     // KVM_GET_MSRS (feature MSRs)
-    (Scope::Vm, io(0x47), ArgKind::Int),      // KVM_SET_TSS_ADDR
-    (Scope::Vm, iow(0x48, 8), ArgKind::Fixed(8)), // KVM_SET_IDENTITY_MAP_ADDR
-    (Scope::Vm, io(0x60), ArgKind::None),     // KVM_CREATE_IRQCHIP
+    (Scope::Vm, KVM_SET_TSS_ADDR, ArgKind::Int),
+    (Scope::Vm, KVM_SET_IDENTITY_MAP_ADDR, ArgKind::Fixed(8)),
+    (Scope::Vm, KVM_CREATE_IRQCHIP, ArgKind::None),
+    (Scope::Vm, KVM_SET_GSI_ROUTING, ROUTING),
     (Scope::Vm, iow(0x61, 8), ArgKind::Fixed(8)), // KVM_IRQ_LINE
     (Scope::Vm, iowr(0x67, 8), ArgKind::Fixed(8)), // KVM_IRQ_LINE_STATUS
     (Scope::Vm, iowr(0x62, 520), ArgKind::Fixed(520)), // KVM_GET_IRQCHIP
     (Scope::Vm, ior(0x63, 520), ArgKind::Fixed(520)), // KVM_SET_IRQCHIP
-    (Scope::Vm, iow(0x77, 64), ArgKind::Fixed(64)), // KVM_CREATE_PIT2
+    (Scope::Vm, KVM_CREATE_PIT2, ArgKind::Fixed(64)),
     (Scope::Vm, ior(0x9f, 112), ArgKind::Fixed(112)), // KVM_GET_PIT2
     (Scope::Vm, iow(0xa0, 112), ArgKind::Fixed(112)), // KVM_SET_PIT2
-    (Scope::Vm, iow(0x7b, 48), ArgKind::Fixed(48)), // KVM_SET_CLOCK
-    (Scope::Vm, ior(0x7c, 48), ArgKind::Fixed(48)), // KVM_GET_CLOCK
+    (Scope::Vm, iow(0x7b, 48), ArgKind::Fixed(48)),   // KVM_SET_CLOCK
+    (Scope::Vm, ior(0x7c, 48), ArgKind::Fixed(48)),   // KVM_GET_CLOCK
     (Scope::Vcpu, ior(0x81, 144), ArgKind::Fixed(144)), // KVM_GET_REGS
     (Scope::Vcpu, iow(0x82, 144), ArgKind::Fixed(144)), // KVM_SET_REGS
     (Scope::Vcpu, ior(0x83, 312), ArgKind::Fixed(312)), // KVM_GET_SREGS
     (Scope::Vcpu, iow(0x84, 312), ArgKind::Fixed(312)), // KVM_SET_SREGS
     (Scope::Vcpu, iowr(0x85, 24), ArgKind::Fixed(24)), // KVM_TRANSLATE
-    (Scope::Vcpu, iow(0x86, 4), ArgKind::Fixed(4)), // KVM_INTERRUPT
-    (Scope::Vcpu, iowr(0x88, 8), MSRS),       // KVM_GET_MSRS
-    (Scope::Vcpu, iow(0x89, 8), MSRS),        // KVM_SET_MSRS
+    (Scope::Vcpu, iow(0x86, 4), ArgKind::Fixed(4)),   // KVM_INTERRUPT
+    (Scope::Vcpu, iowr(0x88, 8), MSRS),               // KVM_GET_MSRS
+    (Scope::Vcpu, iow(0x89, 8), MSRS),                // KVM_SET_MSRS
     (Scope::Vcpu, ior(0x8c, 416), ArgKind::Fixed(416)), // KVM_GET_FPU
     (Scope::Vcpu, iow(0x8d, 416), ArgKind::Fixed(416)), // KVM_SET_FPU
     (Scope::Vcpu, ior(0x8e, 1024), ArgKind::Fixed(1024)), // KVM_GET_LAPIC
     (Scope::Vcpu, iow(0x8f, 1024), ArgKind::Fixed(1024)), // KVM_SET_LAPIC
-    (Scope::Vcpu, iow(0x90, 8), CPUID2),      // KVM_SET_CPUID2
-    (Scope::Vcpu, iowr(0x91, 8), CPUID2),     // KVM_GET_CPUID2
-    (Scope::Vcpu, ior(0x98, 4), ArgKind::Fixed(4)), // KVM_GET_MP_STATE
-    (Scope::Vcpu, iow(0x99, 4), ArgKind::Fixed(4)), // KVM_SET_MP_STATE
-    (Scope::Vcpu, io(0x9a), ArgKind::None),   // KVM_NMI
+    (Scope::Vcpu, iow(0x90, 8), CPUID2),              // KVM_SET_CPUID2
+    (Scope::Vcpu, iowr(0x91, 8), CPUID2),             // KVM_GET_CPUID2
+    (Scope::Vcpu, ior(0x98, 4), ArgKind::Fixed(4)),   // KVM_GET_MP_STATE
+    (Scope::Vcpu, iow(0x99, 4), ArgKind::Fixed(4)),   // KVM_SET_MP_STATE
+    (Scope::Vcpu, io(0x9a), ArgKind::None),           // KVM_NMI
     (Scope::Vcpu, ior(0x9f, 64), ArgKind::Fixed(64)), // KVM_GET_VCPU_EVENTS
     (Scope::Vcpu, iow(0xa0, 64), ArgKind::Fixed(64)), // KVM_SET_VCPU_EVENTS
     (Scope::Vcpu, ior(0xa1, 128), ArgKind::Fixed(128)), // KVM_GET_DEBUGREGS
     (Scope::Vcpu, iow(0xa2, 128), ArgKind::Fixed(128)), // KVM_SET_DEBUGREGS
-    (Scope::Vcpu, io(0xa2), ArgKind::Int),    // KVM_SET_TSC_KHZ
-    (Scope::Vcpu, io(0xa3), ArgKind::None),   // KVM_GET_TSC_KHZ
+    (Scope::Vcpu, io(0xa2), ArgKind::Int),            // KVM_SET_TSC_KHZ
+    (Scope::Vcpu, io(0xa3), ArgKind::None),           // KVM_GET_TSC_KHZ
     (Scope::Vcpu, ior(0xa4, 4096), ArgKind::Fixed(4096)), // KVM_GET_XSAVE
     (Scope::Vcpu, iow(0xa5, 4096), ArgKind::Fixed(4096)), // KVM_SET_XSAVE
     (Scope::Vcpu, ior(0xa6, 392), ArgKind::Fixed(392)), // KVM_GET_XCRS
     (Scope::Vcpu, iow(0xa7, 392), ArgKind::Fixed(392)), // KVM_SET_XCRS
-    (Scope::Vcpu, io(0xad), ArgKind::None),   // KVM_KVMCLOCK_CTRL
+    (Scope::Vcpu, io(0xad), ArgKind::None),           // KVM_KVMCLOCK_CTRL
 ];
 
 /// The argument layout of pass-through ioctl `cmd` on a file of `scope`, if it is one.
@@ -500,6 +541,8 @@ mod passthrough_tests {
         assert_eq!(fixed(iow(0x77, 64)), std::mem::size_of::<kvm_pit_config>());
         assert_eq!(std::mem::size_of::<kvm_cpuid_entry2>(), 40);
         assert_eq!(std::mem::size_of::<kvm_msr_entry>(), 16);
+        assert_eq!(std::mem::size_of::<kvm_irq_routing_entry>(), 48);
+        assert_eq!(std::mem::size_of::<kvm_irq_routing>(), 8);
         for (_, cmd, kind) in PASSTHROUGH {
             let bits = ((cmd >> 16) & 0x3fff) as usize;
             match kind {

@@ -6,7 +6,9 @@ pub mod errno;
 pub mod kho;
 pub mod kvm;
 pub mod luo;
+pub mod sections;
 pub mod vcpu_state;
+pub mod vm_state;
 
 /// Copy a NUL-padded fixed-size string field into a `String`, failing on a missing NUL or
 /// invalid UTF-8.

@@ -12,6 +12,8 @@ use kvm_bindings::{
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
+use super::sections::SectionError;
+
 /// Everything needed to continue a paused vCPU in a new VM (on the same guest memory).
 #[derive(Clone)]
 pub struct VcpuState {
@@ -164,9 +166,8 @@ fn read_vec<T: FromBytes>(b: &[u8], max: usize) -> Option<Vec<T>> {
 }
 
 impl VcpuState {
-    /// Encode: `STATE_MAGIC`, version (u32), section count (u32), then per section a tag (u32),
-    /// a byte length (u32) and the raw uAPI struct(s), and a CRC-32 of everything before it.
-    /// All integers little-endian (this is an x86-64-only format).
+    /// Encode: `STATE_MAGIC`, version and one section per uAPI struct (or array of them) in
+    /// the container of [`super::sections`] (tags, lengths, CRC-32).
     pub fn to_bytes(&self) -> Vec<u8> {
         let fpu = FpuBytes::from(&self.fpu);
         let mut sections: Vec<(u32, &[u8])> = vec![
@@ -199,49 +200,18 @@ impl VcpuState {
         sections.push((TAG_MSRS, self.msrs.as_bytes()));
         sections.push((TAG_CPUID, self.cpuid.as_bytes()));
 
-        let mut out =
-            Vec::with_capacity(16 + sections.iter().map(|s| 8 + s.1.len()).sum::<usize>() + 4);
-        out.extend_from_slice(&STATE_MAGIC);
-        out.extend_from_slice(&STATE_VERSION.to_le_bytes());
-        out.extend_from_slice(&(sections.len() as u32).to_le_bytes());
-        for (tag, body) in sections {
-            out.extend_from_slice(&tag.to_le_bytes());
-            out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-            out.extend_from_slice(body);
-        }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        super::sections::encode(&STATE_MAGIC, STATE_VERSION, &sections)
     }
 
     /// Decode what [`VcpuState::to_bytes`] produced. Every length is checked; any damage is an
     /// error, never a panic.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, VcpuStateError> {
         let bad = VcpuStateError::Decode;
-        if bytes.len() < 20 {
-            return Err(bad("shorter than header and checksum"));
-        }
-        if bytes[..8] != STATE_MAGIC {
-            return Err(bad("bad magic"));
-        }
-        let u32_at = |b: &[u8], off: usize| -> Option<u32> {
-            b.get(off..off.checked_add(4)?)
-                .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-        };
-        let version = u32_at(bytes, 8).ok_or(bad("truncated header"))?;
-        if version != STATE_VERSION {
-            return Err(VcpuStateError::Version(version));
-        }
-        let (body, crc) = bytes.split_at(bytes.len() - 4);
-        if u32_at(crc, 0) != Some(crc32fast::hash(body)) {
-            return Err(bad("checksum mismatch"));
-        }
-        let count = u32_at(body, 12).ok_or(bad("truncated header"))?;
-        if count > TAG_MAX {
-            return Err(bad("too many sections"));
-        }
-
-        let mut seen = [false; TAG_MAX as usize + 1];
+        let sections = super::sections::decode(bytes, &STATE_MAGIC, STATE_VERSION, TAG_MAX)
+            .map_err(|e| match e {
+                SectionError::Decode(why) => bad(why),
+                SectionError::Version(v) => VcpuStateError::Version(v),
+            })?;
         let (mut regs, mut sregs, mut fpu) = (None, None, None);
         let mut st = VcpuState {
             regs: kvm_regs::default(),
@@ -256,23 +226,7 @@ impl VcpuState {
             msrs: Vec::new(),
             cpuid: Vec::new(),
         };
-        let mut off = 16usize;
-        for _ in 0..count {
-            let tag = u32_at(body, off).ok_or(bad("truncated section header"))?;
-            let len = u32_at(body, off + 4).ok_or(bad("truncated section header"))? as usize;
-            off += 8;
-            let payload = off
-                .checked_add(len)
-                .and_then(|end| body.get(off..end))
-                .ok_or(bad("section runs past the end"))?;
-            off += len;
-            let slot = seen
-                .get_mut(tag as usize)
-                .filter(|_| tag != 0)
-                .ok_or(bad("unknown section tag"))?;
-            if std::mem::replace(slot, true) {
-                return Err(bad("duplicate section"));
-            }
+        for (tag, payload) in sections {
             let size_err = bad("section has the wrong size");
             match tag {
                 TAG_REGS => regs = Some(read_exact(payload).ok_or(size_err)?),
@@ -306,9 +260,6 @@ impl VcpuState {
                 TAG_CPUID => st.cpuid = read_vec(payload, KVM_MAX_CPUID_ENTRIES).ok_or(size_err)?,
                 _ => return Err(bad("unknown section tag")),
             }
-        }
-        if off != body.len() {
-            return Err(bad("trailing bytes after the last section"));
         }
         if let Some(x) = &st.xcrs {
             if x.nr_xcrs as usize > x.xcrs.len() {

@@ -40,6 +40,10 @@ pub struct BootArgs {
     /// guest_memfd preservation format: v2 (runs, default) or v1 (the RFC's per-folio list).
     #[arg(long, default_value = "v2")]
     pub gmem_luo: String,
+    /// VM file preservation format: v2 (irqchip, PIT, routing, clock; default) or v1 (the
+    /// RFC's: the VM type only).
+    #[arg(long, default_value = "v2")]
+    pub vm_luo: String,
     /// Write a dump of the outgoing handover here at each kexec (for `handover inspect`).
     #[arg(long)]
     pub dump_handover: Option<PathBuf>,
@@ -96,6 +100,7 @@ impl BootArgs {
             next_image: None,
             liveupdate: "on".into(),
             gmem_luo: "v2".into(),
+            vm_luo: "v2".into(),
             dump_handover: None,
             hugepages: None,
             ram_fd: None,
@@ -156,6 +161,11 @@ pub fn params(a: BootArgs) -> Result<BootParams, String> {
             "v1" => true,
             "v2" => false,
             other => return Err(format!("--gmem-luo {other:?}: expected v1 or v2")),
+        },
+        vm_luo_v1: match a.vm_luo.as_str() {
+            "v1" => true,
+            "v2" => false,
+            other => return Err(format!("--vm-luo {other:?}: expected v1 or v2")),
         },
         prev_handover_bytes: a.handover_bytes,
         reaper_fd: a.reaper_fd,
@@ -288,6 +298,7 @@ mod tests {
             rollback: Some("--refused: bad \"compatible\"\nsecond line".into()),
             reaper_fd: Some(9),
             gmem_luo_v1: true,
+            vm_luo_v1: true,
             dump_handover: Some(PathBuf::from("h.dump")),
             hugepages: HugePageRequest {
                 count_2m: 512,
@@ -306,6 +317,7 @@ mod tests {
         let me = BootParams {
             liveupdate: false,
             gmem_luo_v1: true,
+            vm_luo_v1: true,
             init: Some("luo-kexec-simple".into()),
             init_args: vec!["k=v".into()],
             report: Some("r.jsonl".into()),

@@ -26,6 +26,7 @@ impl BootParams {
             kho: Some(kho),
             liveupdate: self.liveupdate,
             gmem_luo_v1: self.gmem_luo_v1,
+            vm_luo_v1: self.vm_luo_v1,
             init: self.init.clone(),
             init_args: self.init_args.clone(),
             report: self.report.clone(),
@@ -72,6 +73,9 @@ impl BootParams {
         }
         if p.gmem_luo_v1 {
             v.push("--gmem-luo=v1".into());
+        }
+        if p.vm_luo_v1 {
+            v.push("--vm-luo=v1".into());
         }
         if !p.hugepages.is_empty() {
             v.push(flag("--hugepages", p.hugepages.to_string()));

@@ -45,6 +45,8 @@ pub struct BootParams {
     pub reaper_fd: Option<i32>,
     /// Preserve guest_memfds in the RFC's per-folio "guest_memfd_luo_v1" format instead of v2.
     pub gmem_luo_v1: bool,
+    /// Preserve VM files in the RFC's "kvm_vm_luo_v1" format (the type only) instead of v2.
+    pub vm_luo_v1: bool,
     /// Write a dump of the outgoing handover here at each kexec.
     pub dump_handover: Option<PathBuf>,
     /// The huge-page pool to reserve at boot (`--hugepages 2M:N,1G:M`; see `mm::hugetlb`),
@@ -66,6 +68,7 @@ impl Default for BootParams {
             kexec_start_ns: None,
             exec_ns: None,
             gmem_luo_v1: false,
+            vm_luo_v1: false,
             reaper_fd: None,
             prev_image: None,
             rollback: None,

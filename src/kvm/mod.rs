@@ -19,10 +19,12 @@ pub mod guest_memfd;
 pub mod guest_memfd_luo;
 pub mod guest_memfd_luo_v3;
 pub mod run;
+pub mod state_blob;
 pub mod vcpu;
 pub mod vcpu_luo;
 pub mod vm;
 pub mod vm_luo;
+pub mod vm_state;
 
 pub use guest_memfd::GuestMemfd;
 pub use run::{IoAction, IoEvent, RunExit};

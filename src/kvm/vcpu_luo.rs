@@ -23,6 +23,7 @@ use crate::fs::FileId;
 use crate::luo::{FileArgs, FileHandler};
 use crate::mm::{Folio, PhysRead, PAGE_SIZE};
 
+use super::state_blob;
 use super::vcpu::VcpuState;
 use super::vm_luo::VmLuoCtx;
 
@@ -109,22 +110,18 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
             return Err(Errno::EINVAL);
         };
         let (kho, mm) = host.kho_mm();
-        let f = kho.alloc_preserve(mm, state.len() as u64)?;
+        let vcpu_id = header(&mm.ram, p.blob.pa())?.vcpu_id;
+        let f = state_blob::write(kho, mm, &state, "kvm-vcpu-state")?;
         let ser = KvmVcpuLuoSer {
             vm_token,
-            vcpu_id: header(&mm.ram, p.blob.pa())?.vcpu_id,
+            vcpu_id,
             state_pa: f.pa(),
             state_len: state.len() as u64,
         };
-        let written = mm
-            .ram
-            .write_phys(f.pa(), &state)
-            .and_then(|()| mm.ram.write_phys(p.blob.pa(), ser.as_bytes()));
-        if let Err(e) = written {
+        if let Err(e) = mm.ram.write_phys(p.blob.pa(), ser.as_bytes()) {
             let _ = kho.unpreserve_free(mm, f);
             return Err(e.into());
         }
-        kho.label(f.pa(), "kvm-vcpu-state");
         p.state = Some(f);
         Ok(())
     }
@@ -153,17 +150,7 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
             return Err(Errno::EINVAL);
         }
         let h = header(&host.mm().ram, a.serialized)?;
-        if h.state_len == 0
-            || h.state_len > KVM_VCPU_LUO_MAX_STATE
-            || !host.kho().is_restorable(h.state_pa)
-        {
-            return Err(Errno::EINVAL);
-        }
-        let mut bytes = vec![0u8; h.state_len as usize];
-        host.mm()
-            .ram
-            .read_phys(h.state_pa, &mut bytes)
-            .map_err(|_| Errno::EINVAL)?;
+        let bytes = state_blob::read(host, h.state_pa, h.state_len, KVM_VCPU_LUO_MAX_STATE)?;
         let state = VcpuState::from_bytes(&bytes).map_err(|e| {
             tracing::warn!("kvm_vcpu_luo: vCPU {} state refused: {e}", h.vcpu_id);
             Errno::EINVAL
@@ -184,14 +171,10 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
             return;
         }
         // Never retrieved: give back both allocations.
-        let state = header(&host.mm().ram, a.serialized).map(|h| h.state_pa);
-        let (kho, mm) = host.kho_mm();
-        if let Ok(pa) = state {
-            if kho.is_restorable(pa) {
-                let _ = kho.restore_free(mm, pa);
-            }
-        }
-        let _ = kho.restore_free(mm, a.serialized);
+        let state = header(&host.mm().ram, a.serialized)
+            .ok()
+            .map(|h| h.state_pa);
+        state_blob::release_unretrieved(host, state, a.serialized);
     }
 }
 

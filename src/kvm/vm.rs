@@ -25,6 +25,9 @@ pub struct VmInner {
     /// here from the moment KVM accepted the slot until KVM has deleted it, so its address
     /// range is never unmapped (and never reused) while a guest can reach it.
     pub(crate) windows: Mutex<BTreeMap<u32, Arc<VaWindow>>>,
+    /// What the VMM set that KVM cannot be asked for (irqchip, PIT, routing, real-mode
+    /// addresses), recorded as KVM accepted it; `kvm_vm_luo_v2` carries it.
+    pub config: Mutex<super::vm_state::VmConfig>,
 }
 
 impl VmInner {
@@ -35,6 +38,7 @@ impl VmInner {
             id,
             name,
             windows: Mutex::new(BTreeMap::new()),
+            config: Mutex::new(Default::default()),
         }
     }
 
@@ -44,6 +48,11 @@ impl VmInner {
             .iter()
             .map(|(s, w)| (*s, w.base() as u64, w.len()))
             .collect()
+    }
+
+    /// The recorded configuration (see [`VmInner::config`]).
+    pub fn config(&self) -> std::sync::MutexGuard<'_, super::vm_state::VmConfig> {
+        self.config.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn windows(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, Arc<VaWindow>>> {

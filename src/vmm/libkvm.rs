@@ -125,6 +125,42 @@ pub fn create_vcpu(h: &mut Host, pid: Pid, vm: i32, id: u64) -> SysResult<i32> {
     Ok(h.ioctl(pid, vm, KVM_CREATE_VCPU, &mut a)? as i32)
 }
 
+/// The in-kernel interrupt controllers and timer on a VM fd, before its first vCPU: the TSS
+/// address KVM needs for real mode on Intel (`KVM_SET_TSS_ADDR` at `tss_addr`, three pages),
+/// `KVM_CREATE_IRQCHIP` (PIC and IOAPIC; every vCPU then gets an in-kernel LAPIC),
+/// `KVM_CREATE_PIT2` (flags `KVM_PIT_SPEAKER_DUMMY`) and a GSI routing table of the 24 IOAPIC
+/// pins plus the 16 PIC ones (`KVM_SET_GSI_ROUTING`).
+pub fn create_irqchip(h: &mut Host, pid: Pid, vm: i32, tss_addr: u64) -> SysResult<()> {
+    let mut a = tss_addr.to_ne_bytes();
+    h.ioctl(pid, vm, KVM_SET_TSS_ADDR, &mut a)?;
+    h.ioctl(pid, vm, KVM_CREATE_IRQCHIP, &mut [])?;
+    let mut pit = [0u8; 64];
+    pit[..4].copy_from_slice(&kvm_bindings::KVM_PIT_SPEAKER_DUMMY.to_ne_bytes());
+    h.ioctl(pid, vm, KVM_CREATE_PIT2, &mut pit)?;
+    // nr, flags, then 48-byte entries: gsi, type (1 = irqchip), flags, pad, irqchip, pin.
+    let mut routes: Vec<(u32, u32, u32)> = (0..16u32)
+        .filter(|&g| g != 2)
+        .flat_map(|g| {
+            let chip = if g < 8 { 0 } else { 1 };
+            [(g, chip, g % 8)]
+        })
+        .collect();
+    routes.extend((0..24u32).map(|g| (g, 2, if g == 0 { 2 } else { g })));
+    let mut arg = Vec::with_capacity(8 + routes.len() * 48);
+    arg.extend_from_slice(&(routes.len() as u32).to_ne_bytes());
+    arg.extend_from_slice(&0u32.to_ne_bytes());
+    for (gsi, chip, pin) in routes {
+        let mut e = [0u8; 48];
+        e[0..4].copy_from_slice(&gsi.to_ne_bytes());
+        e[4..8].copy_from_slice(&kvm_bindings::KVM_IRQ_ROUTING_IRQCHIP.to_ne_bytes());
+        e[16..20].copy_from_slice(&chip.to_ne_bytes());
+        e[20..24].copy_from_slice(&pin.to_ne_bytes());
+        arg.extend_from_slice(&e);
+    }
+    h.ioctl(pid, vm, KVM_SET_GSI_ROUTING, &mut arg)?;
+    Ok(())
+}
+
 /// True if this machine has a usable /dev/kvm. Where it has none, tests skip loudly, unless
 /// `HANDOVER_REQUIRE_KVM=1` (set by CI where /dev/kvm exists), which makes them fail.
 pub fn kvm_available(test: &str) -> bool {

@@ -2,6 +2,7 @@
 
 use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kvm::*;
+use crate::abi::vm_state::VmState;
 use crate::fs::FileId;
 use crate::host::files::FileKind;
 use crate::host::Host;
@@ -141,8 +142,47 @@ impl Host {
                 let f = self.kvm_create_vcpu_file(vm, arg_u64(arg)?, None)?;
                 Ok(self.fd_install(pid, f, true)? as i64)
             }
+            KVM_SET_TSS_ADDR
+            | KVM_SET_IDENTITY_MAP_ADDR
+            | KVM_CREATE_IRQCHIP
+            | KVM_CREATE_PIT2
+            | KVM_SET_GSI_ROUTING => {
+                let r = self.kvm_vm_passthrough(vm, cmd, arg)?;
+                self.vm_inner(vm)?.config().record(cmd, arg);
+                Ok(r)
+            }
             _ => self.kvm_vm_passthrough(vm, cmd, arg),
         }
+    }
+
+    /// A new VM file for a retrieved one: a VM of `state.vm_type` named as the next restored
+    /// VM, set up with `state` before anything else can reach it (see `kvm::vm_state::restore`).
+    pub fn kvm_create_restored_vm(&mut self, state: &VmState) -> SysResult<FileId> {
+        self.restored_vms += 1;
+        let name = format!("restored-{}", self.restored_vms);
+        let f = self.kvm_create_vm_file(state.vm_type, Some(name))?;
+        let inner = self.vm_inner(f)?;
+        match crate::kvm::vm_state::restore(&inner.fd, state) {
+            Ok(cfg) => {
+                *inner.config() = cfg;
+                Ok(f)
+            }
+            Err(e) => {
+                tracing::warn!("{}: VM state refused: {e}", inner.name);
+                self.fput(f);
+                Err(Errno::EINVAL)
+            }
+        }
+    }
+
+    /// The state of the VM behind VM file `vm` (see `kvm::vm_state::save`).
+    pub fn kvm_vm_save(&self, vm: FileId) -> SysResult<VmState> {
+        let inner = self.vm_inner(vm)?;
+        let cfg = inner.config().clone();
+        crate::kvm::vm_state::save(&inner.fd, inner.vm_type, &cfg).map_err(|e| {
+            tracing::warn!("{}: cannot save the VM: {e}", inner.name);
+            Errno::EIO
+        })
     }
 
     /// A new vCPU file: vCPU `id` of the VM file `vm`, with `state` loaded if given (a vCPU

@@ -2,6 +2,7 @@
 //! subsystem's handler asks for, served from the host's file table, KHO and memory.
 
 use crate::abi::errno::SysResult;
+use crate::abi::vm_state::VmState;
 use crate::fs::memfd_luo::MemfdLuoCtx;
 use crate::fs::{FileId, Memfd};
 use crate::host::files::FileKind;
@@ -88,10 +89,16 @@ impl VmLuoCtx for Host {
         }
     }
 
-    fn create_restored_vm(&mut self, vm_type: u64) -> SysResult<FileId> {
-        self.restored_vms += 1;
-        let name = format!("restored-{}", self.restored_vms);
-        self.kvm_create_vm_file(vm_type, Some(name))
+    fn create_restored_vm(&mut self, state: &VmState) -> SysResult<FileId> {
+        self.kvm_create_restored_vm(state)
+    }
+
+    fn vm_save(&self, file: FileId) -> SysResult<VmState> {
+        self.kvm_vm_save(file)
+    }
+
+    fn vm_luo_v1(&self) -> bool {
+        self.params.vm_luo_v1
     }
 
     fn vcpu_file(&self, file: FileId) -> Option<&VcpuFile> {

@@ -90,6 +90,10 @@ pub(crate) fn bind(
     Ok((low_map, vcpu, slots))
 }
 
+/// Where KVM's real-mode TSS goes (three pages): just below 4 GiB, where QEMU puts it, clear of
+/// the guest's low memory and of its guest_memfd at `GMEM_GPA` (4 GiB).
+const TSS_ADDR: u64 = 0xfffb_d000;
+
 pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     let kvm = libkvm::open_kvm(h, pid).map_err(e("open /dev/kvm"))?;
     // `private`: a software-protected VM, its guest_memfd private from the start.
@@ -105,6 +109,9 @@ pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
         (0, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
     };
     let vm = libkvm::create_vm(h, pid, kvm, vm_type).map_err(e("KVM_CREATE_VM"))?;
+    if o.irqchip {
+        libkvm::create_irqchip(h, pid, vm, TSS_ADDR).map_err(e("irqchip"))?;
+    }
     let gmem = libkvm::create_guest_memfd_order(h, pid, vm, o.guest_mem, flags, o.huge as u8)
         .map_err(e("KVM_CREATE_GUEST_MEMFD"))?;
     if let Some(seed) = o.fragment {

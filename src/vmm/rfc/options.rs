@@ -24,6 +24,10 @@ pub struct Options {
     /// (`vcpu=vmm`, the default: the RFC's flow).
     #[serde(default)]
     pub vcpu_luo: bool,
+    /// Give the VM an in-kernel irqchip, PIT and GSI routing (`irqchip=1`) before its vCPU:
+    /// the vCPU then has an in-kernel LAPIC, and `kvm_vm_luo_v2` carries all of it.
+    #[serde(default)]
+    pub irqchip: bool,
     /// Do not preserve the VM file: the kexec must be refused and the guest keep running.
     pub no_vm: bool,
     /// In stage 2, retrieve only the guest_memfd and FINISH before retrieving the VM file.
@@ -121,6 +125,7 @@ impl Options {
                 Some(v) => return Err(format!("vcpu={v:?}: vmm or kernel")),
             },
             no_vm: flag("no-vm"),
+            irqchip: flag("irqchip"),
             finish_early: flag("finish-early"),
             prefault: flag("prefault"),
             populate: flag("populate") || a.get("populate").is_some_and(|v| v == "write"),
