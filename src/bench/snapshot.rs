@@ -17,9 +17,7 @@ use crate::kvm::RunExit;
 use crate::time::monotonic_ns;
 use crate::vmm::guest::{self, GuestMode};
 use crate::vmm::libkvm;
-use crate::vmm::rfc::{
-    bind, e, io_handler, lock, read_mailbox, Baseline, Options, Paused, Unbound, Vm,
-};
+use crate::vmm::rfc::{bind, e, io_handler, lock, read_mailbox, Baseline, Options, Paused, Vm};
 
 /// Bytes moved per read/write of the snapshot baseline.
 const SNAPSHOT_CHUNK: usize = 1 << 20;
@@ -151,18 +149,9 @@ fn snapshot_restore(
             }
         }
         h.munmap(pid, gmap).map_err(e("munmap"))?;
-        let (low_map, vcpu, _slots) = bind(
-            &mut h,
-            pid,
-            Unbound {
-                vm: nvm,
-                gmem,
-                low: vm.low,
-                vcpu: None,
-            },
-            o,
-            true,
-        )?;
+        let (low_map, _slots) = bind(&mut h, pid, nvm, gmem, vm.low, o, true)?;
+        let vcpu =
+            crate::vmm::libkvm::create_vcpu(&mut h, pid, nvm, 0).map_err(e("create vCPU"))?;
         let state = VcpuState::from_bytes(&state).map_err(e("vCPU state"))?;
         let v = h.vcpu(pid, vcpu).map_err(e("vcpu"))?;
         let v = v.lock().map_err(|_| "vcpu lock".to_string())?;

@@ -28,6 +28,10 @@ pub struct VmInner {
     /// What the VMM set that KVM cannot be asked for (irqchip, PIT, routing, real-mode
     /// addresses), recorded as KVM accepted it; `kvm_vm_luo_v2` carries it.
     pub config: Mutex<super::vm_state::VmConfig>,
+    /// A retrieved VM's interrupt controllers, not created yet: the host creates them from
+    /// this state before the VM's first vCPU or first interrupt-related ioctl
+    /// (`Host::vm_materialize`), so that the memslots the VMM binds first are cheap.
+    pub(crate) pending_irqchip: Mutex<Option<crate::abi::vm_state::VmState>>,
 }
 
 impl VmInner {
@@ -39,6 +43,7 @@ impl VmInner {
             name,
             windows: Mutex::new(BTreeMap::new()),
             config: Mutex::new(Default::default()),
+            pending_irqchip: Mutex::new(None),
         }
     }
 

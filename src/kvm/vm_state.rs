@@ -108,8 +108,8 @@ pub fn save(fd: &VmFd, vm_type: u64, cfg: &VmConfig) -> Result<VmState, kvm_ioct
     })
 }
 
-/// Set up `fd`, a new VM without vCPUs, as `st` says, and return what to record of it: the
-/// real-mode addresses, the irqchip and its state, the PIT and its state, the routing, and the
+/// Set up `fd`, a new VM without vCPUs, as `st` says, all but the interrupt controllers
+/// ([`restore_irqchip`]), and return what to record of it: the real-mode addresses and the
 /// clock. The clock goes forward by the wall-clock time since the freeze (`KVM_CLOCK_REALTIME`
 /// where the saved clock carries a realtime stamp), so guest time continues and never goes
 /// back.
@@ -123,6 +123,26 @@ pub fn restore(fd: &VmFd, st: &VmState) -> Result<VmConfig, kvm_ioctls::Error> {
         fd.set_identity_map_address(a)?;
         cfg.identity_map_addr = Some(a);
     }
+    if let Some(c) = &st.clock {
+        fd.set_clock(&continued(c))?;
+    }
+    Ok(cfg)
+}
+
+/// Whether `st` has interrupt controllers for [`restore_irqchip`] to set up.
+pub fn has_irqchip(st: &VmState) -> bool {
+    st.irqchip.is_some() || st.pit.is_some() || st.routes.is_some()
+}
+
+/// Create and load the irqchip, the PIT and the routing of `st` on `fd` (no vCPU yet), and
+/// record them in `cfg`. The first memslot change after `KVM_CREATE_IRQCHIP` costs 5–7 ms on
+/// this KVM, once per VM (docs/kvm-probe.md); the host calls this as late as it can: before
+/// the VM's first vCPU or anything else that would see the irqchip.
+pub fn restore_irqchip(
+    fd: &VmFd,
+    st: &VmState,
+    cfg: &mut VmConfig,
+) -> Result<(), kvm_ioctls::Error> {
     if let Some(chips) = &st.irqchip {
         fd.create_irq_chip()?;
         cfg.irqchip = true;
@@ -145,10 +165,7 @@ pub fn restore(fd: &VmFd, st: &VmState) -> Result<VmConfig, kvm_ioctls::Error> {
         fd.set_gsi_routing(&table)?;
         cfg.routes = Some(routes.clone());
     }
-    if let Some(c) = &st.clock {
-        fd.set_clock(&continued(c))?;
-    }
-    Ok(cfg)
+    Ok(())
 }
 
 /// The clock to set: the saved one, advanced by KVM itself by the realtime elapsed since

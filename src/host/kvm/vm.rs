@@ -147,11 +147,16 @@ impl Host {
             | KVM_CREATE_IRQCHIP
             | KVM_CREATE_PIT2
             | KVM_SET_GSI_ROUTING => {
+                Self::vm_materialize(self.vm_inner(vm)?.as_ref())?;
                 let r = self.kvm_vm_passthrough(vm, cmd, arg)?;
                 self.vm_inner(vm)?.config().record(cmd, arg);
                 Ok(r)
             }
-            _ => self.kvm_vm_passthrough(vm, cmd, arg),
+            _ => {
+                // Anything else may see the interrupt controllers: a retrieved VM gets them now.
+                Self::vm_materialize(self.vm_inner(vm)?.as_ref())?;
+                self.kvm_vm_passthrough(vm, cmd, arg)
+            }
         }
     }
 
@@ -165,6 +170,9 @@ impl Host {
         match crate::kvm::vm_state::restore(&inner.fd, state) {
             Ok(cfg) => {
                 *inner.config() = cfg;
+                if crate::kvm::vm_state::has_irqchip(state) {
+                    *lock(&inner.pending_irqchip) = Some(state.clone());
+                }
                 Ok(f)
             }
             Err(e) => {
@@ -175,9 +183,24 @@ impl Host {
         }
     }
 
+    /// Create a retrieved VM's interrupt controllers if they are still pending (see
+    /// `VmInner::pending_irqchip`): before its first vCPU, an ioctl that could see them, or its
+    /// next freeze. `EINVAL` if KVM refuses the state.
+    pub(crate) fn vm_materialize(inner: &VmInner) -> SysResult<()> {
+        let Some(st) = lock(&inner.pending_irqchip).take() else {
+            return Ok(());
+        };
+        let mut cfg = inner.config();
+        crate::kvm::vm_state::restore_irqchip(&inner.fd, &st, &mut cfg).map_err(|e| {
+            tracing::warn!("{}: irqchip state refused: {e}", inner.name);
+            Errno::EINVAL
+        })
+    }
+
     /// The state of the VM behind VM file `vm` (see `kvm::vm_state::save`).
     pub fn kvm_vm_save(&self, vm: FileId) -> SysResult<VmState> {
         let inner = self.vm_inner(vm)?;
+        Self::vm_materialize(&inner)?;
         let cfg = inner.config().clone();
         crate::kvm::vm_state::save(&inner.fd, inner.vm_type, &cfg).map_err(|e| {
             tracing::warn!("{}: cannot save the VM: {e}", inner.name);
@@ -194,6 +217,7 @@ impl Host {
         state: Option<&crate::kvm::vcpu::VcpuState>,
     ) -> SysResult<FileId> {
         let inner = self.vm_inner(vm)?;
+        Self::vm_materialize(&inner)?;
         let vcpu = inner.fd.create_vcpu(id).map_err(kvm_err)?;
         if let Some(s) = state {
             // Opening the machine's KVM asks the XSAVE size the state needs (once per image).
@@ -368,4 +392,8 @@ impl Host {
             _ => Err(Errno::EINVAL),
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -13,10 +13,11 @@ use crate::kvm::RunExit;
 use crate::time::monotonic_ns;
 use crate::uapi::Pid;
 use crate::vmm::guest::{self, GuestMode};
+use crate::vmm::libkvm;
 use crate::vmm::libluo::*;
 
 use super::devices::{io_handler, GuestIo};
-use super::machine::{bind, read_mailbox, restart_guest, Unbound, Vm};
+use super::machine::{bind, read_mailbox, restart_guest, Vm};
 use super::options::read_stage_state;
 use super::outgoing::{run_and_update, Baseline};
 use super::report::{self, Stage2Report, Stage2Times};
@@ -80,34 +81,28 @@ pub(super) fn stage2(
         )
     };
     let low = retrieve_fd(&mut h, pid, s, LOW_TOKEN).map_err(e("retrieve low memory"))?;
-    // The vCPU: retrieved with its state loaded (`vcpu=kernel`), or created by `bind` and
-    // loaded here from the state the VMM saved in a memfd (the RFC's flow).
-    let mut saved = None;
-    if o.vcpu_luo {
-        if vcpu.is_none() {
-            vcpu = Some(retrieve_fd(&mut h, pid, s, VCPU_TOKEN).map_err(e("retrieve vCPU"))?);
-        }
+    // The VMM-saved vCPU state (`vcpu=vmm`, the RFC's flow), read now; the vCPU comes after
+    // the memslots in every order but `vcpu-first`: a retrieved VM's irqchip is created with
+    // its first vCPU, and memslots bound before it cost no irqchip penalty.
+    let saved = if o.vcpu_luo {
+        None
     } else {
-        saved = Some(retrieve_vmm_saved_state(&mut h, pid, s)?);
-    }
+        Some(retrieve_vmm_saved_state(&mut h, pid, s)?)
+    };
     let t_retrieved = monotonic_ns();
     let state = saved
         .map(|(fd, bytes)| VcpuState::from_bytes(&bytes).map(|st| (fd, st)))
         .transpose()
         .map_err(e("vCPU state"))?;
-    let (low_map, vcpu, slots) = bind(
-        &mut h,
-        pid,
-        Unbound {
-            vm,
-            gmem,
-            low,
-            vcpu,
-        },
-        &o,
-        !o.lazy_slots,
-    )?;
+    let (low_map, slots) = bind(&mut h, pid, vm, gmem, low, &o, !o.lazy_slots)?;
     let t_bound = monotonic_ns();
+    let vcpu = match vcpu {
+        Some(v) => v,
+        None if o.vcpu_luo => {
+            retrieve_fd(&mut h, pid, s, VCPU_TOKEN).map_err(e("retrieve vCPU"))?
+        }
+        None => libkvm::create_vcpu(&mut h, pid, vm, 0).map_err(e("create vCPU"))?,
+    };
     let mut state_fd = None;
     if let Some((fd, state)) = state {
         state_fd = Some(fd);

@@ -34,30 +34,19 @@ pub(crate) struct Vm {
     pub(crate) vcpu: i32,
 }
 
-/// The fds of a VM before [`bind`]: the VM, its guest_memfd, low memory, and the vCPU if it
-/// exists already (retrieved by LUO).
-pub(crate) struct Unbound {
-    pub(crate) vm: i32,
-    pub(crate) gmem: i32,
-    pub(crate) low: i32,
-    pub(crate) vcpu: Option<i32>,
-}
-
 /// Bind low memory (slot 0) and the guest_memfd (chunked slots, all of them if `eager`, else
-/// only the first), and create the vCPU unless it exists.
+/// only the first). The vCPU is the caller's: created after this, a VM with a pending irqchip
+/// (`kvm_vm_luo_v2`) gets it only then, and the memslots bound before it cost no irqchip
+/// penalty (docs/kvm-probe.md).
 pub(crate) fn bind(
     h: &mut Host,
     pid: Pid,
-    u: Unbound,
+    vm: i32,
+    gmem: i32,
+    low: i32,
     o: &Options,
     eager: bool,
-) -> Result<(UserMapping, i32, Arc<GuestMemSlots>), String> {
-    let Unbound {
-        vm,
-        gmem,
-        low,
-        vcpu,
-    } = u;
+) -> Result<(UserMapping, Arc<GuestMemSlots>), String> {
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     let low_map = h
         .mmap(
@@ -83,11 +72,7 @@ pub(crate) fn bind(
     } else {
         slots.bind(h, 0)?;
     }
-    let vcpu = match vcpu {
-        Some(v) => v,
-        None => libkvm::create_vcpu(h, pid, vm, 0).map_err(e("create vCPU"))?,
-    };
-    Ok((low_map, vcpu, slots))
+    Ok((low_map, slots))
 }
 
 /// Where KVM's real-mode TSS goes (three pages): just below 4 GiB, where QEMU puts it, clear of
@@ -143,18 +128,8 @@ pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     guest::build_image(&mut img, &params).map_err(e("guest image"))?;
     h.pwrite(pid, low, &img, 0)
         .map_err(e("write guest image"))?;
-    let (low_map, vcpu, _slots) = bind(
-        h,
-        pid,
-        Unbound {
-            vm,
-            gmem,
-            low,
-            vcpu: None,
-        },
-        o,
-        true,
-    )?;
+    let (low_map, _slots) = bind(h, pid, vm, gmem, low, o, true)?;
+    let vcpu = libkvm::create_vcpu(h, pid, vm, 0).map_err(e("create vCPU"))?;
     let kvm_sys = h.real_kvm().map_err(e("kvm"))?;
     // Ask the XSAVE size now, not in the first save inside the blackout.
     crate::kvm::vcpu::init_xsave_size(&kvm_sys);

@@ -36,7 +36,7 @@ mod private;
 mod report;
 
 pub(crate) use devices::io_handler;
-pub(crate) use machine::{bind, read_mailbox, Unbound, Vm};
+pub(crate) use machine::{bind, read_mailbox, Vm};
 pub use options::{Options, MAX_CHUNKS, MAX_GUEST_MEM};
 pub(crate) use outgoing::{Baseline, Paused};
 
