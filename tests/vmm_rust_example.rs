@@ -21,13 +21,7 @@ use std::time::Instant;
 
 use vmm_common::{images, kvm_or_skip, path_str, test_dir, under_handover};
 
-/// The target `.cargo/config.toml` builds for (and so names in every binary's path).
-const TARGET: &str = "x86_64-unknown-linux-gnu";
-
-/// `cargo build --release` of `examples/kvm-vmm` into `target/kvm-vmm`; the binary. It is
-/// linked dynamically, whatever `.cargo/config.toml` says for the host image: it runs under
-/// `handover run`, whose preload a static binary would ignore. (An empty `RUSTFLAGS` takes
-/// precedence over the config's target flags.)
+/// `cargo build --release` of `examples/kvm-vmm` into `target/kvm-vmm`; the binary.
 fn build_example() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let manifest = root.join("examples/kvm-vmm/Cargo.toml");
@@ -37,8 +31,6 @@ fn build_example() -> PathBuf {
         let mut cmd = Command::new(&cargo);
         cmd.args(["build", "--release", "--quiet", "--manifest-path"])
             .arg(&manifest)
-            .env("RUSTFLAGS", "")
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
             .arg("--target-dir")
             .arg(&target);
         if offline {
@@ -62,7 +54,7 @@ fn build_example() -> PathBuf {
         "examples/kvm-vmm built in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    let bin = target.join(TARGET).join("release/kvm-vmm");
+    let bin = target.join("release/kvm-vmm");
     assert!(bin.exists(), "no {}", bin.display());
     bin
 }

@@ -403,7 +403,8 @@ fn walk_array(d: &Dump, tracker: IncomingTracker, ser: &KhoArraySer) {
 // blobs
 
 /// Handler and KHO client blobs: `kexec-metadata`, the guest_memfd header (v1 and v2), the
-/// memfd ser and its folio list, the `kho-test` blob and the LUO records.
+/// memfd ser and its folio list, the `kho-test` blob, the VM and vCPU saved states and the LUO
+/// records.
 pub fn blobs(data: &[u8]) {
     let mut c = Cursor::new(data);
     let which = c.u8();
@@ -466,6 +467,18 @@ pub fn blobs(data: &[u8]) {
         4 => {
             let img = Image::new(SYN_RAM);
             let _ = crate::kho::test::describe(&img, rest);
+            // The saved-state blobs of the VM and vCPU handlers: whatever decodes encodes
+            // again to bytes that decode to the same encoding.
+            if let Ok(st) = crate::abi::vm_state::VmState::from_bytes(rest) {
+                let b = st.to_bytes();
+                let again = crate::abi::vm_state::VmState::from_bytes(&b).expect("VM state");
+                assert_eq!(again.to_bytes(), b, "VM state round trip");
+            }
+            if let Ok(st) = crate::abi::vcpu_state::VcpuState::from_bytes(rest) {
+                let b = st.to_bytes();
+                let again = crate::abi::vcpu_state::VcpuState::from_bytes(&b).expect("vCPU state");
+                assert_eq!(again.to_bytes(), b, "vCPU state round trip");
+            }
         }
         5 => {
             if let Ok((s, _)) = LuoSer::read_from_prefix(rest) {

@@ -21,20 +21,14 @@ use crate::abi::errno::{Errno, SysResult};
 use crate::abi::kvm::{KvmVcpuLuoSer, KVM_VCPU_LUO_FH_COMPATIBLE, KVM_VCPU_LUO_MAX_STATE};
 use crate::fs::FileId;
 use crate::luo::{FileArgs, FileHandler};
-use crate::mm::{Folio, PhysRead, PAGE_SIZE};
+use crate::mm::PhysRead;
 
-use super::state_blob;
+use super::state_blob::{self, Kept};
 use super::vcpu::VcpuState;
 use super::vm_luo::VmLuoCtx;
 
 /// The LUO file handler for vCPU files; listed in [`crate::registry::file_handlers`].
 pub struct VcpuHandler;
-
-/// What the handler keeps between its calls: the blob, and the state allocation once frozen.
-struct Private {
-    blob: Folio,
-    state: Option<Folio>,
-}
 
 fn header(mem: &dyn PhysRead, pa: u64) -> SysResult<KvmVcpuLuoSer> {
     let mut b = [0u8; std::mem::size_of::<KvmVcpuLuoSer>()];
@@ -60,30 +54,21 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
             return Err(Errno::EINVAL);
         }
         let (kho, mm) = host.kho_mm();
-        let blob = kho.alloc_preserve(mm, PAGE_SIZE)?;
         let ser = KvmVcpuLuoSer {
             vcpu_id: id,
             ..Default::default()
         };
-        if let Err(e) = mm.ram.write_phys(blob.pa(), ser.as_bytes()) {
-            let _ = kho.unpreserve_free(mm, blob);
-            return Err(e.into());
-        }
-        kho.label(blob.pa(), "kvm-vcpu");
-        a.serialized = blob.pa();
-        a.private = Some(Box::new(Private { blob, state: None }));
+        let kept = Kept::preserve(kho, mm, ser.as_bytes(), "kvm-vcpu")?;
+        a.serialized = kept.pa();
+        a.private = Some(Box::new(kept));
         Ok(())
     }
 
     fn unpreserve(&self, host: &mut C, a: &mut FileArgs) {
-        let Some(p) = a.private.take().and_then(|p| p.downcast::<Private>().ok()) else {
-            return;
-        };
-        let (kho, mm) = host.kho_mm();
-        if let Some(s) = p.state {
-            let _ = kho.unpreserve_free(mm, s);
+        if let Some(k) = a.private.take().and_then(|p| p.downcast::<Kept>().ok()) {
+            let (kho, mm) = host.kho_mm();
+            k.unpreserve(kho, mm);
         }
-        let _ = kho.unpreserve_free(mm, p.blob);
     }
 
     fn freeze(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
@@ -106,42 +91,27 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
                 })?
                 .to_bytes()
         };
-        let Some(p) = a.private.as_mut().and_then(|p| p.downcast_mut::<Private>()) else {
+        let Some(k) = a.private.as_mut().and_then(|p| p.downcast_mut::<Kept>()) else {
             return Err(Errno::EINVAL);
         };
         let (kho, mm) = host.kho_mm();
-        let vcpu_id = header(&mm.ram, p.blob.pa())?.vcpu_id;
-        let f = state_blob::write(kho, mm, &state, "kvm-vcpu-state")?;
-        let ser = KvmVcpuLuoSer {
-            vm_token,
-            vcpu_id,
-            state_pa: f.pa(),
-            state_len: state.len() as u64,
-        };
-        if let Err(e) = mm.ram.write_phys(p.blob.pa(), ser.as_bytes()) {
-            let _ = kho.unpreserve_free(mm, f);
-            return Err(e.into());
-        }
-        p.state = Some(f);
-        Ok(())
+        let vcpu_id = header(&mm.ram, k.pa())?.vcpu_id;
+        k.freeze(kho, mm, &state, "kvm-vcpu-state", |state_pa, state_len| {
+            KvmVcpuLuoSer {
+                vm_token,
+                vcpu_id,
+                state_pa,
+                state_len,
+            }
+            .as_bytes()
+            .to_vec()
+        })
     }
 
     fn unfreeze(&self, host: &mut C, a: &mut FileArgs) {
-        let Some(p) = a.private.as_mut().and_then(|p| p.downcast_mut::<Private>()) else {
-            return;
-        };
-        let blob = p.blob.pa();
-        let state = p.state.take();
-        let (kho, mm) = host.kho_mm();
-        if let Some(s) = state {
-            let _ = kho.unpreserve_free(mm, s);
-        }
-        if let Ok(h) = header(&mm.ram, blob) {
-            let back = KvmVcpuLuoSer {
-                vcpu_id: h.vcpu_id,
-                ..Default::default()
-            };
-            let _ = mm.ram.write_phys(blob, back.as_bytes());
+        if let Some(k) = a.private.as_mut().and_then(|p| p.downcast_mut::<Kept>()) {
+            let (kho, mm) = host.kho_mm();
+            k.unfreeze(kho, mm);
         }
     }
 

@@ -20,9 +20,9 @@ use crate::abi::kvm::{
 use crate::abi::vm_state::VmState;
 use crate::fs::FileId;
 use crate::luo::{FileArgs, FileHandler, LuoCtx};
-use crate::mm::{Folio, PhysRead, PAGE_SIZE};
+use crate::mm::{Folio, PhysRead};
 
-use super::state_blob;
+use super::state_blob::{self, Kept};
 use super::vcpu::VcpuState;
 use super::{VcpuFile, VmFile};
 
@@ -62,12 +62,6 @@ pub trait VmLuoCtx: LuoCtx {
         -> SysResult<FileId>;
 }
 
-/// v2's kept allocations: the blob, and the state once frozen.
-struct V2 {
-    blob: Folio,
-    state: Option<Folio>,
-}
-
 fn v2_header(mem: &dyn PhysRead, pa: u64) -> SysResult<KvmVmLuoSerV2> {
     let mut b = [0u8; std::mem::size_of::<KvmVmLuoSerV2>()];
     mem.read_phys(pa, &mut b).map_err(|_| Errno::EIO)?;
@@ -96,34 +90,22 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VmHandler {
             _ => return Err(Errno::EINVAL),
         };
         let (kho, mm) = host.kho_mm();
-        let (size, label) = match self.format {
-            VmFormat::V1 => (8, "kvm-vm"),
-            VmFormat::V2 => (PAGE_SIZE, "kvm-vm-v2"),
-        };
-        let f = kho.alloc_preserve(mm, size)?;
-        let written = match self.format {
-            VmFormat::V1 => mm.ram.write_phys(f.pa(), KvmLuoSer { vm_type }.as_bytes()),
+        match self.format {
+            VmFormat::V1 => {
+                let f = state_blob::write(kho, mm, KvmLuoSer { vm_type }.as_bytes(), "kvm-vm")?;
+                a.serialized = f.pa();
+                a.private = Some(Box::new(f));
+            }
             VmFormat::V2 => {
                 let ser = KvmVmLuoSerV2 {
                     vm_type,
                     ..Default::default()
                 };
-                mm.ram.write_phys(f.pa(), ser.as_bytes())
+                let kept = Kept::preserve(kho, mm, ser.as_bytes(), "kvm-vm-v2")?;
+                a.serialized = kept.pa();
+                a.private = Some(Box::new(kept));
             }
-        };
-        if let Err(e) = written {
-            let _ = kho.unpreserve_free(mm, f);
-            return Err(e.into());
         }
-        kho.label(f.pa(), label);
-        a.serialized = f.pa();
-        a.private = Some(match self.format {
-            VmFormat::V1 => Box::new(f),
-            VmFormat::V2 => Box::new(V2 {
-                blob: f,
-                state: None,
-            }),
-        });
         Ok(())
     }
 
@@ -132,13 +114,8 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VmHandler {
             return;
         };
         let (kho, mm) = host.kho_mm();
-        match p.downcast::<V2>() {
-            Ok(v) => {
-                if let Some(s) = v.state {
-                    let _ = kho.unpreserve_free(mm, s);
-                }
-                let _ = kho.unpreserve_free(mm, v.blob);
-            }
+        match p.downcast::<Kept>() {
+            Ok(k) => k.unpreserve(kho, mm),
             Err(p) => {
                 if let Ok(f) = p.downcast::<Folio>() {
                     let _ = kho.unpreserve_free(mm, *f);
@@ -154,40 +131,26 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VmHandler {
         let file = a.file.ok_or(Errno::EINVAL)?;
         let state = host.vm_save(file)?;
         let bytes = state.to_bytes();
-        let Some(p) = a.private.as_mut().and_then(|p| p.downcast_mut::<V2>()) else {
+        let Some(k) = a.private.as_mut().and_then(|p| p.downcast_mut::<Kept>()) else {
             return Err(Errno::EINVAL);
         };
         let (kho, mm) = host.kho_mm();
-        let f = state_blob::write(kho, mm, &bytes, "kvm-vm-state")?;
-        let ser = KvmVmLuoSerV2 {
-            vm_type: state.vm_type,
-            state_pa: f.pa(),
-            state_len: bytes.len() as u64,
-            reserved: 0,
-        };
-        if let Err(e) = mm.ram.write_phys(p.blob.pa(), ser.as_bytes()) {
-            let _ = kho.unpreserve_free(mm, f);
-            return Err(e.into());
-        }
-        p.state = Some(f);
-        Ok(())
+        k.freeze(kho, mm, &bytes, "kvm-vm-state", |state_pa, state_len| {
+            KvmVmLuoSerV2 {
+                vm_type: state.vm_type,
+                state_pa,
+                state_len,
+                reserved: 0,
+            }
+            .as_bytes()
+            .to_vec()
+        })
     }
 
     fn unfreeze(&self, host: &mut C, a: &mut FileArgs) {
-        let Some(p) = a.private.as_mut().and_then(|p| p.downcast_mut::<V2>()) else {
-            return;
-        };
-        let (blob, state) = (p.blob.pa(), p.state.take());
-        let (kho, mm) = host.kho_mm();
-        if let Some(s) = state {
-            let _ = kho.unpreserve_free(mm, s);
-        }
-        if let Ok(h) = v2_header(&mm.ram, blob) {
-            let back = KvmVmLuoSerV2 {
-                vm_type: h.vm_type,
-                ..Default::default()
-            };
-            let _ = mm.ram.write_phys(blob, back.as_bytes());
+        if let Some(k) = a.private.as_mut().and_then(|p| p.downcast_mut::<Kept>()) {
+            let (kho, mm) = host.kho_mm();
+            k.unfreeze(kho, mm);
         }
     }
 
