@@ -72,8 +72,8 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
     }
 
     fn freeze(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
-        let (vm, vcpu) = match a.file.and_then(|f| host.vcpu_file(f)) {
-            Some(v) => (v.vm, v.vcpu.clone()),
+        let (vm, vcpu, vcpu_id) = match a.file.and_then(|f| host.vcpu_file(f)) {
+            Some(v) => (v.vm, v.vcpu.clone(), v.id),
             None => return Err(Errno::EINVAL),
         };
         let vm_token = host.luo_get_token_outgoing(a.session, vm)?;
@@ -95,7 +95,6 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
             return Err(Errno::EINVAL);
         };
         let (kho, mm) = host.kho_mm();
-        let vcpu_id = header(&mm.ram, k.pa())?.vcpu_id;
         k.freeze(kho, mm, &state, "kvm-vcpu-state", |state_pa, state_len| {
             KvmVcpuLuoSer {
                 vm_token,
@@ -145,16 +144,5 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
             .ok()
             .map(|h| h.state_pa);
         state_blob::release_unretrieved(host, state, a.serialized);
-    }
-}
-
-/// Describe a handed-over vCPU blob (for inspect).
-pub fn describe(mem: &dyn PhysRead, pa: u64) -> String {
-    match header(mem, pa) {
-        Ok(h) => format!(
-            "vCPU {} of VM token {:#x}, {} B of state at {:#x}",
-            h.vcpu_id, h.vm_token, h.state_len, h.state_pa
-        ),
-        Err(e) => format!("unreadable: {e}"),
     }
 }

@@ -204,20 +204,3 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VmHandler {
         state_blob::release_unretrieved(host, state, a.serialized);
     }
 }
-
-/// Describe a handed-over VM file blob of `compatible` (for inspect).
-pub fn describe(mem: &dyn PhysRead, compatible: &str, pa: u64) -> String {
-    if compatible == KVM_VM_LUO_V2_FH_COMPATIBLE {
-        return match v2_header(mem, pa) {
-            Ok(h) => format!(
-                "VM type {}, {} B of state at {:#x}",
-                h.vm_type, h.state_len, h.state_pa
-            ),
-            Err(e) => format!("unreadable: {e}"),
-        };
-    }
-    match mem.read_u64(pa) {
-        Ok(t) => format!("VM type {t}"),
-        Err(e) => format!("unreadable: {e}"),
-    }
-}

@@ -140,10 +140,7 @@ pub fn create_irqchip(h: &mut Host, pid: Pid, vm: i32, tss_addr: u64) -> SysResu
     // nr, flags, then 48-byte entries: gsi, type (1 = irqchip), flags, pad, irqchip, pin.
     let mut routes: Vec<(u32, u32, u32)> = (0..16u32)
         .filter(|&g| g != 2)
-        .flat_map(|g| {
-            let chip = if g < 8 { 0 } else { 1 };
-            [(g, chip, g % 8)]
-        })
+        .map(|g| (g, g / 8, g % 8))
         .collect();
     routes.extend((0..24u32).map(|g| (g, 2, if g == 0 { 2 } else { g })));
     let mut arg = Vec::with_capacity(8 + routes.len() * 48);

@@ -147,9 +147,10 @@ impl Host {
             | KVM_CREATE_IRQCHIP
             | KVM_CREATE_PIT2
             | KVM_SET_GSI_ROUTING => {
-                Self::vm_materialize(self.vm_inner(vm)?.as_ref())?;
+                let inner = self.vm_inner(vm)?;
+                Self::vm_materialize(&inner)?;
                 let r = self.kvm_vm_passthrough(vm, cmd, arg)?;
-                self.vm_inner(vm)?.config().record(cmd, arg);
+                inner.config().record(cmd, arg);
                 Ok(r)
             }
             _ => {

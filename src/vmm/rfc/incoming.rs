@@ -223,12 +223,14 @@ pub(super) fn stage2(
 /// state, checked for length (the encoding's own checks come with its decoding).
 fn retrieve_vmm_saved_state(h: &mut Host, pid: Pid, s: i32) -> Result<(i32, Vec<u8>), String> {
     let st = retrieve_fd(h, pid, s, VCPU_TOKEN).map_err(e("retrieve vCPU state"))?;
-    let bytes = read_all(h, pid, st, STATE_BYTES as usize).map_err(e("read vCPU state"))?;
+    let mut bytes = read_all(h, pid, st, STATE_BYTES as usize).map_err(e("read vCPU state"))?;
     let len = bytes
         .get(..8)
         .map_or(0, |b| u64::from_le_bytes(b.try_into().unwrap_or_default())) as usize;
-    let bytes = bytes
-        .get(8..8usize.saturating_add(len))
-        .ok_or("vCPU state: bad length")?;
-    Ok((st, bytes.to_vec()))
+    if bytes.len() < 8 || len > bytes.len() - 8 {
+        return Err("vCPU state: bad length".into());
+    }
+    bytes.truncate(8 + len);
+    bytes.drain(..8);
+    Ok((st, bytes))
 }
