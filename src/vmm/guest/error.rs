@@ -31,6 +31,9 @@ pub enum GuestError {
         /// End of the identity map (exclusive).
         max: u64,
     },
+    /// An SMP guest with no vCPU or more than the image holds.
+    #[error("an SMP guest has 1..=16 vCPUs, not {0}")]
+    SmpVcpus(u32),
     /// A mode value that is not one of the `MODE_*` constants.
     #[error("unknown guest mode {0}")]
     BadMode(u64),

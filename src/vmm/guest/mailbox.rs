@@ -13,6 +13,9 @@ pub const MODE_RUN_UPDATE: u64 = 3;
 /// Mode: as [`MODE_RUN_UPDATE`] without the write (the host wrote the pattern already), and
 /// with two read passes before the status instead of one.
 pub const MODE_RUN_UPDATE_PREFILLED: u64 = 5;
+/// Mode: one vCPU of several (see `smp.rs`): fill its region, report, loop on a shared counter,
+/// the clock and the TSC until told to proceed, verify.
+pub const MODE_SMP: u64 = 6;
 
 /// Status: nothing reported yet (the value [`write_params`] leaves in the mailbox).
 pub const STATUS_NONE: u64 = 0;
@@ -59,6 +62,8 @@ pub enum GuestMode {
     RunUpdate,
     /// [`MODE_RUN_UPDATE_PREFILLED`]
     RunUpdatePrefilled,
+    /// [`MODE_SMP`]
+    Smp,
 }
 
 impl GuestMode {
@@ -69,6 +74,7 @@ impl GuestMode {
             GuestMode::Verify => MODE_VERIFY,
             GuestMode::RunUpdate => MODE_RUN_UPDATE,
             GuestMode::RunUpdatePrefilled => MODE_RUN_UPDATE_PREFILLED,
+            GuestMode::Smp => MODE_SMP,
         }
     }
 
@@ -79,6 +85,7 @@ impl GuestMode {
             MODE_VERIFY => Ok(GuestMode::Verify),
             MODE_RUN_UPDATE => Ok(GuestMode::RunUpdate),
             MODE_RUN_UPDATE_PREFILLED => Ok(GuestMode::RunUpdatePrefilled),
+            MODE_SMP => Ok(GuestMode::Smp),
             other => Err(GuestError::BadMode(other)),
         }
     }
@@ -96,7 +103,7 @@ pub struct GuestParams {
 }
 
 /// What the guest reported, decoded from a copy of the mailbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct GuestReport {
     /// Last `STATUS_*` stored by the guest.
     pub status: u64,
@@ -120,7 +127,10 @@ impl GuestReport {
 pub fn is_final_status(mode: GuestMode, status: u64) -> bool {
     match status {
         STATUS_NONE => false,
-        STATUS_WRITTEN => !matches!(mode, GuestMode::RunUpdate | GuestMode::RunUpdatePrefilled),
+        STATUS_WRITTEN => !matches!(
+            mode,
+            GuestMode::RunUpdate | GuestMode::RunUpdatePrefilled | GuestMode::Smp
+        ),
         _ => true,
     }
 }

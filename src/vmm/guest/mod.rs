@@ -50,6 +50,8 @@
 //!   twice `IN` [`PORT_CLOCK`] and verify (the first pass faults every page into the VM's
 //!   mappings, the second is the warm pass the VMM times), `OUT` [`STATUS_WRITTEN`], loop,
 //!   verify.
+//! - [`MODE_SMP`]: one vCPU of several sharing the VM, each with its own mailbox, stack and
+//!   region and a shared counter; see [`SmpGuest`].
 //! - Anything else: report [`STATUS_BAD_MODE`].
 //!
 //! "Report" = store the status in the mailbox, then `OUT` it (32-bit) to [`PORT_STATUS`], forever:
@@ -66,6 +68,7 @@ mod layout;
 mod mailbox;
 mod pattern;
 mod program;
+mod smp;
 
 pub use cpu::*;
 pub use error::*;
@@ -74,3 +77,4 @@ pub use layout::*;
 pub use mailbox::*;
 pub use pattern::*;
 pub use program::*;
+pub use smp::*;

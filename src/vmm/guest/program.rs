@@ -4,11 +4,12 @@
 /// The program, loaded at [`CODE_GPA`](super::CODE_GPA). Hand-assembled; each line gives the
 /// offset and the instruction (AT&T syntax). Register use: r15 = mailbox, rdi = data GPA,
 /// rsi = data length, r8/r9/r10 = pattern-word constants, r12 = previous clock, r13 = max gap,
-/// r14 = loop count, rbx = last proceed value.
+/// r14 = loop count, rbx = last proceed value; in the SMP mode also r11 = the shared counter and
+/// rbp = the previous TSC.
 /// Port numbers, the mailbox address and the mailbox offsets are immediates; the unit tests
 /// check them against the layout and mailbox constants.
 #[rustfmt::skip]
-pub const GUEST_CODE: [u8; 0x184] = [
+pub const GUEST_CODE: [u8; 0x231] = [
     // start:
     0x41, 0xbf, 0x00, 0x10, 0x00, 0x00, // 0x000: mov $0x1000,%r15d
     0x49, 0x8b, 0x7f, 0x08, // 0x006: mov 0x8(%r15),%rdi
@@ -144,9 +145,68 @@ pub const GUEST_CODE: [u8; 0x184] = [
     0xed, // 0x16f: in (%dx),%eax
     0xe8, 0x82, 0xff, 0xff, 0xff, // 0x170: call 0x0f7
     0xe9, 0xe7, 0xfe, 0xff, 0xff, // 0x175: jmp 0x061 (report WRITTEN, clock loop)
+    // not mode 5: on to the SMP mode's check (the next five bytes are not reached)
+    0xe9, 0x05, 0x00, 0x00, 0x00, // 0x17a: jmp 0x184
+    0xe9, 0x30, 0xff, 0xff, 0xff, // 0x17f: (unreachable) jmp 0x0b4
+    // mode_smp: one vCPU of several, entered at SMP_ENTRY with r15 = its own mailbox (see
+    // `smp.rs`): fill its region, report WRITTEN, then loop: a locked increment of the shared
+    // counter and the vCPU's own count, a clock read (largest gap, as RUN_UPDATE), an RDTSC
+    // (largest forward step, backward steps counted), and until the first non-zero proceed a
+    // proceed read; then verify and report
+    0x48, 0x83, 0xf8, 0x06, // 0x184: cmp $0x6,%rax
+    0x0f, 0x85, 0x99, 0x00, 0x00, 0x00, // 0x188: jne 0x227 (bad mode)
+    0x4d, 0x8b, 0x5f, 0x40, // 0x18e: mov 0x40(%r15),%r11 (the shared counter)
+    0xe8, 0x29, 0xff, 0xff, 0xff, // 0x192: call 0x0c0 (fill)
+    0xb8, 0x01, 0x00, 0x00, 0x00, // 0x197: mov $0x1,%eax
+    0x49, 0x89, 0x47, 0x20, // 0x19c: mov %rax,0x20(%r15)
+    0xba, 0x80, 0x0e, 0x00, 0x00, // 0x1a0: mov $0xe80,%edx
+    0xef, // 0x1a5: out %eax,(%dx)
+    0xba, 0x84, 0x0e, 0x00, 0x00, // 0x1a6: mov $0xe84,%edx
+    0xed, // 0x1ab: in (%dx),%eax
+    0x41, 0x89, 0xc4, // 0x1ac: mov %eax,%r12d
+    0x0f, 0x31, // 0x1af: rdtsc
+    0x48, 0xc1, 0xe2, 0x20, // 0x1b1: shl $0x20,%rdx
+    0x48, 0x09, 0xd0, // 0x1b5: or %rdx,%rax
+    0x48, 0x89, 0xc5, // 0x1b8: mov %rax,%rbp (previous TSC)
+    0x45, 0x31, 0xed, // 0x1bb: xor %r13d,%r13d
+    0x45, 0x31, 0xf6, // 0x1be: xor %r14d,%r14d
+    0x31, 0xdb, // 0x1c1: xor %ebx,%ebx
+    // smp_loop:
+    0xf0, 0x49, 0xff, 0x03, // 0x1c3: lock incq (%r11)
+    0x49, 0xff, 0xc6, // 0x1c7: inc %r14
+    0x4d, 0x89, 0x77, 0x38, // 0x1ca: mov %r14,0x38(%r15)
+    0xba, 0x84, 0x0e, 0x00, 0x00, // 0x1ce: mov $0xe84,%edx
+    0xed, // 0x1d3: in (%dx),%eax
+    0x89, 0xc1, // 0x1d4: mov %eax,%ecx
+    0x44, 0x29, 0xe1, // 0x1d6: sub %r12d,%ecx
+    0x41, 0x89, 0xc4, // 0x1d9: mov %eax,%r12d
+    0x4c, 0x39, 0xe9, // 0x1dc: cmp %r13,%rcx
+    0x4c, 0x0f, 0x47, 0xe9, // 0x1df: cmova %rcx,%r13
+    0x4d, 0x89, 0x6f, 0x30, // 0x1e3: mov %r13,0x30(%r15)
+    0x0f, 0x31, // 0x1e7: rdtsc
+    0x48, 0xc1, 0xe2, 0x20, // 0x1e9: shl $0x20,%rdx
+    0x48, 0x09, 0xd0, // 0x1ed: or %rdx,%rax
+    0x48, 0x89, 0xc1, // 0x1f0: mov %rax,%rcx
+    0x49, 0x89, 0x47, 0x50, // 0x1f3: mov %rax,0x50(%r15)
+    0x48, 0x29, 0xe9, // 0x1f7: sub %rbp,%rcx
+    0x48, 0x89, 0xc5, // 0x1fa: mov %rax,%rbp
+    0x78, 0x0c, // 0x1fd: js 0x20b
+    0x49, 0x3b, 0x4f, 0x48, // 0x1ff: cmp 0x48(%r15),%rcx
+    0x76, 0x0a, // 0x203: jbe 0x20f
+    0x49, 0x89, 0x4f, 0x48, // 0x205: mov %rcx,0x48(%r15)
+    0xeb, 0x04, // 0x209: jmp 0x20f
+    0x49, 0xff, 0x47, 0x58, // 0x20b: incq 0x58(%r15) (the TSC went backwards)
+    0x85, 0xdb, // 0x20f: test %ebx,%ebx
+    0x75, 0x0a, // 0x211: jne 0x21d
+    0xba, 0x88, 0x0e, 0x00, 0x00, // 0x213: mov $0xe88,%edx
+    0xed, // 0x218: in (%dx),%eax
+    0x89, 0xc3, // 0x219: mov %eax,%ebx
+    0xeb, 0xa6, // 0x21b: jmp 0x1c3 (smp_loop: one more pass after a non-zero proceed)
+    0xe8, 0xd5, 0xfe, 0xff, 0xff, // 0x21d: call 0x0f7 (verify)
+    0xe9, 0x8d, 0xfe, 0xff, 0xff, // 0x222: jmp 0x0b4 (finish)
     // bad mode
-    0xb8, 0x04, 0x00, 0x00, 0x00, // 0x17a: mov $0x4,%eax
-    0xe9, 0x30, 0xff, 0xff, 0xff, // 0x17f: jmp 0x0b4
+    0xb8, 0x04, 0x00, 0x00, 0x00, // 0x227: mov $0x4,%eax
+    0xe9, 0x83, 0xfe, 0xff, 0xff, // 0x22c: jmp 0x0b4
 ];
 
 #[cfg(test)]
@@ -156,6 +216,7 @@ mod tests {
         CODE_GPA, MAILBOX_GPA, PORT_CLOCK, PORT_PROCEED, PORT_STATUS, STACK_TOP,
     };
     use crate::vmm::guest::mailbox::*;
+    use crate::vmm::guest::smp::*;
 
     fn imm32_at(off: usize) -> u32 {
         u32::from_le_bytes(GUEST_CODE[off..off + 4].try_into().unwrap())
@@ -175,7 +236,19 @@ mod tests {
         assert_eq!(u64::from(GUEST_CODE[0x39]), MODE_VERIFY);
         assert_eq!(u64::from(GUEST_CODE[0x3f]), MODE_RUN_UPDATE);
         assert_eq!(u64::from(GUEST_CODE[0x15c]), MODE_RUN_UPDATE_PREFILLED);
-        assert_eq!(u64::from(imm32_at(0x17b)), STATUS_BAD_MODE);
+        assert_eq!(u64::from(imm32_at(0x228)), STATUS_BAD_MODE);
+        assert_eq!(u64::from(GUEST_CODE[0x187]), MODE_SMP);
+        assert_eq!(u64::from(imm32_at(0x198)), STATUS_WRITTEN);
+        assert_eq!(usize::from(GUEST_CODE[0x19f]), MB_STATUS);
+        assert_eq!(usize::from(GUEST_CODE[0x191]), MB_COUNTER_GPA);
+        assert_eq!(usize::from(GUEST_CODE[0x1cd]), MB_LOOPS);
+        assert_eq!(usize::from(GUEST_CODE[0x1e6]), MB_MAX_GAP_US);
+        assert_eq!(usize::from(GUEST_CODE[0x1f6]), MB_TSC_LAST);
+        assert_eq!(usize::from(GUEST_CODE[0x202]), MB_TSC_MAX_STEP);
+        assert_eq!(usize::from(GUEST_CODE[0x208]), MB_TSC_MAX_STEP);
+        assert_eq!(usize::from(GUEST_CODE[0x20e]), MB_TSC_BACKWARDS);
+        // the SMP entry skips only the load of the mailbox address
+        assert_eq!(SMP_ENTRY, CODE_GPA + 6);
         assert_eq!(u64::from(imm32_at(0x4f)), STATUS_WRITTEN);
         assert_eq!(u64::from(imm32_at(0x62)), STATUS_WRITTEN);
         assert_eq!(usize::from(GUEST_CODE[0x69]), MB_STATUS);
@@ -189,6 +262,10 @@ mod tests {
             (0x14e, PORT_CLOCK),
             (0x15f, PORT_CLOCK),
             (0x16a, PORT_CLOCK),
+            (0x1a0, PORT_STATUS),
+            (0x1a6, PORT_CLOCK),
+            (0x1ce, PORT_CLOCK),
+            (0x213, PORT_PROCEED),
         ] {
             assert_eq!(GUEST_CODE[off], 0xba, "mov imm32, %edx at {off:#x}");
             assert_eq!(imm32_at(off + 1), u32::from(port), "port at {off:#x}");
@@ -214,12 +291,23 @@ mod tests {
         assert_eq!((GUEST_CODE[0x165], rel(0x165)), (0xe8, 0x0f7));
         assert_eq!((GUEST_CODE[0x170], rel(0x170)), (0xe8, 0x0f7));
         assert_eq!((GUEST_CODE[0x175], rel(0x175)), (0xe9, 0x061));
-        assert_eq!((GUEST_CODE[0x17f], rel(0x17f)), (0xe9, 0x0b4));
+        assert_eq!((GUEST_CODE[0x17a], rel(0x17a)), (0xe9, 0x184));
+        assert_eq!((GUEST_CODE[0x192], rel(0x192)), (0xe8, 0x0c0));
+        assert_eq!((GUEST_CODE[0x21d], rel(0x21d)), (0xe8, 0x0f7));
+        assert_eq!((GUEST_CODE[0x222], rel(0x222)), (0xe9, 0x0b4));
+        assert_eq!((GUEST_CODE[0x22c], rel(0x22c)), (0xe9, 0x0b4));
+        let rel8 = |off: usize| (off as i64 + 2 + i64::from(GUEST_CODE[off + 1] as i8)) as usize;
+        assert_eq!(rel8(0x21b), 0x1c3);
+        assert_eq!(rel8(0x1fd), 0x20b);
+        assert_eq!(rel8(0x211), 0x21d);
         // jne rel8 to the bad-mode tail
         assert_eq!(
             (GUEST_CODE[0x15d], 0x15f + usize::from(GUEST_CODE[0x15e])),
             (0x75, 0x17a)
         );
+        // jne rel32 of the SMP mode to the bad-mode tail
+        assert_eq!(&GUEST_CODE[0x188..0x18a], &[0x0f, 0x85]);
+        assert_eq!(0x18e + imm32_at(0x18a) as usize, 0x227);
         assert!(CODE_GPA as usize + GUEST_CODE.len() <= STACK_TOP as usize - 0x2000);
     }
 }
