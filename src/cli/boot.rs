@@ -195,6 +195,11 @@ pub fn init_programs() -> InitPrograms {
         entry: Entry::Owned(|host| rfc::run_with(host, Some(&SnapshotRestore))),
     });
     p.add(Program {
+        name: crate::vmm::fleet::PROGRAM,
+        about: crate::vmm::fleet::ABOUT,
+        entry: Entry::Owned(crate::vmm::fleet::run),
+    });
+    p.add(Program {
         name: crate::boundary::run::NAME,
         about: crate::boundary::run::ABOUT,
         entry: Entry::Owned(crate::boundary::run::run_owned),

@@ -1,3 +1,4 @@
+pub mod fleet;
 pub mod guest;
 pub mod libkvm;
 pub mod libluo;

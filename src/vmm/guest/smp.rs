@@ -8,7 +8,7 @@
 //! 1. `lock incq` of the shared counter at [`COUNTER_GPA`], then its own loop count
 //!    ([`MB_LOOPS`](super::MB_LOOPS)), so that at any instruction boundary the counter equals
 //!    the sum of the counts, or that sum plus one per vCPU caught between the two;
-//! 2. a clock read, keeping the largest gap ([`MB_MAX_GAP_US`](super::MB_MAX_GAP_US)): the
+//! 2. a clock read, keeping the largest gap in the mailbox ([`MB_MAX_GAP_US`](super::MB_MAX_GAP_US)): the
 //!    blackout as the guest saw it, in host microseconds;
 //! 3. an `RDTSC`, keeping the largest forward step ([`MB_TSC_MAX_STEP`]) and counting backward
 //!    steps ([`MB_TSC_BACKWARDS`]): the guest's own clock across the update;
@@ -239,7 +239,10 @@ mod tests {
         for k in 0..4 {
             let at = (smp_mailbox_gpa(k) - MAILBOX_GPA) as usize;
             assert_eq!(get_u64(page, at + MB_MODE), MODE_SMP);
-            assert_eq!(get_u64(page, at + MB_DATA_GPA), (4 << 30) + u64::from(k) * (4 << 20));
+            assert_eq!(
+                get_u64(page, at + MB_DATA_GPA),
+                (4 << 30) + u64::from(k) * (4 << 20)
+            );
             assert_eq!(get_u64(page, at + MB_DATA_LEN), 4 << 20);
             assert_eq!(get_u64(page, at + MB_COUNTER_GPA), COUNTER_GPA);
             let r = read_smp_report(page, k).unwrap();

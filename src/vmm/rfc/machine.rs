@@ -77,7 +77,7 @@ pub(crate) fn bind(
 
 /// Where KVM's real-mode TSS goes (three pages): just below 4 GiB, where QEMU puts it, clear of
 /// the guest's low memory and of its guest_memfd at `GMEM_GPA` (4 GiB).
-const TSS_ADDR: u64 = 0xfffb_d000;
+pub(crate) const TSS_ADDR: u64 = 0xfffb_d000;
 
 pub(super) fn setup(h: &mut Host, pid: Pid, o: &Options) -> Result<Vm, String> {
     let kvm = libkvm::open_kvm(h, pid).map_err(e("open /dev/kvm"))?;

@@ -36,8 +36,8 @@ mod private;
 mod report;
 
 pub(crate) use devices::io_handler;
-pub(crate) use machine::{bind, read_mailbox, Vm};
-pub use options::{Options, MAX_CHUNKS, MAX_GUEST_MEM};
+pub(crate) use machine::{bind, read_mailbox, Vm, TSS_ADDR};
+pub use options::{auto_chunk, Options, MAX_CHUNKS, MAX_GUEST_MEM};
 pub(crate) use outgoing::{Baseline, Paused};
 
 /// Name of this init program (`handover boot --init gmem-rfc`).
@@ -155,7 +155,7 @@ pub(crate) fn run_with(host: Host, baseline: Option<&dyn Baseline>) -> (Host, In
 }
 
 /// The host back from its `Arc` once every vCPU thread is gone.
-fn take_back(mut shared: Arc<Mutex<Host>>) -> Host {
+pub(crate) fn take_back(mut shared: Arc<Mutex<Host>>) -> Host {
     loop {
         match Arc::try_unwrap(shared) {
             Ok(m) => return m.into_inner().unwrap_or_else(|p| p.into_inner()),

@@ -1,0 +1,328 @@
+//! One VM of the fleet: low memory in a memfd at GPA 0 with the SMP guest image, a guest_memfd
+//! at 4 GiB bound as chunk memslots, `vcpus` vCPUs each on a thread of its own; the ports its
+//! vCPUs use; pausing it; reading what its vCPUs reported.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::abi::kvm::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use crate::host::Host;
+use crate::kvm::vcpu::VcpuKicker;
+use crate::kvm::{IoAction, IoEvent, RunExit};
+use crate::time::monotonic_ns;
+use crate::uapi::{Pid, UserMapping};
+use crate::vmm::guest::{self, SmpGuest, SmpReport};
+use crate::vmm::libkvm::{self, Region};
+use crate::vmm::rfc::e;
+use crate::vmm::slots::GuestMemSlots;
+
+use super::options::Options;
+use super::GMEM_GPA;
+
+/// A VM's fds in the VMM's process, and its low memory mapped there.
+pub(super) struct FleetVm {
+    pub(super) index: u32,
+    pub(super) vm: i32,
+    pub(super) gmem: i32,
+    pub(super) low: i32,
+    pub(super) low_map: UserMapping,
+    pub(super) vcpus: Vec<i32>,
+}
+
+/// The SMP guest of VM `i`.
+pub(super) fn smp_guest(o: &Options, i: u32) -> SmpGuest {
+    SmpGuest {
+        vcpus: o.vcpus,
+        data_gpa: GMEM_GPA,
+        data_len: o.data_of(i),
+    }
+}
+
+/// Map the low memory and bind it (slot 0) and the whole guest_memfd (chunk slots), before
+/// any vCPU: a VM whose irqchip is created later pays no irqchip penalty for these.
+pub(super) fn bind(
+    h: &mut Host,
+    pid: Pid,
+    vm: i32,
+    gmem: i32,
+    low: i32,
+    o: &Options,
+) -> Result<UserMapping, String> {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let len = guest::LOW_MEM_SIZE as u64;
+    let low_map = h
+        .mmap(pid, low, len, rw, libc::MAP_SHARED, 0)
+        .map_err(e("mmap low memory"))?;
+    let r = Region {
+        slot: 0,
+        gpa: 0,
+        size: len,
+        uaddr: low_map.addr as u64,
+        gmem: None,
+    };
+    libkvm::set_memory_region2(h, pid, vm, r).map_err(e("memslot 0"))?;
+    let chunk = crate::vmm::rfc::auto_chunk(o.guest_mem);
+    GuestMemSlots::new(pid, vm, gmem, GMEM_GPA, o.guest_mem, chunk).bind_all(h)?;
+    Ok(low_map)
+}
+
+/// Stage 1: build VM `i` with its vCPUs set to start the SMP program (not running yet).
+pub(super) fn build(
+    h: &mut Host,
+    pid: Pid,
+    kvm: i32,
+    o: &Options,
+    i: u32,
+) -> Result<FleetVm, String> {
+    let vm = libkvm::create_vm(h, pid, kvm, 0).map_err(e("KVM_CREATE_VM"))?;
+    if o.irqchip {
+        libkvm::create_irqchip(h, pid, vm, crate::vmm::rfc::TSS_ADDR).map_err(e("irqchip"))?;
+    }
+    let flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+    let gmem = libkvm::create_guest_memfd(h, pid, vm, o.guest_mem, flags)
+        .map_err(e("KVM_CREATE_GUEST_MEMFD"))?;
+    // The guest's data in folios now: the vCPUs then write without a fault per page.
+    h.fallocate(pid, gmem, libc::FALLOC_FL_KEEP_SIZE, 0, o.data_of(i))
+        .map_err(e("fallocate"))?;
+    let low = h.memfd_create(pid, "guest-low", 0).map_err(e("memfd"))?;
+    let mut img = vec![0u8; guest::LOW_MEM_SIZE];
+    guest::build_smp_image(&mut img, &smp_guest(o, i)).map_err(e("guest image"))?;
+    h.pwrite(pid, low, &img, 0)
+        .map_err(e("write guest image"))?;
+    let low_map = bind(h, pid, vm, gmem, low, o)?;
+    let kvm_sys = h.real_kvm().map_err(e("kvm"))?;
+    crate::kvm::vcpu::init_xsave_size(&kvm_sys);
+    let mut vcpus = Vec::new();
+    for k in 0..o.vcpus {
+        let fd = libkvm::create_vcpu(h, pid, vm, u64::from(k)).map_err(e("create vCPU"))?;
+        let v = h.vcpu(pid, fd).map_err(e("vcpu"))?;
+        let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
+        guest::configure_vcpu(&kvm_sys, &v).map_err(e("configure vCPU"))?;
+        v.set_regs(&guest::smp_regs(k)).map_err(e("set regs"))?;
+        // With an in-kernel LAPIC every vCPU but the first waits for INIT/SIPI; ours start at
+        // once, in long mode.
+        let runnable = kvm_bindings::kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+        };
+        v.set_mp_state(runnable).map_err(e("KVM_SET_MP_STATE"))?;
+        vcpus.push(fd);
+    }
+    Ok(FleetVm {
+        index: i,
+        vm,
+        gmem,
+        low,
+        low_map,
+        vcpus,
+    })
+}
+
+/// What a VM's vCPU threads share with the VMM.
+#[derive(Default)]
+pub(super) struct VmIo {
+    /// The answer of the proceed port: the guests verify once it is set.
+    pub(super) proceed: AtomicBool,
+    /// Set when the VMM wants the vCPUs back: an idle wait ends at once.
+    pub(super) waking: AtomicBool,
+    idle: Mutex<()>,
+    wake: Condvar,
+    /// Each vCPU's last status.
+    pub(super) status: Vec<AtomicU64>,
+}
+
+impl VmIo {
+    pub(super) fn new(vcpus: u32, proceed: bool) -> Arc<Self> {
+        Arc::new(VmIo {
+            proceed: AtomicBool::new(proceed),
+            status: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            ..Default::default()
+        })
+    }
+
+    /// End every idle wait now (the threads then see their kick, or the proceed).
+    pub(super) fn wake_all(&self) {
+        self.waking.store(true, Ordering::SeqCst);
+        let _g = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        self.wake.notify_all();
+    }
+}
+
+/// The exit handler of vCPU `k`: the clock, the proceed port (answered after an idle wait of
+/// `idle` unless woken), the status port; MMIO stops the run (every chunk is bound).
+fn handler(io: &VmIo, k: usize, idle: Duration) -> impl FnMut(IoEvent<'_>) -> IoAction + '_ {
+    let answer = |data: &mut [u8], v: u32| {
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+    };
+    move |ev| match ev {
+        IoEvent::In {
+            port: guest::PORT_CLOCK,
+            data,
+        } => {
+            answer(data, (monotonic_ns() / 1000) as u32);
+            IoAction::Continue
+        }
+        IoEvent::In {
+            port: guest::PORT_PROCEED,
+            data,
+        } => {
+            if !io.proceed.load(Ordering::SeqCst) && !io.waking.load(Ordering::SeqCst) {
+                let g = io.idle.lock().unwrap_or_else(|p| p.into_inner());
+                let _ = io.wake.wait_timeout_while(g, idle, |_| {
+                    !io.waking.load(Ordering::SeqCst) && !io.proceed.load(Ordering::SeqCst)
+                });
+            }
+            answer(data, u32::from(io.proceed.load(Ordering::SeqCst)));
+            IoAction::Continue
+        }
+        IoEvent::Out {
+            port: guest::PORT_STATUS,
+            data,
+        } => {
+            let mut b = [0u8; 4];
+            let n = data.len().min(4);
+            b[..n].copy_from_slice(&data[..n]);
+            let st = u64::from(u32::from_le_bytes(b));
+            io.status[k].store(st, Ordering::SeqCst);
+            if guest::is_final_status(guest::GuestMode::Smp, st) {
+                IoAction::Stop
+            } else {
+                IoAction::Continue
+            }
+        }
+        IoEvent::In { data, .. } => {
+            data.fill(0);
+            IoAction::Continue
+        }
+        IoEvent::Out { .. } => IoAction::Continue,
+        IoEvent::MmioRead { .. } | IoEvent::MmioWrite { .. } => IoAction::Stop,
+    }
+}
+
+/// A VM's vCPUs running, one thread each.
+pub(super) struct Running {
+    pub(super) io: Arc<VmIo>,
+    kickers: Vec<Arc<VcpuKicker>>,
+    threads: Vec<JoinHandle<Result<RunExit, String>>>,
+}
+
+/// Run every vCPU of `vm` on a thread of its own.
+pub(super) fn start(
+    shared: &Arc<Mutex<Host>>,
+    pid: Pid,
+    vm: &FleetVm,
+    io: Arc<VmIo>,
+    idle: Duration,
+) -> Running {
+    let mut kickers = Vec::new();
+    let mut threads = Vec::new();
+    for (k, &fd) in vm.vcpus.iter().enumerate() {
+        let kicker = Arc::new(VcpuKicker::new());
+        let (shared, io, kick) = (shared.clone(), io.clone(), kicker.clone());
+        threads.push(std::thread::spawn(move || {
+            let _target = kick.register_current_thread().map_err(e("kicker"))?;
+            let mut h = handler(&io, k, idle);
+            Host::vcpu_run(&shared, pid, fd, &mut h).map_err(e("KVM_RUN"))
+        }));
+        kickers.push(kicker);
+    }
+    Running {
+        io,
+        kickers,
+        threads,
+    }
+}
+
+impl Running {
+    /// Ask every vCPU to stop (kick, then end its idle wait); [`Running::join`] waits.
+    pub(super) fn kick(&self) -> Result<(), String> {
+        for k in &self.kickers {
+            k.kick().map_err(e("kick"))?;
+        }
+        self.io.wake_all();
+        Ok(())
+    }
+
+    /// Wait for every vCPU thread; each must have ended as `want`.
+    pub(super) fn join(self, want: RunExit) -> Result<(), String> {
+        let mut err = None;
+        for (k, t) in self.threads.into_iter().enumerate() {
+            let r = t.join().map_err(|_| "vCPU thread panicked".to_string());
+            match r.and_then(|r| r) {
+                Ok(x) if x == want => {}
+                Ok(x) => err = err.or(Some(format!("vCPU {k}: {x:?}, not {want:?}"))),
+                Err(m) => err = err.or(Some(format!("vCPU {k}: {m}"))),
+            }
+        }
+        err.map_or(Ok(()), Err)
+    }
+
+    /// Every vCPU has reported at least `status`.
+    pub(super) fn all_reported(&self, status: u64) -> bool {
+        self.io
+            .status
+            .iter()
+            .all(|s| s.load(Ordering::SeqCst) >= status)
+    }
+
+    /// Some vCPU thread has ended (the guest stopped or failed).
+    pub(super) fn any_ended(&self) -> bool {
+        self.threads.iter().any(|t| t.is_finished())
+    }
+}
+
+/// The mailbox page of `vm`, copied.
+pub(super) fn mailbox_page(h: &mut Host, pid: Pid, vm: &FleetVm) -> Result<Vec<u8>, String> {
+    let mut page = vec![0u8; guest::PAGE_SIZE as usize];
+    h.user_read(
+        pid,
+        vm.low_map.addr + guest::MAILBOX_GPA as usize,
+        &mut page,
+    )
+    .map_err(e("read mailboxes"))?;
+    Ok(page)
+}
+
+/// Every vCPU's report, and the shared counter.
+pub(super) fn reports(
+    h: &mut Host,
+    pid: Pid,
+    vm: &FleetVm,
+) -> Result<(Vec<SmpReport>, u64), String> {
+    let page = mailbox_page(h, pid, vm)?;
+    let r = (0..vm.vcpus.len() as u32)
+        .map(|k| guest::read_smp_report(&page, k).map_err(e("mailbox")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((r, guest::read_counter(&page)))
+}
+
+/// Reset the largest clock gap and TSC step of every vCPU (all paused), so that the next
+/// values the guest keeps are this update's.
+pub(super) fn reset_gaps(h: &mut Host, pid: Pid, vm: &FleetVm) -> Result<(), String> {
+    for k in 0..vm.vcpus.len() as u32 {
+        let mb = vm.low_map.addr + guest::smp_mailbox_gpa(k) as usize;
+        for off in [guest::MB_MAX_GAP_US, guest::MB_TSC_MAX_STEP] {
+            h.user_write(pid, mb + off, &[0u8; 8])
+                .map_err(e("reset a gap"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Poll `cond` until it holds, or fail after `timeout`.
+pub(super) fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut cond: impl FnMut() -> Result<bool, String>,
+) -> Result<(), String> {
+    let t = std::time::Instant::now();
+    while !cond()? {
+        if t.elapsed() > timeout {
+            return Err(format!("timed out waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(())
+}
