@@ -530,7 +530,10 @@ impl Server {
         mut a: Answer,
     ) {
         let vcpu = match host.files().kind(f) {
-            Some(crate::host::files::FileKind::Vcpu(v)) => v.vcpu.clone(),
+            Some(crate::host::files::FileKind::Vcpu(v)) => match v.handle() {
+                Ok(h) => h,
+                Err(_) => return self.conns[i].send(&a.reply, &a.payload, None),
+            },
             _ => return self.conns[i].send(&a.reply, &a.payload, None),
         };
         let kicker = std::sync::Arc::new(crate::kvm::vcpu::VcpuKicker::new());

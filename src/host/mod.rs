@@ -6,6 +6,7 @@
 mod boot;
 pub mod files;
 pub use kvm::passthrough::vcpu_ioctl;
+pub use kvm::run::VcpuRun;
 #[cfg(test)]
 mod hugepool_tests;
 mod kexec;

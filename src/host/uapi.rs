@@ -161,7 +161,7 @@ impl Host {
             Some(FileKind::Kvm) => self.kvm_dev_ioctl(pid, cmd, arg),
             Some(FileKind::Vm(_)) => self.kvm_vm_ioctl(pid, f, cmd, arg),
             Some(FileKind::Vcpu(v)) => {
-                let vcpu = v.vcpu.clone();
+                let vcpu = v.handle()?;
                 crate::host::kvm::passthrough::vcpu_ioctl(&vcpu, cmd, arg)
             }
             Some(FileKind::GuestMemfd(_)) if cmd == crate::abi::kvm::KVM_SET_MEMORY_ATTRIBUTES2 => {

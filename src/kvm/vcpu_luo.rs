@@ -73,7 +73,7 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
 
     fn freeze(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
         let (vm, vcpu, vcpu_id) = match a.file.and_then(|f| host.vcpu_file(f)) {
-            Some(v) => (v.vm, v.vcpu.clone(), v.id),
+            Some(v) => (v.vm, v.handle()?, v.id),
             None => return Err(Errno::EINVAL),
         };
         let vm_token = host.luo_get_token_outgoing(a.session, vm)?;
@@ -128,7 +128,7 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
         if host.vm_file(vm).is_none() {
             return Err(Errno::EINVAL);
         }
-        a.file = Some(host.create_restored_vcpu(vm, h.vcpu_id, &state)?);
+        a.file = Some(host.create_restored_vcpu(vm, h.vcpu_id, state)?);
         let (kho, mm) = host.kho_mm();
         kho.restore_free(mm, h.state_pa).map_err(|_| Errno::EIO)?;
         kho.restore_free(mm, a.serialized).map_err(|_| Errno::EIO)?;

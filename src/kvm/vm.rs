@@ -144,12 +144,66 @@ pub struct VmFile {
 
 /// A vCPU file (`KVM_CREATE_VCPU`'s fd).
 pub struct VcpuFile {
-    /// The real vCPU; its mutex is held for the whole of a `Host::vcpu_run`.
-    pub vcpu: Arc<Mutex<VcpuFd>>,
+    /// The real vCPU; its mutex is held for the whole of a `Host::vcpu_run`. Reached through
+    /// [`VcpuFile::handle`], which loads a pending state first.
+    vcpu: Arc<Mutex<VcpuFd>>,
+    /// The state a retrieve (`kvm_vcpu_luo`) left to load: it is loaded before the vCPU's first
+    /// use, by the thread that first uses it, so that a VMM restoring many VMs does not load
+    /// every vCPU's state on its one thread (see docs/vmm.md, "Many VMs").
+    pending: PendingState,
     /// The VM file it was created on.
     pub vm: FileId,
     /// The vCPU id passed to `KVM_CREATE_VCPU`.
     pub id: u64,
+}
+
+/// A vCPU state waiting to be loaded into its vCPU.
+pub type PendingState = Arc<Mutex<Option<Box<crate::kvm::vcpu::VcpuState>>>>;
+
+impl VcpuFile {
+    /// A vCPU file for `vcpu` of VM file `vm`, with `pending` to load before its first use.
+    pub fn new(
+        vcpu: VcpuFd,
+        vm: FileId,
+        id: u64,
+        pending: Option<crate::kvm::vcpu::VcpuState>,
+    ) -> VcpuFile {
+        VcpuFile {
+            vcpu: Arc::new(Mutex::new(vcpu)),
+            pending: Arc::new(Mutex::new(pending.map(Box::new))),
+            vm,
+            id,
+        }
+    }
+
+    /// The real vCPU, its pending state loaded first (EIO if KVM refuses that state).
+    pub fn handle(&self) -> SysResult<Arc<Mutex<VcpuFd>>> {
+        load_pending(&self.vcpu, &self.pending)?;
+        Ok(self.vcpu.clone())
+    }
+
+    /// The real vCPU and its pending state, for a run that loads the state on its own
+    /// thread ([`load_pending`]).
+    pub fn parts(&self) -> (Arc<Mutex<VcpuFd>>, PendingState) {
+        (self.vcpu.clone(), self.pending.clone())
+    }
+}
+
+/// Load `pending` into `vcpu` if a state is waiting (once; EIO if KVM refuses it, and the
+/// state is then dropped: the vCPU is unusable, as after a failed `KVM_SET_*`).
+pub fn load_pending(
+    vcpu: &Mutex<VcpuFd>,
+    pending: &Mutex<Option<Box<crate::kvm::vcpu::VcpuState>>>,
+) -> SysResult<()> {
+    let mut p = pending.lock().map_err(|_| Errno::EIO)?;
+    if let Some(state) = p.take() {
+        let v = vcpu.lock().map_err(|_| Errno::EIO)?;
+        state.restore(&v).map_err(|e| {
+            tracing::warn!("vCPU state refused when loaded: {e}");
+            Errno::EIO
+        })?;
+    }
+    Ok(())
 }
 
 pub(crate) fn arg_u64(arg: &[u8]) -> SysResult<u64> {

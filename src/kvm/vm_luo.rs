@@ -57,9 +57,8 @@ pub trait VmLuoCtx: LuoCtx {
     /// The vCPU file `file`, if it is one.
     fn vcpu_file(&self, file: FileId) -> Option<&VcpuFile>;
     /// Create the vCPU of a retrieved vCPU file: vCPU `id` of the VM file `vm`, with `state`
-    /// loaded.
-    fn create_restored_vcpu(&mut self, vm: FileId, id: u64, state: &VcpuState)
-        -> SysResult<FileId>;
+    /// loaded before its first use (by the thread that first uses it).
+    fn create_restored_vcpu(&mut self, vm: FileId, id: u64, state: VcpuState) -> SysResult<FileId>;
 }
 
 fn v2_header(mem: &dyn PhysRead, pa: u64) -> SysResult<KvmVmLuoSerV2> {

@@ -15,6 +15,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+/// A vCPU run prepared under the host lock ([`Host::vcpu_run_prepare`]).
+pub struct VcpuRun {
+    vcpu: Arc<Mutex<kvm_ioctls::VcpuFd>>,
+    pending: crate::kvm::vm::PendingState,
+    vm: FileId,
+    faults: Option<Arc<FaultShared>>,
+}
+
 impl Host {
     /// The userfaultfd for a new kernel mapping of a guest_memfd (created on first use), or
     /// `None` where userfaultfd is not available.
@@ -183,14 +191,50 @@ impl Host {
         fd: i32,
         io: &mut dyn FnMut(IoEvent<'_>) -> IoAction,
     ) -> SysResult<RunExit> {
-        let (vcpu, vm, faults) = {
-            let mut h = host.lock().map_err(|_| Errno::EIO)?;
-            let (vcpu, vm) = match h.files.kind(h.fd_file(pid, fd)?) {
-                Some(FileKind::Vcpu(v)) => (v.vcpu.clone(), v.vm),
-                _ => return Err(Errno::EINVAL),
-            };
-            (vcpu, vm, h.ensure_fault_service(host))
+        let run = host
+            .lock()
+            .map_err(|_| Errno::EIO)?
+            .vcpu_run_prepare(host, pid, fd)?;
+        Self::vcpu_run_prepared(host, run, io)
+    }
+
+    /// The part of [`Host::vcpu_run`] that needs the host lock: find the vCPU behind `fd` and
+    /// start the fault service. A VMM that holds the lock already (one restoring many VMs)
+    /// prepares its vCPU threads' runs with it, so that a new thread never waits for the lock
+    /// before its guest runs.
+    pub fn vcpu_run_prepare(
+        &mut self,
+        host: &Arc<Mutex<Host>>,
+        pid: Pid,
+        fd: i32,
+    ) -> SysResult<VcpuRun> {
+        let ((vcpu, pending), vm) = match self.files.kind(self.fd_file(pid, fd)?) {
+            Some(FileKind::Vcpu(v)) => (v.parts(), v.vm),
+            _ => return Err(Errno::EINVAL),
         };
+        Ok(VcpuRun {
+            vcpu,
+            pending,
+            vm,
+            faults: self.ensure_fault_service(host),
+        })
+    }
+
+    /// [`Host::vcpu_run`] of a prepared run; the host lock is taken only to serve a guest
+    /// fault.
+    pub fn vcpu_run_prepared(
+        host: &Arc<Mutex<Host>>,
+        run: VcpuRun,
+        io: &mut dyn FnMut(IoEvent<'_>) -> IoAction,
+    ) -> SysResult<RunExit> {
+        let VcpuRun {
+            vcpu,
+            pending,
+            vm,
+            faults,
+        } = run;
+        // A retrieved vCPU's state, loaded here, on the thread that runs it.
+        crate::kvm::vm::load_pending(&vcpu, &pending)?;
         let mut v = vcpu.lock().map_err(|_| Errno::EIO)?;
         // With a fault service, this thread is registered so that the service can send back
         // the faults it refuses.

@@ -209,30 +209,26 @@ impl Host {
         })
     }
 
-    /// A new vCPU file: vCPU `id` of the VM file `vm`, with `state` loaded if given (a vCPU
-    /// retrieved by LUO). If KVM refuses the state, the vCPU is dropped again: `EINVAL`.
+    /// A new vCPU file: vCPU `id` of the VM file `vm`, with `state` (a vCPU retrieved by LUO)
+    /// loaded before its first use: by the thread that first runs it, or by the first ioctl
+    /// or save that reaches it (`VcpuFile::handle`). If KVM refuses the state then, that use
+    /// fails with `EIO`.
     pub fn kvm_create_vcpu_file(
         &mut self,
         vm: FileId,
         id: u64,
-        state: Option<&crate::kvm::vcpu::VcpuState>,
+        state: Option<crate::kvm::vcpu::VcpuState>,
     ) -> SysResult<FileId> {
         let inner = self.vm_inner(vm)?;
         Self::vm_materialize(&inner)?;
         let vcpu = inner.fd.create_vcpu(id).map_err(kvm_err)?;
-        if let Some(s) = state {
+        if state.is_some() {
             // Opening the machine's KVM asks the XSAVE size the state needs (once per image).
             self.real_kvm()?;
-            s.restore(&vcpu).map_err(|e| {
-                tracing::warn!("vCPU {id} of {}: state refused: {e}", inner.name);
-                Errno::EINVAL
-            })?;
         }
-        Ok(self.files.install(FileKind::Vcpu(VcpuFile {
-            vcpu: Arc::new(Mutex::new(vcpu)),
-            vm,
-            id,
-        })))
+        Ok(self
+            .files
+            .install(FileKind::Vcpu(VcpuFile::new(vcpu, vm, id, state))))
     }
 
     /// The VM behind the VM file `vm`, shared; EBADF if `vm` is not a VM file.
@@ -377,7 +373,7 @@ impl Host {
     /// The vCPU behind `fd`, for register access (the real vCPU fd, as a VMM uses it).
     pub fn vcpu(&self, pid: Pid, fd: i32) -> SysResult<Arc<Mutex<VcpuFd>>> {
         match self.files.kind(self.fd_file(pid, fd)?) {
-            Some(FileKind::Vcpu(v)) => Ok(v.vcpu.clone()),
+            Some(FileKind::Vcpu(v)) => v.handle(),
             _ => Err(Errno::EINVAL),
         }
     }

@@ -108,12 +108,7 @@ impl VmLuoCtx for Host {
         }
     }
 
-    fn create_restored_vcpu(
-        &mut self,
-        vm: FileId,
-        id: u64,
-        state: &VcpuState,
-    ) -> SysResult<FileId> {
+    fn create_restored_vcpu(&mut self, vm: FileId, id: u64, state: VcpuState) -> SysResult<FileId> {
         self.kvm_create_vcpu_file(vm, id, Some(state))
     }
 }

@@ -16,7 +16,7 @@ use crate::vmm::guest;
 use crate::vmm::libluo::*;
 use crate::vmm::rfc::{e, lock};
 
-use super::machine::{bind, reports, smp_guest, start, wait_for, FleetVm, Running, VmIo};
+use super::machine::{bind, prepare, reports, smp_guest, start, wait_for, FleetVm, Running, VmIo};
 use super::options::{read_stage_state, Options, StageState};
 use super::outgoing::update;
 use super::{session_name, GMEM_TOKEN, LOW_TOKEN, STATE_BYTES, STATE_TOKEN, VCPU_TOKEN, VM_TOKEN};
@@ -33,8 +33,6 @@ struct Restored {
     bound: u64,
     vcpus: u64,
     resume: u64,
-    /// The guest's TSC frequency (kHz), asked before its vCPUs run (a running vCPU is busy).
-    tsc_khz: u32,
 }
 
 /// Shared by the workers: the next VM to take, and whether the update was given up (before
@@ -42,6 +40,8 @@ struct Restored {
 struct Gate {
     next: AtomicU32,
     abandoned: AtomicBool,
+    /// The guests' TSC frequency, from the state.
+    tsc_khz: u32,
 }
 
 /// Stage 2, after a kexec (`state_session` is the fleet's own session, retrieved already).
@@ -63,6 +63,7 @@ pub(super) fn stage2(
     let gate = Arc::new(Gate {
         next: AtomicU32::new(0),
         abandoned: AtomicBool::new(false),
+        tsc_khz: ss.tsc_khz,
     });
     let workers: Vec<_> = (0..o.nr_workers())
         .map(|_| {
@@ -161,6 +162,7 @@ fn restore(
     i: u32,
     gate: &Gate,
 ) -> Result<Restored, String> {
+    let o_tsc_khz = gate.tsc_khz;
     let start_ns = monotonic_ns();
     let mut h = lock(shared);
     let s = retrieve_session(&mut h, pid, dev, &session_name(i)).map_err(e("retrieve session"))?;
@@ -174,19 +176,9 @@ fn restore(
         .map(|k| retrieve_fd(&mut h, pid, s, VCPU_TOKEN + k).map_err(e("retrieve vCPU")))
         .collect::<Result<Vec<_>, _>>()?;
     let vcpus_ns = monotonic_ns();
-    let tsc_khz = match vcpus.first() {
-        Some(&fd) => {
-            let v = h.vcpu(pid, fd).map_err(e("vcpu"))?;
-            let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
-            v.get_tsc_khz().map_err(e("KVM_GET_TSC_KHZ"))?
-        }
-        None => 0,
-    };
     if gate.abandoned.load(Ordering::SeqCst) {
         return Err("another VM failed before any resumed".into());
     }
-    h.kho.mark_committed();
-    drop(h);
     let vm = FleetVm {
         index: i,
         vm,
@@ -194,12 +186,15 @@ fn restore(
         low,
         low_map,
         vcpus,
+        tsc_khz: o_tsc_khz,
     };
+    let runs = prepare(&mut h, shared, pid, &vm)?;
+    h.kho.mark_committed();
+    drop(h);
     let resume = monotonic_ns();
     let running = start(
         shared,
-        pid,
-        &vm,
+        runs,
         VmIo::new(o.vcpus, false),
         Duration::from_micros(o.idle_us),
     );
@@ -212,7 +207,6 @@ fn restore(
         bound,
         vcpus: vcpus_ns,
         resume,
-        tsc_khz,
     })
 }
 
@@ -250,7 +244,7 @@ fn measure(
         },
     )?;
     let mut h = lock(shared);
-    let tsc_khz = restored.first().map_or(0, |r| r.tsc_khz);
+    let tsc_khz = ss.tsc_khz;
     let mut vms = Vec::new();
     for (r, p) in restored.iter().zip(&ss.vms) {
         let (reps, _) = reports(&mut h, pid, &r.vm)?;
@@ -270,6 +264,8 @@ fn measure(
                 "bind_memslots": us(r.retrieved, r.bound),
                 "retrieve_vcpus": us(r.bound, r.vcpus),
                 "resume": us(r.vcpus, r.resume),
+                "first_clock_read": us(r.resume, r.running.io.first_clock.iter()
+                    .map(|c| c.load(Ordering::SeqCst)).max().unwrap_or(0)),
             },
         }));
     }

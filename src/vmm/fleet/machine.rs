@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::abi::kvm::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use crate::host::Host;
+use crate::host::VcpuRun;
 use crate::kvm::vcpu::VcpuKicker;
 use crate::kvm::{IoAction, IoEvent, RunExit};
 use crate::time::monotonic_ns;
@@ -29,6 +30,8 @@ pub(super) struct FleetVm {
     pub(super) low: i32,
     pub(super) low_map: UserMapping,
     pub(super) vcpus: Vec<i32>,
+    /// The TSC frequency of its vCPUs (kHz; asked at build, carried across updates).
+    pub(super) tsc_khz: u32,
 }
 
 /// The SMP guest of VM `i`.
@@ -95,6 +98,7 @@ pub(super) fn build(
     let kvm_sys = h.real_kvm().map_err(e("kvm"))?;
     crate::kvm::vcpu::init_xsave_size(&kvm_sys);
     let mut vcpus = Vec::new();
+    let mut tsc_khz = 0;
     for k in 0..o.vcpus {
         let fd = libkvm::create_vcpu(h, pid, vm, u64::from(k)).map_err(e("create vCPU"))?;
         let v = h.vcpu(pid, fd).map_err(e("vcpu"))?;
@@ -107,6 +111,7 @@ pub(super) fn build(
             mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
         };
         v.set_mp_state(runnable).map_err(e("KVM_SET_MP_STATE"))?;
+        tsc_khz = v.get_tsc_khz().map_err(e("KVM_GET_TSC_KHZ"))?;
         vcpus.push(fd);
     }
     Ok(FleetVm {
@@ -116,6 +121,7 @@ pub(super) fn build(
         low,
         low_map,
         vcpus,
+        tsc_khz,
     })
 }
 
@@ -130,6 +136,8 @@ pub(super) struct VmIo {
     wake: Condvar,
     /// Each vCPU's last status.
     pub(super) status: Vec<AtomicU64>,
+    /// When each vCPU first read the clock on these threads (CLOCK_MONOTONIC ns; 0: not yet).
+    pub(super) first_clock: Vec<AtomicU64>,
 }
 
 impl VmIo {
@@ -137,6 +145,7 @@ impl VmIo {
         Arc::new(VmIo {
             proceed: AtomicBool::new(proceed),
             status: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
+            first_clock: (0..vcpus).map(|_| AtomicU64::new(0)).collect(),
             ..Default::default()
         })
     }
@@ -161,7 +170,9 @@ fn handler(io: &VmIo, k: usize, idle: Duration) -> impl FnMut(IoEvent<'_>) -> Io
             port: guest::PORT_CLOCK,
             data,
         } => {
-            answer(data, (monotonic_ns() / 1000) as u32);
+            let now = monotonic_ns();
+            let _ = io.first_clock[k].compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst);
+            answer(data, (now / 1000) as u32);
             IoAction::Continue
         }
         IoEvent::In {
@@ -208,23 +219,36 @@ pub(super) struct Running {
     threads: Vec<JoinHandle<Result<RunExit, String>>>,
 }
 
-/// Run every vCPU of `vm` on a thread of its own.
-pub(super) fn start(
+/// Prepare the runs of every vCPU of `vm` (with the host lock the caller holds).
+pub(super) fn prepare(
+    h: &mut Host,
     shared: &Arc<Mutex<Host>>,
     pid: Pid,
     vm: &FleetVm,
+) -> Result<Vec<VcpuRun>, String> {
+    vm.vcpus
+        .iter()
+        .map(|&fd| h.vcpu_run_prepare(shared, pid, fd).map_err(e("vCPU run")))
+        .collect()
+}
+
+/// Run every vCPU of a VM on a thread of its own, from runs [`prepare`]d under the host lock:
+/// the threads do not wait for it before their guest runs.
+pub(super) fn start(
+    shared: &Arc<Mutex<Host>>,
+    runs: Vec<VcpuRun>,
     io: Arc<VmIo>,
     idle: Duration,
 ) -> Running {
     let mut kickers = Vec::new();
     let mut threads = Vec::new();
-    for (k, &fd) in vm.vcpus.iter().enumerate() {
+    for (k, run) in runs.into_iter().enumerate() {
         let kicker = Arc::new(VcpuKicker::new());
         let (shared, io, kick) = (shared.clone(), io.clone(), kicker.clone());
         threads.push(std::thread::spawn(move || {
             let _target = kick.register_current_thread().map_err(e("kicker"))?;
             let mut h = handler(&io, k, idle);
-            Host::vcpu_run(&shared, pid, fd, &mut h).map_err(e("KVM_RUN"))
+            Host::vcpu_run_prepared(&shared, run, &mut h).map_err(e("KVM_RUN"))
         }));
         kickers.push(kicker);
     }

@@ -150,6 +150,9 @@ pub struct StageState {
     pub pause_all_us: f64,
     /// Preserving every VM's files while the guests ran (µs).
     pub preserve_us: f64,
+    /// The guests' TSC frequency (kHz), asked when the first vCPU was built (a running vCPU
+    /// cannot be asked, and asking a retrieved one would load its state on the asking thread).
+    pub tsc_khz: u32,
 }
 
 /// Decode and check the state (`text` may end in zeros: the memfd is larger than the JSON).
@@ -221,6 +224,7 @@ mod tests {
             ],
             pause_all_us: 0.0,
             preserve_us: 0.0,
+            tsc_khz: 0,
         };
         let mut text = serde_json::to_vec(&ss).unwrap();
         text.extend_from_slice(&[0; 8]);

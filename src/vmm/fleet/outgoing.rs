@@ -15,7 +15,9 @@ use crate::vmm::guest;
 use crate::vmm::libluo::*;
 use crate::vmm::rfc::{e, lock};
 
-use super::machine::{build, reports, reset_gaps, start, wait_for, FleetVm, Running, VmIo};
+use super::machine::{
+    build, prepare, reports, reset_gaps, start, wait_for, FleetVm, Running, VmIo,
+};
 use super::options::{Options, Paused, StageState};
 use super::{
     session_name, GMEM_TOKEN, LOW_TOKEN, STATE, STATE_BYTES, STATE_TOKEN, VCPU_TOKEN, VM_TOKEN,
@@ -40,9 +42,15 @@ pub(super) fn stage1(
     let build_ms = t.elapsed().as_secs_f64() * 1e3;
     let t = Instant::now();
     let idle = Duration::from_micros(o.idle_us);
-    let running: Vec<Running> = vms
-        .iter()
-        .map(|vm| start(shared, pid, vm, VmIo::new(o.vcpus, false), idle))
+    let runs = {
+        let mut h = lock(shared);
+        vms.iter()
+            .map(|vm| prepare(&mut h, shared, pid, vm))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let running: Vec<Running> = runs
+        .into_iter()
+        .map(|r| start(shared, r, VmIo::new(o.vcpus, false), idle))
         .collect();
     wait_for(
         "the guests to write their data",
@@ -101,7 +109,8 @@ pub(super) fn update(
     let idle = Duration::from_micros(o.idle_us);
     let mut verified = 0;
     for vm in &vms {
-        let r = start(shared, pid, vm, VmIo::new(o.vcpus, true), idle);
+        let runs = prepare(&mut lock(shared), shared, pid, vm)?;
+        let r = start(shared, runs, VmIo::new(o.vcpus, true), idle);
         r.join(RunExit::Stopped)?;
         let (reps, counter) = reports(&mut lock(shared), pid, vm)?;
         guest::check_smp(&reps, counter).map_err(|m| format!("VM {}: {m}", vm.index))?;
@@ -162,6 +171,7 @@ fn preserve_pause_kexec(
         vms: records,
         pause_all_us,
         preserve_us,
+        tsc_khz: vms.first().map_or(0, |v| v.tsc_khz),
     };
     let text = serde_json::to_vec(&ss).map_err(e("state"))?;
     h.pwrite(pid, m, &text, 0).map_err(e("write state"))?;
