@@ -2,6 +2,7 @@
 
 pub mod blackout;
 pub mod external;
+pub mod fleet;
 pub mod harness;
 pub mod kho;
 pub mod live_snapshot;

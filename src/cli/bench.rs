@@ -88,6 +88,23 @@ pub struct BlackoutArgs {
     /// The C VMM binary (--vmm external); default: built from tests/vmm/*.c with cc.
     #[arg(long)]
     pub vmm_program: Option<std::path::PathBuf>,
+    /// Instead of the sweep, many VMs through live updates: one point per count, comma
+    /// separated (e.g. 1,8,32); `--runs` updates in a row per point (default 10), every VM's
+    /// blackout a sample.
+    #[arg(long, value_delimiter = ',')]
+    pub vms: Option<Vec<u32>>,
+    /// vCPUs per VM (--vms).
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u32,
+    /// guest_memfd size of each VM (--vms).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub vm_mem: u64,
+    /// Bytes each VM's guest writes, by VM index modulo the list: mixed sizes (--vms).
+    #[arg(long, value_delimiter = ',', value_parser = parse_size, default_value = "64M,128M,256M")]
+    pub vm_data: Vec<u64>,
+    /// Restore worker threads (--vms; 0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub workers: u32,
 }
 
 /// Which VMM `handover bench --vmm` measures.
@@ -213,6 +230,7 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
         }) => super::live_snapshot::bench(size, runs, &dir, cold_cache, json),
         Some(BenchWhat::LiveSnapshotVmm(a)) => super::live_snapshot::vmm(&a),
         None if a.blackout.vmm == Some(VmmKind::External) => external(&a.blackout),
+        None if a.blackout.vms.is_some() => super::bench_fleet::bench(&a.blackout),
         None => super::bench_sweep::sweep(a.blackout),
     }
 }

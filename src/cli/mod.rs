@@ -1,6 +1,7 @@
 //! Subcommands of the `handover` binary.
 
 pub mod bench;
+pub mod bench_fleet;
 mod bench_sweep;
 pub mod boot;
 pub mod demo;

@@ -166,15 +166,27 @@ fn restore(
     let start_ns = monotonic_ns();
     let mut h = lock(shared);
     let s = retrieve_session(&mut h, pid, dev, &session_name(i)).map_err(e("retrieve session"))?;
+    // `order=vcpus-first`: every vCPU, the last first, before anything else of its VM.
+    let mut early = Vec::new();
+    if o.vcpus_first {
+        for k in (0..u64::from(o.vcpus)).rev() {
+            early.push(retrieve_fd(&mut h, pid, s, VCPU_TOKEN + k).map_err(e("retrieve vCPU"))?);
+        }
+        early.reverse();
+    }
     let vm = retrieve_fd(&mut h, pid, s, VM_TOKEN).map_err(e("retrieve VM"))?;
     let gmem = retrieve_fd(&mut h, pid, s, GMEM_TOKEN).map_err(e("retrieve guest_memfd"))?;
     let low = retrieve_fd(&mut h, pid, s, LOW_TOKEN).map_err(e("retrieve low memory"))?;
     let retrieved = monotonic_ns();
     let low_map = bind(&mut h, pid, vm, gmem, low, o)?;
     let bound = monotonic_ns();
-    let vcpus = (0..u64::from(o.vcpus))
-        .map(|k| retrieve_fd(&mut h, pid, s, VCPU_TOKEN + k).map_err(e("retrieve vCPU")))
-        .collect::<Result<Vec<_>, _>>()?;
+    let vcpus = if o.vcpus_first {
+        early
+    } else {
+        (0..u64::from(o.vcpus))
+            .map(|k| retrieve_fd(&mut h, pid, s, VCPU_TOKEN + k).map_err(e("retrieve vCPU")))
+            .collect::<Result<Vec<_>, _>>()?
+    };
     let vcpus_ns = monotonic_ns();
     if gate.abandoned.load(Ordering::SeqCst) {
         return Err("another VM failed before any resumed".into());

@@ -34,7 +34,7 @@ pub use options::{Options, MAX_VMS};
 /// Name of this init program (`handover boot --init fleet`).
 pub const PROGRAM: &str = "fleet";
 /// What `--init list` says of it.
-pub const ABOUT: &str = "N VMs x M vCPUs with irqchips through one or more updates (vms=N vcpus=M guest-mem=SIZE data=SIZE[,SIZE..] cycles=N workers=N irqchip=0|1)";
+pub const ABOUT: &str = "N VMs x M vCPUs with irqchips through one or more updates (vms=N vcpus=M guest-mem=SIZE data=SIZE[,SIZE..] cycles=N workers=N irqchip=0|1 order=vm-first|vcpus-first)";
 
 /// The session holding the fleet's own state memfd.
 const STATE: &str = "fleet-state";

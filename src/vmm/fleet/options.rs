@@ -31,6 +31,10 @@ pub struct Options {
     pub idle_us: u64,
     /// How long the guests run between an update and the next (ms).
     pub run_ms: u64,
+    /// Retrieve each VM's vCPUs (last first) before its VM and memory: the vCPU handler then
+    /// finds the VM through the cross-file API (`order=vcpus-first`; default `vm-first`).
+    #[serde(default)]
+    pub vcpus_first: bool,
 }
 
 impl Options {
@@ -62,6 +66,11 @@ impl Options {
             workers: small("workers", 0)?,
             idle_us: num("idle-us", 1000)?,
             run_ms: num("run-ms", 100)?,
+            vcpus_first: match a.get("order").map(String::as_str) {
+                None | Some("vm-first") => false,
+                Some("vcpus-first") => true,
+                Some(v) => return Err(format!("order={v:?}: vm-first or vcpus-first")),
+            },
         })
     }
 
@@ -207,6 +216,12 @@ mod tests {
             assert!(o.validate(1 << 30).is_err(), "{bad:?} accepted");
         }
         assert!(Options::parse(&args(&["vms=x"])).is_err());
+        assert!(Options::parse(&args(&["order=random"])).is_err());
+        assert!(
+            Options::parse(&args(&["order=vcpus-first"]))
+                .unwrap()
+                .vcpus_first
+        );
     }
 
     #[test]
