@@ -25,6 +25,8 @@ pub struct Spec {
     pub updates: u32,
     /// Restore workers (0: one per CPU).
     pub workers: u32,
+    /// The guests' idle wait per loop pass (µs).
+    pub idle_us: u64,
     /// RAM of the host image.
     pub ram: u64,
 }
@@ -91,6 +93,7 @@ pub fn run(spec: &Spec) -> Result<Point, String> {
         format!("data={}", data.join(",")),
         format!("cycles={}", spec.updates),
         format!("workers={}", spec.workers),
+        format!("idle-us={}", spec.idle_us),
     ] {
         args.extend(["--init-arg".to_string(), a]);
     }

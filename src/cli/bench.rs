@@ -105,6 +105,10 @@ pub struct BlackoutArgs {
     /// Restore worker threads (--vms; 0: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub workers: u32,
+    /// How long an idle vCPU waits on its proceed port before its next loop pass, µs (--vms):
+    /// the guests' tick. A kick ends the wait at once.
+    #[arg(long, default_value_t = 1000)]
+    pub idle_us: u64,
 }
 
 /// Which VMM `handover bench --vmm` measures.

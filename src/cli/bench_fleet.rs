@@ -26,6 +26,7 @@ fn spec(a: &BlackoutArgs, vms: u32) -> Spec {
         data: a.vm_data.clone(),
         updates: a.runs.unwrap_or(10) as u32,
         workers: a.workers,
+        idle_us: a.idle_us,
         ram: ram_for(data),
     }
 }

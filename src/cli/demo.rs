@@ -196,6 +196,7 @@ fn fleet(a: &DemoArgs) -> Result<ExitCode, String> {
         data,
         updates: 1,
         workers: 0,
+        idle_us: 1000,
         ram: a.ram.max(super::bench_fleet::ram_for(total)),
     };
     let p = crate::bench::fleet::run(&spec)?;

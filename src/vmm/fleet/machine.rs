@@ -66,8 +66,10 @@ pub(super) fn bind(
         gmem: None,
     };
     libkvm::set_memory_region2(h, pid, vm, r).map_err(e("memslot 0"))?;
-    let chunk = crate::vmm::rfc::auto_chunk(o.guest_mem);
-    GuestMemSlots::new(pid, vm, gmem, GMEM_GPA, o.guest_mem, chunk).bind_all(h)?;
+    // One memslot for the whole guest_memfd: bound eagerly, one slot costs less than the
+    // chunks the lazy binding of the RFC VMM needs (per VM at 1 GiB: 1.7 ms as 16 chunks of
+    // 64 MiB).
+    GuestMemSlots::new(pid, vm, gmem, GMEM_GPA, o.guest_mem, o.guest_mem).bind_all(h)?;
     Ok(low_map)
 }
 
