@@ -194,10 +194,7 @@ fn handler(io: &VmIo, k: usize, idle: Duration) -> impl FnMut(IoEvent<'_>) -> Io
             port: guest::PORT_STATUS,
             data,
         } => {
-            let mut b = [0u8; 4];
-            let n = data.len().min(4);
-            b[..n].copy_from_slice(&data[..n]);
-            let st = u64::from(u32::from_le_bytes(b));
+            let st = crate::vmm::rfc::status_of(data);
             io.status[k].store(st, Ordering::SeqCst);
             if guest::is_final_status(guest::GuestMode::Smp, st) {
                 IoAction::Stop

@@ -21,8 +21,7 @@ use serde_json::{json, Value};
 use crate::host::Host;
 use crate::init::InitOutcome;
 use crate::uapi::Errno;
-use crate::vmm::libluo::retrieve_session;
-use crate::vmm::rfc::{e, lock};
+use crate::vmm::rfc::lock;
 
 mod incoming;
 mod machine;
@@ -59,29 +58,11 @@ fn session_name(i: u32) -> String {
 }
 
 fn scenario(shared: &Arc<Mutex<Host>>) -> Result<Value, String> {
-    let r = scenario_inner(shared);
-    if let Err(why) = &r {
-        let mut h = lock(shared);
-        if h.info.kho_boot && !h.kho.committed() {
-            let err = h.rollback(why);
-            return Err(format!("{why}; rollback failed: {err}"));
-        }
-    }
-    r
+    crate::vmm::rfc::rollback_on_error(shared, scenario_inner(shared))
 }
 
 fn scenario_inner(shared: &Arc<Mutex<Host>>) -> Result<Value, String> {
-    let (pid, dev, state) = {
-        let mut h = lock(shared);
-        if let Some(why) = h.info.refused.clone() {
-            return Err(format!("the handover was refused: {why}"));
-        }
-        let pid = h.spawn();
-        let dev = h
-            .open(pid, "/dev/liveupdate", 0)
-            .map_err(e("open /dev/liveupdate"))?;
-        (pid, dev, retrieve_session(&mut h, pid, dev, STATE))
-    };
+    let (pid, dev, state) = crate::vmm::rfc::open_state(shared, STATE)?;
     match state {
         Err(Errno::ENOENT) => {
             let o = {

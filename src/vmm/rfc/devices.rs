@@ -77,10 +77,7 @@ pub(crate) fn io_handler<'a>(
             port: guest::PORT_STATUS,
             data,
         } => {
-            let mut b = [0u8; 4];
-            let n = data.len().min(4);
-            b[..n].copy_from_slice(&data[..n]);
-            let st = u32::from_le_bytes(b) as u64;
+            let st = status_of(data);
             if st == guest::STATUS_WRITTEN && io.touch_before_ns.load(Ordering::SeqCst) == 0 {
                 io.touch_before_ns
                     .store(io.since_last_clock_ns().max(1), Ordering::SeqCst);
@@ -98,4 +95,13 @@ pub(crate) fn io_handler<'a>(
         }
         IoEvent::Out { .. } => IoAction::Continue,
     }
+}
+
+/// The status the guest wrote to its status port (32 bits, little-endian; fewer bytes are
+/// zero-extended).
+pub(crate) fn status_of(data: &[u8]) -> u64 {
+    let mut b = [0u8; 4];
+    let n = data.len().min(4);
+    b[..n].copy_from_slice(&data[..n]);
+    u64::from(u32::from_le_bytes(b))
 }

@@ -35,7 +35,7 @@ mod outgoing;
 mod private;
 mod report;
 
-pub(crate) use devices::io_handler;
+pub(crate) use devices::{io_handler, status_of};
 pub(crate) use machine::{bind, read_mailbox, Vm, TSS_ADDR};
 pub use options::{auto_chunk, Options, MAX_CHUNKS, MAX_GUEST_MEM};
 pub(crate) use outgoing::{Baseline, Paused};
@@ -77,9 +77,15 @@ pub(crate) fn lock(shared: &Mutex<Host>) -> std::sync::MutexGuard<'_, Host> {
 }
 
 fn scenario(shared: &Arc<Mutex<Host>>, baseline: Option<&dyn Baseline>) -> Result<Value, String> {
-    let r = scenario_inner(shared, baseline);
-    // A failure before the guests resumed in this image: go back to the previous image, which
-    // still has everything.
+    rollback_on_error(shared, scenario_inner(shared, baseline))
+}
+
+/// A failure before the guests resumed in this image: go back to the previous image, which
+/// still has everything (`r` is returned as it is otherwise).
+pub(crate) fn rollback_on_error(
+    shared: &Mutex<Host>,
+    r: Result<Value, String>,
+) -> Result<Value, String> {
     if let Err(why) = &r {
         let mut h = lock(shared);
         if h.info.kho_boot && !h.kho.committed() {
@@ -90,23 +96,32 @@ fn scenario(shared: &Arc<Mutex<Host>>, baseline: Option<&dyn Baseline>) -> Resul
     r
 }
 
+/// A VMM's first steps in an image: refuse to start over after a refused handover, spawn the
+/// VMM's process, open `/dev/liveupdate` and look for the VMM's own state session `state`
+/// (ENOENT on a cold boot). Returns the process, the device fd and that lookup.
+pub(crate) fn open_state(
+    shared: &Mutex<Host>,
+    state: &str,
+) -> Result<(crate::uapi::Pid, i32, Result<i32, Errno>), String> {
+    let mut h = lock(shared);
+    if let Some(why) = h.info.refused.clone() {
+        // Booted clean after refusing a handover (and, if it could, after a rollback that
+        // refused it too): the VMs are lost; say so rather than start over.
+        return Err(format!("the handover was refused: {why}"));
+    }
+    let pid = h.spawn();
+    let dev = h
+        .open(pid, "/dev/liveupdate", 0)
+        .map_err(e("open /dev/liveupdate"))?;
+    let st = retrieve_session(&mut h, pid, dev, state);
+    Ok((pid, dev, st))
+}
+
 fn scenario_inner(
     shared: &Arc<Mutex<Host>>,
     baseline: Option<&dyn Baseline>,
 ) -> Result<Value, String> {
-    let (pid, dev, state) = {
-        let mut h = lock(shared);
-        if let Some(why) = h.info.refused.clone() {
-            // Booted clean after refusing a handover (and, if it could, after a rollback that
-            // refused it too): the VM is lost; say so rather than start over.
-            return Err(format!("the handover was refused: {why}"));
-        }
-        let pid = h.spawn();
-        let dev = h
-            .open(pid, "/dev/liveupdate", 0)
-            .map_err(e("open /dev/liveupdate"))?;
-        (pid, dev, retrieve_session(&mut h, pid, dev, STATE))
-    };
+    let (pid, dev, state) = open_state(shared, STATE)?;
     match state {
         Err(Errno::ENOENT) => {
             let o = {

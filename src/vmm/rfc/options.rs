@@ -237,7 +237,7 @@ impl Options {
 /// bound inside the blackout.
 pub const MIN_AUTO_CHUNK: u64 = 64 << 20;
 
-/// The default chunk for `slot` bytes of guest memory: [`MIN_AUTO_CHUNK`], or the power of two
+/// The default chunk for `slot` bytes of guest memory: `MIN_AUTO_CHUNK`, or the power of two
 /// that keeps the slot within 16,384 memslots (half of KVM's limit) for larger guests.
 pub fn auto_chunk(slot: u64) -> u64 {
     slot.div_ceil(16_384)
