@@ -1,6 +1,7 @@
 //! Many VMs and SMP guests through real kexecs (`--init fleet`): a 4-vCPU guest, 8 VMs x 2
 //! vCPUs through two updates in a row, vCPUs retrieved before their VM; every guest checks its
-//! data, its shared counter and its clock itself.
+//! data, its shared counter and its clock itself, and takes the interrupt that was left
+//! pending in its LAPIC across each update.
 
 mod common;
 
@@ -16,6 +17,12 @@ fn fleet(tag: &str, ram: &str, args: &[&str]) -> common::Run {
 /// after the last update each vCPU verified its region and each counter equals the sum of the
 /// vCPUs' loop counts (checked by the VMM from the guests' mailboxes).
 fn check(r: &common::Run, vms: usize, vcpus: usize, updates: usize) {
+    check_irqs(r, vms, vcpus, updates, true)
+}
+
+/// [`check`]; with `irqchip`, also: the interrupt sent to each VM's first vCPU while it was
+/// paused for an update was taken by its guest after that update (one per update).
+fn check_irqs(r: &common::Run, vms: usize, vcpus: usize, updates: usize, irqchip: bool) {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let ups = r.events("fleet-update");
     assert_eq!(ups.len(), updates, "{}", r.stderr);
@@ -28,6 +35,13 @@ fn check(r: &common::Run, vms: usize, vcpus: usize, updates: usize) {
             let tsc = v["guest_tsc_step_us"].as_f64().unwrap();
             let blackout = v["blackout_us"].as_f64().unwrap();
             assert!(gap > 0.0 && blackout > 0.0, "{v}");
+            let want = if irqchip { n as u64 + 1 } else { 0 };
+            assert_eq!(
+                v["irqs_taken"],
+                want,
+                "interrupts taken after update {}: {v}",
+                n + 1
+            );
             assert_eq!(v["tsc_backwards"], 0, "{v}");
             assert!(
                 tsc <= gap + 1000.0,
@@ -48,6 +62,7 @@ fn check(r: &common::Run, vms: usize, vcpus: usize, updates: usize) {
     assert_eq!(checks.len(), vms);
     for c in checks {
         assert_eq!(c["ok"], true, "{c}");
+        assert_eq!(c["irqs"], if irqchip { updates as u64 } else { 0 }, "{c}");
         let loops: Vec<u64> = c["loops"]
             .as_array()
             .unwrap()
@@ -116,7 +131,7 @@ fn vcpus_retrieved_before_their_vm() {
     if !kvm_available("vcpus_retrieved_before_their_vm") {
         return;
     }
-    for irq in ["irqchip=0", "irqchip=1"] {
+    for (irq, on) in [("irqchip=0", false), ("irqchip=1", true)] {
         let r = fleet(
             "fleet-order",
             "1G",
@@ -129,7 +144,7 @@ fn vcpus_retrieved_before_their_vm() {
                 irq,
             ],
         );
-        check(&r, 2, 3, 1);
+        check_irqs(&r, 2, 3, 1, on);
     }
 }
 

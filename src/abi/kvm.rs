@@ -449,6 +449,9 @@ pub const KVM_CREATE_IRQCHIP: u64 = io(0x60);
 pub const KVM_CREATE_PIT2: u64 = iow(0x77, 64);
 /// See [`KVM_SET_TSS_ADDR`]; argument `struct kvm_irq_routing`.
 pub const KVM_SET_GSI_ROUTING: u64 = iow(0x6a, 8);
+/// `KVM_SIGNAL_MSI`: a message-signalled interrupt into the VM's in-kernel irqchip; argument
+/// `struct kvm_msi` (address lo/hi, data, flags, devid, padding: 32 bytes, no pointer).
+pub const KVM_SIGNAL_MSI: u64 = iow(0xa5, 32);
 
 /// The KVM ioctls served by passing them to the real KVM as they are, with their argument
 /// layout: none of them carries a pointer (so the program cannot make the host's kernel touch
@@ -466,8 +469,9 @@ pub const PASSTHROUGH: &[(Scope, u64, ArgKind)] = &[
     (Scope::Vm, KVM_SET_GSI_ROUTING, ROUTING),
     (Scope::Vm, iow(0x61, 8), ArgKind::Fixed(8)), // KVM_IRQ_LINE
     (Scope::Vm, iowr(0x67, 8), ArgKind::Fixed(8)), // KVM_IRQ_LINE_STATUS
+    (Scope::Vm, KVM_SIGNAL_MSI, ArgKind::Fixed(32)),
     (Scope::Vm, iowr(0x62, 520), ArgKind::Fixed(520)), // KVM_GET_IRQCHIP
-    (Scope::Vm, ior(0x63, 520), ArgKind::Fixed(520)), // KVM_SET_IRQCHIP
+    (Scope::Vm, ior(0x63, 520), ArgKind::Fixed(520)),  // KVM_SET_IRQCHIP
     (Scope::Vm, KVM_CREATE_PIT2, ArgKind::Fixed(64)),
     (Scope::Vm, ior(0x9f, 112), ArgKind::Fixed(112)), // KVM_GET_PIT2
     (Scope::Vm, iow(0xa0, 112), ArgKind::Fixed(112)), // KVM_SET_PIT2

@@ -158,6 +158,17 @@ pub fn create_irqchip(h: &mut Host, pid: Pid, vm: i32, tss_addr: u64) -> SysResu
     Ok(())
 }
 
+/// `KVM_SIGNAL_MSI` on a VM fd with an in-kernel irqchip: a fixed, edge-triggered interrupt of
+/// `vector` to the LAPIC with id `apic_id` (physical destination). KVM's answer: 1 delivered to
+/// the LAPIC, 0 blocked (e.g. the LAPIC is software-disabled).
+pub fn signal_msi(h: &mut Host, pid: Pid, vm: i32, apic_id: u8, vector: u8) -> SysResult<i64> {
+    let mut a = [0u8; 32];
+    let addr = 0xfee0_0000u32 | (u32::from(apic_id) << 12);
+    a[0..4].copy_from_slice(&addr.to_ne_bytes());
+    a[8..12].copy_from_slice(&u32::from(vector).to_ne_bytes());
+    h.ioctl(pid, vm, KVM_SIGNAL_MSI, &mut a)
+}
+
 /// True if this machine has a usable /dev/kvm. Where it has none, tests skip loudly, unless
 /// `HANDOVER_REQUIRE_KVM=1` (set by CI where /dev/kvm exists), which makes them fail.
 pub fn kvm_available(test: &str) -> bool {

@@ -243,7 +243,7 @@ fn measure(
         || {
             let mut h = lock(shared);
             for (r, p) in restored.iter().zip(&ss.vms) {
-                let (reps, _) = reports(&mut h, pid, &r.vm)?;
+                let (reps, _, _) = reports(&mut h, pid, &r.vm)?;
                 if reps
                     .iter()
                     .zip(&p.loops)
@@ -259,7 +259,7 @@ fn measure(
     let tsc_khz = ss.tsc_khz;
     let mut vms = Vec::new();
     for (r, p) in restored.iter().zip(&ss.vms) {
-        let (reps, _) = reports(&mut h, pid, &r.vm)?;
+        let (reps, _, irqs) = reports(&mut h, pid, &r.vm)?;
         let gap = reps.iter().map(|x| x.base.max_gap_us).max().unwrap_or(0);
         let step = reps.iter().map(|x| x.tsc_max_step).max().unwrap_or(0);
         let back: u64 = reps.iter().map(|x| x.tsc_backwards).sum();
@@ -269,6 +269,7 @@ fn measure(
             "guest_gap_us": gap,
             "guest_tsc_step_us": if tsc_khz > 0 { step as f64 * 1e3 / f64::from(tsc_khz) } else { 0.0 },
             "tsc_backwards": back,
+            "irqs_taken": irqs,
             "phases_us": {
                 "pause": us(p.pause_ns, p.paused_at_ns),
                 "wait_for_worker": us(t_stage2, r.start),
@@ -325,14 +326,27 @@ fn verify(
     let mut ok = true;
     for (vm, r) in vms.iter().zip(running) {
         let joined = r.join(RunExit::Stopped);
-        let (reps, counter) = reports(&mut lock(shared), pid, vm)?;
-        let check = joined.and_then(|()| guest::check_smp(&reps, counter));
+        let (reps, counter, irqs) = reports(&mut lock(shared), pid, vm)?;
+        // One interrupt sent at each update's pause, taken after it.
+        let want_irqs = if o.irqchip && o.pending_irq {
+            u64::from(o.cycles)
+        } else {
+            0
+        };
+        let check = joined
+            .and_then(|()| guest::check_smp(&reps, counter))
+            .and_then(|()| {
+                (irqs == want_irqs).then_some(()).ok_or_else(|| {
+                    format!("the guest took {irqs} interrupts, {want_irqs} were sent")
+                })
+            });
         ok &= check.is_ok();
         checks.push(json!({
             "vm": vm.index,
             "ok": check.is_ok(),
             "error": check.err(),
             "counter": counter,
+            "irqs": irqs,
             "loops": reps.iter().map(|x| x.base.loops).collect::<Vec<_>>(),
             "verified_bytes": reps.iter().enumerate()
                 .filter(|(_, x)| x.base.status == guest::STATUS_VERIFY_OK)

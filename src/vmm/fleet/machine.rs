@@ -106,7 +106,13 @@ pub(super) fn build(
         let v = h.vcpu(pid, fd).map_err(e("vcpu"))?;
         let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
         guest::configure_vcpu(&kvm_sys, &v).map_err(e("configure vCPU"))?;
+        let base = v.get_sregs().map_err(e("get sregs"))?;
+        v.set_sregs(&guest::smp_sregs(base))
+            .map_err(e("set sregs"))?;
         v.set_regs(&guest::smp_regs(k)).map_err(e("set regs"))?;
+        if o.irqchip {
+            enable_lapic(&v)?;
+        }
         // With an in-kernel LAPIC every vCPU but the first waits for INIT/SIPI; ours start at
         // once, in long mode.
         let runnable = kvm_bindings::kvm_mp_state {
@@ -125,6 +131,40 @@ pub(super) fn build(
         vcpus,
         tsc_khz,
     })
+}
+
+/// Software-enable the vCPU's LAPIC (spurious-vector register: enable bit and vector 0xff),
+/// as a guest kernel does at boot: a disabled LAPIC refuses fixed interrupts.
+fn enable_lapic(v: &kvm_ioctls::VcpuFd) -> Result<(), String> {
+    const SVR: usize = 0xf0;
+    let mut la = v.get_lapic().map_err(e("KVM_GET_LAPIC"))?;
+    let old = u32::from_le_bytes(std::array::from_fn(|i| la.regs[SVR + i] as u8));
+    for (i, b) in (old | 0x1ff).to_le_bytes().into_iter().enumerate() {
+        la.regs[SVR + i] = b as i8;
+    }
+    v.set_lapic(&la).map_err(e("KVM_SET_LAPIC"))
+}
+
+/// Send a VM's first vCPU one interrupt on the guest's vector while the vCPUs are paused: it
+/// waits in the LAPIC (checked: its bit is set in the IRR), goes across the update with the
+/// vCPU's state, and the guest takes it when it runs again.
+pub(super) fn send_pending_irq(h: &mut Host, pid: Pid, vm: &FleetVm) -> Result<(), String> {
+    match libkvm::signal_msi(h, pid, vm.vm, 0, guest::IRQ_VECTOR) {
+        Ok(1) => {}
+        Ok(n) => return Err(format!("KVM_SIGNAL_MSI: not delivered to the LAPIC ({n})")),
+        Err(err) => return Err(format!("KVM_SIGNAL_MSI: {err}")),
+    }
+    let fd = *vm.vcpus.first().ok_or("a VM without vCPUs")?;
+    let v = h.vcpu(pid, fd).map_err(e("vcpu"))?;
+    let v = v.lock().map_err(|_| "vcpu lock".to_string())?;
+    let la = v.get_lapic().map_err(e("KVM_GET_LAPIC"))?;
+    // The IRR: eight 32-bit registers 16 bytes apart from 0x200.
+    let vec = usize::from(guest::IRQ_VECTOR);
+    let byte = 0x200 + (vec / 32) * 0x10 + (vec % 32) / 8;
+    if la.regs[byte] as u8 & (1 << (vec % 8)) == 0 {
+        return Err("the interrupt is not pending in the LAPIC's IRR".into());
+    }
+    Ok(())
 }
 
 /// What a VM's vCPU threads share with the VMM.
@@ -308,17 +348,17 @@ pub(super) fn mailbox_page(h: &mut Host, pid: Pid, vm: &FleetVm) -> Result<Vec<u
     Ok(page)
 }
 
-/// Every vCPU's report, and the shared counter.
+/// Every vCPU's report, the shared counter and the interrupts taken.
 pub(super) fn reports(
     h: &mut Host,
     pid: Pid,
     vm: &FleetVm,
-) -> Result<(Vec<SmpReport>, u64), String> {
+) -> Result<(Vec<SmpReport>, u64, u64), String> {
     let page = mailbox_page(h, pid, vm)?;
     let r = (0..vm.vcpus.len() as u32)
         .map(|k| guest::read_smp_report(&page, k).map_err(e("mailbox")))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((r, guest::read_counter(&page)))
+    Ok((r, guest::read_counter(&page), guest::read_irq_count(&page)))
 }
 
 /// Reset the largest clock gap and TSC step of every vCPU (all paused), so that the next

@@ -35,6 +35,10 @@ pub struct Options {
     /// finds the VM through the cross-file API (`order=vcpus-first`; default `vm-first`).
     #[serde(default)]
     pub vcpus_first: bool,
+    /// With an irqchip, send each VM's first vCPU an interrupt at every update's pause, which
+    /// its guest must take after the update (`pending-irq=0` turns it off).
+    #[serde(default)]
+    pub pending_irq: bool,
 }
 
 impl Options {
@@ -66,6 +70,7 @@ impl Options {
             workers: small("workers", 0)?,
             idle_us: num("idle-us", 1000)?,
             run_ms: num("run-ms", 100)?,
+            pending_irq: a.get("pending-irq").is_none_or(|v| v != "0"),
             vcpus_first: match a.get("order").map(String::as_str) {
                 None | Some("vm-first") => false,
                 Some("vcpus-first") => true,

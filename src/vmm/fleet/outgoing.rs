@@ -16,7 +16,7 @@ use crate::vmm::libluo::*;
 use crate::vmm::rfc::{e, lock};
 
 use super::machine::{
-    build, prepare, reports, reset_gaps, start, wait_for, FleetVm, Running, VmIo,
+    build, prepare, reports, reset_gaps, send_pending_irq, start, wait_for, FleetVm, Running, VmIo,
 };
 use super::options::{Options, Paused, StageState};
 use super::{
@@ -87,7 +87,7 @@ pub(super) fn update(
     wait_for("the guests to loop", Duration::from_secs(60), || {
         let mut h = lock(shared);
         for vm in &vms {
-            let (r, _) = reports(&mut h, pid, vm)?;
+            let (r, _, _) = reports(&mut h, pid, vm)?;
             if r.iter().any(|r| r.base.loops < 3) {
                 return Ok(false);
             }
@@ -112,7 +112,7 @@ pub(super) fn update(
         let runs = prepare(&mut lock(shared), shared, pid, vm)?;
         let r = start(shared, runs, VmIo::new(o.vcpus, true), idle);
         r.join(RunExit::Stopped)?;
-        let (reps, counter) = reports(&mut lock(shared), pid, vm)?;
+        let (reps, counter, _) = reports(&mut lock(shared), pid, vm)?;
         guest::check_smp(&reps, counter).map_err(|m| format!("VM {}: {m}", vm.index))?;
         verified += 1;
     }
@@ -158,8 +158,11 @@ fn preserve_pause_kexec(
     let mut h = lock(shared);
     let mut records = Vec::with_capacity(vms.len());
     for (vm, (pause_ns, paused_at_ns)) in vms.iter().zip(paused) {
-        let (reps, _) = reports(&mut h, pid, vm)?;
+        let (reps, _, _) = reports(&mut h, pid, vm)?;
         reset_gaps(&mut h, pid, vm)?;
+        if o.irqchip && o.pending_irq {
+            send_pending_irq(&mut h, pid, vm)?;
+        }
         records.push(Paused {
             pause_ns,
             paused_at_ns,
