@@ -84,7 +84,7 @@ const _: () = assert!(
         && MAX_SMP_VCPUS as u64 * SMP_STACK_STRIDE <= 0x2000
         && IRQ_HANDLER_GPA >= CODE_GPA + super::program::GUEST_CODE.len() as u64
         && IRQ_HANDLER_GPA + IRQ_HANDLER.len() as u64 <= STACK_TOP - 0x2000
-        && IDT_GPA >= super::layout::TSS_GPA + super::layout::TSS_LIMIT as u64 + 1
+        && IDT_GPA > super::layout::TSS_GPA + super::layout::TSS_LIMIT as u64
         && IDT_GPA + IDT_LIMIT as u64 + 0x100 < IRQ_STACK_TOP
         && IRQ_STACK_TOP <= super::layout::PML4_GPA
 );
