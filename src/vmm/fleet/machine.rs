@@ -309,9 +309,9 @@ impl Running {
     }
 
     /// Wait for every vCPU thread; each must have ended as `want`.
-    pub(super) fn join(self, want: RunExit) -> Result<(), String> {
+    pub(super) fn join(mut self, want: RunExit) -> Result<(), String> {
         let mut err = None;
-        for (k, t) in self.threads.into_iter().enumerate() {
+        for (k, t) in std::mem::take(&mut self.threads).into_iter().enumerate() {
             let r = t.join().map_err(|_| "vCPU thread panicked".to_string());
             match r.and_then(|r| r) {
                 Ok(x) if x == want => {}
@@ -333,6 +333,20 @@ impl Running {
     /// Some vCPU thread has ended (the guest stopped or failed).
     pub(super) fn any_ended(&self) -> bool {
         self.threads.iter().any(|t| t.is_finished())
+    }
+}
+
+/// A VM dropped without being joined (an error on the way): its vCPUs are stopped and their
+/// threads joined, so that none is left running with the host.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        let _ = self.kick();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 
