@@ -141,7 +141,7 @@ impl Options {
         } else {
             self.workers
         };
-        w.clamp(1, self.vms)
+        w.clamp(1, self.vms.max(1))
     }
 }
 
