@@ -8,6 +8,11 @@ use crate::kho::Kho;
 use crate::luo::LuoCtx;
 use crate::mm::{Folio, Mm, PhysRead};
 
+/// The [`Kept`] a handler left in its file's private data, if it is there.
+pub fn kept(a: &mut crate::luo::FileArgs) -> Option<&mut Kept> {
+    a.private.as_mut().and_then(|p| p.downcast_mut::<Kept>())
+}
+
 /// A handler's allocations between preserve and the kexec: its blob (`header` as written at
 /// preserve, which unfreeze writes back) and, once frozen, its state.
 pub struct Kept {

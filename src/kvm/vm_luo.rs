@@ -130,7 +130,7 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VmHandler {
         let file = a.file.ok_or(Errno::EINVAL)?;
         let state = host.vm_save(file)?;
         let bytes = state.to_bytes();
-        let Some(k) = a.private.as_mut().and_then(|p| p.downcast_mut::<Kept>()) else {
+        let Some(k) = state_blob::kept(a) else {
             return Err(Errno::EINVAL);
         };
         let (kho, mm) = host.kho_mm();
@@ -147,7 +147,7 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VmHandler {
     }
 
     fn unfreeze(&self, host: &mut C, a: &mut FileArgs) {
-        if let Some(k) = a.private.as_mut().and_then(|p| p.downcast_mut::<Kept>()) {
+        if let Some(k) = state_blob::kept(a) {
             let (kho, mm) = host.kho_mm();
             k.unfreeze(kho, mm);
         }

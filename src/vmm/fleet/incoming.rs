@@ -162,7 +162,6 @@ fn restore(
     i: u32,
     gate: &Gate,
 ) -> Result<Restored, String> {
-    let o_tsc_khz = gate.tsc_khz;
     let start_ns = monotonic_ns();
     let mut h = lock(shared);
     let s = retrieve_session(&mut h, pid, dev, &session_name(i)).map_err(e("retrieve session"))?;
@@ -198,7 +197,7 @@ fn restore(
         low,
         low_map,
         vcpus,
-        tsc_khz: o_tsc_khz,
+        tsc_khz: gate.tsc_khz,
     };
     let runs = prepare(&mut h, shared, pid, &vm)?;
     h.kho.mark_committed();
