@@ -115,6 +115,11 @@ fn eight_vms_two_vcpus_through_two_updates() {
         ],
     );
     check(&r, 8, 2, 2);
+    for u in r.events("fleet-update") {
+        // `bind=lazy` (the default): every guest_memfd memslot bound once all VMs ran again.
+        assert_eq!(u["slots_bound_after_resume"], 8, "{u}");
+        assert!(u["restore_cpu_us"].as_f64().unwrap() > 0.0, "{u}");
+    }
     let sizes: Vec<u64> = r.one("fleet-done")["vms"]
         .as_array()
         .unwrap()
@@ -131,7 +136,11 @@ fn vcpus_retrieved_before_their_vm() {
     if !kvm_available("vcpus_retrieved_before_their_vm") {
         return;
     }
-    for (irq, on) in [("irqchip=0", false), ("irqchip=1", true)] {
+    // With the irqchip, the memory is bound before the resume (`bind=eager`).
+    for (irq, bind, on) in [
+        ("irqchip=0", "bind=lazy", false),
+        ("irqchip=1", "bind=eager", true),
+    ] {
         let r = fleet(
             "fleet-order",
             "1G",
@@ -142,16 +151,25 @@ fn vcpus_retrieved_before_their_vm() {
                 "data=6M",
                 "order=vcpus-first",
                 irq,
+                bind,
             ],
         );
         check_irqs(&r, 2, 3, 1, on);
+        let late = if on { 0 } else { 2 };
+        assert_eq!(r.one("fleet-update")["slots_bound_after_resume"], late);
     }
 }
 
 /// Bad options are refused before anything runs, with a clear error.
 #[test]
 fn bad_fleet_options_are_refused() {
-    for bad in ["vms=0", "vcpus=17", "data=1", "order=sideways"] {
+    for bad in [
+        "vms=0",
+        "vcpus=17",
+        "data=1",
+        "order=sideways",
+        "bind=sometimes",
+    ] {
         let r = fleet("fleet-bad", "1G", &[bad]);
         assert_ne!(r.code, 0, "{bad}");
         let f: &Value = r.one("fleet-failed");

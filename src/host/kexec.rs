@@ -36,9 +36,20 @@ impl Host {
         let spawned = std::thread::Builder::new()
             .name("reap-previous".into())
             .spawn(move || drop(r));
-        if let Err(e) = spawned {
-            tracing::warn!("cannot start the reaping thread ({e}); reaped here instead");
+        match spawned {
+            Ok(t) => self.reaping = Some(t),
+            Err(e) => tracing::warn!("cannot start the reaping thread ({e}); reaped here instead"),
         }
+    }
+
+    /// The thread reaping the previous image after [`Host::release_previous_image`] without
+    /// waiting, if any; joining it waits until that image is gone. The exit of its reaper tears
+    /// down the old address space with every page of guest memory the old image had mapped
+    /// (for 32 VMs holding 4.7 GiB, `perf` saw it take most of a CPU for over 100 ms). Waiting
+    /// for it before the next update keeps that work out of the next update's restore. Join
+    /// it without holding the host lock.
+    pub fn take_previous_image_reaping(&mut self) -> Option<std::thread::JoinHandle<()>> {
+        self.reaping.take()
     }
 
     /// Give up on the incoming update before committing it: kexec back into the image that

@@ -178,3 +178,26 @@ fn split_is_maximal_and_aligned() {
     assert_eq!(total, 123_456);
     assert!(split_range(1000, 123_456).all(|(p, o)| p % (1 << o) == 0));
 }
+
+#[test]
+fn frees_wait_for_commit_after_mark_committed() {
+    let mut h = host();
+    for name in ["hold-test", "hold-test-2"] {
+        let blob = h.kho.alloc_preserve(&mut h.mm, 4096).unwrap();
+        h.kho.add_subtree(name, blob.pa(), 4096).unwrap();
+    }
+    let mut h = kexec(h);
+    let st = h.kho.retrieve_subtree("hold-test").unwrap();
+    let st2 = h.kho.retrieve_subtree("hold-test-2").unwrap();
+    // Accepted for good, but what is read is only queued: no punch inside a restore.
+    h.kho.mark_committed();
+    assert!(h.kho.committed());
+    let used = h.mm.stats().used;
+    h.kho.restore_free(&mut h.mm, st.pa).unwrap();
+    assert_eq!(h.mm.stats().used, used, "freed before the commit");
+    h.kho.commit(&mut h.mm).unwrap();
+    assert_eq!(h.mm.stats().used, used - 1, "not freed at the commit");
+    // After the commit, frees happen at once again.
+    h.kho.restore_free(&mut h.mm, st2.pa).unwrap();
+    assert_eq!(h.mm.stats().used, used - 2);
+}

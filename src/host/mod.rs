@@ -45,11 +45,15 @@ pub struct Host {
     pub(crate) luo_incoming: Option<crate::luo::serialize::IncomingHeader>,
     /// The machine's /dev/kvm, opened on first use.
     pub(crate) kvm: Option<std::sync::Arc<kvm_ioctls::Kvm>>,
+    /// Empty VMs made ahead for the VM files of an update (see `kvm::vm_pool`).
+    pub(crate) vm_pool: kvm::vm_pool::VmPool,
     pub(crate) next_vm_id: u64,
     /// Sequence for the names of retrieved VMs.
     pub(crate) restored_vms: u64,
     /// The previous image's reaper, by pidfd, until it is reaped.
     pub(crate) reaper: Option<crate::kexec::reaper::Reaper>,
+    /// The thread that reaps it once released without waiting, until someone waits for it.
+    pub(crate) reaping: Option<std::thread::JoinHandle<()>>,
     /// Guest faults on guest_memfd holes (userfaultfd and its service thread), set up when the
     /// first guest_memfd is bound to a memslot; see `kvm::run`.
     pub(crate) guest_faults: Option<crate::kvm::run::FaultService>,

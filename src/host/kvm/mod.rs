@@ -4,3 +4,4 @@ mod guest_memfd;
 pub mod passthrough;
 pub(crate) mod run;
 mod vm;
+pub(crate) mod vm_pool;

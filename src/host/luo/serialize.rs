@@ -191,6 +191,31 @@ impl Host {
                 tracing::warn!("KHO commit: {e}");
             }
             self.refill_hugepages();
+            let left = self.vm_pool.drain();
+            if left > 0 {
+                tracing::debug!("vm pool: {left} empty VMs not used");
+            }
+        }
+    }
+
+    /// Start making one empty VM per incoming VM file (`kvm::vm_pool`), if this machine has
+    /// KVM.
+    fn prefill_vms(&mut self, sessions: &[Session<Host>]) {
+        let vm_file = |c: &str| {
+            c == crate::abi::kvm::KVM_LUO_FH_COMPATIBLE
+                || c == crate::abi::kvm::KVM_VM_LUO_V2_FH_COMPATIBLE
+        };
+        let n = sessions
+            .iter()
+            .flat_map(|s| &s.files)
+            .filter(|f| vm_file(f.handler.compatible()))
+            .count();
+        if n == 0 {
+            return;
+        }
+        match self.real_kvm() {
+            Ok(kvm) => self.vm_pool.fill(kvm, n),
+            Err(e) => tracing::debug!("vm pool: no KVM ({e})"),
         }
     }
 
@@ -296,6 +321,7 @@ impl Host {
             });
         }
         self.kho.restore_free(&mut self.mm, h.blob_pa)?;
+        self.prefill_vms(&built);
         let none = built.is_empty();
         for mut s in built {
             self.luo.next_session += 1;

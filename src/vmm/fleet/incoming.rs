@@ -16,7 +16,9 @@ use crate::vmm::guest;
 use crate::vmm::libluo::*;
 use crate::vmm::rfc::{e, lock};
 
-use super::machine::{bind, prepare, reports, smp_guest, start, wait_for, FleetVm, Running, VmIo};
+use super::machine::{
+    bind_low, gmem_slots, prepare, reports, smp_guest, start, wait_for, FleetVm, Running, VmIo,
+};
 use super::options::{read_stage_state, Options, StageState};
 use super::outgoing::update;
 use super::{session_name, GMEM_TOKEN, LOW_TOKEN, STATE_BYTES, STATE_TOKEN, VCPU_TOKEN, VM_TOKEN};
@@ -52,6 +54,7 @@ pub(super) fn stage2(
     state_session: i32,
 ) -> Result<Value, String> {
     let t_stage2 = monotonic_ns();
+    let cpu0 = crate::time::process_cpu_ns();
     let (ss, m) = {
         let mut h = lock(shared);
         let m =
@@ -68,9 +71,16 @@ pub(super) fn stage2(
     let workers: Vec<_> = (0..o.nr_workers())
         .map(|_| {
             let (shared, gate, o) = (shared.clone(), gate.clone(), o.clone());
-            std::thread::spawn(move || worker(&shared, pid, dev, &o, &gate))
+            std::thread::Builder::new()
+                .name("fleet-restore".into())
+                .spawn(move || worker(&shared, pid, dev, &o, &gate))
         })
+        // A worker that cannot start leaves its VMs to the others.
+        .filter_map(Result::ok)
         .collect();
+    if workers.is_empty() {
+        return Err("no restore worker could start".into());
+    }
     let mut restored: Vec<Restored> = Vec::new();
     let mut errors = Vec::new();
     for w in workers {
@@ -100,6 +110,7 @@ pub(super) fn stage2(
     }
     restored.sort_by_key(|r| r.vm.index);
     let t_all = monotonic_ns();
+    let restore_cpu_us = (crate::time::process_cpu_ns() - cpu0) as f64 / 1e3;
     // Every guest runs again: the previous image's VMs go, and what was read of the handover.
     {
         let mut h = lock(shared);
@@ -113,13 +124,47 @@ pub(super) fn stage2(
         finish(&mut h, pid, state_session).map_err(e("finish state session"))?;
         let _ = h.close(pid, m);
     }
-    let report = measure(shared, pid, &ss, &restored, t_stage2, t_all)?;
+    // Every guest runs: now the guest_memfd memslots left for later (`bind=lazy`), each under
+    // the host lock, from a thread of their own.
+    let binder = {
+        let shared = shared.clone();
+        let slots: Vec<_> = restored.iter().map(|r| r.vm.slots.clone()).collect();
+        std::thread::Builder::new()
+            .name("fleet-bind".into())
+            .spawn(move || {
+                let t = monotonic_ns();
+                let mut n = 0;
+                for s in &slots {
+                    n += s.nr() - s.nr_bound();
+                    s.bind_all(&mut lock(&shared))?;
+                }
+                Ok::<_, String>((n, monotonic_ns() - t))
+            })
+            .map_err(e("start the memslot binder"))?
+    };
+    let measured = measure(shared, pid, &ss, &restored, t_stage2, t_all);
+    let bound = binder
+        .join()
+        .map_err(|_| "the memslot binder panicked".to_string())?;
+    let mut report = measured?;
+    let (slots_late, bind_ns) = bound?;
+    report["slots_bound_after_resume"] = json!(slots_late);
+    report["bind_after_resume_us"] = json!(bind_ns as f64 / 1e3);
+    // CPU used by the whole image (every thread) from stage 2's start to the last resume:
+    // against `restore_all`, how busy the restore kept the CPUs.
+    report["restore_cpu_us"] = json!(restore_cpu_us);
     let cycle = lock(shared).info.kexec_count;
     lock(shared).report("fleet-update", report.clone());
     let (vms, running): (Vec<FleetVm>, Vec<Running>) =
         restored.into_iter().map(|r| (r.vm, r.running)).unzip();
     if cycle < o.cycles {
         std::thread::sleep(Duration::from_millis(o.run_ms));
+        // The previous image gone before the next update (see
+        // `Host::take_previous_image_reaping`).
+        let reaping = lock(shared).take_previous_image_reaping();
+        if let Some(t) = reaping {
+            let _ = t.join();
+        }
         return update(shared, pid, dev, &o, vms, running);
     }
     verify(shared, pid, &o, &vms, running, report)
@@ -177,8 +222,17 @@ fn restore(
     let gmem = retrieve_fd(&mut h, pid, s, GMEM_TOKEN).map_err(e("retrieve guest_memfd"))?;
     let low = retrieve_fd(&mut h, pid, s, LOW_TOKEN).map_err(e("retrieve low memory"))?;
     let retrieved = monotonic_ns();
-    let low_map = bind(&mut h, pid, vm, gmem, low, o)?;
+    let low_map = bind_low(&mut h, pid, vm, low)?;
+    let slots = gmem_slots(pid, vm, gmem, o);
+    if !o.lazy_bind {
+        slots.bind_all(&mut h)?;
+    }
     let bound = monotonic_ns();
+    // The VM's interrupt controllers, without the host lock (after its memory: see
+    // `Host::vm_materialize`).
+    drop(h);
+    Host::vm_materialize_unlocked(shared, pid, vm).map_err(e("irqchip"))?;
+    let mut h = lock(shared);
     let vcpus = if o.vcpus_first {
         early
     } else {
@@ -197,6 +251,7 @@ fn restore(
         low,
         low_map,
         vcpus,
+        slots,
         tsc_khz: gate.tsc_khz,
     };
     let runs = prepare(&mut h, shared, pid, &vm)?;
@@ -205,10 +260,11 @@ fn restore(
     let resume = monotonic_ns();
     let running = start(
         shared,
+        &vm,
         runs,
         VmIo::new(o.vcpus, false),
         Duration::from_micros(o.idle_us),
-    );
+    )?;
     Ok(Restored {
         vm,
         session: s,

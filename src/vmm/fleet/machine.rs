@@ -30,6 +30,8 @@ pub(super) struct FleetVm {
     pub(super) low: i32,
     pub(super) low_map: UserMapping,
     pub(super) vcpus: Vec<i32>,
+    /// Its guest_memfd's memslot, bound at once or later (`bind=lazy`).
+    pub(super) slots: Arc<GuestMemSlots>,
     /// The TSC frequency of its vCPUs (kHz; asked at build, carried across updates).
     pub(super) tsc_khz: u32,
 }
@@ -43,16 +45,9 @@ pub(super) fn smp_guest(o: &Options, i: u32) -> SmpGuest {
     }
 }
 
-/// Map the low memory and bind it (slot 0) and the whole guest_memfd (chunk slots), before
-/// any vCPU: a VM whose irqchip is created later pays no irqchip penalty for these.
-pub(super) fn bind(
-    h: &mut Host,
-    pid: Pid,
-    vm: i32,
-    gmem: i32,
-    low: i32,
-    o: &Options,
-) -> Result<UserMapping, String> {
+/// Map the low memory and bind it as slot 0. Before any vCPU: a VM whose irqchip is created
+/// later pays no irqchip penalty for it.
+pub(super) fn bind_low(h: &mut Host, pid: Pid, vm: i32, low: i32) -> Result<UserMapping, String> {
     let rw = libc::PROT_READ | libc::PROT_WRITE;
     let len = guest::LOW_MEM_SIZE as u64;
     let low_map = h
@@ -66,11 +61,15 @@ pub(super) fn bind(
         gmem: None,
     };
     libkvm::set_memory_region2(h, pid, vm, r).map_err(e("memslot 0"))?;
-    // One memslot for the whole guest_memfd: bound eagerly, one slot costs less than the
-    // chunks the lazy binding of the RFC VMM needs (per VM at 1 GiB: 1.7 ms as 16 chunks of
-    // 64 MiB).
-    GuestMemSlots::new(pid, vm, gmem, GMEM_GPA, o.guest_mem, o.guest_mem).bind_all(h)?;
     Ok(low_map)
+}
+
+/// The whole guest_memfd as one memslot, not bound yet: one slot costs less than the chunks
+/// of the RFC VMM (per VM at 1 GiB: 1.7 ms as 16 chunks of 64 MiB). KVM's cost for it is
+/// about 0.5 ms of CPU per GiB; after the first memslot change past the irqchip's creation it
+/// also waits 6–10 ms, without using a CPU (docs/kvm-probe.md).
+pub(super) fn gmem_slots(pid: Pid, vm: i32, gmem: i32, o: &Options) -> Arc<GuestMemSlots> {
+    GuestMemSlots::new(pid, vm, gmem, GMEM_GPA, o.guest_mem, o.guest_mem)
 }
 
 /// Stage 1: build VM `i` with its vCPUs set to start the SMP program (not running yet).
@@ -96,7 +95,9 @@ pub(super) fn build(
     guest::build_smp_image(&mut img, &smp_guest(o, i)).map_err(e("guest image"))?;
     h.pwrite(pid, low, &img, 0)
         .map_err(e("write guest image"))?;
-    let low_map = bind(h, pid, vm, gmem, low, o)?;
+    let low_map = bind_low(h, pid, vm, low)?;
+    let slots = gmem_slots(pid, vm, gmem, o);
+    slots.bind_all(h)?;
     let kvm_sys = h.real_kvm().map_err(e("kvm"))?;
     crate::kvm::vcpu::init_xsave_size(&kvm_sys);
     let mut vcpus = Vec::new();
@@ -129,6 +130,7 @@ pub(super) fn build(
         low,
         low_map,
         vcpus,
+        slots,
         tsc_khz,
     })
 }
@@ -201,8 +203,15 @@ impl VmIo {
 }
 
 /// The exit handler of vCPU `k`: the clock, the proceed port (answered after an idle wait of
-/// `idle` unless woken), the status port; MMIO stops the run (every chunk is bound).
-fn handler(io: &VmIo, k: usize, idle: Duration) -> impl FnMut(IoEvent<'_>) -> IoAction + '_ {
+/// `idle` unless woken), the status port; MMIO on the guest_memfd before its memslot is bound
+/// binds it and performs the access (`GuestMemSlots::mmio`); any other MMIO stops the run.
+fn handler<'a>(
+    io: &'a VmIo,
+    k: usize,
+    idle: Duration,
+    shared: &'a Mutex<Host>,
+    slots: &'a GuestMemSlots,
+) -> impl FnMut(IoEvent<'_>) -> IoAction + 'a {
     let answer = |data: &mut [u8], v: u32| {
         let n = data.len().min(4);
         data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
@@ -247,7 +256,12 @@ fn handler(io: &VmIo, k: usize, idle: Duration) -> impl FnMut(IoEvent<'_>) -> Io
             IoAction::Continue
         }
         IoEvent::Out { .. } => IoAction::Continue,
-        IoEvent::MmioRead { .. } | IoEvent::MmioWrite { .. } => IoAction::Stop,
+        IoEvent::MmioRead { addr, data } => slots
+            .mmio(shared, addr, Some(data), None)
+            .unwrap_or(IoAction::Stop),
+        IoEvent::MmioWrite { addr, data } => slots
+            .mmio(shared, addr, None, Some(data))
+            .unwrap_or(IoAction::Stop),
     }
 }
 
@@ -275,27 +289,33 @@ pub(super) fn prepare(
 /// the threads do not wait for it before their guest runs.
 pub(super) fn start(
     shared: &Arc<Mutex<Host>>,
+    vm: &FleetVm,
     runs: Vec<VcpuRun>,
     io: Arc<VmIo>,
     idle: Duration,
-) -> Running {
-    let mut kickers = Vec::new();
-    let mut threads = Vec::new();
+) -> Result<Running, String> {
+    let mut running = Running {
+        io,
+        kickers: Vec::new(),
+        threads: Vec::new(),
+    };
     for (k, run) in runs.into_iter().enumerate() {
         let kicker = Arc::new(VcpuKicker::new());
-        let (shared, io, kick) = (shared.clone(), io.clone(), kicker.clone());
-        threads.push(std::thread::spawn(move || {
-            let _target = kick.register_current_thread().map_err(e("kicker"))?;
-            let mut h = handler(&io, k, idle);
-            Host::vcpu_run_prepared(&shared, run, &mut h).map_err(e("KVM_RUN"))
-        }));
-        kickers.push(kicker);
+        let (shared, io, kick) = (shared.clone(), running.io.clone(), kicker.clone());
+        let slots = vm.slots.clone();
+        // On failure, `running` drops: the threads started so far are stopped and joined.
+        let t = std::thread::Builder::new()
+            .name(format!("vm{}-vcpu{k}", vm.index))
+            .spawn(move || {
+                let _target = kick.register_current_thread().map_err(e("kicker"))?;
+                let mut h = handler(&io, k, idle, &shared, &slots);
+                Host::vcpu_run_prepared(&shared, run, &mut h).map_err(e("KVM_RUN"))
+            })
+            .map_err(e("start a vCPU thread"))?;
+        running.threads.push(t);
+        running.kickers.push(kicker);
     }
-    Running {
-        io,
-        kickers,
-        threads,
-    }
+    Ok(running)
 }
 
 impl Running {

@@ -39,11 +39,17 @@ pub struct Options {
     /// its guest must take after the update (`pending-irq=0` turns it off).
     #[serde(default)]
     pub pending_irq: bool,
+    /// After an update, bind each VM's guest_memfd only once every VM runs again (or at the
+    /// guest's first access to it), instead of before its resume (`bind=lazy`, the default;
+    /// `bind=eager`).
+    #[serde(default)]
+    pub lazy_bind: bool,
 }
 
 impl Options {
     /// Parse `--init-arg` values: `vms=N vcpus=M guest-mem=SIZE data=SIZE[,SIZE...]
-    /// irqchip=0|1 cycles=N workers=N idle-us=N run-ms=N`.
+    /// irqchip=0|1 cycles=N workers=N idle-us=N run-ms=N order=vm-first|vcpus-first
+    /// pending-irq=0|1 bind=lazy|eager`.
     pub fn parse(args: &[String]) -> Result<Options, String> {
         let a = parse_args(args);
         let num = |k: &str, d: u64| {
@@ -71,6 +77,11 @@ impl Options {
             idle_us: num("idle-us", 1000)?,
             run_ms: num("run-ms", 100)?,
             pending_irq: a.get("pending-irq").is_none_or(|v| v != "0"),
+            lazy_bind: match a.get("bind").map(String::as_str) {
+                None | Some("lazy") => true,
+                Some("eager") => false,
+                Some(v) => return Err(format!("bind={v:?}: lazy or eager")),
+            },
             vcpus_first: match a.get("order").map(String::as_str) {
                 None | Some("vm-first") => false,
                 Some("vcpus-first") => true,

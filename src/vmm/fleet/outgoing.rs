@@ -50,8 +50,9 @@ pub(super) fn stage1(
     };
     let running: Vec<Running> = runs
         .into_iter()
-        .map(|r| start(shared, r, VmIo::new(o.vcpus, false), idle))
-        .collect();
+        .zip(&vms)
+        .map(|(r, vm)| start(shared, vm, r, VmIo::new(o.vcpus, false), idle))
+        .collect::<Result<_, _>>()?;
     wait_for(
         "the guests to write their data",
         Duration::from_secs(600),
@@ -110,7 +111,7 @@ pub(super) fn update(
     let mut verified = 0;
     for vm in &vms {
         let runs = prepare(&mut lock(shared), shared, pid, vm)?;
-        let r = start(shared, runs, VmIo::new(o.vcpus, true), idle);
+        let r = start(shared, vm, runs, VmIo::new(o.vcpus, true), idle)?;
         r.join(RunExit::Stopped)?;
         let (reps, counter, _) = reports(&mut lock(shared), pid, vm)?;
         guest::check_smp(&reps, counter).map_err(|m| format!("VM {}: {m}", vm.index))?;
