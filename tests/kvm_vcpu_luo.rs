@@ -151,6 +151,59 @@ fn running_vcpu_refuses_the_freeze() {
     retrieve_fd(&mut h, pid, s, VCPU_TOKEN).unwrap();
 }
 
+/// Six vCPUs of one VM: each retrieved vCPU gets its own state. One of them held (as inside
+/// `KVM_RUN`) refuses the freeze with EBUSY; after it is let go the kexec goes through with
+/// every state as it is then, a change made after the refused attempt included.
+#[test]
+fn six_vcpus_each_get_their_own_state_back() {
+    if !kvm_available("six_vcpus_each_get_their_own_state_back") {
+        return;
+    }
+    let (mut h, pid, vm, _, dev) = setup();
+    let vcpus: Vec<i32> = (10..16)
+        .map(|id| create_vcpu(&mut h, pid, vm, id).unwrap())
+        .collect();
+    let set_rax = |h: &mut Host, k: usize, v: u64| {
+        let c = h.vcpu(pid, vcpus[k]).unwrap();
+        let c = c.lock().unwrap();
+        let mut r = c.get_regs().unwrap();
+        r.rax = v;
+        c.set_regs(&r).unwrap();
+    };
+    for k in 0..vcpus.len() {
+        set_rax(&mut h, k, 0xa000 + k as u64);
+    }
+    let s = create_session(&mut h, pid, dev, "six").unwrap();
+    preserve_fd(&mut h, pid, s, vm, VM_TOKEN).unwrap();
+    for (k, &c) in vcpus.iter().enumerate() {
+        preserve_fd(&mut h, pid, s, c, VCPU_TOKEN + k as u64).unwrap();
+    }
+    // Held early in the freeze order: the states saved ahead for the later ones are unused.
+    let held = h.vcpu(pid, vcpus[1]).unwrap();
+    let running = held.lock().unwrap();
+    let mut h = match h.kexec_in_process() {
+        Err(handover::kexec::reboot::InProcessKexecError::Refused(h, e)) => {
+            assert!(e.to_string().contains("EBUSY"), "{e}");
+            h
+        }
+        other => panic!("kexec must be refused: {other:?}"),
+    };
+    drop(running);
+    // Changed after the refused attempt: the kexec must save it again.
+    set_rax(&mut h, 5, 0xb005);
+    let mut h = h.kexec_in_process().expect("all paused: the kexec goes through");
+    let pid = h.spawn();
+    let dev = h.open(pid, "/dev/liveupdate", 0).unwrap();
+    let s = retrieve_session(&mut h, pid, dev, "six").unwrap();
+    retrieve_fd(&mut h, pid, s, VM_TOKEN).unwrap();
+    for k in 0..vcpus.len() {
+        let c = retrieve_fd(&mut h, pid, s, VCPU_TOKEN + k as u64).unwrap();
+        let want = if k == 5 { 0xb005 } else { 0xa000 + k as u64 };
+        assert_eq!(regs(&mut h, pid, c).rax, want, "vCPU {k}");
+    }
+    finish(&mut h, pid, s).unwrap();
+}
+
 /// A vCPU whose VM is not in the session cannot be frozen (its blob would name no VM).
 #[test]
 fn vcpu_without_its_vm_refuses_the_kexec() {
