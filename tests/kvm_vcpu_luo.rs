@@ -191,7 +191,9 @@ fn six_vcpus_each_get_their_own_state_back() {
     drop(running);
     // Changed after the refused attempt: the kexec must save it again.
     set_rax(&mut h, 5, 0xb005);
-    let mut h = h.kexec_in_process().expect("all paused: the kexec goes through");
+    let mut h = h
+        .kexec_in_process()
+        .expect("all paused: the kexec goes through");
     let pid = h.spawn();
     let dev = h.open(pid, "/dev/liveupdate", 0).unwrap();
     let s = retrieve_session(&mut h, pid, dev, "six").unwrap();

@@ -268,8 +268,17 @@ impl VcpuKicker {
     /// [`VcpuKicker::take_kick`]. With no thread registered (or one that has ended) nothing is
     /// signalled and the kick waits for the next registration.
     pub fn kick(&self) -> Result<(), VcpuError> {
-        self.state.pending.store(true, Ordering::SeqCst);
+        self.request();
         self.signal()
+    }
+
+    /// Ask the vCPU to stop without a signal: its thread's next [`run_kickable`] returns
+    /// `EINTR` at once. Enough for a thread known to be outside `KVM_RUN` (for instance
+    /// waiting in its exit handler): a thread that then enters `KVM_RUN` checks for the
+    /// request after it has marked itself running. To stop a thread that may be inside
+    /// `KVM_RUN` now, use [`VcpuKicker::kick`] (this request, then the signal).
+    pub fn request(&self) {
+        self.state.pending.store(true, Ordering::SeqCst);
     }
 
     /// Send [`kick_signal`] to the registered thread, if it is alive.

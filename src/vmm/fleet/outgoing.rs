@@ -145,8 +145,10 @@ fn preserve_pause_kexec(
     }
     let mut paused = Vec::with_capacity(running.len());
     let mut first_err = None;
-    for (r, at) in running.into_iter().zip(pause_ns) {
-        if let Err(m) = r.join(RunExit::Interrupted) {
+    // Waited for, not joined: the threads stay parked until the `execve` ends them (or, if
+    // the update does not happen, until `running` is dropped).
+    for (r, &at) in running.iter().zip(&pause_ns) {
+        if let Err(m) = r.wait(RunExit::Interrupted) {
             first_err = first_err.or(Some(m));
         }
         paused.push((at, monotonic_ns()));
