@@ -55,6 +55,12 @@ pub struct Point {
     pub phases_us: serde_json::Map<String, Value>,
     /// Medians over VMs and updates of each VM's own phases (µs).
     pub vm_phases_us: serde_json::Map<String, Value>,
+    /// CPU time the new image used (every thread) from stage 2's start to the last resume,
+    /// per update (µs): against the `restore_all` phase, how busy the restore kept the CPUs.
+    pub restore_cpu_us: Spread,
+    /// Time to bind the guest_memfd memslots left for after the resume (`bind=lazy`), per
+    /// update (µs); outside every blackout.
+    pub bind_after_resume_us: Spread,
     /// Time the guests took to write their data at the start (ms).
     pub write_ms: f64,
 }
@@ -132,6 +138,18 @@ pub fn run(spec: &Spec) -> Result<Point, String> {
             .sum(),
         phases_us: medians(updates.iter().map(|u| &u["phases_us"])),
         vm_phases_us: medians(vms.iter().map(|v| &v["phases_us"])),
+        restore_cpu_us: Spread::of(
+            &updates
+                .iter()
+                .map(|u| f(&u["restore_cpu_us"]))
+                .collect::<Vec<_>>(),
+        ),
+        bind_after_resume_us: Spread::of(
+            &updates
+                .iter()
+                .map(|u| f(&u["bind_after_resume_us"]))
+                .collect::<Vec<_>>(),
+        ),
         write_ms: events
             .iter()
             .find(|e| e["event"] == "fleet-stage1")

@@ -63,6 +63,8 @@ pub fn print(p: &Point) {
     row("blackout, pause to resume", p.blackout_us);
     row("blackout the guest saw", p.guest_gap_us);
     row("guest TSC step", p.guest_tsc_step_us);
+    row("restore CPU, all threads", p.restore_cpu_us);
+    row("memory bound after resume", p.bind_after_resume_us);
     println!(
         "  TSC step above clock gap + 1 ms: {}; TSC reads backwards: {}",
         p.tsc_over_gap, p.tsc_backwards

@@ -203,7 +203,7 @@ impl Host {
         })
     }
 
-    /// [`Host::vm_materialize`] for the VM file behind `fd`, with the host lock held only to
+    /// `Host::vm_materialize` for the VM file behind `fd`, with the host lock held only to
     /// find it. A VMM that restores many VMs at once calls this between binding a VM's memory
     /// and retrieving its vCPUs: the KVM work of creating the interrupt controllers of
     /// different VMs (about 0.3 ms each here) then runs on several CPUs at once.
