@@ -364,7 +364,10 @@ pub(super) fn start(
                     let mut h = handler(&io, k, idle, &shared, &slots);
                     Host::vcpu_run_prepared(&shared, run, &mut h).map_err(e("KVM_RUN"))
                 };
-                exits.put(k, run());
+                // A panic still reports, so that nobody waits for this vCPU for ever.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+                    .unwrap_or_else(|_| Err("vCPU thread panicked".into()));
+                exits.put(k, r);
                 exits.park();
             })
             .map_err(e("start a vCPU thread"))?;
