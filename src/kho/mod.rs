@@ -430,7 +430,8 @@ impl Kho {
     pub fn mark_committed(&mut self) {
         self.committed = true;
         // Each free punches the page out of the RAM memfd, which unmaps it everywhere and
-        // flushes TLBs: about 30 µs a page here, inside the restore of the VMs still to come.
+        // flushes TLBs, inside the restore of the VMs still to come: restoring 32 VMs on one
+        // thread, a guest_memfd's retrieve took 60 µs (median) with the frees, 6 µs without.
         self.hold_frees = true;
     }
 
