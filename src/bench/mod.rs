@@ -5,6 +5,7 @@ pub mod external;
 pub mod fleet;
 pub mod harness;
 pub mod kho;
+pub mod kvm_floor;
 pub mod live_snapshot;
 pub mod snapshot;
 pub mod syscall;

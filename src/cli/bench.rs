@@ -176,6 +176,26 @@ pub enum BenchWhat {
         #[arg(long)]
         json: bool,
     },
+    /// The KVM-only floor of a many-VM update: VMs built as the fleet's, their state saved and
+    /// new VMs set up from it with the handlers' own code, on threads, with no host image,
+    /// exec or guest; what any update of that many VMs must spend on this KVM.
+    KvmFloor {
+        /// VMs.
+        #[arg(long, default_value_t = 32)]
+        vms: u32,
+        /// vCPUs per VM.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u32,
+        /// Save-and-restore runs.
+        #[arg(long, default_value_t = 20)]
+        runs: u32,
+        /// Threads (0: one per CPU, as the fleet's restore workers).
+        #[arg(long, default_value_t = 0)]
+        threads: u32,
+        /// Print JSON (every run).
+        #[arg(long)]
+        json: bool,
+    },
     /// One live-snapshot VMM process (run by `bench live-snapshot`); writes its JSON result.
     #[command(hide = true)]
     LiveSnapshotVmm(Box<super::live_snapshot::VmmArgs>),
@@ -233,10 +253,62 @@ pub fn run(a: BenchArgs) -> Result<ExitCode, String> {
             json,
         }) => super::live_snapshot::bench(size, runs, &dir, cold_cache, json),
         Some(BenchWhat::LiveSnapshotVmm(a)) => super::live_snapshot::vmm(&a),
+        Some(BenchWhat::KvmFloor {
+            vms,
+            vcpus,
+            runs,
+            threads,
+            json,
+        }) => kvm_floor(vms, vcpus, runs, threads, json),
         None if a.blackout.vmm == Some(VmmKind::External) => external(&a.blackout),
         None if a.blackout.vms.is_some() => super::bench_fleet::bench(&a.blackout),
         None => super::bench_sweep::sweep(a.blackout),
     }
+}
+
+fn kvm_floor(
+    vms: u32,
+    vcpus: u32,
+    runs: u32,
+    threads: u32,
+    json: bool,
+) -> Result<ExitCode, String> {
+    if !(1..=256).contains(&vms) || !(1..=64).contains(&vcpus) || !(1..=1000).contains(&runs) {
+        return Err("--vms 1..=256, --vcpus 1..=64, --runs 1..=1000".into());
+    }
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        t => t.min(64),
+    };
+    let spec = crate::bench::kvm_floor::Spec {
+        vms,
+        vcpus,
+        runs,
+        threads,
+    };
+    let r = crate::bench::kvm_floor::run(&spec)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "KVM floor: {vms} VMs x {vcpus} vCPUs (irqchip, PIT, low memslot), {runs} runs on {threads} threads ({} CPUs)",
+        r.cpus
+    );
+    let row = |what: &str, s: crate::bench::Spread| {
+        println!(
+            "  {what:26} p50 {:7.2}  p99 {:7.2}  max {:7.2} ms  (n={})",
+            s.median, s.p99, s.max, s.n
+        )
+    };
+    row("save, wall", r.save_ms);
+    row("restore, wall", r.restore_ms);
+    row("restore, CPU", r.restore_cpu_ms);
+    row("VM ready after restore start", r.ready_ms);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn kho(size: u64, runs: usize, json: bool) -> Result<ExitCode, String> {

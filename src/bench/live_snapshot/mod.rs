@@ -32,7 +32,7 @@
 //! rounds or never converge (then the final copy grows).
 
 mod incoming;
-mod mem;
+pub(in crate::bench) mod mem;
 mod outgoing;
 mod vcpu;
 
