@@ -205,6 +205,7 @@ impl Host {
             reaping: None,
             kvm: None,
             vm_pool: Default::default(),
+            vcpu_snapshots: Default::default(),
             next_vm_id: 0,
             restored_vms: 0,
             reaper,

@@ -47,6 +47,9 @@ pub struct Host {
     pub(crate) kvm: Option<std::sync::Arc<kvm_ioctls::Kvm>>,
     /// Empty VMs made ahead for the VM files of an update (see `kvm::vm_pool`).
     pub(crate) vm_pool: kvm::vm_pool::VmPool,
+    /// vCPU states read for the freeze in progress, by file (see `kvm::vcpu_snapshot`).
+    pub(crate) vcpu_snapshots:
+        std::collections::HashMap<crate::fs::FileId, kvm::vcpu_snapshot::Snapshot>,
     pub(crate) next_vm_id: u64,
     /// Sequence for the names of retrieved VMs.
     pub(crate) restored_vms: u64,

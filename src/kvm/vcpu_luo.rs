@@ -72,12 +72,22 @@ impl<C: VmLuoCtx + ?Sized> FileHandler<C> for VcpuHandler {
     }
 
     fn freeze(&self, host: &mut C, a: &mut FileArgs) -> SysResult<()> {
-        let (vm, vcpu, vcpu_id) = match a.file.and_then(|f| host.vcpu_file(f)) {
+        let Some(file) = a.file else {
+            return Err(Errno::EINVAL);
+        };
+        let (vm, vcpu, vcpu_id) = match host.vcpu_file(file) {
             Some(v) => (v.vm, v.handle()?, v.id),
             None => return Err(Errno::EINVAL),
         };
         let vm_token = host.luo_get_token_outgoing(a.session, vm)?;
-        let state = {
+        // Read ahead with every other vCPU, the vCPU held stopped since (see the host's
+        // `kvm::vcpu_snapshot`); else read now.
+        let state = if let Some(s) = host.take_vcpu_snapshot(file) {
+            s.map_err(|e| {
+                tracing::warn!("kvm_vcpu_luo: cannot save the vCPU: {e}");
+                Errno::EIO
+            })?
+        } else {
             // A vCPU inside KVM_RUN holds its lock: it is not paused, so no consistent state.
             let v = match vcpu.try_lock() {
                 Ok(v) => v,

@@ -59,6 +59,9 @@ pub trait VmLuoCtx: LuoCtx {
     /// Create the vCPU of a retrieved vCPU file: vCPU `id` of the VM file `vm`, with `state`
     /// loaded before its first use (by the thread that first uses it).
     fn create_restored_vcpu(&mut self, vm: FileId, id: u64, state: VcpuState) -> SysResult<FileId>;
+    /// The state of vCPU file `file` as read for the freeze in progress while the vCPU was
+    /// held stopped (encoded, or why it could not be read), if it was read ahead; once.
+    fn take_vcpu_snapshot(&mut self, file: FileId) -> Option<Result<Vec<u8>, String>>;
 }
 
 fn v2_header(mem: &dyn PhysRead, pa: u64) -> SysResult<KvmVmLuoSerV2> {

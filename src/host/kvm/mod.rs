@@ -3,5 +3,6 @@
 mod guest_memfd;
 pub mod passthrough;
 pub(crate) mod run;
+pub(crate) mod vcpu_snapshot;
 mod vm;
 pub(crate) mod vm_pool;

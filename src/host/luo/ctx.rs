@@ -111,6 +111,10 @@ impl VmLuoCtx for Host {
     fn create_restored_vcpu(&mut self, vm: FileId, id: u64, state: VcpuState) -> SysResult<FileId> {
         self.kvm_create_vcpu_file(vm, id, Some(state))
     }
+
+    fn take_vcpu_snapshot(&mut self, file: FileId) -> Option<Result<Vec<u8>, String>> {
+        Host::take_vcpu_snapshot(self, file)
+    }
 }
 
 impl GuestMemfdLuoCtx for Host {

@@ -71,8 +71,30 @@ impl Host {
             return Ok(None);
         }
         let order = self.luo_files_in_order();
+        // Every preserved vCPU held and read at once, on every CPU (`kvm::vcpu_snapshot`).
+        let files: Vec<_> = order
+            .iter()
+            .filter_map(|&(sid, token)| {
+                let s = self.luo.session(sid)?;
+                s.files.iter().find(|f| f.token == token)?.args.file
+            })
+            .collect();
+        let vcpus = self.vcpu_handles(files);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (held, snapshots) = vcpus.hold_and_read(cpus);
+        self.vcpu_snapshots = snapshots;
+        let r = self.luo_freeze_and_write(&order);
+        self.vcpu_snapshots.clear();
+        drop(held);
+        r
+    }
+
+    fn luo_freeze_and_write(
+        &mut self,
+        order: &[(SessionId, u64)],
+    ) -> Result<Option<LuoHandover>, LuoError> {
         let mut frozen = Vec::new();
-        for &(sid, token) in &order {
+        for &(sid, token) in order {
             if let Err(errno) = self.luo_call(sid, token, true) {
                 self.luo_unfreeze(&frozen);
                 let s = self.luo.session(sid);
