@@ -40,7 +40,9 @@ pub struct Point {
     pub ok: bool,
     /// Why not, if not.
     pub error: Option<String>,
-    /// Per-VM blackout, pause to resume (µs), over every VM of every update.
+    /// Per-VM blackout (µs), over every VM of every update: from the VMM's kick of its vCPUs
+    /// to the first clock read of the last of them after the update (every vCPU runs guest
+    /// code again).
     pub blackout_us: Spread,
     /// Per-VM blackout as the guest saw it: its largest gap between two clock reads (µs).
     pub guest_gap_us: Spread,

@@ -60,7 +60,7 @@ pub fn print(p: &Point) {
             x.n
         )
     };
-    row("blackout, pause to resume", p.blackout_us);
+    row("blackout, kick to guest code", p.blackout_us);
     row("blackout the guest saw", p.guest_gap_us);
     row("guest TSC step", p.guest_tsc_step_us);
     row("restore CPU, all threads", p.restore_cpu_us);

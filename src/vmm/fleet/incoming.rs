@@ -281,9 +281,10 @@ fn us(a: u64, b: u64) -> f64 {
     b.saturating_sub(a) as f64 / 1e3
 }
 
-/// Each VM's blackout, from its pause to its resume and as its guest saw it (the largest gap
-/// between two clock reads, and the largest TSC step in µs), once every vCPU has looped twice
-/// past the resume; and the phases of the update common to all.
+/// Each VM's blackout, from its pause to the first clock read of its last vCPU back, and as
+/// its guest saw it (the largest gap between two clock reads, and the largest TSC step in µs),
+/// once every vCPU has looped twice past the resume; and the phases of the update common to
+/// all.
 fn measure(
     shared: &Arc<Mutex<Host>>,
     pid: Pid,
@@ -318,9 +319,20 @@ fn measure(
         let gap = reps.iter().map(|x| x.base.max_gap_us).max().unwrap_or(0);
         let step = reps.iter().map(|x| x.tsc_max_step).max().unwrap_or(0);
         let back: u64 = reps.iter().map(|x| x.tsc_backwards).sum();
+        // The VM is back when every vCPU runs guest code again: its first clock read after
+        // the resume (the state load and first entry happen on the vCPU's thread, after
+        // `resume`).
+        let running_again = r
+            .running
+            .io
+            .first_clock
+            .iter()
+            .map(|c| c.load(Ordering::SeqCst))
+            .max()
+            .unwrap_or(0);
         vms.push(json!({
             "vm": r.vm.index,
-            "blackout_us": us(p.pause_ns, r.resume),
+            "blackout_us": us(p.pause_ns, running_again),
             "guest_gap_us": gap,
             "guest_tsc_step_us": if tsc_khz > 0 { step as f64 * 1e3 / f64::from(tsc_khz) } else { 0.0 },
             "tsc_backwards": back,
@@ -332,8 +344,7 @@ fn measure(
                 "bind_memslots": us(r.retrieved, r.bound),
                 "retrieve_vcpus": us(r.bound, r.vcpus),
                 "resume": us(r.vcpus, r.resume),
-                "first_clock_read": us(r.resume, r.running.io.first_clock.iter()
-                    .map(|c| c.load(Ordering::SeqCst)).max().unwrap_or(0)),
+                "first_clock_read": us(r.resume, running_again),
             },
         }));
     }
