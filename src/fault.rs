@@ -9,6 +9,7 @@
 //! | `kho.alloc`, `kho.preserve`, `kho.finalize`, `kho.restore` | KHO allocations, preservation, the handover tree, restores in the new image |
 //! | `luo.preserve`, `luo.freeze`, `luo.retrieve`, `luo.can_finish` | handler callbacks; `luo.freeze:memfd-v2` narrows to one handler |
 //! | `luo.serialize`, `luo.deserialize` | writing sessions and files at reboot; reading them at boot |
+//! | `kvm.vcpu_snapshot` | reading a preserved vCPU's state for the freeze (`host::kvm::vcpu_snapshot`) |
 //! | `kexec.exec` | the `execve` itself |
 //! | `boot.refuse` | the new image refuses the whole handover (as an incompatible image would) |
 //!

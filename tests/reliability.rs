@@ -7,20 +7,29 @@ mod common;
 use handover::vmm::libkvm::kvm_available;
 
 fn rfc_with_env(tag: &str, env: (&str, &str)) -> common::Run {
-    common::boot_env(
-        tag,
-        "1G",
-        handover::vmm::rfc::PROGRAM,
-        &["guest-mem=16M", "data=5M", "prefault=1"],
-        &[],
-        &[env],
-    )
+    rfc_with(tag, env, &[])
+}
+
+fn rfc_with(tag: &str, env: (&str, &str), more: &[&str]) -> common::Run {
+    let mut args = vec!["guest-mem=16M", "data=5M", "prefault=1"];
+    args.extend_from_slice(more);
+    common::boot_env(tag, "1G", handover::vmm::rfc::PROGRAM, &args, &[], &[env])
 }
 
 /// Before the exec: the update is refused or aborted, the old host keeps running, nothing
 /// stays preserved, and the same guest resumes and verifies all its data.
 fn refused_before_exec(point: &str) {
-    let r = rfc_with_env(point, ("HANDOVER_FAIL", &format!("{point}@0")));
+    refused_before_exec_with(point, &[]);
+}
+
+/// [`refused_before_exec`] with the vCPU preserved as a file (`vcpu=kernel`): the kernel reads
+/// its state in the freeze.
+fn refused_before_exec_kernel_vcpu(point: &str) {
+    refused_before_exec_with(point, &["vcpu=kernel"]);
+}
+
+fn refused_before_exec_with(point: &str, more: &[&str]) {
+    let r = rfc_with(point, ("HANDOVER_FAIL", &format!("{point}@0")), more);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     assert!(
         r.stderr.contains(&format!(
@@ -93,6 +102,8 @@ fault_tests! {
     fail_retrieve_guest_memfd_rolls_back: rolled_back("luo.retrieve:guest_memfd_luo_v2");
     fail_retrieve_vm_rolls_back: rolled_back("luo.retrieve:kvm_vm_luo_v2");
     fail_freeze_vm: refused_before_exec("luo.freeze:kvm_vm_luo_v2");
+    fail_freeze_vcpu: refused_before_exec_kernel_vcpu("luo.freeze:kvm_vcpu_luo_v1");
+    fail_vcpu_snapshot: refused_before_exec_kernel_vcpu("kvm.vcpu_snapshot");
     fail_restore_rolls_back: rolled_back("kho.restore");
 }
 

@@ -80,6 +80,9 @@ impl VcpuHandles {
 /// among them).
 fn read_all(vcpus: &[&VcpuFd], threads: usize) -> Vec<Snapshot> {
     let read = |v: &VcpuFd| -> Snapshot {
+        if crate::fault::hit("kvm.vcpu_snapshot") {
+            return Err("fault injected at kvm.vcpu_snapshot".into());
+        }
         VcpuState::save(v)
             .map(|s| s.to_bytes())
             .map_err(|e| e.to_string())
