@@ -34,7 +34,7 @@ pub struct Held<'a> {
 impl Host {
     /// The vCPUs of those of `files` that are vCPU files (a pending state is loaded first;
     /// a vCPU whose state cannot be loaded is left out, for its freeze to report).
-    pub fn vcpu_handles(&self, files: impl IntoIterator<Item = FileId>) -> VcpuHandles {
+    pub(crate) fn vcpu_handles(&self, files: impl IntoIterator<Item = FileId>) -> VcpuHandles {
         VcpuHandles(
             files
                 .into_iter()
@@ -48,7 +48,7 @@ impl Host {
 
     /// The snapshot [`VcpuHandles::hold_and_read`] took of vCPU file `file` for this freeze,
     /// if it took one (each is taken once).
-    pub fn take_vcpu_snapshot(&mut self, file: FileId) -> Option<Snapshot> {
+    pub(crate) fn take_vcpu_snapshot(&mut self, file: FileId) -> Option<Snapshot> {
         self.vcpu_snapshots.remove(&file)
     }
 }
