@@ -130,18 +130,6 @@ fn low_slot(vm: &VmFd, low: &GuestMap) -> Result<(), String> {
     unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))
 }
 
-/// Set an in-kernel LAPIC's software-enable bit (the spurious-vector register), as the fleet
-/// does.
-fn enable_lapic(v: &VcpuFd) -> Result<(), String> {
-    const SVR: usize = 0xf0;
-    let mut la = v.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
-    let old = u32::from_le_bytes(std::array::from_fn(|i| la.regs[SVR + i] as u8));
-    for (i, b) in (old | 0x1ff).to_le_bytes().into_iter().enumerate() {
-        la.regs[SVR + i] = b as i8;
-    }
-    v.set_lapic(&la).map_err(kvm_err("KVM_SET_LAPIC"))
-}
-
 /// A VM as the fleet builds one, and what the host records of it.
 fn build(kvm: &Kvm, vcpus: u32) -> Result<(FloorVm, VmConfig), String> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -171,7 +159,7 @@ fn build(kvm: &Kvm, vcpus: u32) -> Result<(FloorVm, VmConfig), String> {
             .map_err(kvm_err("KVM_SET_SREGS"))?;
         v.set_regs(&guest::smp_regs(k))
             .map_err(kvm_err("KVM_SET_REGS"))?;
-        enable_lapic(&v)?;
+        guest::enable_lapic(&v).map_err(|e| e.to_string())?;
         let runnable = kvm_mp_state {
             mp_state: KVM_MP_STATE_RUNNABLE,
         };

@@ -288,11 +288,7 @@ fn kvm_floor(
     };
     let r = crate::bench::kvm_floor::run(&spec)?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-        );
-        return Ok(ExitCode::SUCCESS);
+        return print_json(&r);
     }
     println!(
         "KVM floor: {vms} VMs x {vcpus} vCPUs (irqchip, PIT, low memslot), {runs} runs on {threads} threads ({} CPUs)",
@@ -311,14 +307,19 @@ fn kvm_floor(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Print `r` as pretty JSON.
+fn print_json<T: serde::Serialize>(r: &T) -> Result<ExitCode, String> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(r).map_err(|e| e.to_string())?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn kho(size: u64, runs: usize, json: bool) -> Result<ExitCode, String> {
     let r = crate::bench::kho::run(size, runs).map_err(|e| e.to_string())?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-        );
-        return Ok(ExitCode::SUCCESS);
+        return print_json(&r);
     }
     println!(
         "KHO: {} of 4 KiB folios ({} pages), {} runs, ns per page (median [min..max])",
@@ -353,11 +354,7 @@ fn syscall(o: &crate::bench::syscall::Options, json: bool) -> Result<ExitCode, S
     use crate::bench::syscall::{Latency, MemfdKind, RunStats};
     let r = crate::bench::syscall::run(o)?;
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
-        );
-        return Ok(ExitCode::SUCCESS);
+        return print_json(&r);
     }
     let c = &r.client;
     println!(

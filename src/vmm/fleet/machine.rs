@@ -112,7 +112,7 @@ pub(super) fn build(
             .map_err(e("set sregs"))?;
         v.set_regs(&guest::smp_regs(k)).map_err(e("set regs"))?;
         if o.irqchip {
-            enable_lapic(&v)?;
+            guest::enable_lapic(&v).map_err(e("enable the LAPIC"))?;
         }
         // With an in-kernel LAPIC every vCPU but the first waits for INIT/SIPI; ours start at
         // once, in long mode.
@@ -133,18 +133,6 @@ pub(super) fn build(
         slots,
         tsc_khz,
     })
-}
-
-/// Software-enable the vCPU's LAPIC (spurious-vector register: enable bit and vector 0xff),
-/// as a guest kernel does at boot: a disabled LAPIC refuses fixed interrupts.
-fn enable_lapic(v: &kvm_ioctls::VcpuFd) -> Result<(), String> {
-    const SVR: usize = 0xf0;
-    let mut la = v.get_lapic().map_err(e("KVM_GET_LAPIC"))?;
-    let old = u32::from_le_bytes(std::array::from_fn(|i| la.regs[SVR + i] as u8));
-    for (i, b) in (old | 0x1ff).to_le_bytes().into_iter().enumerate() {
-        la.regs[SVR + i] = b as i8;
-    }
-    v.set_lapic(&la).map_err(e("KVM_SET_LAPIC"))
 }
 
 /// Send a VM's first vCPU one interrupt on the guest's vector while the vCPUs are paused: it

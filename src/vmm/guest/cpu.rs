@@ -94,6 +94,19 @@ pub fn initial_sregs(base: kvm_sregs) -> kvm_sregs {
     s
 }
 
+/// Set an in-kernel LAPIC's software-enable bit (in the spurious-vector register), as a guest
+/// that takes interrupts needs.
+pub fn enable_lapic(v: &VcpuFd) -> Result<(), GuestError> {
+    const SVR: usize = 0xf0;
+    let kvm_err = |op| move |source| GuestError::Kvm { op, source };
+    let mut la = v.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+    let old = u32::from_le_bytes(std::array::from_fn(|i| la.regs[SVR + i] as u8));
+    for (i, b) in (old | 0x1ff).to_le_bytes().into_iter().enumerate() {
+        la.regs[SVR + i] = b as i8;
+    }
+    v.set_lapic(&la).map_err(kvm_err("KVM_SET_LAPIC"))
+}
+
 /// Set up a fresh vCPU to start the program: the host's supported CPUID, [`initial_sregs`] and
 /// [`initial_regs`].
 pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd) -> Result<(), GuestError> {
