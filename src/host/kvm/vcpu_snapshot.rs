@@ -23,7 +23,8 @@ use crate::kvm::vcpu::VcpuState;
 /// A vCPU's encoded state, or why it could not be read.
 pub type Snapshot = Result<Vec<u8>, String>;
 
-/// The vCPUs of some files, by file: found first, then locked and read by [`Held::take`].
+/// The vCPUs of some files, by file: found first, then locked and read by
+/// [`VcpuHandles::hold_and_read`].
 pub struct VcpuHandles(Vec<(FileId, Arc<Mutex<VcpuFd>>)>);
 
 /// The vCPUs held for a freeze: locked until this is dropped.
