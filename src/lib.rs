@@ -19,6 +19,7 @@ pub mod kho;
 pub mod kvm;
 pub mod luo;
 pub mod mm;
+pub mod par;
 pub mod registry;
 pub mod time;
 pub mod uapi;

@@ -15,7 +15,6 @@
 //! using the CPUs once they are back. The saved VMs are closed between the save and the
 //! restore, outside the timings; each run saves the VMs the previous one restored.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -222,37 +221,14 @@ fn spread_over<T: Send>(
     n: usize,
     job: impl Fn(usize) -> Result<T, String> + Sync,
 ) -> Result<(Vec<(T, f64)>, f64), String> {
-    let next = AtomicUsize::new(0);
     let t0 = Instant::now();
-    let mut out: Vec<(usize, Result<T, String>, f64)> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                s.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::SeqCst);
-                        if i >= n {
-                            return done;
-                        }
-                        let r = job(i);
-                        done.push((i, r, t0.elapsed().as_secs_f64() * 1e3));
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap_or_default())
-            .collect()
+    let out = crate::par::map_indexed(n, threads as usize, "kvm-floor", |i| {
+        job(i).map(|r| (r, t0.elapsed().as_secs_f64() * 1e3))
     });
     let wall = t0.elapsed().as_secs_f64() * 1e3;
-    if out.len() != n {
-        return Err("a thread of the floor benchmark panicked".into());
-    }
-    out.sort_by_key(|x| x.0);
     let v = out
         .into_iter()
-        .map(|(_, r, t)| r.map(|x| (x, t)))
+        .map(|r| r.unwrap_or_else(|| Err("a thread of the floor benchmark panicked".into())))
         .collect::<Result<_, _>>()?;
     Ok((v, wall))
 }

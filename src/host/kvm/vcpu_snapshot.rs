@@ -10,7 +10,6 @@
 //! snapshot ([`Host::take_vcpu_snapshot`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::VcpuFd;
@@ -88,35 +87,9 @@ fn read_all(vcpus: &[&VcpuFd], threads: usize) -> Vec<Snapshot> {
             .map(|s| s.to_bytes())
             .map_err(|e| e.to_string())
     };
-    let threads = threads.clamp(1, vcpus.len().max(1));
-    if threads == 1 {
-        return vcpus.iter().map(|v| read(v)).collect();
-    }
-    let next = AtomicUsize::new(0);
-    let out: Vec<Mutex<Option<Snapshot>>> = vcpus.iter().map(|_| Mutex::new(None)).collect();
-    let work = || loop {
-        let i = next.fetch_add(1, Ordering::Relaxed);
-        let Some(v) = vcpus.get(i) else { return };
-        let s = read(v);
-        if let Some(slot) = out.get(i) {
-            *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(s);
-        }
-    };
-    std::thread::scope(|s| {
-        for _ in 1..threads {
-            // A thread that cannot start leaves its share to the others.
-            let _ = std::thread::Builder::new()
-                .name("vcpu-snapshot".into())
-                .spawn_scoped(s, work);
-        }
-        work();
-    });
-    out.into_iter()
-        .map(|m| {
-            m.into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .unwrap_or_else(|| Err("not read (a snapshot thread failed)".into()))
-        })
+    crate::par::map_indexed(vcpus.len(), threads, "vcpu-snapshot", |i| read(vcpus[i]))
+        .into_iter()
+        .map(|s| s.unwrap_or_else(|| Err("not read (the read panicked)".into())))
         .collect()
 }
 

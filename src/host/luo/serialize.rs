@@ -72,13 +72,12 @@ impl Host {
         }
         let order = self.luo_files_in_order();
         // Every preserved vCPU held and read at once, on every CPU (`kvm::vcpu_snapshot`).
-        let files: Vec<_> = order
+        let files = self
+            .luo
+            .outgoing
             .iter()
-            .filter_map(|&(sid, token)| {
-                let s = self.luo.session(sid)?;
-                s.files.iter().find(|f| f.token == token)?.args.file
-            })
-            .collect();
+            .filter_map(|&sid| self.luo.session(sid))
+            .flat_map(|s| s.files.iter().filter_map(|f| f.args.file));
         let vcpus = self.vcpu_handles(files);
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let (held, snapshots) = vcpus.hold_and_read(cpus);
