@@ -206,9 +206,8 @@ pub fn serve(host: &mut Host, pid: Pid, d: &Decoded<'_>) -> Answer {
             let r = if d.op == Op::Ftruncate {
                 pos(q.a[0]).and_then(|n| host.ftruncate(pid, q.fd, n))
             } else {
-                pos(q.a[1])
-                    .and_then(|_| pos(q.a[2]))
-                    .and_then(|_| host.fallocate(pid, q.fd, q.a[0] as i32, q.a[1], q.a[2]))
+                // The offset and length are checked as `loff_t` by `Host::fallocate`.
+                host.fallocate(pid, q.fd, q.a[0] as i32, q.a[1], q.a[2])
             };
             let mut a = Answer::ret(r.map(|()| 0));
             if let Some((f, first, end)) = host.take_deferred(pid) {

@@ -222,10 +222,8 @@ impl Memfd {
         if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) != 0 {
             return Err(Errno::EOPNOTSUPP);
         }
-        if len == 0 {
-            return Err(Errno::EINVAL);
-        }
-        let end = off.checked_add(len).ok_or(Errno::EFBIG)?;
+        // From here on `off + len` and every page index times the page size fit in a u64.
+        let end = super::fallocate_range(off, len)?;
         if punch {
             if !keep {
                 return Err(Errno::EOPNOTSUPP);

@@ -359,6 +359,12 @@ mod tests {
             0u8, 0, 1, 0, 0, 0, 6, 3, 5, 7, 2, 3, 3, 1, 1, 0, 1, 0, 0, 5, 4, 0, 0, 8, 0, 10, 2, 2,
         ];
         f.run(&seq);
+        // Found by the fuzzer in CI: a hole punched in a memfd at an offset near u64::MAX
+        // overflowed the page arithmetic of `Memfd::fallocate`.
+        f.run(&[
+            48, 26, 255, 246, 220, 0, 15, 0, 0, 255, 255, 255, 255, 255, 255, 255, 121, 121, 121,
+            121, 121, 121, 121, 121, 121, 121, 121, 121, 121, 121, 121, 121, 121, 255, 255, 0,
+        ]);
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..300 {
             let n = (x % 400) as usize;

@@ -817,6 +817,16 @@ static int t_memfd_truncate_and_punch(void)
 	CHECK(lu_nonzero(buf + 2 * LU_PAGE + 10, 90) < 0, "punched range is not zero");
 	CHECK(lu_mismatch(buf + 2 * LU_PAGE + 100, LU_PAGE - 100, 2 * LU_PAGE + 100, 61) < 0,
 	      "bytes after the punched range changed");
+	/* Ranges Linux refuses before the file's own code (vfs_fallocate): a negative offset
+	 * or length, an end past the largest offset; the bytes stay. */
+	CHECK_ERR(fallocate(m, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, -LU_PAGE, LU_PAGE), EINVAL);
+	CHECK_ERR(fallocate(m, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, -LU_PAGE), EINVAL);
+	CHECK_ERR(fallocate(m, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+			    INT64_MAX - LU_PAGE + 1, 2 * LU_PAGE),
+		  EFBIG);
+	CHECK_ERR(fallocate(m, 0, INT64_MAX - LU_PAGE + 1, 2 * LU_PAGE), EFBIG);
+	CHECK_OK(lu_pread_all(m, buf, LU_PAGE, 0));
+	CHECK(lu_mismatch(buf, LU_PAGE, 0, 61) < 0, "a refused fallocate changed bytes");
 	/* The hole can be written again. */
 	lu_fill(buf, 10, LU_PAGE + 5, 62);
 	CHECK_OK(lu_pwrite_all(m, buf, 10, LU_PAGE + 5));
