@@ -189,10 +189,11 @@ static ssize_t wait_reply(int s, struct msghdr *rm, int vcpu_fd, const sigset_t 
 /*
  * One request and its reply on socket `s`. The caller holds the lock that serializes `s`.
  * Returns the reply's ret (>= 0 or -errno); -EIO if the host is gone. `rfd[0..2]` get the fds
- * passed with the reply, or -1.
+ * passed with the reply, or -1. For a call on vCPU `vcpu_fd` the caller holds signals
+ * (hold_signals) and `mask` is the program's own mask, which the wait lets them in with.
  */
-static long call_on(int s, int vcpu_fd, struct hreq *q, const void *pl, size_t pln, void *out,
-		    size_t cap, size_t *got, uint64_t b[3], int rfd[2])
+static long call_on(int s, int vcpu_fd, const sigset_t *mask, struct hreq *q, const void *pl,
+		    size_t pln, void *out, size_t cap, size_t *got, uint64_t b[3], int rfd[2])
 {
 	struct iovec iv[2] = {{q, sizeof *q}, {(void *)pl, pln}};
 	struct msghdr m = {.msg_iov = iv, .msg_iovlen = pln ? 2 : 1};
@@ -200,23 +201,11 @@ static long call_on(int s, int vcpu_fd, struct hreq *q, const void *pl, size_t p
 		rfd[0] = rfd[1] = -1;
 	if (got)
 		*got = 0;
-	/* A vCPU call holds signals until its wait (see wait_reply), so none is lost. */
-	sigset_t all, old, *mask = NULL;
-	if (vcpu_fd >= 0) {
-		sigfillset(&all);
-		sigdelset(&all, SIGSEGV);
-		sigdelset(&all, SIGBUS);
-		pthread_sigmask(SIG_BLOCK, &all, &old);
-		mask = &old;
-	}
 	for (;;) {
 		if (sendmsg(s, &m, MSG_NOSIGNAL) >= 0)
 			break;
-		if (errno != EINTR) {
-			if (mask)
-				pthread_sigmask(SIG_SETMASK, mask, NULL);
+		if (errno != EINTR)
 			return -EIO;
-		}
 	}
 	struct hrep r;
 	char ctl[CMSG_SPACE(2 * sizeof(int))];
@@ -224,8 +213,6 @@ static long call_on(int s, int vcpu_fd, struct hreq *q, const void *pl, size_t p
 	struct msghdr rm = {.msg_iov = ov, .msg_iovlen = cap ? 2 : 1, .msg_control = ctl,
 			    .msg_controllen = sizeof ctl};
 	ssize_t n = wait_reply(s, &rm, vcpu_fd, mask);
-	if (mask)
-		pthread_sigmask(SIG_SETMASK, mask, NULL);
 	if (n < (ssize_t)sizeof r)
 		return -EIO;
 	for (struct cmsghdr *c = CMSG_FIRSTHDR(&rm); c; c = CMSG_NXTHDR(&rm, c)) {
@@ -253,7 +240,7 @@ static long call(struct hreq *q, const void *pl, size_t pln, void *out, size_t c
 		 uint64_t b[3], int *rfd)
 {
 	int fds[2];
-	long r = call_on(sock, -1, q, pl, pln, out, cap, got, b, fds);
+	long r = call_on(sock, -1, NULL, q, pl, pln, out, cap, got, b, fds);
 	if (fds[1] >= 0)
 		sys_close(fds[1]);
 	if (rfd)
@@ -739,12 +726,13 @@ static int prepare_memslot(unsigned long req, const char *buf, size_t n)
 	return inside ? 0 : convert_to_host_memory(uaddr, size);
 }
 
-static long vcpu_call(struct vcpu *v, unsigned long req, char *buf, size_t n, size_t *got)
+static long vcpu_call(struct vcpu *v, const sigset_t *mask, unsigned long req, char *buf,
+		      size_t n, size_t *got)
 {
 	struct hreq q = {.op = OP_IOCTL, .fd = v->fd, .fd2 = -1, .a = {req}};
 	while (__atomic_exchange_n(&v->lk, 1, __ATOMIC_ACQUIRE))
 		sched_yield();
-	long r = call_on(v->chan, v->fd, &q, buf, n, buf, n, got, NULL, NULL);
+	long r = call_on(v->chan, v->fd, mask, &q, buf, n, buf, n, got, NULL, NULL);
 	__atomic_store_n(&v->lk, 0, __ATOMIC_RELEASE);
 	return r;
 }
@@ -769,6 +757,18 @@ static int adopt_vcpu(int ph, int real, int chan)
 	return 0;
 }
 
+/* Block every signal but the synchronous faults; `old` gets the mask to restore. */
+static void hold_signals(sigset_t *old)
+{
+	sigset_t all;
+	sigfillset(&all);
+	sigdelset(&all, SIGSEGV);
+	sigdelset(&all, SIGBUS);
+	pthread_sigmask(SIG_BLOCK, &all, old);
+}
+
+static long host_ioctl(int fd, unsigned long req, void *arg, const sigset_t *vcpu_mask);
+
 EXPORT int ioctl(int fd, unsigned long req, ...)
 {
 	va_list ap;
@@ -777,32 +777,51 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	va_end(ap);
 	if (!is_host(fd))
 		return (int)syscall(SYS_ioctl, fd, req, arg);
+	if (hostfd[fd] != HOST_VCPU)
+		return (int)fail(host_ioctl(fd, req, arg, NULL));
+	/* A vCPU call holds signals from its first steps to its wait for the reply, which lets
+	 * them in with the program's mask (wait_reply) and kicks the vCPU if one comes. So a
+	 * signal that comes once the call has begun, even before the request is sent, stops the
+	 * run, as one that reaches a native KVM_RUN does. Only a signal handled before the hold
+	 * does not, as one handled just before a native syscall; the window is a few
+	 * instructions, no longer the argument copy, allocation and lock that came first. */
+	sigset_t old;
+	hold_signals(&old);
+	long r = host_ioctl(fd, req, arg, &old);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return (int)fail(r);
+}
+
+/* ioctl on a host fd: the request and its reply, -errno on failure. `vcpu_mask` is non-NULL
+ * for a vCPU fd, whose caller holds signals: the program's own mask. */
+static long host_ioctl(int fd, unsigned long req, void *arg, const sigset_t *vcpu_mask)
+{
 	int copy_back;
 	long n = arg_bytes(req, arg, &copy_back);
 	if (n < 0)
-		return (int)fail(n);
+		return n;
 	uint64_t value = (uint64_t)(uintptr_t)arg;
 	char *buf = malloc(n ? (size_t)n : 8);
 	if (!buf)
-		return (int)fail(-ENOMEM);
+		return -ENOMEM;
 	if (n == 0) {
 		memcpy(buf, &value, 8);
 		n = 8;
 		copy_back = 0;
 	} else if (copy_in(buf, arg, (size_t)n) < 0) {
 		free(buf);
-		return (int)fail(-EFAULT);
+		return -EFAULT;
 	}
 	size_t got = 0;
 	long r;
-	struct vcpu *v = hostfd[fd] == HOST_VCPU ? vcpu_of(fd) : NULL;
+	struct vcpu *v = vcpu_mask ? vcpu_of(fd) : NULL;
 	if (v) {
-		r = vcpu_call(v, req, buf, (size_t)n, &got);
+		r = vcpu_call(v, vcpu_mask, req, buf, (size_t)n, &got);
 	} else {
 		int pr = prepare_memslot(req, buf, (size_t)n);
 		if (pr < 0) {
 			free(buf);
-			return (int)fail(pr);
+			return pr;
 		}
 		/* A placeholder for the fd the call may create (only calls that can create one). */
 		int ph = creates_fd(req) ? placeholder(1) : -1;
@@ -810,7 +829,7 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 		uint64_t b[3] = {~0ull, 0, 0};
 		int fds[2] = {-1, -1};
 		lock();
-		r = call_on(sock, -1, &q, buf, (size_t)n, buf, (size_t)n, &got, b, fds);
+		r = call_on(sock, -1, NULL, &q, buf, (size_t)n, buf, (size_t)n, &got, b, fds);
 		if (ph >= 0 && b[0] == (uint64_t)(int64_t)ph) {
 			if (b[2] == 1) {
 				/* A vCPU: the real vCPU fd and its socket came with the reply. */
@@ -845,7 +864,7 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	if (copy_back && got && copy_out(arg, buf, got < (size_t)n ? got : (size_t)n) < 0 && r >= 0)
 		r = -EFAULT;
 	free(buf);
-	return (int)fail(r);
+	return r;
 }
 
 /* ---- memfd ---- */

@@ -1,16 +1,25 @@
 /* rfc_vmm: --eintr, KVM_RUN interrupted by a signal or immediate_exit. */
 #include "rfc_vmm.h"
+#include <ucontext.h>
 
 static volatile sig_atomic_t in_call; /* set around the KVM_RUN call */
 static volatile sig_atomic_t nsig;    /* SIGALRMs since the round started */
 static volatile sig_atomic_t first_in_call;
+static volatile sig_atomic_t first_held; /* SIGALRM was blocked where the first one came */
 static volatile uint64_t first_sig_us;
 
-static void on_alarm(int sig)
+static void on_alarm(int sig, siginfo_t *si, void *ctx)
 {
 	(void)sig;
+	(void)si;
 	if (nsig == 0) {
 		first_in_call = in_call;
+		/* The mask of the interrupted code. Under handover the library's KVM_RUN holds
+		 * signals from its first steps and lets them in only in its wait for the reply
+		 * (the kernel then reports the held mask here): a signal that came with SIGALRM
+		 * unblocked was handled before the call was entered, as one handled just before a
+		 * native ioctl enters the kernel, and cannot stop it. */
+		first_held = sigismember(&((ucontext_t *)ctx)->uc_sigmask, SIGALRM) == 1;
 		first_sig_us = now_us(); /* clock_gettime is async-signal-safe */
 	}
 	nsig++;
@@ -31,7 +40,7 @@ static void arm(long first_us, long every_us)
 
 struct interrupted {
 	uint64_t t_call, t_ret, first_sig;
-	int nsig, first_in_call;
+	int nsig, first_in_call, first_held;
 };
 
 /* One KVM_RUN of the parked guest with the timer armed; it must end with -1/EINTR. */
@@ -43,6 +52,7 @@ static struct interrupted interrupted_run(struct vcpu *v, long first_us, long ev
 	arm(0, 0); /* a signal still pending is delivered when setitimer returns */
 	nsig = 0;
 	first_in_call = 0;
+	first_held = 0;
 	first_sig_us = 0;
 	arm(first_us, every_us);
 	r.t_call = now_us();
@@ -61,6 +71,7 @@ static struct interrupted interrupted_run(struct vcpu *v, long first_us, long ev
 	}
 	r.nsig = nsig;
 	r.first_in_call = first_in_call;
+	r.first_held = first_held;
 	r.first_sig = first_sig_us;
 	return r;
 }
@@ -139,14 +150,14 @@ int run_eintr(const struct opts *o)
 	struct sigaction sa;
 	struct interrupted r;
 	uint64_t lat[PROBE_ROUNDS], status;
-	int inside = 0, lost = 0, nlat = 0;
+	int inside = 0, lost = 0, nlat = 0, before_entry = 0;
 
 	check_caps(kvm);
 	machine_written(kvm, o, &m);
 	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_alarm;
+	sa.sa_sigaction = on_alarm;
 	sigemptyset(&sa.sa_mask);
-	sa.sa_flags = 0; /* no SA_RESTART (KVM_RUN is never restarted anyway) */
+	sa.sa_flags = SA_SIGINFO; /* no SA_RESTART (KVM_RUN is never restarted anyway) */
 	if (sigaction(SIGALRM, &sa, NULL) < 0)
 		die("sigaction SIGALRM");
 	if (o->eintr != EINTR_LATE)
@@ -176,11 +187,17 @@ int run_eintr(const struct opts *o)
 	case EINTR_PROBE:
 		/* The first signal 1-100 us into the call, then every 250 ms: a signal counts as
 		 * lost only if the call was still running when the next one came, so the gap must
-		 * be far above what a loaded 2-CPU machine delays a kick by (tens of ms measured). */
+		 * be far above what a loaded 2-CPU machine delays a kick by (tens of ms measured).
+		 * Under handover a signal handled before the library held signals did not reach
+		 * the call (see on_alarm): it is counted apart, not as inside. */
 		for (int i = 0; i < PROBE_ROUNDS; i++) {
 			r = interrupted_run(&m.v, 1 + (i * 37) % 100, 250000);
 			if (!r.first_in_call)
 				continue;
+			if (!o->native && !r.first_held) {
+				before_entry++;
+				continue;
+			}
 			inside++;
 			if (r.nsig > 1)
 				lost++;
@@ -189,9 +206,10 @@ int run_eintr(const struct opts *o)
 		}
 		qsort(lat, (size_t)nlat, sizeof(lat[0]), cmp_u64);
 		printf("rfc_vmm: eintr: probe: %d of %d early signals arrived inside KVM_RUN, %d of "
-		       "them lost; handler to return: median %" PRIu64 " us, max %" PRIu64 " us\n",
+		       "them lost; handler to return: median %" PRIu64 " us, max %" PRIu64 " us; "
+		       "%d handled before the call held signals\n",
 		       inside, PROBE_ROUNDS, lost, nlat ? lat[nlat / 2] : 0,
-		       nlat ? lat[nlat - 1] : 0);
+		       nlat ? lat[nlat - 1] : 0, before_entry);
 		break;
 	case EINTR_LATE:
 		eintr_late(&m.v);
